@@ -1,0 +1,69 @@
+"""Writing BLIP-2 checkpoints in Hugging Face format: tokenizer, processor, weights.
+
+Shared by the toy model's training script and the random-weight model builder, so both give
+directories that `Blip2ForConditionalGeneration.from_pretrained` and `Blip2Processor` load
+exactly as they load a hub checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+IMAGE_TOKEN = "<image>"
+# OPT's special-token layout: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.
+OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_opt_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer laid out like OPT's (GPT-2 style, `</s>` prepended as BOS).
+
+    Returns a `PreTrainedTokenizerFast` whose last token is the BLIP-2 image placeholder.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # leave room for the image token
+        special_tokens=OPT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return fast
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
+    """Saves model weights (safetensors), tokenizer and processor files into `out_dir`."""
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = Blip2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_query_tokens=model.config.num_query_tokens,
+    )
+    processor.save_pretrained(out_dir)

@@ -1,0 +1,220 @@
+"""HF BLIP-2 checkpoint -> validated artifact directory, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from exporter.loading import LoadOptions, load_model
+from exporter.onnx_export import EXTERNAL_DATA_THRESHOLD, export_stage
+from runtime.errors import Blip2EdgeError
+from runtime.manifest import FORMAT, SCHEMA_VERSION, write_manifest
+from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
+from runtime.stages import QFORMER, VISION, decoder_spec
+
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
+MIN_OPSET = 17  # LayerNormalization is one op from opset 17 on
+PROMPTS = {"caption": "", "caption_prefix": "{}", "vqa": "Question: {} Answer:"}
+# BLIP-2's OPT models end a caption at a newline (LAVIS uses "\n" as their end of text).
+STOP_STRINGS = {"opt": ["\n"]}
+
+
+@dataclass
+class ExportOptions:
+    opset: int = MIN_OPSET
+    atol: float | None = None
+    validate: bool = True
+    overwrite: bool = False
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def __post_init__(self) -> None:
+        if self.opset < MIN_OPSET:
+            raise Blip2EdgeError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {self.opset}")
+        if self.load.dtype not in DEFAULT_ATOL:
+            raise Blip2EdgeError(f"--dtype must be one of {', '.join(DEFAULT_ATOL)}, got {self.load.dtype}")
+
+    @property
+    def tolerance(self) -> float:
+        return self.atol if self.atol is not None else DEFAULT_ATOL[self.load.dtype]
+
+
+def model_dims(config) -> dict:
+    v, t = config.vision_config, config.text_config
+    return {
+        "image_size": v.image_size,
+        "num_patches": (v.image_size // v.patch_size) ** 2 + 1,
+        "vision_hidden": v.hidden_size,
+        "num_query_tokens": config.num_query_tokens,
+        "text_hidden": t.hidden_size,
+        "num_layers": t.num_hidden_layers,
+        "num_heads": t.num_attention_heads,
+        "head_dim": t.hidden_size // t.num_attention_heads,
+        "vocab_size": t.vocab_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "image_token_id": config.image_token_index,
+    }
+
+
+def preprocessing_of(image_processor) -> Preprocessing:
+    ip = image_processor
+    if not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+        raise Blip2EdgeError("the checkpoint's image processor skips resize, rescale or normalise; not supported")
+    size = ip.size
+    return Preprocessing(size["height"], size["width"], RESAMPLE_NAMES[int(ip.resample)], float(ip.rescale_factor),
+                         tuple(float(x) for x in ip.image_mean), tuple(float(x) for x in ip.image_std))
+
+
+def tokenizer_spec(hf_tokenizer) -> dict:
+    """The special ids transformers' tokenizer wraps around a prompt, checked on a probe text."""
+    prefix = hf_tokenizer("")["input_ids"]
+    probe = "Question: what is it? Answer:"
+    inner = hf_tokenizer.backend_tokenizer.encode(probe, add_special_tokens=False).ids
+    full = hf_tokenizer(probe)["input_ids"]
+    if full[: len(prefix)] != prefix or full[len(prefix):len(prefix) + len(inner)] != inner:
+        raise Blip2EdgeError("the tokenizer's special tokens are not a fixed prefix/suffix; not supported")
+    return {"file": "tokenizer.json", "prefix_ids": prefix, "suffix_ids": full[len(prefix) + len(inner):],
+            "clean_up_tokenization_spaces": bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))}
+
+
+def generation_defaults(hf_model) -> dict:
+    gc, tc = hf_model.generation_config, hf_model.config.text_config
+    eos = gc.eos_token_id if gc.eos_token_id is not None else tc.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    pad = gc.pad_token_id if gc.pad_token_id is not None else tc.pad_token_id
+    return {"eos_token_ids": eos, "pad_token_id": pad, "stop_strings": STOP_STRINGS.get(tc.model_type, []),
+            "max_new_tokens": 30}
+
+
+def tool_versions(opset: int) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"opset": opset}
+    for pkg in ("blip2-edge", "torch", "transformers", "onnx", "optimum-onnx"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def example_inputs(hf_model, dims: dict):
+    import torch
+
+    dtype, b = hf_model.dtype, 2
+    pixels = torch.randn(b, 3, dims["image_size"], dims["image_size"], dtype=dtype)
+    image_embeds = torch.randn(b, dims["num_patches"], dims["vision_hidden"], dtype=dtype)
+    seq, past = 3, 4
+    kv = [torch.randn(b, dims["num_heads"], past, dims["head_dim"], dtype=dtype) for _ in range(2 * dims["num_layers"])]
+    decoder = (torch.randn(b, seq, dims["text_hidden"], dtype=dtype), torch.ones(b, past + seq, dtype=torch.long),
+               torch.arange(past, past + seq).repeat(b, 1), *kv)
+    return {"vision": (pixels,), "qformer": (image_embeds,), "decoder": decoder}
+
+
+def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
+    """Writes graphs, embedding table, tokenizer/processor files and the manifest into `tmp`."""
+    import numpy as np
+
+    from exporter.torch_stages import OPTDecoderStage, QFormerStage, VisionStage
+
+    dims = model_dims(hf_model.config)
+    float_dtype = {"fp32": "float32", "fp16": "float16"}[opts.load.dtype]
+    specs = {"vision": VISION, "qformer": QFORMER, "decoder": decoder_spec(dims["num_layers"])}
+    modules = {"vision": VisionStage(hf_model), "qformer": QFormerStage(hf_model), "decoder": OPTDecoderStage(hf_model)}
+    examples = example_inputs(hf_model, dims)
+    files, stages = [], {}
+    for name, spec in specs.items():
+        t0 = time.perf_counter()
+        written = export_stage(modules[name], spec, examples[name], tmp / spec.file, opts.opset,
+                               opts.external_data_threshold)
+        files += written
+        stages[name] = {**spec.to_manifest(float_dtype, dims), "precision": opts.load.dtype,
+                        "external_data": written[1:]}
+        log(f"  exported {name:<8} -> {', '.join(written)}  ({time.perf_counter() - t0:.1f}s)")
+
+    table = hf_model.get_input_embeddings().weight.detach().numpy()
+    np.save(tmp / "embed_tokens.npy", table.astype(float_dtype))
+    files.append("embed_tokens.npy")
+    processor.save_pretrained(tmp)
+    hf_model.generation_config.save_pretrained(tmp)
+    files += sorted(p.name for p in tmp.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
+
+    manifest = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "architecture": hf_model.config.model_type,
+        "llm_family": hf_model.config.text_config.model_type,
+        "model": dims,
+        "stages": stages,
+        "embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
+        "preprocessing": preprocessing_of(processor.image_processor).to_manifest(),
+        "tokenizer": tokenizer_spec(processor.tokenizer),
+        "prompts": PROMPTS,
+        "generation": generation_defaults(hf_model),
+        "quantization": None,
+        "tools": tool_versions(opts.opset),
+        "files": sorted(set(files)),
+    }
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _tmp_sibling(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = None,
+           log: Callable[[str], None] = print) -> dict:
+    """Exports `model` (hub id or directory) into `out_dir`; returns the validation report
+    (empty when validation is off). Nothing appears at `out_dir` unless everything succeeded."""
+    from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
+
+    opts = opts or ExportOptions()
+    out = Path(out_dir)
+    if out.exists() and not opts.overwrite:
+        raise Blip2EdgeError(f"{out}: already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    hf_model, processor = load_model(model, opts.load)
+    log(f"loaded {model} ({opts.load.dtype}) in {time.perf_counter() - t0:.1f}s")
+    local = Path(model).is_dir()
+    source = {"model": str(Path(model).resolve()) if local else model, "revision": opts.load.revision,
+              "commit_hash": getattr(hf_model.config, "_commit_hash", None)}
+
+    tmp = _tmp_sibling(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    report: dict = {}
+    try:
+        write_artifacts(hf_model, processor, source, tmp, opts, log)
+        if opts.validate:
+            report = validate_artifacts(hf_model, processor, tmp, opts.tolerance,
+                                        check_generation=True)
+            if opts.load.dtype != "fp32" and "generation" in report:
+                # Half-precision kernels differ between PyTorch and ORT: token agreement is reported, not gated.
+                report["generation"]["gating"] = False
+                report["ok"] = all(s["ok"] for s in report["stages"])
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+            log("validation against PyTorch:")
+            for line in summary_lines(report):
+                log(line)
+            if not report["ok"]:
+                raise ValidationError(failure_message(report))
+        if out.exists():  # --overwrite: swap in the new directory, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return report

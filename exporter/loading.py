@@ -1,0 +1,113 @@
+"""Loading a BLIP-2 checkpoint (hub id or local directory) safely, with clear errors.
+
+safetensors only unless the user allows pickle; `trust_remote_code` only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import Blip2EdgeError
+
+SUPPORTED_ARCHITECTURES = {"blip-2": "blip-2"}
+SUPPORTED_LLMS = ("opt",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    revision: str | None = None
+    local_files_only: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "fp32"  # fp32 | fp16
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def check_local_weights(path: Path, allow_pickle: bool) -> None:
+    """A local directory must hold safetensors weights unless pickle is allowed."""
+    if not (path / "config.json").is_file():
+        raise Blip2EdgeError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
+    files = [p.name for p in path.iterdir()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        if allow_pickle:
+            return
+        raise Blip2EdgeError(
+            f"{path}: weights are pickle files, which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    raise Blip2EdgeError(f"{path}: no weight files (*.safetensors) found")
+
+
+def load_config(model: str, opts: LoadOptions):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model, revision=opts.revision, local_files_only=opts.local_files_only,
+            trust_remote_code=opts.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise Blip2EdgeError(f"cannot load the config of '{model}': {_one_line(exc)}") from None
+    check_supported(config, model)
+    return config
+
+
+def check_supported(config, model: str) -> None:
+    arch = getattr(config, "model_type", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise Blip2EdgeError(
+            f"'{model}' is a '{arch}' model, not BLIP-2 (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    llm = config.text_config.model_type
+    if llm not in SUPPORTED_LLMS:
+        raise Blip2EdgeError(
+            f"'{model}' uses a '{llm}' language model, which is not supported yet (supported: {', '.join(SUPPORTED_LLMS)})"
+        )
+    text = config.text_config
+    if getattr(text, "word_embed_proj_dim", text.hidden_size) != text.hidden_size:
+        # BLIP-2's language_projection outputs hidden_size while the embedding table is
+        # word_embed_proj_dim wide: transformers then scatters mismatched rows into the prompt.
+        raise Blip2EdgeError(
+            f"'{model}': OPT word_embed_proj_dim ({text.word_embed_proj_dim}) != hidden_size ({text.hidden_size}) "
+            "is not a consistent BLIP-2 configuration (the query embeddings would not fit the token embeddings)"
+        )
+    if config.image_token_index is None:
+        raise Blip2EdgeError(
+            f"'{model}': config has no image_token_index; checkpoints from before transformers 4.47 need "
+            "updating (re-save with a current Blip2Processor)"
+        )
+
+
+def load_model(model: str, opts: LoadOptions):
+    """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise Blip2EdgeError(f"{path}: not a directory; give a hub id or a checkpoint directory")
+        check_local_weights(path, opts.allow_pickle)
+    config = load_config(model, opts)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
+    common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
+    try:
+        hf_model = Blip2ForConditionalGeneration.from_pretrained(
+            model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
+            low_cpu_mem_usage=True, attn_implementation="eager", **common,
+        )
+        processor = Blip2Processor.from_pretrained(model, **common)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    if processor.num_query_tokens is None:
+        processor.num_query_tokens = config.num_query_tokens
+    processor.tokenizer.padding_side = "left"  # batched prompts: the query tokens come first
+    hf_model.eval()
+    return hf_model, processor

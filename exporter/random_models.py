@@ -1,0 +1,91 @@
+"""Random-weight BLIP-2 checkpoints built from configs, for tests and benchmarks.
+
+    tiny   seconds to build and export; every code path, none of the cost
+    bench  ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m shapes
+    full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32
+
+Variants cover OPT's config space that real checkpoints use: post-layer-norm (opt-350m style)
+and no biases / no final layer norm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SIZES = ("tiny", "bench", "full")
+VARIANTS = ("default", "post-ln", "no-bias")
+
+_VISION = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 image_size=32, patch_size=8),
+    "bench": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                  image_size=224, patch_size=16),
+    "full": dict(hidden_size=1408, num_hidden_layers=39, num_attention_heads=16, intermediate_size=6144,
+                 image_size=224, patch_size=14),
+}
+_QFORMER = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 cross_attention_frequency=1),
+    "bench": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                  cross_attention_frequency=2),
+    "full": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 cross_attention_frequency=2),
+}
+_OPT = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, max_position_embeddings=128),
+    "bench": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                  max_position_embeddings=2048),
+    "full": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
+                 max_position_embeddings=2048),
+}
+_VOCAB = {"tiny": 512, "bench": 50272, "full": 50272}
+_QUERIES = {"tiny": 8, "bench": 32, "full": 32}
+_TOKENIZER_VOCAB = {"tiny": 500, "bench": 4000, "full": 4000}
+
+CORPUS = [
+    "a photo of a cat sitting on a couch", "two dogs playing in the snow", "a red car parked on the street",
+    "Question: what is in the picture? Answer:", "a man riding a bicycle down a hill", "a plate of food",
+    "an airplane flying over the mountains", "Question: how many people are there? Answer: two",
+    "a bowl of fruit on a wooden table", "a group of people standing around a kitchen", "the quick brown fox",
+]
+
+
+def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0):
+    from transformers import Blip2Config
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=_OPT[size]["hidden_size"],
+                pad_token_id=1, bos_token_id=2, eos_token_id=2, **_OPT[size])
+    if variant == "post-ln":
+        text.update(do_layer_norm_before=False)
+    elif variant == "no-bias":
+        text.update(enable_bias=False, _remove_final_layer_norm=True, layer_norm_elementwise_affine=False)
+    qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
+    return Blip2Config(vision_config=_VISION[size], qformer_config=qformer, text_config=text,
+                       num_query_tokens=_QUERIES[size], image_token_index=image_token_index)
+
+
+def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0) -> Path:
+    """Writes a random-weight BLIP-2 checkpoint (safetensors, tokenizer, processor) to `out_dir`."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, save_checkpoint
+
+    out_dir = Path(out_dir)
+    tokenizer = build_opt_tokenizer(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
+    # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265): the image
+    # placeholder sits at the end of the tokenizer, inside the model's range.
+    config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Blip2ForConditionalGeneration(config)
+    # transformers initialises query tokens to zero; random ones make the queries distinct.
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 0.02)
+    model.eval()
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)
+    return out_dir

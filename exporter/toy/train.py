@@ -1,0 +1,214 @@
+"""Trains the toy BLIP-2 (OPT decoder) on synthetic scenes, on the CPU, in minutes.
+
+    python -m exporter.toy.train --out exporter/toy/checkpoint
+
+Everything is seeded, so a rerun on the same versions gives the same weights. The checkpoint
+is written in Hugging Face format and checked with transformers' own `generate` on held-out
+scenes before it is saved; the script fails if the acceptance bars are not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, save_checkpoint
+from runtime import synthetic
+
+# Where the committed checkpoint lives; the CLI's embedded default.
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+IMAGE_SIZE = 64
+RENDER_SIZE = 128  # scenes are drawn larger and resized by the processor, as real photos are
+VQA_TEMPLATE = "Question: {} Answer:"
+CAPTION_BAR, VQA_BAR = 0.95, 0.90
+
+
+def corpus() -> list[str]:
+    words = set()
+    for colour in synthetic.COLOURS:
+        for size in synthetic.SIZES:
+            for position in synthetic.POSITIONS:
+                for texture in synthetic.TEXTURES:
+                    scene = synthetic.Scene(colour, size, position, texture)
+                    words.add(scene.caption)
+                    words.update(" " + scene.answer(a) for a in synthetic.QUESTIONS)
+    words.update(VQA_TEMPLATE.format(q) for q in synthetic.QUESTIONS.values())
+    return sorted(words) * 4
+
+
+def build_model(tokenizer):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
+            image_size=IMAGE_SIZE, patch_size=8, attention_dropout=0.0,
+        ),
+        qformer_config=dict(
+            hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
+            cross_attention_frequency=1, encoder_hidden_size=96, vocab_size=8,
+            max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        ),
+        text_config=dict(
+            model_type="opt", vocab_size=len(tokenizer), hidden_size=128, word_embed_proj_dim=128,
+            num_hidden_layers=2, ffn_dim=512, num_attention_heads=4, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        ),
+        num_query_tokens=8,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    return Blip2ForConditionalGeneration(config)
+
+
+def make_examples(tokenizer, scenes, rng):
+    """(prompt ids with BOS, target ids ending in EOS) for a caption or a random question."""
+    out = []
+    for scene in scenes:
+        if rng.random() < 0.4:
+            prompt, target = "", scene.caption
+        else:
+            attribute = str(rng.choice(list(synthetic.QUESTIONS)))
+            prompt, target = VQA_TEMPLATE.format(synthetic.QUESTIONS[attribute]), " " + scene.answer(attribute)
+        p = tokenizer(prompt)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((p, t))
+    return out
+
+
+def batch_tensors(examples, pad_id):
+    import torch
+
+    length = max(len(p) + len(t) for p, t in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (p, t) in enumerate(examples):
+        seq = p + t
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(t)
+        mask[i, : len(seq)] = 1
+    return ids, labels, mask
+
+
+def loss_fn(model, pixel_values, ids, labels, mask):
+    import torch
+
+    image_embeds = model.vision_model(pixel_values).last_hidden_state
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    query_embeds = model.language_projection(query_out)  # (B, Q, D)
+    text_embeds = model.get_input_embeddings()(ids)  # (B, T, D)
+    embeds = torch.cat([query_embeds, text_embeds], dim=1)
+    b, q = query_embeds.shape[:2]
+    full_mask = torch.cat([torch.ones(b, q, dtype=mask.dtype), mask], dim=1)
+    full_labels = torch.cat([torch.full((b, q), -100, dtype=labels.dtype), labels], dim=1)
+    return model.language_model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels).loss
+
+
+def pixel_tensor(processor, images):
+    import torch
+
+    return torch.from_numpy(processor.image_processor(images, return_tensors="np")["pixel_values"])
+
+
+def evaluate(model, processor, scenes_images) -> dict:
+    """Exact-match caption and VQA accuracy with transformers' own generate."""
+    import torch
+
+    model.eval()
+    caption_ok = vqa_ok = vqa_total = 0
+    with torch.no_grad():
+        for start in range(0, len(scenes_images), 50):
+            chunk = scenes_images[start : start + 50]
+            images = [im for _, im in chunk]
+            inputs = processor(images=images, text=[""] * len(images), return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=16)
+            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            caption_ok += sum(t.strip() == s.caption for t, (s, _) in zip(texts, chunk))
+            for attribute, question in synthetic.QUESTIONS.items():
+                prompts = [VQA_TEMPLATE.format(question)] * len(images)
+                inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                out = model.generate(**inputs, max_new_tokens=4)
+                texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                vqa_ok += sum(t.strip() == s.answer(attribute) for t, (s, _) in zip(texts, chunk))
+                vqa_total += len(chunk)
+    model.train()
+    return {"caption_exact_match": caption_ok / len(scenes_images), "vqa_accuracy": vqa_ok / vqa_total}
+
+
+def main(argv=None) -> int:
+    import torch
+    from transformers import Blip2Processor
+
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--train-images", type=int, default=12000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rng = np.random.default_rng(args.seed)
+    tokenizer = build_opt_tokenizer(corpus(), vocab_size=320)
+    model = build_model(tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"toy BLIP-2: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+    # Save once untrained to get a processor configured exactly as the checkpoint will be.
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    save_checkpoint(model, tokenizer, tmp, IMAGE_SIZE)
+    processor = Blip2Processor.from_pretrained(tmp)
+
+    t0 = time.time()
+    train = synthetic.make_scenes(args.train_images, seed=args.seed + 1, image_size=RENDER_SIZE)
+    held_out = synthetic.make_scenes(200, seed=10_000 + args.seed, image_size=RENDER_SIZE)
+    pixels = pixel_tensor(processor, [im for _, im in train])
+    scenes = [s for s, _ in train]
+    print(f"rendered and preprocessed {len(train)} training scenes in {time.time() - t0:.0f}s")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
+    model.train()
+    t0 = time.time()
+    for step in range(args.steps):
+        idx = rng.choice(len(train), size=args.batch_size, replace=False)
+        ids, labels, mask = batch_tensors(make_examples(tokenizer, [scenes[i] for i in idx], rng), tokenizer.pad_token_id)
+        loss = loss_fn(model, pixels[idx], ids, labels, mask)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+
+    metrics = evaluate(model, processor, held_out)
+    print(json.dumps(metrics))
+    save_checkpoint(model, tokenizer, args.out, IMAGE_SIZE)
+    (args.out / "training.json").write_text(
+        json.dumps({"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+                    "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
+    )
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    if metrics["caption_exact_match"] < CAPTION_BAR or metrics["vqa_accuracy"] < VQA_BAR:
+        print(f"below the acceptance bars (caption >= {CAPTION_BAR}, VQA >= {VQA_BAR})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

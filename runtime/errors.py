@@ -1,0 +1,36 @@
+"""User-facing errors: each prints as one line and exits with status 2 from the CLI.
+
+Library code raises these and never calls `sys.exit`; the CLI turns them into a message and an
+exit status, with a traceback only under `--debug`.
+"""
+
+
+class Blip2EdgeError(Exception):
+    """An error the user can fix: bad input, a missing file, a missing extra."""
+
+    exit_code = 2
+
+
+class ArtifactError(Blip2EdgeError):
+    """The artifact directory is incomplete, corrupted or of an unknown schema."""
+
+
+class ImageError(Blip2EdgeError):
+    """An image cannot be read or decoded."""
+
+
+class MissingExtraError(Blip2EdgeError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, package: str, extra: str, what: str):
+        super().__init__(f"{what} needs the '{package}' package: pip install 'blip2-edge[{extra}]'")
+
+
+def require(module: str, extra: str, what: str):
+    """Imports an optional module, or raises a MissingExtraError naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(module.split(".")[0], extra, what) from exc

@@ -1,0 +1,58 @@
+"""Carries the decoder's KV cache, attention mask and positions between steps.
+
+Positions follow transformers' `generate` for OPT: cumsum(attention_mask) - 1, with padded
+positions set to 1 (they are masked, so their value never reaches a real token).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from runtime.stages import kv_names
+
+
+class KVCacheDecoder:
+    def __init__(self, runner, embed_table: np.ndarray, model: dict, float_dtype: np.dtype):
+        self.runner = runner
+        self.table = embed_table
+        self.dtype = float_dtype
+        self.past_names = kv_names(model["num_layers"], "past")
+        self.present_names = kv_names(model["num_layers"], "present")
+        self.kv_shape = (model["num_heads"], model["head_dim"])
+        self.past: list[np.ndarray] = []
+        self.mask: np.ndarray | None = None
+        self.step_times: list[float] = []
+
+    def _run(self, embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        feeds = {"inputs_embeds": embeds.astype(self.dtype, copy=False), "attention_mask": self.mask,
+                 "position_ids": position_ids}
+        feeds.update(zip(self.past_names, self.past))
+        out = self.runner.infer(feeds)
+        self.past = [out[n] for n in self.present_names]
+        return out["logits"]
+
+    def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """embeds (B, S, D), mask (B, S) -> logits of the last position (B, V)."""
+        b = embeds.shape[0]
+        self.mask = mask.astype(np.int64)
+        positions = np.cumsum(self.mask, axis=1) - 1
+        positions[self.mask == 0] = 1
+        self.past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.dtype) for _ in self.past_names]
+        return self._run(embeds, positions)
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        """One new token per row -> next logits (B, V)."""
+        t0 = time.perf_counter()
+        b = token_ids.shape[0]
+        self.mask = np.concatenate([self.mask, np.ones((b, 1), np.int64)], axis=1)
+        positions = (self.mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+        logits = self._run(self.table[token_ids][:, None, :], positions)
+        self.step_times.append(time.perf_counter() - t0)
+        return logits
+
+    def select(self, rows: np.ndarray) -> None:
+        """Reorders (or duplicates) cache rows: beam search's bookkeeping."""
+        self.past = [p[rows] for p in self.past]
+        self.mask = self.mask[rows]

@@ -1,0 +1,199 @@
+"""Blip2Pipeline: images and prompts in, text out, from an artifact directory, without PyTorch.
+
+    pipe = Blip2Pipeline.from_artifacts("out/toy")
+    pipe.caption(["cat.jpg"])[0].text
+    pipe.ask(["cat.jpg"], "what colour is it?")[0].text
+    for piece in pipe.stream("cat.jpg"): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from runtime.backends.onnxrt import OrtRunner, providers_for
+from runtime.kv_decoder import KVCacheDecoder
+from runtime.manifest import Manifest, load_manifest
+from runtime.options import GenerationOptions
+from runtime.preprocess import Preprocessing, load_image
+from runtime.search import beam_search, greedy_or_sample
+from runtime.tokenizer import TextTokenizer
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+BACKENDS = ("onnxruntime",)
+
+
+@dataclass
+class Result:
+    """One image's answer: the text, the generated token ids, and the batch's stage timings
+    in seconds (`decode_steps` lists each decode step)."""
+
+    text: str
+    tokens: list[int]
+    timings: dict = field(default_factory=dict)
+
+
+def _as_image(item: ImageInput) -> Image.Image:
+    return item if isinstance(item, Image.Image) else load_image(item)
+
+
+class Blip2Pipeline:
+    def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
+                 defaults: GenerationOptions | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
+        self.manifest = manifest
+        m = manifest.data
+        self.model = m["model"]
+        providers = providers_for(device)
+        self.runners = {name: OrtRunner(manifest.stage_file(name), providers) for name in ("vision", "qformer", "decoder")}
+        self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
+        self.embed_table = np.load(manifest.path(m["embeddings"]["file"]), mmap_mode="r")
+        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
+        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"]), m["tokenizer"])
+        self.prompts = m["prompts"]
+        gen = m["generation"]
+        base = defaults or GenerationOptions()
+        self.defaults = base.updated(
+            stop_strings=base.stop_strings if base.stop_strings is not None else tuple(gen["stop_strings"]),
+            eos_token_ids=base.eos_token_ids if base.eos_token_ids is not None else tuple(gen["eos_token_ids"]),
+        )
+        self.pad_id = int(gen["pad_token_id"])
+
+    @classmethod
+    def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
+                       defaults: GenerationOptions | None = None, verify: bool = True) -> "Blip2Pipeline":
+        """Loads an artifact directory; checks its schema version and every file's sha256 first."""
+        return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def caption(self, images: Sequence[ImageInput], prompt: str | None = None, **generation) -> list[Result]:
+        """Captions each image; `prompt` is an optional caption prefix (e.g. "a photo of")."""
+        return self.generate(images, [self.caption_prompt(prompt)] * len(images), **generation)
+
+    def ask(self, images: Sequence[ImageInput], question: str, **generation) -> list[Result]:
+        """Answers `question` about each image with the manifest's VQA template."""
+        return self.generate(images, [self.prompts["vqa"].format(question)] * len(images), **generation)
+
+    def stream(self, image: ImageInput, prompt: str | None = None, **generation) -> Iterator[str]:
+        """Yields pieces of one image's text as tokens are produced (`prompt` as in caption)."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        emitted = [""]
+
+        def on_tokens(rows: list[list[int]]) -> None:
+            text = self._clip(self.tokenizer.decode(rows[0]), generation.get("stop_strings"))
+            if text.endswith("\ufffd"):
+                return  # an incomplete UTF-8 sequence: wait for the next byte token
+            if len(text) > len(emitted[0]):
+                pieces.put(text[len(emitted[0]):])
+                emitted[0] = text
+
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.generate([image], [self.caption_prompt(prompt)], on_tokens=on_tokens, **generation)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+            finally:
+                pieces.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (piece := pieces.get()) is not done:
+            yield piece
+        if errors:
+            raise errors[0]
+
+    def caption_prompt(self, prefix: str | None) -> str:
+        return self.prompts["caption"] if not prefix else self.prompts["caption_prefix"].format(prefix)
+
+    # ---- the pipeline -----------------------------------------------------------------------
+
+    def options(self, **generation) -> GenerationOptions:
+        return self.defaults.updated(**generation)
+
+    def encode_images(self, images: Sequence[ImageInput], timings: dict) -> np.ndarray:
+        """Images -> query embeddings (B, Q, D), recording preprocess / vision / qformer times."""
+        t0 = time.perf_counter()
+        pixels = self.preprocessing.batch([_as_image(im) for im in images]).astype(self.float_dtype)
+        t1 = time.perf_counter()
+        image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        t2 = time.perf_counter()
+        query = self.runners["qformer"].infer({"image_embeds": image_embeds})["query_embeds"]
+        t3 = time.perf_counter()
+        timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
+        return query
+
+    def build_inputs(self, query: np.ndarray, prompts: Sequence[str], max_new_tokens: int):
+        """[query embeds][left padding][BOS + prompt], laid out as Blip2Processor does, with the
+        ids transformers would see (for the repetition penalty)."""
+        b, q, _ = query.shape
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        longest = max(len(x) for x in ids)
+        limit = self.model["max_position_embeddings"]
+        if q + longest + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt too long: {q} query tokens + {longest} prompt tokens + max_new_tokens {max_new_tokens} "
+                f"exceed the model's {limit} positions"
+            )
+        text_ids = np.full((b, longest), self.pad_id, dtype=np.int64)
+        text_mask = np.zeros((b, longest), dtype=np.int64)
+        for i, x in enumerate(ids):
+            text_ids[i, longest - len(x):] = x
+            text_mask[i, longest - len(x):] = 1
+        embeds = np.concatenate([query.astype(self.float_dtype), self.embed_table[text_ids].astype(self.float_dtype)], 1)
+        mask = np.concatenate([np.ones((b, q), np.int64), text_mask], axis=1)
+        history = np.concatenate([np.full((b, q), self.model["image_token_id"], np.int64), text_ids], axis=1)
+        return embeds, mask, history
+
+    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], on_tokens=None,
+                 **generation) -> list[Result]:
+        """Runs a batch: one prompt per image."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        opts = self.options(**generation)
+        t_start = time.perf_counter()
+        timings: dict = {}
+        query = self.encode_images(images, timings)
+        embeds, mask, history = self.build_inputs(query, prompts, opts.max_new_tokens)
+
+        decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype)
+        t0 = time.perf_counter()
+        first = decoder.prefill(embeds, mask)
+        timings["prefill"] = time.perf_counter() - t0
+        eos = tuple(opts.eos_token_ids)
+        if opts.num_beams > 1:
+            rows = beam_search(first, decoder, history, opts, eos, self.pad_id)
+        else:
+            stops = opts.stop_strings
+
+            def stopped(i: int, toks: list[int]) -> bool:
+                return bool(stops) and any(s in self.tokenizer.decode(toks) for s in stops)
+
+            rows = greedy_or_sample(first, decoder, history, opts, eos, self.pad_id, stopped, on_tokens)
+        timings["decode_steps"] = decoder.step_times
+        timings["decode"] = float(sum(decoder.step_times))
+        t0 = time.perf_counter()
+        texts = [self._clip(self.tokenizer.decode(r), opts.stop_strings).strip() for r in rows]
+        timings["detokenize"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        return [Result(text=t, tokens=r, timings=timings) for t, r in zip(texts, rows)]
+
+    @staticmethod
+    def _clip(text: str, stop_strings) -> str:
+        for s in stop_strings or ():
+            if s in text:
+                text = text[: text.index(s)]
+        return text

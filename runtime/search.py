@@ -1,0 +1,143 @@
+"""Token search over a KV-cached decoder: greedy, sampling and beam search.
+
+The searches mirror transformers' `generate` (4.57): the same processors in the same order, the
+same stopping rules, and for beams the same vectorised algorithm (top 2*num_beams continuations,
+finished hypotheses scored by length ** length_penalty, the same early-stopping heuristic), so
+FP32 artifacts give transformers' token ids.
+
+The decoder is anything with `step(token_ids) -> logits` (one new token per row, KV cache
+carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from runtime import logits as lp
+from runtime.options import GenerationOptions
+
+NEG = -1.0e9  # transformers' "minus infinity" for beam bookkeeping
+
+
+class StepDecoder(Protocol):
+    def step(self, token_ids: np.ndarray) -> np.ndarray: ...  # (N,) -> (N, V)
+
+    def select(self, rows: np.ndarray) -> None: ...
+
+
+def greedy_or_sample(
+    first_logits: np.ndarray,  # (B, V) from prefill
+    decoder: StepDecoder,
+    history: np.ndarray,  # (B, L0) ids as transformers sees them
+    opts: GenerationOptions,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    stopped: Callable[[int, list[int]], bool] = lambda i, toks: False,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+) -> list[list[int]]:
+    """Returns the generated ids per row, each ending with its EOS id if it produced one."""
+    rng = np.random.default_rng(opts.seed)
+    b = first_logits.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, dtype=bool)
+    scores_in = first_logits
+    for t in range(opts.max_new_tokens):
+        scores = lp.process(scores_in.astype(np.float32), history, t, opts, eos_ids)
+        if opts.do_sample:
+            probs = lp.softmax(lp.warp(scores, opts).astype(np.float64))
+            tokens = np.array([rng.choice(probs.shape[1], p=row / row.sum()) for row in probs])
+        else:
+            tokens = scores.argmax(axis=-1)
+        tokens = np.where(done, pad_id, tokens)  # finished rows are padded, as transformers does
+        for i in np.flatnonzero(~done):
+            out[i].append(int(tokens[i]))
+            if int(tokens[i]) in eos_ids or stopped(i, out[i]):
+                done[i] = True
+        history = np.concatenate([history, tokens[:, None]], axis=1)
+        if on_tokens is not None:
+            on_tokens(out)
+        if done.all() or t == opts.max_new_tokens - 1:
+            break
+        scores_in = decoder.step(tokens.astype(np.int64))
+    return out
+
+
+def beam_search(
+    first_logits: np.ndarray,  # (B, V) from prefill, one row per input
+    decoder: StepDecoder,
+    history: np.ndarray,  # (B, L0)
+    opts: GenerationOptions,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+) -> list[list[int]]:
+    """transformers' beam search; returns the best hypothesis per input."""
+    nb, max_new, lpen = opts.num_beams, opts.max_new_tokens, opts.length_penalty
+    b, vocab = first_logits.shape
+    keep = max(2, 1 + len(eos_ids)) * nb
+    top_nb_mask = np.arange(keep) < nb
+    eos = np.array(eos_ids, dtype=np.int64)
+
+    expand = np.repeat(np.arange(b), nb)
+    decoder.select(expand)
+    logits = first_logits[expand]
+    history = history[expand]  # (B*nb, L)
+
+    run_seq = np.full((b, nb, max_new), pad_id, dtype=np.int64)
+    run_scores = np.zeros((b, nb), dtype=np.float32)
+    run_scores[:, 1:] = NEG
+    seqs = run_seq.copy()
+    seq_len = np.zeros((b, nb), dtype=np.int64)
+    beam_scores = np.full((b, nb), NEG, dtype=np.float32)
+    finished = np.zeros((b, nb), dtype=bool)
+    improvable = np.ones((b, 1), dtype=bool)
+
+    for t in range(max_new):
+        logp = lp.log_softmax(logits.astype(np.float32))
+        logp = lp.process(logp, history, t, opts, eos_ids)
+        logp = (logp.reshape(b, nb, vocab) + run_scores[:, :, None]).reshape(b, nb * vocab)
+        idx = np.argsort(-logp, axis=-1, kind="stable")[:, :keep]
+        topk_logp = np.take_along_axis(logp, idx, axis=-1)
+        src_beam, tokens = idx // vocab, idx % vocab
+        topk_seq = np.take_along_axis(run_seq, src_beam[:, :, None], axis=1)
+        topk_seq[:, :, t] = tokens
+        hits = np.isin(tokens, eos) | (t + 1 >= max_new)
+
+        # Running beams for the next step: the best num_beams that did not finish.
+        running_logp = topk_logp + hits.astype(np.float32) * NEG
+        nxt = np.argsort(-running_logp, axis=-1, kind="stable")[:, :nb]
+        run_seq = np.take_along_axis(topk_seq, nxt[:, :, None], axis=1)
+        run_scores = np.take_along_axis(running_logp, nxt, axis=-1)
+        run_src = np.take_along_axis(src_beam, nxt, axis=-1)
+
+        # Finished hypotheses: merge the new ones (among the top num_beams) with the old.
+        just_done = hits & top_nb_mask[None, :]
+        cand = topk_logp / ((t + 1) ** lpen)
+        cand = cand + (finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)) * NEG
+        cand = cand + (~improvable) * NEG + (~just_done) * NEG
+        m_scores = np.concatenate([beam_scores, cand.astype(np.float32)], axis=1)
+        m_seq = np.concatenate([seqs, topk_seq], axis=1)
+        m_len = np.concatenate([seq_len, np.full((b, keep), t + 1)], axis=1)
+        m_fin = np.concatenate([finished, just_done], axis=1)
+        best = np.argsort(-m_scores, axis=-1, kind="stable")[:, :nb]
+        beam_scores = np.take_along_axis(m_scores, best, axis=-1)
+        seqs = np.take_along_axis(m_seq, best[:, :, None], axis=1)
+        seq_len = np.take_along_axis(m_len, best, axis=-1)
+        finished = np.take_along_axis(m_fin, best, axis=-1)
+
+        # transformers' early-stop heuristic: can a running beam still beat the worst finished?
+        best_len = max_new if (opts.early_stopping == "never" and lpen > 0.0) else t + 1
+        best_running = run_scores[:, :1] / (best_len ** lpen)
+        worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
+        improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
+        go_on = improvable.any() and not (finished.all() and opts.early_stopping is True) and not hits.all()
+        if not go_on:
+            break
+        rows = (run_src + np.arange(b)[:, None] * nb).reshape(-1)
+        step_tokens = run_seq[:, :, t].reshape(-1)
+        history = np.concatenate([history[rows], step_tokens[:, None]], axis=1)
+        decoder.select(rows)
+        logits = decoder.step(step_tokens)
+
+    return [seqs[i, 0, : seq_len[i, 0]].tolist() for i in range(b)]
