@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from exporter.loading import LoadOptions, load_model
+from exporter.loading import LoadOptions, float_dtype, load_model
 from exporter.onnx_export import EXTERNAL_DATA_THRESHOLD, export_stage
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import FORMAT, SCHEMA_VERSION, write_manifest
@@ -106,7 +106,7 @@ def tool_versions(opset: int) -> dict:
 def example_inputs(hf_model, dims: dict):
     import torch
 
-    dtype, b = hf_model.dtype, 2
+    dtype, b = float_dtype(hf_model), 2
     pixels = torch.randn(b, 3, dims["image_size"], dims["image_size"], dtype=dtype)
     image_embeds = torch.randn(b, dims["num_patches"], dims["vision_hidden"], dtype=dtype)
     seq, past = 3, 4

@@ -85,12 +85,20 @@ def check_supported(config, model: str) -> None:
         )
 
 
+def float_dtype(hf_model):
+    """The dtype the exported graphs compute in. Not `hf_model.dtype`: that is the first
+    parameter's, and transformers keeps the query tokens and Q-Former in fp32."""
+    return hf_model.get_input_embeddings().weight.dtype
+
+
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    path = Path(model)
+    path = Path(model).expanduser()
+    if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):
+        raise Blip2EdgeError(f"{model}: no such directory")
     if path.exists():
         if not path.is_dir():
             raise Blip2EdgeError(f"{path}: not a directory; give a hub id or a checkpoint directory")

@@ -1,7 +1,12 @@
-"""torch module -> one ONNX file (plus one external-data file when it is large)."""
+"""torch module -> one ONNX file (plus one external-data file when it is large).
+
+Large graphs never pass through memory whole: torch writes its weights as separate files, and
+they are streamed into a single `<graph>.onnx.data` next to the graph.
+"""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,18 +14,53 @@ from runtime.stages import StageSpec
 
 # protobuf cannot hold a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+_ALIGN = 4096  # page-aligned tensors can be memory-mapped by ONNX Runtime
 
 
-def initializer_bytes(model) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        if t.raw_data:
-            total += len(t.raw_data)
-        else:
-            for entry in t.external_data:
-                if entry.key == "length":
-                    total += int(entry.value)
-    return total
+def _external_info(tensor) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def tensor_bytes(tensor) -> int:
+    from onnx import TensorProto
+
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int(_external_info(tensor)["length"])
+    return len(tensor.raw_data)
+
+
+def consolidate_external_data(model, source_dir: Path, data_path: Path) -> None:
+    """Moves every initializer's bytes (inline or in torch's per-tensor files) into one data
+    file, one tensor at a time, and points the graph at it (location relative to the graph)."""
+    from onnx import TensorProto
+
+    with open(data_path, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                info = _external_info(t)
+                offset, length = int(info.get("offset", 0)), int(info["length"])
+                with open(source_dir / info["location"], "rb") as src:
+                    src.seek(offset)
+                    start = out.tell()
+                    remaining = length
+                    while remaining:
+                        chunk = src.read(min(remaining, 64 << 20))
+                        out.write(chunk)
+                        remaining -= len(chunk)
+            elif t.HasField("raw_data") and len(t.raw_data) > 1024:
+                start = out.tell()
+                length = len(t.raw_data)
+                out.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                continue  # small inline tensors stay in the graph
+            del t.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = TensorProto.EXTERNAL
+            pad = -out.tell() % _ALIGN
+            out.write(b"\0" * pad)
 
 
 def export_stage(module, spec: StageSpec, example_inputs: tuple, path: Path, opset: int,
@@ -39,25 +79,25 @@ def export_stage(module, spec: StageSpec, example_inputs: tuple, path: Path, ops
     module.eval()
     scratch = path.parent / f".{path.stem}.scratch"
     scratch.mkdir()
-    raw = scratch / path.name
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, example_inputs, str(raw), dynamo=False, opset_version=opset,
-            input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
-        )
-    model = onnx.load(str(raw), load_external_data=True)
-    files = [path.name]
-    if initializer_bytes(model) > external_threshold:
-        data = f"{path.name}.data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        files.append(data)
-    else:
-        onnx.save_model(model, str(path))
-    del model
-    for f in scratch.iterdir():
-        f.unlink()
-    scratch.rmdir()
-    return files
+    try:
+        raw = scratch / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, example_inputs, str(raw), dynamo=False, opset_version=opset,
+                input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+            )
+        model = onnx.load(str(raw), load_external_data=False)  # the graph only, not the weights
+        files = [path.name]
+        if sum(tensor_bytes(t) for t in model.graph.initializer) > external_threshold:
+            data = path.with_name(f"{path.name}.data")
+            consolidate_external_data(model, scratch, data)
+            files.append(data.name)
+            onnx.save_model(model, str(path))
+        else:
+            onnx.load_external_data_for_model(model, str(scratch))
+            onnx.save_model(model, str(path))
+        return files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

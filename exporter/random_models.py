@@ -62,14 +62,21 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
     if variant == "post-ln":
         text.update(do_layer_norm_before=False)
     elif variant == "no-bias":
-        text.update(enable_bias=False, _remove_final_layer_norm=True, layer_norm_elementwise_affine=False)
+        # (layer_norm_elementwise_affine=False cannot be built: transformers' own init fails on it)
+        text.update(enable_bias=False, _remove_final_layer_norm=True)
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
-    return Blip2Config(vision_config=_VISION[size], qformer_config=qformer, text_config=text,
+    # Blip2VisionConfig's default initializer_range (1e-10) makes a randomly initialised ViT's
+    # output nearly constant, which would hide vision-stage bugs from the parity tests.
+    vision = dict(initializer_range=0.02, **_VISION[size])
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
                        num_query_tokens=_QUERIES[size], image_token_index=image_token_index)
 
 
-def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0) -> Path:
-    """Writes a random-weight BLIP-2 checkpoint (safetensors, tokenizer, processor) to `out_dir`."""
+def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0, dtype: str = "fp32") -> Path:
+    """Writes a random-weight BLIP-2 checkpoint (safetensors, tokenizer, processor) to `out_dir`.
+
+    dtype "fp16" builds the weights in half precision from the start (the `full` model is 15 GB
+    in fp32), except the Q-Former and query tokens, which transformers keeps in fp32."""
     import torch
     from transformers import Blip2ForConditionalGeneration
 
@@ -81,8 +88,17 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     # placeholder sits at the end of the tokenizer, inside the model's range.
     config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"unknown dtype '{dtype}'; valid: fp32, fp16")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if dtype == "fp16" else torch.float32)
+    try:
         model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if dtype == "fp16":
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
     # transformers initialises query tokens to zero; random ones make the queries distinct.
     with torch.no_grad():
         model.query_tokens.normal_(0, 0.02)

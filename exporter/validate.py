@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.loading import float_dtype
 from runtime import synthetic
 from runtime.errors import Blip2EdgeError
 from runtime.stages import kv_names
@@ -66,7 +67,7 @@ def validate_stages(hf_model, processor, artifacts: Path, atol: float) -> list[d
 
     manifest = load_manifest(artifacts, verify=False)
     run = {s: OrtRunner(manifest.stage_file(s), ["CPUExecutionProvider"]) for s in ("vision", "qformer", "decoder")}
-    dtype = hf_model.dtype
+    dtype = float_dtype(hf_model)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     reports = []
     with torch.no_grad():
@@ -124,7 +125,7 @@ def validate_generation(hf_model, processor, artifacts: Path, max_new_tokens: in
     cases = []
     for prompt in VALIDATION_PROMPTS:
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
-        inputs["pixel_values"] = inputs["pixel_values"].to(hf_model.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(float_dtype(hf_model))
         with torch.no_grad():
             ref = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         ref_rows = [_until_eos(r.tolist(), pipe.defaults.eos_token_ids) for r in ref[:, inputs["input_ids"].shape[1]:]]

@@ -1,0 +1,24 @@
+"""The torch-free runtime: artifact directory in, captions and answers out.
+
+Public API: Blip2Pipeline, GenerationOptions, Result, and the error types. Imported lazily so
+that `runtime.errors` or `runtime.synthetic` do not load ONNX Runtime.
+"""
+
+__all__ = ["Blip2Pipeline", "GenerationOptions", "Result", "Blip2EdgeError", "ArtifactError", "ImageError"]
+
+_WHERE = {
+    "Blip2Pipeline": "runtime.pipeline",
+    "Result": "runtime.pipeline",
+    "GenerationOptions": "runtime.options",
+    "Blip2EdgeError": "runtime.errors",
+    "ArtifactError": "runtime.errors",
+    "ImageError": "runtime.errors",
+}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

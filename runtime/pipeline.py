@@ -27,7 +27,7 @@ from runtime.preprocess import Preprocessing, load_image
 from runtime.search import beam_search, greedy_or_sample
 from runtime.tokenizer import TextTokenizer
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 3) or (H, W) uint8
 BACKENDS = ("onnxruntime",)
 
 
@@ -42,7 +42,11 @@ class Result:
 
 
 def _as_image(item: ImageInput) -> Image.Image:
-    return item if isinstance(item, Image.Image) else load_image(item)
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    return load_image(item)
 
 
 class Blip2Pipeline:
@@ -84,25 +88,28 @@ class Blip2Pipeline:
         """Answers `question` about each image with the manifest's VQA template."""
         return self.generate(images, [self.prompts["vqa"].format(question)] * len(images), **generation)
 
-    def stream(self, image: ImageInput, prompt: str | None = None, **generation) -> Iterator[str]:
-        """Yields pieces of one image's text as tokens are produced (`prompt` as in caption)."""
+    def stream(self, image: ImageInput, prompt: str | None = None, question: str | None = None,
+               **generation) -> Iterator[str]:
+        """Yields pieces of one image's text as tokens are produced: a caption (with optional
+        prefix `prompt`), or the answer to `question`."""
+        text_prompt = self.prompts["vqa"].format(question) if question is not None else self.caption_prompt(prompt)
+        stops = self.options(**generation).stop_strings
         pieces: queue.Queue = queue.Queue()
         done = object()
         emitted = [""]
+        errors: list[BaseException] = []
 
         def on_tokens(rows: list[list[int]]) -> None:
-            text = self._clip(self.tokenizer.decode(rows[0]), generation.get("stop_strings"))
+            text = self._clip(self.tokenizer.decode(rows[0]), stops).lstrip()  # the final text is stripped too
             if text.endswith("\ufffd"):
                 return  # an incomplete UTF-8 sequence: wait for the next byte token
             if len(text) > len(emitted[0]):
                 pieces.put(text[len(emitted[0]):])
                 emitted[0] = text
 
-        errors: list[BaseException] = []
-
         def work() -> None:
             try:
-                self.generate([image], [self.caption_prompt(prompt)], on_tokens=on_tokens, **generation)
+                self.generate([image], [text_prompt], on_tokens=on_tokens, **generation)
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
             finally:

@@ -74,7 +74,7 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int = 128) -> Ima
     s = image_size
     # Background: a dull random tone with a gradient and noise, never saturated, so the
     # object's colour stays unambiguous.
-    base = rng.uniform(40, 170, size=3)
+    base = rng.uniform(50, 170) + rng.uniform(-25, 25, size=3)
     ramp = np.linspace(-1.0, 1.0, s)[None, :, None] * rng.uniform(-25, 25, size=3)
     if rng.random() < 0.5:
         ramp = ramp.transpose(1, 0, 2)

@@ -1,0 +1,76 @@
+"""Export wall time and peak RSS, per model size, each export in its own process.
+
+    python bench/export_bench.py                 # bench (fp32, validated) and full (fp16)
+    python bench/export_bench.py --sizes bench
+
+Random-weight checkpoints are built once under bench/out/models/. `full` (blip2-opt-2.7b shapes)
+is built directly in fp16 to spare this machine's disk, and exported without validation:
+validation runs PyTorch and ONNX Runtime side by side on the CPU, and the CPU has no fast fp16
+kernels for a 2.7B decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+RUNS = {"bench": ("fp32", True), "full": ("fp16", False)}
+
+
+def build(size: str, dtype: str) -> tuple[Path, float, int]:
+    ckpt = OUT / "models" / size
+    if (ckpt / "config.json").is_file():
+        return ckpt, 0.0, 0
+    code = (f"import torch; from exporter.random_models import make_model; "
+            f"make_model({size!r}, {str(ckpt)!r}, dtype={dtype!r})")
+    return (ckpt, *timed([sys.executable, "-c", code]))
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS in bytes (from wait4's rusage)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=list(RUNS), choices=list(RUNS))
+    args = ap.parse_args()
+    rows = []
+    for size in args.sizes:
+        dtype, validate = RUNS[size]
+        ckpt, build_s, build_rss = build(size, dtype)
+        art = OUT / "artifacts" / f"{size}-{dtype}"
+        cmd = [sys.executable, "-m", "runtime.cli", "export", str(ckpt), str(art), "--overwrite", "--dtype", dtype]
+        if not validate:
+            cmd.append("--no-validate")
+        wall, rss = timed(cmd)
+        rows.append((size, dtype, "yes" if validate else "no", dir_size(ckpt), wall, rss, dir_size(art)))
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
+    print(f"{'model':<7}{'dtype':<7}{'validated':<11}{'checkpoint GB':>14}{'export s':>10}{'peak RSS GB':>13}"
+          f"{'artifacts GB':>14}")
+    for size, dtype, val, ck, wall, rss, art in rows:
+        print(f"{size:<7}{dtype:<7}{val:<11}{ck / 1e9:>14.2f}{wall:>10.1f}{rss / 1e9:>13.2f}{art / 1e9:>14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""`blip2-edge export`, `make-model` and `demo`: the commands that need the 'export' extra."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.errors import require
+
+TOY = "toy"  # the embedded default model
+
+
+def _need_export_extra(what: str) -> None:
+    for module in ("torch", "transformers", "onnx"):
+        require(module, "export", what)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
+                       description="Export a BLIP-2 (OPT) checkpoint to ONNX graphs, validated against PyTorch.")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' for the embedded toy model")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--local-files-only", action="store_true", help="never touch the network")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--atol", type=float, help="max abs diff allowed per stage (default 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--no-validate", dest="validate", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=run_export)
+
+    p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
+    p.add_argument("size", choices=("tiny", "bench", "full"))
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias"), default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_make_model)
+
+    p = sub.add_parser("demo", help="export the embedded toy model and caption synthetic images on the CPU")
+    p.add_argument("--out", type=Path, default=Path("out/toy"), help="artifact directory (default: out/toy)")
+    p.add_argument("--images", type=int, default=6, help="synthetic images to caption")
+    p.set_defaults(run=run_demo)
+
+
+def resolve_model(model: str) -> str:
+    if model == TOY:
+        from exporter.toy import CHECKPOINT_DIR
+
+        return str(CHECKPOINT_DIR)
+    return model
+
+
+def run_export(args) -> int:
+    _need_export_extra("blip2-edge export")
+    from exporter.export import ExportOptions, export
+    from exporter.loading import LoadOptions
+
+    opts = ExportOptions(
+        opset=args.opset, atol=args.atol, validate=args.validate, overwrite=args.overwrite,
+        load=LoadOptions(revision=args.revision, local_files_only=args.local_files_only,
+                         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype),
+    )
+    export(resolve_model(args.model), args.out_dir, opts)
+    return 0
+
+
+def run_make_model(args) -> int:
+    _need_export_extra("blip2-edge make-model")
+    from exporter.random_models import make_model
+    from runtime.errors import Blip2EdgeError
+
+    if args.out_dir.exists():
+        raise Blip2EdgeError(f"{args.out_dir}: already exists")
+    make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed)
+    print(f"wrote a random-weight '{args.size}' ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
+    return 0
+
+
+def run_demo(args) -> int:
+    _need_export_extra("blip2-edge demo")
+    from exporter.demo import demo
+
+    return demo(args.out, args.images)

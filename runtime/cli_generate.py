@@ -1,0 +1,129 @@
+"""`blip2-edge caption` and `blip2-edge ask`."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import Blip2EdgeError, ImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: the artifact's manifest, else transformers')")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--length-penalty", type=float)
+    g.add_argument("--early-stopping", choices=("true", "false", "never"))
+    g.add_argument("--do-sample", action="store_true", default=None)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+
+
+def generation_kwargs(args) -> dict:
+    names = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "do_sample", "temperature",
+             "top_k", "top_p", "seed", "repetition_penalty")
+    kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.early_stopping is not None:
+        kw["early_stopping"] = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    return kw
+
+
+def register(sub) -> None:
+    for name, helptext in (("caption", "caption images"), ("ask", "answer a question about images")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("artifacts", help="artifact directory written by 'blip2-edge export'")
+        p.add_argument("images", nargs="+", help="image files, directories (recursive) or glob patterns")
+        if name == "ask":
+            p.add_argument("--question", "-q", required=True)
+        else:
+            p.add_argument("--prompt", help="caption prefix, e.g. 'a photo of'")
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+        p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
+        p.add_argument("--json", action="store_true", help="one JSON object per image")
+        add_generation_options(p)
+        p.set_defaults(run=run, mode=name)
+
+
+def expand_images(items: list[str]) -> tuple[list[str], list[str]]:
+    """Files, directories and globs -> (image paths in a stable order, error lines)."""
+    paths, errors = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append(f"{item}: no images in this directory")
+            paths += found
+        elif p.is_file():
+            paths.append(item)
+        elif glob.has_magic(item):
+            found = sorted(f for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                errors.append(f"{item}: no files match")
+            paths += found
+        else:
+            errors.append(f"{item}: no such file or directory")
+    return paths, errors
+
+
+def run(args) -> int:
+    from runtime.pipeline import Blip2Pipeline
+    from runtime.preprocess import load_image
+
+    if args.batch_size < 1:
+        raise Blip2EdgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths, errors = expand_images(args.images)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device)
+    gen = generation_kwargs(args)
+    pipe.options(**gen)  # invalid options fail before any work
+    prompt = pipe.prompts["vqa"].format(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)
+    failed = len(errors)
+
+    def emit(path: str, result) -> None:
+        if args.json:
+            print(json.dumps({"path": path, "text": result.text, "tokens": result.tokens, "timings": result.timings}))
+        else:
+            print(f"{path}: {result.text}")
+        sys.stdout.flush()
+
+    batch: list[tuple[str, object]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        results = pipe.generate([im for _, im in batch], [prompt] * len(batch), **gen)
+        for (path, _), result in zip(batch, results):
+            emit(path, result)
+        batch.clear()
+
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.stream and not args.json:
+            print(f"{path}: ", end="", flush=True)
+            question = args.question if args.mode == "ask" else None
+            for piece in pipe.stream(image, prompt=getattr(args, "prompt", None), question=question, **gen):
+                print(piece, end="", flush=True)
+            print()
+            continue
+        batch.append((path, image))
+        if len(batch) == args.batch_size:
+            flush()
+    flush()
+    return 2 if failed else 0

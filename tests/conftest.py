@@ -1,0 +1,62 @@
+"""Session fixtures: each model is built and exported once per test session.
+
+Real components throughout: random-weight checkpoints written in HF format, real ONNX exports,
+real ONNX Runtime sessions, the real committed toy model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from exporter.random_models import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
+    from exporter.export import export
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export(str(tiny_checkpoint), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_artifacts(tmp_path_factory) -> Path:
+    from exporter.export import export
+    from exporter.toy import CHECKPOINT_DIR
+
+    out = tmp_path_factory.mktemp("art") / "toy"
+    export(str(CHECKPOINT_DIR), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_checkpoint):
+    from exporter.loading import LoadOptions, load_model
+
+    return load_model(str(tiny_checkpoint), LoadOptions())
+
+
+@pytest.fixture(scope="session")
+def toy_hf():
+    from exporter.loading import LoadOptions, load_model
+    from exporter.toy import CHECKPOINT_DIR
+
+    return load_model(str(CHECKPOINT_DIR), LoadOptions())
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs the real console entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=600)

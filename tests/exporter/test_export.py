@@ -1,0 +1,164 @@
+"""Export: artifact contract, parity with PyTorch/transformers, external data, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporter import export as export_mod
+from exporter.export import ExportOptions, export
+from exporter.loading import LoadOptions
+from exporter.validate import validate_artifacts, validate_stages
+from runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, sha256_file
+from runtime.pipeline import Blip2Pipeline
+from runtime.stages import kv_names
+
+
+def test_tiny_export_validates(tiny_artifacts):
+    report = json.loads((tiny_artifacts / "validation.json").read_text())
+    assert report["ok"]
+    assert [s["stage"] for s in report["stages"]] == ["vision", "qformer", "decoder"]
+    for s in report["stages"]:
+        assert s["max_abs_diff"] <= 1e-4
+    assert report["generation"]["ok"]
+    assert all(c["reference"] == c["exported"] for c in report["generation"]["cases"])
+
+
+def test_manifest_contract(tiny_artifacts, tiny_hf):
+    model, _ = tiny_hf
+    m = json.loads((tiny_artifacts / MANIFEST).read_text())
+    assert m["schema_version"] == SCHEMA_VERSION
+    assert m["architecture"] == "blip-2" and m["llm_family"] == "opt"
+    for rel, digest in m["files"].items():
+        assert sha256_file(tiny_artifacts / rel) == digest
+    assert {"vision.onnx", "qformer.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json",
+            "preprocessor_config.json", "generation_config.json"} <= set(m["files"])
+    layers = model.config.text_config.num_hidden_layers
+    dec = m["stages"]["decoder"]
+    assert [i["name"] for i in dec["inputs"]] == ["inputs_embeds", "attention_mask", "position_ids",
+                                                   *kv_names(layers, "past")]
+    assert dec["inputs"][0]["shape"] == ["batch", "sequence", model.config.text_config.hidden_size]
+    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", model.config.text_config.vocab_size]}
+    # The graph's own dims match the manifest's (symbolic names included).
+    graph = onnx.load(str(tiny_artifacts / "decoder.onnx"), load_external_data=False)
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[3].type.tensor_type.shape.dim]
+    assert dims == dec["inputs"][3]["shape"]
+    assert m["preprocessing"]["size"] == [32, 32] and m["preprocessing"]["resample"] == "bicubic"
+    assert m["prompts"]["vqa"] == "Question: {} Answer:"
+    assert m["generation"]["eos_token_ids"] == [2] and m["generation"]["stop_strings"] == ["\n"]
+    assert m["tools"]["opset"] >= 17 and m["tools"]["torch"]
+    assert m["stages"]["vision"]["precision"] == "fp32"
+
+
+def test_one_layernorm_op_per_layernorm(tiny_artifacts):
+    graph = onnx.load(str(tiny_artifacts / "vision.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert "LayerNormalization" in ops and "ReduceMean" not in ops
+
+
+def test_toy_export_validates(toy_artifacts):
+    report = json.loads((toy_artifacts / "validation.json").read_text())
+    assert report["ok"], report
+
+
+@pytest.mark.parametrize("variant", ["post-ln", "no-bias"])
+def test_opt_variants_export_with_parity(tmp_path, variant):
+    from exporter.random_models import make_model
+
+    ckpt = make_model("tiny", tmp_path / "ckpt", variant=variant)
+    cfg = json.loads((ckpt / "config.json").read_text())["text_config"]
+    if variant == "post-ln":
+        assert cfg["do_layer_norm_before"] is False
+    report = export(str(ckpt), tmp_path / "art", log=lambda s: None)
+    assert report["ok"]
+    assert report["generation"]["ok"]
+
+
+def test_external_data_path(tmp_path, tiny_checkpoint, tiny_artifacts):
+    out = tmp_path / "ext"
+    export(str(tiny_checkpoint), out, ExportOptions(external_data_threshold=1), log=lambda s: None)
+    m = load_manifest(out)
+    for stage in ("vision", "qformer", "decoder"):
+        data = f"{stage}.onnx.data"
+        assert (out / data).is_file() and data in m.data["files"]
+        assert m.stages[stage]["external_data"] == [data]
+        graph = onnx.load(str(out / f"{stage}.onnx"), load_external_data=False)
+        locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {data}  # one data file per graph, named relative to it
+    # Same tokens as the inline export, from a copy elsewhere (paths are relative).
+    moved = shutil.copytree(out, tmp_path / "moved")
+    images = [np.full((40, 40, 3), 120, np.uint8)]
+    from PIL import Image
+
+    ims = [Image.fromarray(a) for a in images]
+    a = Blip2Pipeline.from_artifacts(moved).generate(ims, ["hello"], max_new_tokens=6, stop_strings=())
+    b = Blip2Pipeline.from_artifacts(tiny_artifacts).generate(ims, ["hello"], max_new_tokens=6, stop_strings=())
+    assert a[0].tokens == b[0].tokens
+
+
+def test_validator_catches_a_corrupted_weight(tmp_path, tiny_artifacts, tiny_hf):
+    bad = shutil.copytree(tiny_artifacts, tmp_path / "bad")
+    graph = onnx.load(str(bad / "qformer.onnx"))
+    target = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(target).copy()
+    w.flat[0] += 0.5
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    onnx.save(graph, str(bad / "qformer.onnx"))
+    model, processor = tiny_hf
+    reports = {r["stage"]: r for r in validate_stages(model, processor, bad, atol=1e-4)}
+    assert reports["vision"]["ok"]
+    assert not reports["qformer"]["ok"] and reports["qformer"]["max_abs_diff"] > 1e-4
+    full = validate_artifacts(model, processor, bad, atol=1e-4, check_generation=False)
+    assert not full["ok"]
+
+
+def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+    real = export_mod.export_stage
+
+    def failing(module, spec, *args, **kwargs):
+        if spec.name == "decoder":
+            raise RuntimeError("injected failure")
+        return real(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "export_stage", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        export(str(tiny_checkpoint), out, log=lambda s: None)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial sibling either
+
+
+def test_failed_validation_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+    from exporter.validate import ValidationError
+
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError, match="validation failed: stage"):
+        export(str(tiny_checkpoint), out, ExportOptions(atol=0.0), log=lambda s: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_atomically(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    export(str(tiny_checkpoint), out, ExportOptions(validate=False), log=lambda s: None)
+    (out / "stale.txt").write_text("old")
+    export(str(tiny_checkpoint), out, ExportOptions(validate=False, overwrite=True), log=lambda s: None)
+    assert not (out / "stale.txt").exists()
+    load_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_fp16_export(tmp_path, tiny_checkpoint):
+    out = tmp_path / "fp16"
+    report = export(str(tiny_checkpoint), out, ExportOptions(load=LoadOptions(dtype="fp16")), log=lambda s: None)
+    assert report["ok"]
+    m = load_manifest(out)
+    assert all(m.stages[s]["precision"] == "fp16" for s in ("vision", "qformer", "decoder"))
+    assert m.stages["decoder"]["inputs"][0]["dtype"] == "float16"
+    assert np.load(out / "embed_tokens.npy").dtype == np.float16
+    r = Blip2Pipeline.from_artifacts(out).generate([np.zeros((8, 8, 3), np.uint8)], [""], max_new_tokens=3)
+    assert r[0].tokens

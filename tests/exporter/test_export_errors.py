@@ -1,0 +1,90 @@
+"""Every bad input to `blip2-edge export` is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_unknown_model_id(tmp_path):
+    proc = run_cli("export", "no-such-org/no-such-blip2", tmp_path / "out", "--local-files-only")
+    assert_one_line_error(proc, "no-such-org/no-such-blip2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_directory(tmp_path):
+    assert_one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "out"), "no such directory")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    assert_one_line_error(run_cli("export", tmp_path / "ckpt", tmp_path / "out"), "no config.json")
+
+
+def test_not_a_blip2_config(tmp_path):
+    from transformers import OPTConfig
+
+    OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32).save_pretrained(tmp_path / "opt")
+    (tmp_path / "opt" / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("export", tmp_path / "opt", tmp_path / "out"), "not BLIP-2")
+
+
+def test_unsupported_llm_family(tmp_path):
+    from transformers import Blip2Config
+
+    cfg = Blip2Config(text_config={"model_type": "t5", "d_model": 16}, image_token_index=5)
+    cfg.save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("export", tmp_path / "t5", tmp_path / "out"), "'t5'", "not supported yet")
+
+
+def test_inconsistent_word_embed_proj_dim(tmp_path):
+    from exporter.random_models import build_config
+
+    cfg = build_config("tiny")
+    cfg.text_config.word_embed_proj_dim = 16
+    cfg.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("export", tmp_path / "ckpt", tmp_path / "out"), "word_embed_proj_dim")
+
+
+def test_pickle_refused_unless_allowed(tmp_path, tiny_checkpoint):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    assert_one_line_error(run_cli("export", ckpt, tmp_path / "out"), "pickle", "--allow-pickle")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_exists(tmp_path, tiny_checkpoint):
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run_cli("export", tiny_checkpoint, tmp_path / "out"), "already exists", "--overwrite")
+
+
+def test_bad_opset(tmp_path, tiny_checkpoint):
+    assert_one_line_error(run_cli("export", tiny_checkpoint, tmp_path / "out", "--opset", "13"), "opset")
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("export", tmp_path / "nope", tmp_path / "out", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_cli_export_end_to_end(tmp_path, tiny_checkpoint):
+    proc = run_cli("export", tiny_checkpoint, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("vision", "qformer", "decoder"):
+        assert any(l.strip().startswith(stage) and "max abs diff" in l for l in proc.stdout.splitlines())
+    assert json.loads((tmp_path / "out" / "validation.json").read_text())["ok"]

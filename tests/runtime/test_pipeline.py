@@ -1,0 +1,90 @@
+"""The pipeline's API, dependencies, streaming, threads and prompt limits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from runtime import synthetic
+from runtime.pipeline import Blip2Pipeline
+from tests.conftest import REPO
+
+
+def test_runtime_imports_no_torch_transformers_or_onnx(tiny_artifacts, tmp_path):
+    image = tmp_path / "x.png"
+    synthetic.make_scenes(1, seed=3)[0][1].save(image)
+    code = textwrap.dedent(f"""
+        import sys
+        from runtime.pipeline import Blip2Pipeline
+        pipe = Blip2Pipeline.from_artifacts({str(tiny_artifacts)!r})
+        r = pipe.caption([{str(image)!r}], max_new_tokens=4)[0]
+        assert isinstance(r.text, str) and r.tokens
+        for name in ("torch", "transformers", "onnx", "optimum", "exporter", "calibration"):
+            assert name not in sys.modules, name
+        print("clean")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr
+
+
+def test_result_carries_text_tokens_and_timings(toy_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    scene, image = synthetic.make_scenes(1, seed=11)[0]
+    r = pipe.caption([image])[0]
+    assert r.text == scene.caption
+    assert r.tokens[-1] in pipe.defaults.eos_token_ids
+    assert pipe.tokenizer.decode(r.tokens).strip() == r.text
+    for stage in ("preprocess", "vision", "qformer", "prefill", "decode", "detokenize", "total"):
+        assert r.timings[stage] >= 0
+    assert len(r.timings["decode_steps"]) == len(r.tokens) - 1  # the first token comes from prefill
+
+
+def test_stream_yields_the_same_text(toy_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    _, image = synthetic.make_scenes(1, seed=12)[0]
+    pieces = list(pipe.stream(image))
+    assert len(pieces) > 1
+    assert "".join(pieces) == pipe.caption([image])[0].text
+    q = "what colour is it?"
+    assert "".join(pipe.stream(image, question=q)) == pipe.ask([image], q)[0].text
+
+
+def test_eight_threads_match_sequential(toy_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    images = [im for _, im in synthetic.make_scenes(8, seed=13)]
+    sequential = [pipe.caption([im], num_beams=2)[0].tokens for im in images]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(lambda im: pipe.caption([im], num_beams=2)[0].tokens, images))
+    assert threaded == sequential
+
+
+def test_prompt_too_long_names_the_limit(tiny_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(tiny_artifacts)
+    limit = pipe.model["max_position_embeddings"]
+    image = synthetic.make_scenes(1, seed=1)[0][1]
+    with pytest.raises(ValueError, match=f"exceed the model's {limit} positions"):
+        pipe.caption([image], prompt="word " * limit)
+
+
+def test_invalid_options_name_valid_values(tiny_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(tiny_artifacts)
+    image = synthetic.make_scenes(1, seed=1)[0][1]
+    with pytest.raises(ValueError, match="valid: max_new_tokens"):
+        pipe.caption([image], beams=3)
+    with pytest.raises(ValueError, match="early_stopping must be one of"):
+        pipe.caption([image], num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="unknown device 'tpu'; valid: cpu, cuda, auto"):
+        Blip2Pipeline.from_artifacts(tiny_artifacts, device="tpu")
+
+
+def test_stop_string_ends_generation(toy_artifacts):
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    scene, image = synthetic.make_scenes(1, seed=14)[0]
+    word = scene.caption.split()[2]  # the colour
+    r = pipe.caption([image], stop_strings=(f" {word}",))[0]
+    assert r.text == " ".join(scene.caption.split()[:2])
+    assert len(r.tokens) < len(pipe.caption([image])[0].tokens)
