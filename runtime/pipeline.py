@@ -65,7 +65,7 @@ class Blip2Pipeline:
         self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"]), m["tokenizer"])
         self.prompts = m["prompts"]
         gen = m["generation"]
-        base = defaults or GenerationOptions()
+        base = defaults or GenerationOptions(max_new_tokens=gen.get("max_new_tokens", 30))
         self.defaults = base.updated(
             stop_strings=base.stop_strings if base.stop_strings is not None else tuple(gen["stop_strings"]),
             eos_token_ids=base.eos_token_ids if base.eos_token_ids is not None else tuple(gen["eos_token_ids"]),
@@ -141,18 +141,12 @@ class Blip2Pipeline:
         timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
         return query
 
-    def build_inputs(self, query: np.ndarray, prompts: Sequence[str], max_new_tokens: int):
+    def build_inputs(self, query: np.ndarray, prompts: Sequence[str]):
         """[query embeds][left padding][BOS + prompt], laid out as Blip2Processor does, with the
         ids transformers would see (for the repetition penalty)."""
         b, q, _ = query.shape
         ids = [self.tokenizer.encode(p) for p in prompts]
         longest = max(len(x) for x in ids)
-        limit = self.model["max_position_embeddings"]
-        if q + longest + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt too long: {q} query tokens + {longest} prompt tokens + max_new_tokens {max_new_tokens} "
-                f"exceed the model's {limit} positions"
-            )
         text_ids = np.full((b, longest), self.pad_id, dtype=np.int64)
         text_mask = np.zeros((b, longest), dtype=np.int64)
         for i, x in enumerate(ids):
@@ -162,6 +156,21 @@ class Blip2Pipeline:
         mask = np.concatenate([np.ones((b, q), np.int64), text_mask], axis=1)
         history = np.concatenate([np.full((b, q), self.model["image_token_id"], np.int64), text_ids], axis=1)
         return embeds, mask, history
+
+    def fit_to_positions(self, opts: GenerationOptions, prompt_length: int, explicit: bool) -> GenerationOptions:
+        """The model has max_position_embeddings positions for queries + prompt + new tokens. A
+        default max_new_tokens shrinks to fit; an explicit one that does not fit is an error."""
+        limit = self.model["max_position_embeddings"]
+        room = limit - prompt_length
+        if opts.max_new_tokens <= room:
+            return opts
+        if explicit or room < 1:
+            raise ValueError(
+                f"prompt too long: {self.model['num_query_tokens']} query tokens + "
+                f"{prompt_length - self.model['num_query_tokens']} prompt tokens + max_new_tokens "
+                f"{opts.max_new_tokens if explicit else 1} exceed the model's {limit} positions"
+            )
+        return opts.updated(max_new_tokens=room, min_new_tokens=min(opts.min_new_tokens, room))
 
     def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], on_tokens=None,
                  **generation) -> list[Result]:
@@ -174,7 +183,8 @@ class Blip2Pipeline:
         t_start = time.perf_counter()
         timings: dict = {}
         query = self.encode_images(images, timings)
-        embeds, mask, history = self.build_inputs(query, prompts, opts.max_new_tokens)
+        embeds, mask, history = self.build_inputs(query, prompts)
+        opts = self.fit_to_positions(opts, embeds.shape[1], explicit="max_new_tokens" in generation)
 
         decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype)
         t0 = time.perf_counter()

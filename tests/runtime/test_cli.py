@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from PIL import Image
 
 from runtime import synthetic
@@ -40,8 +42,10 @@ def test_bad_images_are_reported_and_others_processed(toy_artifacts, tmp_path):
     write_scenes(tmp_path, 1)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
-    Image.new("RGB", (64, 64)).save(tmp_path / "trunc.png")
-    (tmp_path / "trunc.png").write_bytes((tmp_path / "trunc.png").read_bytes()[:40])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "trunc.png")  # noise does not compress: cut mid-data
+    data = (tmp_path / "trunc.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpx: past Pillow's decompression-bomb limit
     proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", tmp_path / "empty.png", tmp_path / "text.png",

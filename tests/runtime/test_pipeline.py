@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from runtime import synthetic
+from runtime.options import GenerationOptions
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import REPO
 
@@ -68,6 +69,14 @@ def test_prompt_too_long_names_the_limit(tiny_artifacts):
     image = synthetic.make_scenes(1, seed=1)[0][1]
     with pytest.raises(ValueError, match=f"exceed the model's {limit} positions"):
         pipe.caption([image], prompt="word " * limit)
+    q = pipe.model["num_query_tokens"]
+    prompt_len = len(pipe.tokenizer.encode("a b c"))
+    with pytest.raises(ValueError, match=f"{prompt_len} prompt tokens \\+ max_new_tokens {limit}"):
+        pipe.caption([image], prompt="a b c", max_new_tokens=limit)
+    # The default max_new_tokens shrinks to the positions left; generation fills them exactly.
+    pipe = Blip2Pipeline.from_artifacts(tiny_artifacts, defaults=GenerationOptions(max_new_tokens=10_000))
+    r = pipe.caption([image], prompt="a b c", min_new_tokens=10_000)[0]
+    assert len(r.tokens) == limit - q - prompt_len
 
 
 def test_invalid_options_name_valid_values(tiny_artifacts):
