@@ -14,8 +14,13 @@ from runtime.stages import kv_names
 
 
 class KVCacheDecoder:
-    def __init__(self, runner, embed_table: np.ndarray, model: dict, float_dtype: np.dtype):
+    """With `io_binding`, the cache lives in OrtValues on the runner's device (the GPU under
+    CUDA) and only the logits cross to the host each step."""
+
+    def __init__(self, runner, embed_table: np.ndarray, model: dict, float_dtype: np.dtype,
+                 io_binding: bool = False):
         self.runner = runner
+        self.io_binding = io_binding
         self.table = embed_table
         self.dtype = float_dtype
         self.past_names = kv_names(model["num_layers"], "past")
@@ -29,7 +34,10 @@ class KVCacheDecoder:
         feeds = {"inputs_embeds": embeds.astype(self.dtype, copy=False), "attention_mask": self.mask,
                  "position_ids": position_ids}
         feeds.update(zip(self.past_names, self.past))
-        out = self.runner.infer(feeds)
+        if self.io_binding:
+            out = self.runner.infer_bound(feeds, host_outputs={"logits"})
+        else:
+            out = self.runner.infer(feeds)
         self.past = [out[n] for n in self.present_names]
         return out["logits"]
 
@@ -54,5 +62,10 @@ class KVCacheDecoder:
 
     def select(self, rows: np.ndarray) -> None:
         """Reorders (or duplicates) cache rows: beam search's bookkeeping."""
-        self.past = [p[rows] for p in self.past]
+        if self.io_binding:
+            # OrtValues cannot be indexed in place: a round trip through the host. Greedy and
+            # sampling never reorder; beam search pays this copy once per step.
+            self.past = [self.runner.to_device(p.numpy()[rows]) for p in self.past]
+        else:
+            self.past = [p[rows] for p in self.past]
         self.mask = self.mask[rows]

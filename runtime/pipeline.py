@@ -51,7 +51,7 @@ def _as_image(item: ImageInput) -> Image.Image:
 
 class Blip2Pipeline:
     def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
-                 defaults: GenerationOptions | None = None):
+                 defaults: GenerationOptions | None = None, io_binding: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
         self.manifest = manifest
@@ -59,6 +59,8 @@ class Blip2Pipeline:
         self.model = m["model"]
         providers = providers_for(device)
         self.runners = {name: OrtRunner(manifest.stage_file(name), providers) for name in ("vision", "qformer", "decoder")}
+        # On a GPU the KV cache stays on the device between steps (I/O binding).
+        self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
         self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
         self.embed_table = np.load(manifest.path(m["embeddings"]["file"]), mmap_mode="r")
         self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
@@ -74,9 +76,15 @@ class Blip2Pipeline:
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
-                       defaults: GenerationOptions | None = None, verify: bool = True) -> "Blip2Pipeline":
-        """Loads an artifact directory; checks its schema version and every file's sha256 first."""
-        return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults)
+                       defaults: GenerationOptions | None = None, verify: bool = True,
+                       io_binding: bool | None = None) -> "Blip2Pipeline":
+        """Loads an artifact directory; checks its schema version and every file's sha256 first.
+
+        device: "cpu", "cuda" or "auto" (CUDA when available, else the CPU with a warning).
+        io_binding: keep the KV cache on the device between steps (default: on for CUDA).
+        """
+        return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults,
+                   io_binding=io_binding)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -186,7 +194,8 @@ class Blip2Pipeline:
         embeds, mask, history = self.build_inputs(query, prompts)
         opts = self.fit_to_positions(opts, embeds.shape[1], explicit="max_new_tokens" in generation)
 
-        decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype)
+        decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype,
+                                 io_binding=self.io_binding)
         t0 = time.perf_counter()
         first = decoder.prefill(embeds, mask)
         timings["prefill"] = time.perf_counter() - t0

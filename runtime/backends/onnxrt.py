@@ -51,7 +51,31 @@ class OrtRunner:
         self.path = Path(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs))
+
+    def infer_bound(self, feeds: dict, host_outputs: set[str]) -> dict:
+        """Runs with I/O binding: inputs may be numpy arrays or OrtValues already on the device;
+        outputs not in `host_outputs` stay on the device as OrtValues (the KV cache, between
+        decode steps), the others come back as numpy arrays."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu" if name in host_outputs else self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {n: (v.numpy() if n in host_outputs else v) for n, v in zip(self.output_names, values)}
+
+    def to_device(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)

@@ -97,3 +97,15 @@ def test_stop_string_ends_generation(toy_artifacts):
     r = pipe.caption([image], stop_strings=(f" {word}",))[0]
     assert r.text == " ".join(scene.caption.split()[:2])
     assert len(r.tokens) < len(pipe.caption([image])[0].tokens)
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3)])
+def test_io_binding_path_gives_the_same_tokens(tiny_artifacts, kw):
+    """The bound-KV path used on CUDA, run on the CPU provider: same tokens as plain run()."""
+    images = [im for _, im in synthetic.make_scenes(2, seed=4)]
+    plain = Blip2Pipeline.from_artifacts(tiny_artifacts)
+    bound = Blip2Pipeline.from_artifacts(tiny_artifacts, io_binding=True)
+    assert bound.io_binding and not plain.io_binding
+    a = [r.tokens for r in plain.generate(images, ["", "a photo of"], min_new_tokens=8, **kw)]
+    b = [r.tokens for r in bound.generate(images, ["", "a photo of"], min_new_tokens=8, **kw)]
+    assert a == b and all(len(t) == 8 for t in a)
