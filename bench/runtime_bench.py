@@ -49,7 +49,7 @@ def graph_weight_bytes(path: Path) -> int:
     from exporter.onnx_export import tensor_bytes
 
     model = onnx.load(str(path), load_external_data=False)
-    return sum(tensor_bytes(t) for t in model.graph.initializer)
+    return sum(tensor_bytes(t, path.parent) for t in model.graph.initializer)
 
 
 def ensure_artifacts(size: str) -> tuple[Path, Path]:

@@ -21,11 +21,20 @@ def _external_info(tensor) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def tensor_bytes(tensor) -> int:
+def _external_span(tensor, base_dir: Path) -> tuple[int, int]:
+    """(offset, length) of an external tensor; torch's per-tensor files omit both (whole file)."""
+    info = _external_info(tensor)
+    offset = int(info.get("offset", 0))
+    if "length" in info:
+        return offset, int(info["length"])
+    return offset, (base_dir / info["location"]).stat().st_size - offset
+
+
+def tensor_bytes(tensor, base_dir: Path) -> int:
     from onnx import TensorProto
 
     if tensor.data_location == TensorProto.EXTERNAL:
-        return int(_external_info(tensor)["length"])
+        return _external_span(tensor, base_dir)[1]
     return len(tensor.raw_data)
 
 
@@ -37,9 +46,8 @@ def consolidate_external_data(model, source_dir: Path, data_path: Path) -> None:
     with open(data_path, "wb") as out:
         for t in model.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL:
-                info = _external_info(t)
-                offset, length = int(info.get("offset", 0)), int(info["length"])
-                with open(source_dir / info["location"], "rb") as src:
+                offset, length = _external_span(t, source_dir)
+                with open(source_dir / _external_info(t)["location"], "rb") as src:
                     src.seek(offset)
                     start = out.tell()
                     remaining = length
@@ -90,7 +98,7 @@ def export_stage(module, spec: StageSpec, example_inputs: tuple, path: Path, ops
             )
         model = onnx.load(str(raw), load_external_data=False)  # the graph only, not the weights
         files = [path.name]
-        if sum(tensor_bytes(t) for t in model.graph.initializer) > external_threshold:
+        if sum(tensor_bytes(t, scratch) for t in model.graph.initializer) > external_threshold:
             data = path.with_name(f"{path.name}.data")
             consolidate_external_data(model, scratch, data)
             files.append(data.name)

@@ -3,6 +3,9 @@ the exported graphs against transformers' own `generate`.
 
 Stage checks go in optimum's order: output names, then shapes, then values within `atol`; each
 output is reported with its max abs diff, and a failure names the stage, output and amount.
+optimum's own `validate_model_outputs` is not used: it feeds random dummy inputs generated from
+an OnnxConfig, while these checks feed real images, the real image features into the Q-Former,
+and a left-padded prefill followed by a cached decode step into the decoder.
 """
 
 from __future__ import annotations
