@@ -1,0 +1,62 @@
+"""`blip2-edge quantize`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.errors import require
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quantize", help="INT8 visual stages + weight-only LLM, with a fidelity report and gates",
+        description="Quantize an artifact directory: static INT8 (QDQ) for the visual stages from calibration "
+                    "images, weight-only INT8/INT4 for the LLM decoder. Writes a new artifact directory.")
+    p.add_argument("artifacts", type=Path, help="FP32/FP16 artifact directory from 'blip2-edge export'")
+    p.add_argument("out_dir", type=Path)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", type=Path, help="folder of calibration images (jpg, png, webp, bmp; recursive)")
+    src.add_argument("--synthetic", type=int, metavar="N",
+                     help="N synthetic scenes from the toy generator (sets --num-calib to N)")
+    p.add_argument("--num-calib", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--held-out", type=int, default=100, help="held-out images for the fidelity report (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="image sampling seed")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--percentile", type=float, default=99.999)
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-channel weight scales (default: on)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                   help="keep nodes whose names match these glob patterns in float")
+    p.add_argument("--llm", choices=("none", "int8", "int4"), default="none", help="weight-only LLM precision")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--accuracy-level", type=int, default=4)
+    p.add_argument("--lm-head", choices=("int8", "float", "same"), default="int8")
+    p.add_argument("--embed-fp16", action="store_true", help="store the token embedding table in fp16")
+    p.add_argument("--calibration-cache", type=Path, metavar="FILE",
+                   help="JSON file of activation ranges: reused when it matches, written otherwise")
+    p.add_argument("--no-gate", dest="gate", action="store_false", help="keep the artifacts even if a gate fails")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized input")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    require("onnx", "export", "blip2-edge quantize")
+    from calibration.llm import LLMOptions
+    from calibration.quantize import QuantizeOptions, quantize
+    from calibration.visual import VisualOptions
+
+    opts = QuantizeOptions(
+        images=args.images,
+        num_calib=args.synthetic if args.synthetic is not None else args.num_calib,
+        held_out=args.held_out, seed=args.seed,
+        visual=VisualOptions(method=args.method, percentile=args.percentile, per_channel=args.per_channel,
+                             exclude=tuple(args.exclude)),
+        llm=LLMOptions(precision=args.llm, block_size=args.block_size, accuracy_level=args.accuracy_level,
+                       lm_head=args.lm_head, embed_fp16=args.embed_fp16),
+        calibration_cache=args.calibration_cache, gate=args.gate, overwrite=args.overwrite,
+        allow_requantize=args.allow_requantize,
+    )
+    quantize(args.artifacts, args.out_dir, opts)
+    return 0

@@ -1,0 +1,103 @@
+"""How far quantized artifacts are from their FP32 source, on held-out images.
+
+Per visual stage: cosine similarity of each output token to FP32 (mean, and the 1st percentile
+as "worst 1%") and max abs error; each stage fed the same FP32 inputs, so its own error is
+measured. Decoder (when quantized): next-token top-1 agreement and mean KL(FP32 || quantized)
+under teacher forcing on the FP32 model's own captions. End to end: caption exact match against
+FP32 and, where the images have ground truth (synthetic scenes), accuracy against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibration.sources import ImageSource
+from runtime.kv_decoder import KVCacheDecoder
+from runtime.logits import log_softmax
+from runtime.pipeline import Blip2Pipeline
+
+BATCH = 16
+
+
+def token_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine similarity per output token (last axis is the feature axis)."""
+    a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    b = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def summarize(cos: list[np.ndarray], max_abs: float) -> dict:
+    c = np.concatenate(cos)
+    return {"cosine_mean": float(c.mean()), "cosine_worst_1pct": float(np.percentile(c, 1)),
+            "max_abs_error": float(max_abs), "tokens": int(c.size)}
+
+
+def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
+    cos = {"vision": [], "qformer": []}
+    worst = {"vision": 0.0, "qformer": 0.0}
+    for start in range(0, len(images), BATCH):
+        pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
+        ref_v = fp32.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        got_v = quant.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        ref_q = fp32.runners["qformer"].infer({"image_embeds": ref_v})["query_embeds"]
+        got_q = quant.runners["qformer"].infer({"image_embeds": ref_v})["query_embeds"]
+        for stage, ref, got in (("vision", ref_v, got_v), ("qformer", ref_q, got_q)):
+            cos[stage].append(token_cosines(ref, got))
+            worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
+    return {stage: summarize(cos[stage], worst[stage]) for stage in cos}
+
+
+def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions: list[list[int]]) -> dict:
+    """Teacher forcing: both decoders read the FP32 caption; compare their next-token choices."""
+    agree = total = 0
+    kls = []
+    for image, tokens in zip(images, captions):
+        timings: dict = {}
+        query = fp32.encode_images([image], timings)
+        embeds, mask, _ = fp32.build_inputs(query, [fp32.caption_prompt(None)])
+        decoders = [KVCacheDecoder(p.runners["decoder"], p.embed_table, p.model, p.float_dtype) for p in (fp32, quant)]
+        logits = [d.prefill(embeds, mask) for d in decoders]
+        for t, token in enumerate(tokens):
+            lp_ref, lp_got = (log_softmax(l.astype(np.float64))[0] for l in logits)
+            agree += int(lp_ref.argmax() == lp_got.argmax())
+            total += 1
+            kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))
+            if t + 1 < len(tokens):
+                logits = [d.step(np.array([token], np.int64)) for d in decoders]
+    return {"top1_agreement": agree / max(total, 1), "mean_kl": float(np.mean(kls)) if kls else 0.0,
+            "positions": total}
+
+
+def fidelity_report(fp32: Blip2Pipeline, quant: Blip2Pipeline, source: ImageSource, llm_quantized: bool) -> dict:
+    images = source.held_out_images()
+    report = {"held_out_images": len(images), "stages": visual_fidelity(fp32, quant, images)}
+    ref = [r for start in range(0, len(images), BATCH) for r in fp32.caption(images[start:start + BATCH])]
+    got = [r for start in range(0, len(images), BATCH) for r in quant.caption(images[start:start + BATCH])]
+    if llm_quantized:
+        report["stages"]["decoder"] = decoder_fidelity(fp32, quant, images, [r.tokens for r in ref])
+    e2e = {"caption_exact_match_vs_fp32": float(np.mean([a.text == b.text for a, b in zip(ref, got)]))}
+    if source.scenes:
+        truth = [s.caption for s in source.scenes]
+        e2e["fp32_accuracy"] = float(np.mean([r.text == t for r, t in zip(ref, truth)]))
+        e2e["quantized_accuracy"] = float(np.mean([r.text == t for r, t in zip(got, truth)]))
+    report["end_to_end"] = e2e
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    lines = [f"fidelity on {report['held_out_images']} held-out images:"]
+    for stage, s in report["stages"].items():
+        if "cosine_mean" in s:
+            lines.append(f"  {stage:<8} cosine mean {s['cosine_mean']:.5f}  worst 1% {s['cosine_worst_1pct']:.5f}  "
+                         f"max abs err {s['max_abs_error']:.3e}")
+        else:
+            lines.append(f"  {stage:<8} top-1 agreement {s['top1_agreement']:.4f}  mean KL {s['mean_kl']:.2e}  "
+                         f"({s['positions']} positions, teacher-forced)")
+    e = report["end_to_end"]
+    line = f"  end to end: caption exact match vs FP32 {e['caption_exact_match_vs_fp32']:.3f}"
+    if "fp32_accuracy" in e:
+        line += f"; accuracy vs ground truth FP32 {e['fp32_accuracy']:.3f}, quantized {e['quantized_accuracy']:.3f}"
+    lines.append(line)
+    for g in report.get("gates", []):
+        lines.append(f"  gate {g['name']:<34} {g['value']:.4f} {g['op']} {g['bar']:.4f}  {'pass' if g['passed'] else 'FAIL'}")
+    return lines

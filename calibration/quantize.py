@@ -1,0 +1,178 @@
+"""Artifact directory -> quantized artifact directory, with a fidelity report and gates.
+
+The output is an ordinary artifact directory: the same runtime runs it with no code change.
+It is written as a temporary sibling and renamed only when complete and through its gates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from calibration import gates as gates_mod
+from calibration.fidelity import fidelity_report, report_lines
+from calibration.llm import LLMOptions, quantize_decoder
+from calibration.sources import ImageSource, folder_source, synthetic_source
+from calibration.visual import RangeCache, VisualOptions, quantize_stage, write_trt_calibration_table
+from runtime.backends.onnxrt import OrtRunner
+from runtime.errors import Blip2EdgeError
+from runtime.manifest import MANIFEST, Manifest, load_manifest, sha256_file, write_manifest
+from runtime.pipeline import Blip2Pipeline
+from runtime.preprocess import Preprocessing
+
+VISUAL_STAGES = ("vision", "qformer")
+
+
+@dataclass
+class QuantizeOptions:
+    images: Path | None = None  # a folder, or None for the synthetic generator
+    num_calib: int = 512
+    held_out: int = 100
+    seed: int = 0
+    visual: VisualOptions = field(default_factory=VisualOptions)
+    llm: LLMOptions = field(default_factory=LLMOptions)
+    calibration_cache: Path | None = None
+    gate: bool = True
+    gates: gates_mod.Gates = field(default_factory=gates_mod.Gates)
+    overwrite: bool = False
+    allow_requantize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_calib < 1:
+            raise Blip2EdgeError(f"--num-calib must be >= 1, got {self.num_calib}")
+        if self.held_out < 1:
+            raise Blip2EdgeError(f"--held-out must be >= 1, got {self.held_out}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Unchanged files are hard-linked when possible (a 5 GB decoder need not be copied)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _source(opts: QuantizeOptions) -> ImageSource:
+    if opts.images is None:
+        return synthetic_source(opts.num_calib, opts.seed, opts.held_out)
+    return folder_source(opts.images, opts.num_calib, opts.seed, opts.held_out)
+
+
+def _stage_files(root: Path, name: str) -> list[str]:
+    return [f for f in (name, name + ".data") if (root / f).exists()]
+
+
+def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: QuantizeOptions, log: Callable) -> dict:
+    data = copy.deepcopy(src.data)
+    stages = data["stages"]
+    produced: set[str] = set()
+    preprocessing = Preprocessing.from_manifest(data["preprocessing"])
+    float_dtype = np.dtype(stages["vision"]["inputs"][0]["dtype"])
+    fp32_vision = OrtRunner(src.stage_file("vision"), ["CPUExecutionProvider"])
+    cache = RangeCache(opts.calibration_cache)
+
+    (tmp / "calibration").mkdir()
+    for stage in VISUAL_STAGES:
+        t0 = time.perf_counter()
+        name = stages[stage]["file"]
+        settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, fp32_vision,
+                                  float_dtype, opts.visual, cache)
+        table = f"calibration/{stage}.trt.cache"
+        write_trt_calibration_table(cache.amax(stage), tmp / table)
+        files = _stage_files(tmp, name)
+        stages[stage].update(precision="int8", external_data=files[1:],
+                             quantization={"format": "QDQ", "weights": "int8 symmetric per-channel" if opts.visual.per_channel
+                                           else "int8 symmetric per-tensor", "activations": "int8 symmetric per-tensor",
+                                           "trt_calibration_table": table, **settings})
+        produced.update(files + [table])
+        log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
+            f"{', ranges from cache' if stage in cache.reused else ''})")
+
+    dec = stages["decoder"]["file"]
+    if opts.llm.precision != "none":
+        t0 = time.perf_counter()
+        settings = quantize_decoder(src.stage_file("decoder"), tmp / dec, opts.llm)
+        files = _stage_files(tmp, dec)
+        stages["decoder"].update(precision=f"{opts.llm.precision}-weight-only", external_data=files[1:],
+                                 quantization=settings)
+        produced.update(files)
+        log(f"  quantized decoder  -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s)")
+
+    emb = data["embeddings"]
+    if opts.llm.embed_fp16 and emb["dtype"] != "float16":
+        np.save(tmp / emb["file"], np.load(src.path(emb["file"]), mmap_mode="r").astype(np.float16))
+        emb["dtype"] = "float16"
+        produced.add(emb["file"])
+
+    for rel in src.data["files"]:
+        if rel not in produced and not (tmp / rel).exists():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(src.path(rel), tmp / rel)
+
+    from importlib.metadata import version
+
+    data["quantization"] = {
+        "visual": asdict(opts.visual),
+        "llm": asdict(opts.llm),
+        "calibration_images": source.describe(),
+        "source_manifest_sha256": sha256_file(src.path(MANIFEST)),
+        "source_artifacts": str(src.root.resolve()),
+    }
+    data["tools"] = {**data["tools"], "onnxruntime": version("onnxruntime")}
+    data["files"] = sorted(set(src.data["files"]) | produced)
+    write_manifest(tmp, data)
+    return data
+
+
+def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: QuantizeOptions | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Quantizes `artifacts` into `out_dir`; returns the fidelity report (with gate results)."""
+    opts = opts or QuantizeOptions()
+    src = load_manifest(artifacts)
+    if src.data.get("quantization") and not opts.allow_requantize:
+        raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
+                             "(or pass --allow-requantize)")
+    out = Path(out_dir)
+    if out.exists() and not opts.overwrite:
+        raise Blip2EdgeError(f"{out}: already exists; pass --overwrite to replace it")
+    source = _source(opts)
+    if source.skipped:
+        log(f"skipped {source.skipped} unreadable images")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_quantized(src, tmp, source, opts, log)
+        fp32 = Blip2Pipeline.from_artifacts(src.root, verify=False)
+        quant = Blip2Pipeline.from_artifacts(tmp)
+        report = fidelity_report(fp32, quant, source, llm_quantized=opts.llm.precision != "none")
+        report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
+        for line in report_lines(report):
+            log(line)
+        (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+        failed = gates_mod.failures(report["gates"])
+        if failed and opts.gate:
+            kept = out.with_name(out.name + ".fidelity.json")
+            kept.write_text(json.dumps(report, indent=2) + "\n")
+            raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} (report: {kept}; "
+                                      "--no-gate keeps the artifacts anyway)")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return report

@@ -1,0 +1,203 @@
+"""Static INT8 quantization of the visual stages, in QDQ form.
+
+QDQ (QuantizeLinear/DequantizeLinear pairs around float ops) is what ONNX Runtime's CPU and GPU
+providers and TensorRT's explicit quantization all consume. Only the weight-bearing MatMul /
+Gemm / Conv nodes are quantized; LayerNorm, Softmax, GELU, residual adds and the activation x
+activation attention MatMuls stay in float. Weights are symmetric per channel, activations
+symmetric per tensor (TensorRT requires zero points of 0).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from calibration.sources import ImageSource, Progress
+from runtime.backends.onnxrt import OrtRunner
+from runtime.errors import Blip2EdgeError
+from runtime.manifest import sha256_file
+from runtime.preprocess import Preprocessing
+
+METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+CALIB_BATCH = 8
+
+
+@dataclass(frozen=True)
+class VisualOptions:
+    method: str = "minmax"
+    percentile: float = 99.999
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method '{self.method}'; valid: {', '.join(METHODS)}")
+        if not 90.0 <= self.percentile <= 100.0:
+            raise ValueError(f"--percentile must be in [90, 100], got {self.percentile}")
+
+
+def weight_nodes(model_path: Path, exclude: tuple[str, ...]) -> list[str]:
+    """Nodes of WEIGHT_OPS with a constant weight, minus those matching an --exclude pattern."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    chosen = []
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and any(i in constants for i in node.input[1:2]):
+            if not any(fnmatch.fnmatch(node.name, pat) for pat in exclude):
+                chosen.append(node.name)
+    return chosen
+
+
+class _OneBatch:
+    """A CalibrationDataReader holding a single batch."""
+
+    def __init__(self, batch: dict):
+        self._batch = batch
+
+    def get_next(self):
+        batch, self._batch = self._batch, None
+        return batch
+
+
+def stage_inputs(stage: str, source: ImageSource, preprocessing: Preprocessing, fp32_vision: OrtRunner,
+                 float_dtype) -> Iterator[dict]:
+    """Calibration inputs for a stage: pixel batches for vision; for the Q-Former, the FP32
+    vision stage's outputs on the same images, computed batch by batch."""
+    for images in source.calibration_batches(CALIB_BATCH):
+        pixels = preprocessing.batch(images).astype(float_dtype)
+        if stage == "vision":
+            yield {"pixel_values": pixels}
+        else:
+            yield {"image_embeds": fp32_vision.infer({"pixel_values": pixels})["image_embeds"]}
+
+
+def _ort_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preprocessing, fp32_vision: OrtRunner,
+              float_dtype, opts: VisualOptions, cache_file: Path, workdir: Path) -> None:
+    """Collects activation ranges one batch at a time and saves them in ONNX Runtime's cache format.
+
+    Memory stays bounded: each collect_data call folds its batch into the running ranges (MinMax)
+    or histograms (entropy, percentile) and drops the intermediate tensors. (quantize_static's
+    own CalibMaxIntermediateOutputs is not used: in onnxruntime 1.32 it discards the collected
+    batches instead of merging them.)"""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(
+        src, list(WEIGHT_OPS), augmented_model_path=str(workdir / f"{stage}.augmented.onnx"),
+        calibrate_method=_ort_method(opts.method), use_external_data_format=_has_external_data(src),
+        providers=["CPUExecutionProvider"], extra_options={"symmetric": True, "percentile": opts.percentile},
+    )
+    progress = Progress(f"calibrating {stage}", len(source.calibration))
+    for batch in stage_inputs(stage, source, preprocessing, fp32_vision, float_dtype):
+        calibrator.collect_data(_OneBatch(batch))
+        progress.advance(next(iter(batch.values())).shape[0])
+    save_tensors_data(calibrator.compute_data(), cache_file)
+
+
+class _NoPreprocessingHint(logging.Filter):
+    """quantize_static suggests ORT's shape-inference pre-pass on every call; our graphs come
+    straight from the exporter with shapes, and the hint is noise on the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "consider to run pre-processing" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_NoPreprocessingHint())
+
+
+def _has_external_data(path: Path) -> bool:
+    return path.with_name(path.name + ".data").exists()
+
+
+def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, preprocessing: Preprocessing,
+                   fp32_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache") -> dict:
+    """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    nodes = weight_nodes(src, opts.exclude)
+    if not nodes:
+        raise Blip2EdgeError(f"{stage}: nothing left to quantize after --exclude {' '.join(opts.exclude)}")
+    graph_sha = sha256_file(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_file = cache.extract(stage, graph_sha, opts, Path(tmp) / f"{stage}.json")
+        if not cache_file.exists():
+            calibrate(stage, src, source, preprocessing, fp32_vision, float_dtype, opts, cache_file, Path(tmp))
+        quantize_static(
+            str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
+            nodes_to_quantize=nodes, per_channel=opts.per_channel, activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=_ort_method(opts.method),
+            use_external_data_format=_has_external_data(src), calibration_cache_path=str(cache_file),
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        cache.store(stage, graph_sha, opts, cache_file)
+    return {"quantized_nodes": len(nodes), "op_types": list(WEIGHT_OPS)}
+
+
+class RangeCache:
+    """Activation ranges per stage in one JSON file, reusable across runs.
+
+    Each entry is tied to the sha256 of the graph it was computed on and to the method, so a
+    stale cache is recomputed rather than silently reused."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path else None
+        self.data = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+        self.reused: list[str] = []
+
+    def _key(self, opts: VisualOptions) -> str:
+        return f"{opts.method}:{opts.percentile if opts.method == 'percentile' else ''}"
+
+    def extract(self, stage: str, graph_sha: str, opts: VisualOptions, tmp_file: Path) -> Path:
+        """Writes the stage's cached ranges to `tmp_file` when they match; returns its path."""
+        entry = self.data.get(stage)
+        if entry and entry["graph_sha256"] == graph_sha and entry["method"] == self._key(opts):
+            tmp_file.write_text(json.dumps(entry["ranges"]))
+            self.reused.append(stage)
+        return tmp_file
+
+    def store(self, stage: str, graph_sha: str, opts: VisualOptions, tmp_file: Path) -> None:
+        self.data[stage] = {"graph_sha256": graph_sha, "method": self._key(opts),
+                            "ranges": json.loads(tmp_file.read_text())}
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data))
+
+    def amax(self, stage: str) -> dict[str, float]:
+        """Symmetric range per tensor: max(|lowest|, |highest|), read with ONNX Runtime's own
+        loader for its cache format."""
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ranges.json"
+            path.write_text(json.dumps(self.data[stage]["ranges"]))
+            tensors = load_tensors_data(path)
+        return {name: float(np.max(np.abs(np.concatenate([np.ravel(v) for v in r.range_value]))))
+                for name, r in tensors.data.items()}
+
+
+def write_trt_calibration_table(amax: dict[str, float], path: Path, trt_version: str = "8600") -> None:
+    """TensorRT's implicit-INT8 calibration cache: a header, then `tensor: <scale>` with the
+    scale (amax / 127) as the big-endian hex of its float32 bits."""
+    lines = [f"TRT-{trt_version}-EntropyCalibration2"]
+    for name in sorted(amax):
+        scale = amax[name] / 127.0 if amax[name] > 0 else 1.0 / 127.0
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    path.write_text("\n".join(lines) + "\n")
