@@ -117,7 +117,7 @@ class _NoPreprocessingHint(logging.Filter):
     straight from the exporter with shapes, and the hint is noise on the user's terminal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "consider to run pre-processing" not in record.getMessage()
+        return "pre-processing before quantization" not in record.getMessage()
 
 
 logging.getLogger().addFilter(_NoPreprocessingHint())

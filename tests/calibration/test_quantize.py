@@ -1,0 +1,128 @@
+"""Quantizing the toy model: gates, accuracy, the report's numbers, and a broken calibration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calibration.gates import GateError
+from calibration.llm import LLMOptions
+from calibration.quantize import QuantizeOptions, quantize
+from calibration.sources import synthetic_source
+from calibration.visual import VisualOptions
+from runtime.manifest import load_manifest, sha256_file
+from runtime.pipeline import Blip2Pipeline
+from runtime.preprocess import Preprocessing
+
+QUIET = dict(log=lambda s: None)
+
+
+def opts(**kw) -> QuantizeOptions:
+    base = dict(num_calib=48, held_out=100)
+    base.update(kw)
+    return QuantizeOptions(**base)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+@pytest.mark.parametrize("llm", ["int8", "int4"])
+def test_toy_quantized_passes_gates(toy_artifacts, tmp_path, method, llm):
+    out = tmp_path / "q"
+    report = quantize(toy_artifacts, out, opts(visual=VisualOptions(method=method), llm=LLMOptions(precision=llm)),
+                      **QUIET)
+    assert all(g["passed"] for g in report["gates"])
+    e2e = report["end_to_end"]
+    assert e2e["fp32_accuracy"] >= 0.95
+    assert e2e["fp32_accuracy"] - e2e["quantized_accuracy"] <= (0.03 if llm == "int4" else 0.01)
+    assert report["stages"]["decoder"]["top1_agreement"] >= 0.98
+
+    m = load_manifest(out)  # complete and intact
+    assert m.stages["vision"]["precision"] == "int8" and m.stages["qformer"]["precision"] == "int8"
+    assert m.stages["decoder"]["precision"] == f"{llm}-weight-only"
+    q = m.data["quantization"]
+    assert q["visual"]["method"] == method and q["llm"]["precision"] == llm
+    assert q["calibration_images"] == {"source": "synthetic", "location": "runtime.synthetic", "count": 48,
+                                       "held_out": 100, "seed": 0, "skipped_unreadable": 0}
+    assert q["source_manifest_sha256"] == sha256_file(toy_artifacts / "manifest.json")
+    ops = {n.op_type for n in onnx.load(str(out / "vision.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
+    dec_ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert "MatMulNBits" in dec_ops
+    assert json.loads((out / "fidelity.json").read_text())["gates"] == report["gates"]
+
+
+def test_layernorm_softmax_gelu_stay_float(toy_artifacts, tmp_path):
+    out = tmp_path / "q"
+    quantize(toy_artifacts, out, opts(), **QUIET)
+    graph = onnx.load(str(out / "vision.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            # Their inputs come straight from float ops, not from a DequantizeLinear.
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+    quantized = [n for n in graph.node if n.op_type in ("MatMul", "Conv")
+                 and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+    assert quantized
+
+
+def test_report_numbers_recomputed_independently(toy_artifacts, tmp_path):
+    out = tmp_path / "q"
+    report = quantize(toy_artifacts, out, opts(), **QUIET)
+    held = synthetic_source(48, 0, 100).held_out_images()
+    pre = Preprocessing.from_manifest(load_manifest(toy_artifacts).data["preprocessing"])
+    pixels = np.stack([pre(im) for im in held])
+    ref = ort.InferenceSession(str(toy_artifacts / "vision.onnx")).run(None, {"pixel_values": pixels})[0]
+    got = ort.InferenceSession(str(out / "vision.onnx")).run(None, {"pixel_values": pixels})[0]
+    a, b = ref.reshape(-1, ref.shape[-1]).astype(np.float64), got.reshape(-1, got.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    v = report["stages"]["vision"]
+    assert v["tokens"] == cos.size
+    assert v["cosine_mean"] == pytest.approx(cos.mean(), abs=1e-6)
+    assert v["cosine_worst_1pct"] == pytest.approx(np.percentile(cos, 1), abs=1e-6)
+    assert v["max_abs_error"] == pytest.approx(np.abs(ref - got).max(), rel=1e-5)
+
+
+def test_blank_image_ranges_fail_the_gate(toy_artifacts, tmp_path):
+    from PIL import Image
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(40):
+        Image.new("RGB", (96, 96), (i, i, i)).save(blank / f"{i}.png")
+    cache = tmp_path / "ranges.json"
+    # Ranges from near-black images, kept in the cache...
+    quantize(toy_artifacts, tmp_path / "blank_q", opts(images=blank, num_calib=32, calibration_cache=cache,
+                                                     gate=False), **QUIET)
+    assert set(json.loads(cache.read_text())) == {"vision", "qformer"}
+    # ...then reused for real scenes: the fidelity gate must catch them.
+    out = tmp_path / "q"
+    with pytest.raises(GateError, match="fidelity gate failed: .*cosine"):
+        quantize(toy_artifacts, out, opts(calibration_cache=cache), **QUIET)
+    assert not out.exists()
+    kept = json.loads((tmp_path / "q.fidelity.json").read_text())
+    assert not all(g["passed"] for g in kept["gates"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")] == []
+
+
+def test_cache_reuse_gives_identical_graphs(toy_artifacts, tmp_path):
+    cache = tmp_path / "ranges.json"
+    quantize(toy_artifacts, tmp_path / "a", opts(calibration_cache=cache), **QUIET)
+    quantize(toy_artifacts, tmp_path / "b", opts(calibration_cache=cache, num_calib=8), **QUIET)  # ranges reused
+    assert sha256_file(tmp_path / "a" / "vision.onnx") == sha256_file(tmp_path / "b" / "vision.onnx")
+    text = (tmp_path / "a" / "calibration" / "vision.trt.cache").read_text().splitlines()
+    assert text[0].startswith("TRT-") and all(": " in line for line in text[1:])
+
+
+def test_quantized_artifacts_run_in_the_runtime_unchanged(toy_artifacts, tmp_path):
+    out = tmp_path / "q"
+    quantize(toy_artifacts, out, opts(llm=LLMOptions(precision="int4", embed_fp16=True)), **QUIET)
+    assert np.load(out / "embed_tokens.npy").dtype == np.float16
+    from runtime import synthetic
+
+    scenes = synthetic.make_scenes(8, seed=404)
+    pipe = Blip2Pipeline.from_artifacts(out)
+    texts = [r.text for r in pipe.caption([im for _, im in scenes])]
+    assert sum(t == s.caption for t, (s, _) in zip(texts, scenes)) >= 7
