@@ -12,16 +12,12 @@ kernels for a 2.7B decoder.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-OUT = HERE / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import OUT, REPO, dir_size, machine, timed  # noqa: E402
+
 RUNS = {"bench": ("fp32", True), "full": ("fp16", False)}
 
 
@@ -32,21 +28,6 @@ def build(size: str, dtype: str) -> tuple[Path, float, int]:
     code = (f"import torch; from exporter.random_models import make_model; "
             f"make_model({size!r}, {str(ckpt)!r}, dtype={dtype!r})")
     return (ckpt, *timed([sys.executable, "-c", code]))
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and the child's peak RSS in bytes (from wait4's rusage)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss * 1024
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> int:
@@ -63,8 +44,7 @@ def main() -> int:
             cmd.append("--no-validate")
         wall, rss = timed(cmd)
         rows.append((size, dtype, "yes" if validate else "no", dir_size(ckpt), wall, rss, dir_size(art)))
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
+    print(f"\nmachine: {machine()}")
     print(f"{'model':<7}{'dtype':<7}{'validated':<11}{'checkpoint GB':>14}{'export s':>10}{'peak RSS GB':>13}"
           f"{'artifacts GB':>14}")
     for size, dtype, val, ck, wall, rss, art in rows:

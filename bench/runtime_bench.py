@@ -17,52 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
+from bench.common import ensure_fp32_artifacts, graph_weight_bytes, read_bandwidth  # noqa: E402
 from runtime import synthetic  # noqa: E402
-
-OUT = HERE / "out"
-
-
-def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
-    """Bytes/s for a streaming read on every core at once (as ORT's threads read weights), of
-    an array larger than the last-level cache; best of N. numpy's sum releases the GIL."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
-    parts = np.array_split(a, os.cpu_count() or 1)
-    best = float("inf")
-    with ThreadPoolExecutor(len(parts)) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
-
-
-def graph_weight_bytes(path: Path) -> int:
-    import onnx
-
-    from exporter.onnx_export import tensor_bytes
-
-    model = onnx.load(str(path), load_external_data=False)
-    return sum(tensor_bytes(t, path.parent) for t in model.graph.initializer)
-
-
-def ensure_artifacts(size: str) -> tuple[Path, Path]:
-    from exporter.export import ExportOptions, export
-    from exporter.random_models import make_model
-
-    ckpt = OUT / "models" / size
-    if not (ckpt / "config.json").is_file():
-        make_model(size, ckpt)
-    art = OUT / "artifacts" / f"{size}-fp32"
-    if not (art / "manifest.json").is_file():
-        export(str(ckpt), art, ExportOptions(overwrite=True))
-    return ckpt, art
 
 
 def main() -> int:
@@ -78,7 +36,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
 
-    ckpt, art = ensure_artifacts(args.model)
+    ckpt, art = ensure_fp32_artifacts(args.model)
     model, processor = load_model(str(ckpt), LoadOptions())
     pipe = Blip2Pipeline.from_artifacts(art)
     image = synthetic.make_scenes(1, seed=99)[0][1]

@@ -1,0 +1,84 @@
+"""Helpers shared by the bench/ scripts: cached random-weight models and artifacts, timing of
+child processes, memory bandwidth, weight bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+sys.path.insert(0, str(REPO))
+
+
+def ensure_fp32_artifacts(size: str) -> tuple[Path, Path]:
+    """A random-weight checkpoint and its validated FP32 export, built once under bench/out/."""
+    from exporter.export import ExportOptions, export
+    from exporter.random_models import make_model
+
+    ckpt = OUT / "models" / size
+    if not (ckpt / "config.json").is_file():
+        make_model(size, ckpt)
+    art = OUT / "artifacts" / f"{size}-fp32"
+    if not (art / "manifest.json").is_file():
+        export(str(ckpt), art, ExportOptions(overwrite=True))
+    return ckpt, art
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Runs a command; returns its wall seconds and peak RSS in bytes (wait4's rusage)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
+    """Bytes/s for a streaming read on every core at once (as ORT's threads read weights), of
+    an array larger than the last-level cache; best of N. numpy's sum releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    parts = np.array_split(a, os.cpu_count() or 1)
+    best = float("inf")
+    with ThreadPoolExecutor(len(parts)) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def graph_weight_bytes(path: Path) -> int:
+    """Bytes of a graph's initializers: what one decode step reads at batch 1."""
+    import onnx
+
+    from exporter.onnx_export import tensor_bytes
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(tensor_bytes(t, path.parent) for t in model.graph.initializer)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def machine() -> str:
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
