@@ -34,7 +34,10 @@ BACKENDS = ("onnxruntime",)
 @dataclass
 class Result:
     """One image's answer: the text, the generated token ids, and the batch's stage timings
-    in seconds (`decode_steps` lists each decode step)."""
+    in seconds: image_decode, preprocess, vision, qformer, prompt (tokenize + embed), prefill,
+    decode (the search after prefill), detokenize, total; `decode_steps` lists each decoder run."""
+
+    STAGES = ("image_decode", "preprocess", "vision", "qformer", "prompt", "prefill", "decode", "detokenize")
 
     text: str
     tokens: list[int]
@@ -138,10 +141,14 @@ class Blip2Pipeline:
         return self.defaults.updated(**generation)
 
     def encode_images(self, images: Sequence[ImageInput], timings: dict) -> np.ndarray:
-        """Images -> query embeddings (B, Q, D), recording preprocess / vision / qformer times."""
+        """Images -> query embeddings (B, Q, D), recording image decode (for paths) /
+        preprocess / vision / qformer times."""
+        t_decode = time.perf_counter()
+        decoded = [_as_image(im) for im in images]
         t0 = time.perf_counter()
-        pixels = self.preprocessing.batch([_as_image(im) for im in images]).astype(self.float_dtype)
+        pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
         t1 = time.perf_counter()
+        timings["image_decode"] = t0 - t_decode
         image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
         t2 = time.perf_counter()
         query = self.runners["qformer"].infer({"image_embeds": image_embeds})["query_embeds"]
@@ -191,14 +198,17 @@ class Blip2Pipeline:
         t_start = time.perf_counter()
         timings: dict = {}
         query = self.encode_images(images, timings)
+        t0 = time.perf_counter()
         embeds, mask, history = self.build_inputs(query, prompts)
         opts = self.fit_to_positions(opts, embeds.shape[1], explicit="max_new_tokens" in generation)
+        timings["prompt"] = time.perf_counter() - t0
 
         decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype,
                                  io_binding=self.io_binding)
         t0 = time.perf_counter()
         first = decoder.prefill(embeds, mask)
         timings["prefill"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         eos = tuple(opts.eos_token_ids)
         if opts.num_beams > 1:
             rows = beam_search(first, decoder, history, opts, eos, self.pad_id)
@@ -209,8 +219,10 @@ class Blip2Pipeline:
                 return bool(stops) and any(s in self.tokenizer.decode(toks) for s in stops)
 
             rows = greedy_or_sample(first, decoder, history, opts, eos, self.pad_id, stopped, on_tokens)
+        # decode: the whole search after prefill (token choice included); decode_steps: each
+        # decoder run alone.
+        timings["decode"] = time.perf_counter() - t0
         timings["decode_steps"] = decoder.step_times
-        timings["decode"] = float(sum(decoder.step_times))
         t0 = time.perf_counter()
         texts = [self._clip(self.tokenizer.decode(r), opts.stop_strings).strip() for r in rows]
         timings["detokenize"] = time.perf_counter() - t0

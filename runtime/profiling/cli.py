@@ -1,0 +1,91 @@
+"""`blip2-edge profile`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.errors import Blip2EdgeError, ImageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="per-stage latency of one or more artifact directories, side by side",
+                       description="Profile artifact directories with the pipeline's own stage timings.")
+    p.add_argument("artifacts", nargs="+", type=Path, help="artifact directories; ratios are to the first")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", type=Path, help="folder of images (recursive)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic scenes (default 8)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt", help="caption prefix (default: plain captioning)")
+    p.add_argument("--new-tokens", type=int, default=20, help="forced generated length, so runs compare")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--reference", metavar="MODEL", help="also time transformers' generate on this checkpoint")
+    p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference's LLM")
+    p.add_argument("--json", type=Path, metavar="F")
+    p.add_argument("--csv", type=Path, metavar="F")
+    p.add_argument("--trace", type=Path, metavar="F", help="Chrome trace / Perfetto JSON of one run")
+    p.add_argument("--plot", type=Path, metavar="F.png")
+    p.set_defaults(run=run)
+
+
+def load_images(args) -> list:
+    from runtime import synthetic
+    from runtime.cli_generate import expand_images
+    from runtime.preprocess import load_image
+
+    if args.images is None:
+        n = 8 if args.synthetic is None else args.synthetic
+        if n < 1:
+            raise Blip2EdgeError(f"--synthetic must be >= 1, got {n}")
+        return [im for _, im in synthetic.make_scenes(n, seed=0)]
+    paths, errors = expand_images([str(args.images)])
+    readable = []
+    for p in paths:
+        try:
+            load_image(p)
+            readable.append(p)  # profiled from the path, so image decode is timed
+        except ImageError:
+            pass
+    if not readable:
+        raise Blip2EdgeError(f"{args.images}: no readable images" + (f" ({errors[0]})" if errors else ""))
+    return readable
+
+
+def run(args) -> int:
+    from runtime.backends.onnxrt import providers_for
+    from runtime.profiling import environment, report
+    from runtime.profiling.profiler import ProfileOptions, profile_artifacts
+    from runtime.profiling.tegrastats import Sampler
+
+    opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+                          prompt=args.prompt, device=args.device)
+    providers_for(args.device)  # an unknown or unavailable device fails before any work
+    images = load_images(args)
+    with Sampler() as sampler:
+        profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
+    reference = None
+    if args.reference:
+        from runtime.errors import require
+
+        require("torch", "export", "--reference")
+        from exporter.reference import profile_reference
+
+        reference = profile_reference(args.reference, images, opts, compile=args.reference_compile)
+    print(report.table(profiles, reference))
+    env = environment.describe()
+    tegra = sampler.summary()
+    if tegra:
+        print(f"tegrastats: {tegra}")
+    settings = {k: getattr(opts, k) for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device")}
+    if args.json:
+        report.to_json(args.json, profiles, env, settings, reference, tegra)
+    if args.csv:
+        report.to_csv(args.csv, profiles, env, reference)
+    if args.trace:
+        report.chrome_trace(args.trace, profiles[0])
+    if args.plot:
+        from runtime.profiling.plot import plot
+
+        plot(args.plot, profiles)
+    return 0

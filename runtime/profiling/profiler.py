@@ -1,0 +1,70 @@
+"""Profiles one artifact directory with the pipeline's own stage timings (one clock).
+
+Each run captions one batch with a forced number of new tokens, so runs and directories do the
+same work; warm-up runs are excluded; the pipeline's stage clocks are the only timer.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from runtime.pipeline import Blip2Pipeline, Result
+from runtime.profiling.stats import summarize
+
+STAGES = Result.STAGES
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    batch_size: int = 1
+    new_tokens: int = 20
+    runs: int = 10
+    warmup: int = 2
+    prompt: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ValueError(f"--runs must be >= 1, got {self.runs}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.new_tokens < 1:
+            raise ValueError(f"--new-tokens must be >= 1, got {self.new_tokens}")
+
+
+def batches(images: Sequence, batch_size: int, count: int):
+    """`count` batches cycling through the images."""
+    for i in range(count):
+        yield [images[(i * batch_size + j) % len(images)] for j in range(batch_size)]
+
+
+def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dict:
+    """Returns per-stage statistics, throughput and the raw per-run timings."""
+    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device)
+    prompt = pipe.caption_prompt(opts.prompt)
+    gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
+    runs = []
+    for i, batch in enumerate(batches(images, opts.batch_size, opts.warmup + opts.runs)):
+        result = pipe.generate(batch, [prompt] * len(batch), **gen)[0]
+        if i >= opts.warmup:
+            runs.append(result.timings)
+    stages = {s: summarize(r[s] for r in runs) for s in STAGES}
+    stages["end_to_end"] = summarize(r["total"] for r in runs)
+    stages["decode_step"] = summarize(t for r in runs for t in r["decode_steps"])
+    mean_total = stages["end_to_end"]["mean"]
+    manifest = pipe.manifest.data
+    return {
+        "artifacts": str(path),
+        "precision": {s: manifest["stages"][s]["precision"] for s in ("vision", "qformer", "decoder")},
+        "stages": stages,
+        "tokens_per_s": opts.batch_size * opts.new_tokens / mean_total,
+        "images_per_s": opts.batch_size / mean_total,
+        "time_to_first_token": summarize(sum(r[s] for s in STAGES[:6]) for r in runs),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "runs": runs,
+    }
