@@ -82,3 +82,17 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def hf_generate_fn(model, processor, image, **generation):
+    """transformers' eager generate from a PIL image to the new token ids (processor included,
+    as the pipeline's timings include preprocessing)."""
+    import torch
+
+    def run() -> list[int]:
+        inputs = processor(images=[image], text=[""], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, num_beams=1, **generation)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    return run

@@ -3,7 +3,7 @@ the quantized ones, with the profiler; writes the table and the machine to bench
 
     python bench/profile_bench.py            # builds what is missing under bench/out/ first
 
-The quantized directories are the ones bench/quant_bench.py writes (bench-int8, bench-int4);
+The quantized directories are the ones bench/quant_bench.py writes (bench-<activations>-<llm>);
 missing ones are made here from 128 synthetic calibration scenes.
 """
 
@@ -19,13 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import HERE, OUT, ensure_fp32_artifacts  # noqa: E402
 
 
-def ensure_quantized(fp32: Path, llm: str) -> Path:
+def ensure_quantized(fp32: Path, activations: str, llm: str) -> Path:
     from calibration.llm import LLMOptions
     from calibration.quantize import QuantizeOptions, quantize
+    from calibration.visual import VisualOptions
 
-    out = OUT / "artifacts" / f"bench-{llm}"
+    out = OUT / "artifacts" / f"bench-{activations}-{llm}"
     if not (out / "manifest.json").is_file():
         quantize(fp32, out, QuantizeOptions(num_calib=128, held_out=16, gate=False, overwrite=True,
+                                            visual=VisualOptions(activations=activations),
                                             llm=LLMOptions(precision=llm)))
     return out
 
@@ -43,7 +45,8 @@ def main() -> int:
     args = ap.parse_args()
 
     ckpt, fp32 = ensure_fp32_artifacts("bench")
-    dirs = [fp32, ensure_quantized(fp32, "int8"), ensure_quantized(fp32, "int4")]
+    dirs = [fp32, ensure_quantized(fp32, "int8", "int4"), ensure_quantized(fp32, "uint8", "int8"),
+            ensure_quantized(fp32, "uint8", "int4")]
     images = [im for _, im in synthetic.make_scenes(4, seed=0)]
     opts = ProfileOptions(runs=args.runs, warmup=2, new_tokens=args.new_tokens)
     profiles = [profile_artifacts(d, images, opts) for d in dirs]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ensure_fp32_artifacts, graph_weight_bytes, read_bandwidth  # noqa: E402
+from bench.common import hf_generate_fn, ensure_fp32_artifacts, graph_weight_bytes, read_bandwidth  # noqa: E402
 from runtime import synthetic  # noqa: E402
 
 
@@ -43,11 +43,7 @@ def main() -> int:
     n = args.new_tokens
     gen = dict(max_new_tokens=n, min_new_tokens=n)  # forced length, so both sides do the same work
 
-    def hf() -> list[int]:
-        inputs = processor(images=[image], text=[""], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, num_beams=1, **gen)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+    hf = hf_generate_fn(model, processor, image, **gen)
 
     def ours():
         return pipe.caption([image], stop_strings=(), **gen)[0]

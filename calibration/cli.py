@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="per-channel weight scales (default: on)")
+    p.add_argument("--activations", choices=("int8", "uint8"), default="int8",
+                   help="int8: symmetric, for TensorRT and every ORT provider (default); uint8: asymmetric, "
+                        "ONNX Runtime's fast x86 CPU kernels, not for TensorRT")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                    help="keep nodes whose names match these glob patterns in float")
     p.add_argument("--llm", choices=("none", "int8", "int4"), default="none", help="weight-only LLM precision")
@@ -52,7 +55,7 @@ def run(args) -> int:
         num_calib=args.synthetic if args.synthetic is not None else args.num_calib,
         held_out=args.held_out, seed=args.seed,
         visual=VisualOptions(method=args.method, percentile=args.percentile, per_channel=args.per_channel,
-                             exclude=tuple(args.exclude)),
+                             exclude=tuple(args.exclude), activations=args.activations),
         llm=LLMOptions(precision=args.llm, block_size=args.block_size, accuracy_level=args.accuracy_level,
                        lm_head=args.lm_head, embed_fp16=args.embed_fp16),
         calibration_cache=args.calibration_cache, gate=args.gate, overwrite=args.overwrite,

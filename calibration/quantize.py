@@ -22,6 +22,7 @@ from calibration.fidelity import fidelity_report, report_lines
 from calibration.llm import LLMOptions, quantize_decoder
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage, write_trt_calibration_table
+from runtime.artifact_dir import atomic_directory, check_target
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import MANIFEST, Manifest, load_manifest, sha256_file, write_manifest
@@ -89,9 +90,8 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
         write_trt_calibration_table(cache.amax(stage), tmp / table)
         files = _stage_files(tmp, name)
         stages[stage].update(precision="int8", external_data=files[1:],
-                             quantization={"format": "QDQ", "weights": "int8 symmetric per-channel" if opts.visual.per_channel
-                                           else "int8 symmetric per-tensor", "activations": "int8 symmetric per-tensor",
-                                           "trt_calibration_table": table, **settings})
+                             quantization={"format": "QDQ", **opts.visual.describe(), "trt_calibration_table": table,
+                                           **settings})
         produced.update(files + [table])
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
             f"{', ranges from cache' if stage in cache.reused else ''})")
@@ -141,15 +141,11 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")
     out = Path(out_dir)
-    if out.exists() and not opts.overwrite:
-        raise Blip2EdgeError(f"{out}: already exists; pass --overwrite to replace it")
+    check_target(out, opts.overwrite)  # before calibration images are gathered
     source = _source(opts)
     if source.skipped:
         log(f"skipped {source.skipped} unreadable images")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out, opts.overwrite) as tmp:
         write_quantized(src, tmp, source, opts, log)
         fp32 = Blip2Pipeline.from_artifacts(src.root, verify=False)
         quant = Blip2Pipeline.from_artifacts(tmp)
@@ -164,15 +160,5 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
             kept.write_text(json.dumps(report, indent=2) + "\n")
             raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} (report: {kept}; "
                                       "--no-gate keeps the artifacts anyway)")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}")
     return report

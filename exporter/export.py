@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 
 from exporter.loading import LoadOptions, float_dtype, load_model
 from exporter.onnx_export import EXTERNAL_DATA_THRESHOLD, export_stage
+from runtime.artifact_dir import atomic_directory, check_target
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
@@ -165,10 +165,6 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
     return manifest
 
 
-def _tmp_sibling(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial-{os.getpid()}"
-
-
 def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = None,
            log: Callable[[str], None] = print) -> dict:
     """Exports `model` (hub id or directory) into `out_dir`; returns the validation report
@@ -177,8 +173,7 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
 
     opts = opts or ExportOptions()
     out = Path(out_dir)
-    if out.exists() and not opts.overwrite:
-        raise Blip2EdgeError(f"{out}: already exists; pass --overwrite to replace it")
+    check_target(out, opts.overwrite)  # before the (slow) model load
     t0 = time.perf_counter()
     hf_model, processor = load_model(model, opts.load)
     log(f"loaded {model} ({opts.load.dtype}) in {time.perf_counter() - t0:.1f}s")
@@ -186,16 +181,11 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
     source = {"model": str(Path(model).resolve()) if local else model, "revision": opts.load.revision,
               "commit_hash": getattr(hf_model.config, "_commit_hash", None)}
 
-    tmp = _tmp_sibling(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     report: dict = {}
-    try:
+    with atomic_directory(out, opts.overwrite) as tmp:
         write_artifacts(hf_model, processor, source, tmp, opts, log)
         if opts.validate:
-            report = validate_artifacts(hf_model, processor, tmp, opts.tolerance,
-                                        check_generation=True)
+            report = validate_artifacts(hf_model, processor, tmp, opts.tolerance, check_generation=True)
             if opts.load.dtype != "fp32" and "generation" in report:
                 # Half-precision kernels differ between PyTorch and ORT: token agreement is reported, not gated.
                 report["generation"]["gating"] = False
@@ -206,15 +196,5 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
                 log(line)
             if not report["ok"]:
                 raise ValidationError(failure_message(report))
-        if out.exists():  # --overwrite: swap in the new directory, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return report

@@ -126,3 +126,19 @@ def test_quantized_artifacts_run_in_the_runtime_unchanged(toy_artifacts, tmp_pat
     pipe = Blip2Pipeline.from_artifacts(out)
     texts = [r.text for r in pipe.caption([im for _, im in scenes])]
     assert sum(t == s.caption for t, (s, _) in zip(texts, scenes)) >= 7
+
+
+def test_uint8_activations_for_cpu(toy_artifacts, tmp_path):
+    from onnx import TensorProto
+
+    out = tmp_path / "q"
+    report = quantize(toy_artifacts, out, opts(visual=VisualOptions(activations="uint8")), **QUIET)
+    assert all(g["passed"] for g in report["gates"])
+    q = load_manifest(out).stages["vision"]["quantization"]
+    assert q["activations"] == "uint8 asymmetric per-tensor" and q["tensorrt_compatible"] is False
+    graph = onnx.load(str(out / "vision.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
+    default = load_manifest(toy_artifacts)  # the FP32 source is untouched
+    assert default.data["quantization"] is None
