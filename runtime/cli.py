@@ -15,7 +15,8 @@ from runtime.errors import Blip2EdgeError
 
 # (module, what it adds). The exporter's module is imported when the parser is built, not when
 # the runtime is imported, and itself imports torch only inside its commands.
-SUBCOMMAND_MODULES = ("runtime.cli_generate", "runtime.profiling.cli", "exporter.cli", "calibration.cli")
+SUBCOMMAND_MODULES = ("runtime.cli_generate", "runtime.profiling.cli", "runtime.backends.tensorrt.cli",
+                      "exporter.cli", "calibration.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

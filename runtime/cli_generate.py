@@ -48,6 +48,8 @@ def register(sub) -> None:
             p.add_argument("--prompt", help="caption prefix, e.g. 'a photo of'")
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+        p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-trt", "tensorrt"),
+                       help="tensorrt: engines from 'blip2-edge build-engines' for the visual stages")
         p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
         p.add_argument("--json", action="store_true", help="one JSON object per image")
         add_generation_options(p)
@@ -85,7 +87,7 @@ def run(args) -> int:
     paths, errors = expand_images(args.images)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device)
+    pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device, backend=args.backend)
     gen = generation_kwargs(args)
     pipe.options(**gen)  # invalid options fail before any work
     prompt = pipe.prompts["vqa"].format(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)

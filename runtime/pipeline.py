@@ -19,7 +19,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from runtime.backends.onnxrt import OrtRunner, providers_for
+from runtime.backends.onnxrt import OrtRunner, gpu_providers, providers_for
 from runtime.kv_decoder import KVCacheDecoder
 from runtime.manifest import Manifest, load_manifest
 from runtime.options import GenerationOptions
@@ -28,7 +28,11 @@ from runtime.search import beam_search, greedy_or_sample
 from runtime.tokenizer import TextTokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 3) or (H, W) uint8
-BACKENDS = ("onnxruntime",)
+# onnxruntime: ORT on the CPU or CUDA (by `device`); onnxruntime-trt: ORT with its TensorRT
+# execution provider; tensorrt: native engines from `blip2-edge build-engines` for the visual
+# stages, the decoder on ORT CUDA.
+BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+STAGE_NAMES = ("vision", "qformer", "decoder")
 
 
 @dataclass
@@ -60,8 +64,7 @@ class Blip2Pipeline:
         self.manifest = manifest
         m = manifest.data
         self.model = m["model"]
-        providers = providers_for(device)
-        self.runners = {name: OrtRunner(manifest.stage_file(name), providers) for name in ("vision", "qformer", "decoder")}
+        self.runners = self._runners(manifest, device, backend)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
         self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
@@ -77,6 +80,24 @@ class Blip2Pipeline:
         )
         self.pad_id = int(gen["pad_token_id"])
 
+    @staticmethod
+    def _runners(manifest: Manifest, device: str, backend: str) -> dict:
+        if backend == "onnxruntime":
+            providers = providers_for(device)
+            return {s: OrtRunner(manifest.stage_file(s), providers) for s in STAGE_NAMES}
+        if backend == "onnxruntime-trt":
+            int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in STAGE_NAMES)
+            fp16 = manifest.stages["decoder"]["precision"] == "fp16"
+            providers = gpu_providers(manifest.root, fp16=fp16, int8=int8)
+            return {s: OrtRunner(manifest.stage_file(s), providers) for s in STAGE_NAMES}
+        from runtime.backends.tensorrt.engines import find_engine
+        from runtime.backends.tensorrt.runner import TrtRunner, device_info
+
+        gpu = device_info()  # names the 'tensorrt' extra when it is missing
+        runners = {s: TrtRunner(find_engine(manifest, s, gpu)) for s in ("vision", "qformer")}
+        runners["decoder"] = OrtRunner(manifest.stage_file("decoder"), providers_for("cuda"))
+        return runners
+
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
                        defaults: GenerationOptions | None = None, verify: bool = True,
@@ -84,6 +105,8 @@ class Blip2Pipeline:
         """Loads an artifact directory; checks its schema version and every file's sha256 first.
 
         device: "cpu", "cuda" or "auto" (CUDA when available, else the CPU with a warning).
+        backend: "onnxruntime", "onnxruntime-trt" (TensorRT execution provider) or "tensorrt"
+            (engines from `blip2-edge build-engines` for the visual stages).
         io_binding: keep the KV cache on the device between steps (default: on for CUDA).
         """
         return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults,

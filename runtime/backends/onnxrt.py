@@ -33,6 +33,31 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def tensorrt_provider(cache_dir: Path, fp16: bool, int8: bool) -> tuple[str, dict]:
+    """ONNX Runtime's TensorRT execution provider, with its engine and timing caches in
+    `cache_dir` (keyed by onnxruntime, TensorRT and GPU: engines.ort_trt_cache_dir)."""
+    return ("TensorrtExecutionProvider", {
+        "trt_fp16_enable": fp16, "trt_int8_enable": int8,
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+    })
+
+
+def gpu_providers(artifacts: Path, fp16: bool, int8: bool) -> list:
+    """TensorRT EP first, then CUDA, then CPU for whatever neither takes."""
+    import onnxruntime as ort
+
+    from runtime.backends.tensorrt.engines import ort_trt_cache_dir
+    from runtime.profiling.environment import nvidia_device
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise Blip2EdgeError("backend 'onnxruntime-trt' needs onnxruntime-gpu with its TensorRT provider and "
+                             "TensorRT's libraries: pip install 'blip2-edge[gpu]' on a machine with an NVIDIA GPU")
+    cache = ort_trt_cache_dir(artifacts, ort.__version__, nvidia_device())
+    cache.mkdir(parents=True, exist_ok=True)
+    return [tensorrt_provider(cache, fp16, int8), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class OrtRunner:
     """Runs one graph. InferenceSession.run is thread-safe, so one runner serves all threads."""
 
@@ -51,7 +76,8 @@ class OrtRunner:
         self.path = Path(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        gpu = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device = "cuda" if self.session.get_providers()[0] in gpu else "cpu"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, feeds)

@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-trt", "tensorrt"))
     p.add_argument("--reference", metavar="MODEL", help="also time transformers' generate on this checkpoint")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference's LLM")
     p.add_argument("--json", type=Path, metavar="F")
@@ -59,7 +60,7 @@ def run(args) -> int:
     from runtime.profiling.tegrastats import Sampler
 
     opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
-                          prompt=args.prompt, device=args.device)
+                          prompt=args.prompt, device=args.device, backend=args.backend)
     providers_for(args.device)  # an unknown or unavailable device fails before any work
     images = load_images(args)
     with Sampler() as sampler:
@@ -77,7 +78,7 @@ def run(args) -> int:
     tegra = sampler.summary()
     if tegra:
         print(f"tegrastats: {tegra}")
-    settings = {k: getattr(opts, k) for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device")}
+    settings = {k: getattr(opts, k) for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device", "backend")}
     if args.json:
         report.to_json(args.json, profiles, env, settings, reference, tegra)
     if args.csv:

@@ -33,6 +33,20 @@ def _gpu() -> dict | None:
     return {"name": name, "driver": driver, "memory": memory}
 
 
+def nvidia_device():
+    """The GPU (nvidia-smi) and TensorRT version (its Python package, if installed) that key
+    engine caches."""
+    from runtime.backends.tensorrt.engines import DeviceInfo
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        name, cc = (x.strip() for x in out[0].split(","))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        name, cc = "unknown-gpu", "0.0"
+    return DeviceInfo(gpu=name, compute_capability=cc, trt_version=_tensorrt_version() or "unknown")
+
+
 def _tensorrt_version() -> str | None:
     try:
         import tensorrt  # noqa: PLC0415  (optional; only its version is read)

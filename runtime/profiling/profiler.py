@@ -25,6 +25,7 @@ class ProfileOptions:
     warmup: int = 2
     prompt: str | None = None
     device: str = "cpu"
+    backend: str = "onnxruntime"
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -45,7 +46,7 @@ def batches(images: Sequence, batch_size: int, count: int):
 
 def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dict:
     """Returns per-stage statistics, throughput and the raw per-run timings."""
-    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device)
+    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend)
     prompt = pipe.caption_prompt(opts.prompt)
     gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
     runs = []

@@ -1,0 +1,100 @@
+"""`blip2-edge build-engines`: TensorRT engines for an artifact directory, on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.errors import Blip2EdgeError, require
+
+STAGES = ("vision", "qformer", "decoder")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build-engines", help="build TensorRT engines on this device",
+                       description="Build TensorRT engines from an artifact directory's graphs, on the device that "
+                                   "will run them (never copy engines between machines).")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels (LayerNorm/Softmax stay FP32)")
+    p.add_argument("--int8", action="store_true", help="explicit INT8 from the QDQ graphs of 'blip2-edge quantize'")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=["vision", "qformer"],
+                   help="default: the visual stages (the decoder runs well on ONNX Runtime CUDA)")
+    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256))):
+        for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
+            p.add_argument(f"--{kind}-{dim}", type=int, default=value)
+    p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE")
+    p.add_argument("--builder-optimization-level", type=int, default=3)
+    p.add_argument("--version-compatible", action="store_true")
+    p.add_argument("--hardware-compatibility", choices=("none", "ampere+", "same-cc"), default="none")
+    p.add_argument("--rebuild-stale", action="store_true", help="keep current engines, rebuild only stale ones")
+    p.set_defaults(run=run)
+
+
+def build_options(args):
+    from runtime.backends.tensorrt.builder import BuildOptions
+    from runtime.backends.tensorrt.profiles import ProfileRanges, Range
+
+    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch),
+                           sequence=Range(args.min_seq, args.opt_seq, args.max_seq),
+                           past=Range(args.min_past, args.opt_past, args.max_past))
+    return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
+                        timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
+                        version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)
+
+
+def check_int8_graphs(manifest, stages, int8: bool) -> None:
+    for stage in stages:
+        q = manifest.stages[stage].get("quantization") or {}
+        if int8 and stage != "decoder" and q.get("format") != "QDQ":
+            raise Blip2EdgeError(f"--int8 needs QDQ graphs: stage '{stage}' of {manifest.root} is not quantized; "
+                                 "run 'blip2-edge quantize' first (the implicit INT8 calibrators are deprecated)")
+        if q.get("tensorrt_compatible") is False:
+            raise Blip2EdgeError(f"stage '{stage}' was quantized with uint8 activations, which TensorRT cannot "
+                                 "run; quantize with --activations int8")
+
+
+def run(args) -> int:
+    opts = build_options(args)  # bad ranges or levels fail before TensorRT is needed
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(args.artifacts)
+    check_int8_graphs(manifest, args.stages, args.int8)
+    require("tensorrt", "tensorrt", "blip2-edge build-engines")
+    from runtime.backends.tensorrt.builder import build_engine
+    from runtime.backends.tensorrt.profiles import stage_profile
+    from runtime.backends.tensorrt.engines import (ENGINE_MANIFEST, StaleEngineError, engine_dir, find_engine,
+                                                   source_graph_sha, write_engine_manifest)
+    from runtime.backends.tensorrt.runner import device_info
+    from runtime.manifest import sha256_file
+
+    device = device_info()
+    directory = engine_dir(manifest.root, device)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = {}
+    if (directory / ENGINE_MANIFEST).is_file():
+        import json
+
+        existing = json.loads((directory / ENGINE_MANIFEST).read_text()).get("engines", {})
+    entries = dict(existing)
+    for stage in args.stages:
+        if args.rebuild_stale:
+            try:
+                find_engine(manifest, stage, device)
+                print(f"  {stage}: engine is current")
+                continue
+            except StaleEngineError as exc:
+                print(f"  {stage}: rebuilding ({exc})")
+        engine_file = f"{stage}.engine"
+        data = build_engine(manifest.stage_file(stage), manifest.stages[stage], opts)
+        tmp = directory / f".{engine_file}.partial"
+        tmp.write_bytes(data)
+        tmp.replace(directory / engine_file)
+        entries[stage] = {"engine": engine_file, "engine_sha256": sha256_file(directory / engine_file),
+                          "source_graph": manifest.stages[stage]["file"],
+                          "source_graph_sha256": source_graph_sha(manifest, stage),
+                          "flags": opts.flags(),
+                          "profile": {k: [list(s) for s in v]
+                                      for k, v in stage_profile(manifest.stages[stage], opts.ranges).items()}}
+        write_engine_manifest(directory, device, entries)
+        print(f"  {stage}: {directory / engine_file} ({len(data) / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,85 @@
+"""The engine manifest and stale-engine detection.
+
+Engines live under `<artifacts>/engines/trt<version>-sm<cc>/` with an `engines.json` naming, per
+stage, the engine file, its sha256, the sha256 of the ONNX graph it was built from, the
+builder flags and the optimization profile. An engine is executable code for one TensorRT
+version and one GPU: only an engine listed there, with a matching hash, for this TensorRT
+version, this GPU and the artifact's current graph, is ever deserialised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.errors import Blip2EdgeError
+from runtime.manifest import HASHES, Manifest
+
+ENGINE_MANIFEST = "engines.json"
+ENGINE_SCHEMA = 1
+
+
+class StaleEngineError(Blip2EdgeError):
+    """An engine exists but was built for another TensorRT, GPU or graph."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    gpu: str
+    compute_capability: str  # "8.7"
+    trt_version: str  # "10.3.0"
+
+    @property
+    def sm(self) -> str:
+        return self.compute_capability.replace(".", "")
+
+
+def engine_dir(artifacts: Path, device: DeviceInfo) -> Path:
+    return Path(artifacts) / "engines" / f"trt{device.trt_version}-sm{device.sm}"
+
+
+def write_engine_manifest(directory: Path, device: DeviceInfo, entries: dict[str, dict]) -> None:
+    """entries: stage -> {"engine", "engine_sha256", "source_graph", "source_graph_sha256",
+    "flags", "profile"}."""
+    data = {"schema_version": ENGINE_SCHEMA, **asdict(device), "engines": entries}
+    (Path(directory) / ENGINE_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def source_graph_sha(manifest: Manifest, stage: str) -> str:
+    return HASHES.digest(manifest.stage_file(stage))
+
+
+def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
+    """The engine to run for `stage` on `device`, or a StaleEngineError that says why not and to
+    rebuild. Never returns a file whose hash differs from the engine manifest's."""
+    rebuild = f"run 'blip2-edge build-engines {manifest.root}' on this device"
+    directory = engine_dir(manifest.root, device)
+    mpath = directory / ENGINE_MANIFEST
+    if not mpath.is_file():
+        others = sorted(p.name for p in (manifest.root / "engines").glob("trt*")) if (manifest.root / "engines").is_dir() else []
+        built = f" (engines exist for {', '.join(others)})" if others else ""
+        raise StaleEngineError(f"no TensorRT {device.trt_version} engines for sm{device.sm}{built}; {rebuild}")
+    data = json.loads(mpath.read_text())
+    if data.get("trt_version") != device.trt_version:
+        raise StaleEngineError(f"{mpath}: built with TensorRT {data.get('trt_version')}, this is {device.trt_version}; {rebuild}")
+    if data.get("compute_capability") != device.compute_capability or data.get("gpu") != device.gpu:
+        raise StaleEngineError(f"{mpath}: built for {data.get('gpu')} (sm{data.get('compute_capability')}), "
+                               f"this is {device.gpu} (sm{device.compute_capability}); {rebuild}")
+    entry = data["engines"].get(stage)
+    if entry is None:
+        raise StaleEngineError(f"{mpath}: no engine for stage '{stage}'; {rebuild} --stages {stage}")
+    if entry["source_graph_sha256"] != source_graph_sha(manifest, stage):
+        raise StaleEngineError(f"{directory / entry['engine']}: built from an older {entry['source_graph']}; {rebuild}")
+    path = directory / entry["engine"]
+    if not path.is_file() or HASHES.digest(path) != entry["engine_sha256"]:
+        # An engine is code: a file that is not the one the manifest recorded is never loaded.
+        raise StaleEngineError(f"{path}: missing or not the engine recorded in {ENGINE_MANIFEST} (sha256 mismatch); "
+                               f"refusing to deserialise it; {rebuild}")
+    return path
+
+
+def ort_trt_cache_dir(artifacts: Path, ort_version: str, device: DeviceInfo) -> Path:
+    """Engine and timing caches of ONNX Runtime's TensorRT execution provider, keyed so that a
+    different onnxruntime, TensorRT or GPU never picks up another's cache."""
+    return Path(artifacts) / "engines" / f"ort{ort_version}-trt{device.trt_version}-sm{device.sm}"

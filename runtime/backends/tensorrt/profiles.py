@@ -1,0 +1,56 @@
+"""TensorRT optimization profiles from the manifest's symbolic shapes.
+
+Each dynamic dim of a stage's inputs gets a (min, opt, max) from the user's ranges; fixed model
+dims (image size, hidden sizes, heads) come from the manifest as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"need 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+@dataclass(frozen=True)
+class ProfileRanges:
+    batch: Range = Range(1, 1, 4)
+    sequence: Range = Range(1, 1, 64)  # tokens fed per decoder call: 1 per step, more at prefill
+    past: Range = Range(0, 64, 256)  # cached positions
+
+    def for_dim(self, dim: str) -> Range:
+        if dim == "batch":
+            return self.batch
+        if dim == "sequence":
+            return self.sequence
+        if dim == "past_sequence":
+            return self.past
+        if dim == "total_sequence":
+            return Range(self.past.min + self.sequence.min, self.past.opt + self.sequence.opt,
+                         self.past.max + self.sequence.max)
+        raise ValueError(f"no range for dynamic dim '{dim}'")
+
+
+def stage_profile(stage: dict, ranges: ProfileRanges) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """input name -> (min shape, opt shape, max shape) for one stage of the manifest."""
+    out = {}
+    for tensor in stage["inputs"]:
+        shapes = ([], [], [])
+        for dim in tensor["shape"]:
+            if isinstance(dim, int):
+                for s in shapes:
+                    s.append(dim)
+            else:
+                r = ranges.for_dim(dim)
+                for s, v in zip(shapes, (r.min, r.opt, r.max)):
+                    s.append(v)
+        out[tensor["name"]] = tuple(tuple(s) for s in shapes)
+    return out

@@ -1,0 +1,139 @@
+"""TensorRT logic that needs no GPU: engine manifest and stale detection, cache keys,
+optimization profiles, CLI errors. The GPU tests build real engines where TensorRT exists."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+
+from runtime.backends.tensorrt.engines import (DeviceInfo, StaleEngineError, engine_dir, find_engine,
+                                               ort_trt_cache_dir, source_graph_sha, write_engine_manifest)
+from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
+from runtime.manifest import load_manifest, sha256_file
+from tests.conftest import run_cli
+from tests.exporter.test_export_errors import assert_one_line_error
+
+ORIN = DeviceInfo(gpu="Orin", compute_capability="8.7", trt_version="10.3.0")
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture()
+def with_engine(tmp_path, tiny_artifacts):
+    art = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    m = load_manifest(art)
+    d = engine_dir(art, ORIN)
+    d.mkdir(parents=True)
+    (d / "vision.engine").write_bytes(b"serialized engine bytes")
+    write_engine_manifest(d, ORIN, {"vision": {
+        "engine": "vision.engine", "engine_sha256": sha256_file(d / "vision.engine"), "source_graph": "vision.onnx",
+        "source_graph_sha256": source_graph_sha(m, "vision"), "flags": {}, "profile": {}}})
+    return m
+
+
+def test_current_engine_is_found(with_engine):
+    assert find_engine(with_engine, "vision", ORIN).name == "vision.engine"
+    assert engine_dir(with_engine.root, ORIN).name == "trt10.3.0-sm87"
+
+
+@pytest.mark.parametrize("device, why", [
+    (DeviceInfo("Orin", "8.7", "10.7.0"), "no TensorRT 10.7.0 engines for sm87 (engines exist for trt10.3.0-sm87)"),
+    (DeviceInfo("RTX 4090", "8.9", "10.3.0"), "no TensorRT 10.3.0 engines for sm89"),
+])
+def test_other_trt_or_gpu_is_stale(with_engine, device, why):
+    with pytest.raises(StaleEngineError, match="build-engines") as err:
+        find_engine(with_engine, "vision", device)
+    assert why in str(err.value)
+
+
+def test_same_cc_other_gpu_name_is_stale(with_engine):
+    with pytest.raises(StaleEngineError, match="built for Orin .* this is Jetson AGX Orin"):
+        find_engine(with_engine, "vision", DeviceInfo("Jetson AGX Orin", "8.7", "10.3.0"))
+
+
+def test_changed_graph_is_stale(with_engine):
+    with open(with_engine.stage_file("vision"), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StaleEngineError, match="built from an older vision.onnx"):
+        find_engine(with_engine, "vision", ORIN)
+
+
+def test_tampered_engine_is_never_deserialised(with_engine):
+    (engine_dir(with_engine.root, ORIN) / "vision.engine").write_bytes(b"something else entirely")
+    with pytest.raises(StaleEngineError, match="refusing to deserialise"):
+        find_engine(with_engine, "vision", ORIN)
+
+
+def test_missing_stage(with_engine):
+    with pytest.raises(StaleEngineError, match="no engine for stage 'qformer'.*--stages qformer"):
+        find_engine(with_engine, "qformer", ORIN)
+
+
+def test_ort_trt_cache_keys(tmp_path):
+    keys = {ort_trt_cache_dir(tmp_path, ort, dev).name for ort in ("1.20.0", "1.21.0")
+            for dev in (ORIN, DeviceInfo("Orin", "8.7", "10.7.0"), DeviceInfo("L4", "8.9", "10.3.0"))}
+    assert len(keys) == 6
+    assert ort_trt_cache_dir(tmp_path, "1.20.0", ORIN).name == "ort1.20.0-trt10.3.0-sm87"
+
+
+def test_profiles_from_manifest_shapes(tiny_artifacts):
+    m = load_manifest(tiny_artifacts)
+    ranges = ProfileRanges(batch=Range(1, 2, 8), sequence=Range(1, 1, 40), past=Range(0, 30, 100))
+    vision = stage_profile(m.stages["vision"], ranges)
+    assert vision["pixel_values"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))
+    dec = stage_profile(m.stages["decoder"], ranges)
+    heads, hd = m.model["num_heads"], m.model["head_dim"]
+    assert dec["inputs_embeds"] == ((1, 1, 32), (2, 1, 32), (8, 40, 32))
+    assert dec["attention_mask"] == ((1, 1), (2, 31), (8, 140))  # past + sequence
+    assert dec["past_key_0"] == ((1, heads, 0, hd), (2, heads, 30, hd), (8, heads, 100, hd))
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range(4, 2, 8)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message when TensorRT is missing")
+def test_build_engines_without_tensorrt_names_the_extra(tiny_artifacts):
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--fp16"), "blip2-edge[tensorrt]")
+
+
+def test_build_engines_argument_errors(tiny_artifacts, tmp_path):
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--int8"), "--int8 needs QDQ graphs")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-batch", "4", "--max-batch", "2"),
+                          "min <= opt <= max")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--builder-optimization-level", "9"), "0-5")
+    assert_one_line_error(run_cli("build-engines", tmp_path / "nope"), "not an artifact directory")
+
+
+def test_uint8_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
+    from calibration.quantize import QuantizeOptions, quantize
+    from calibration.visual import VisualOptions
+
+    out = tmp_path / "q"
+    quantize(toy_artifacts, out, QuantizeOptions(num_calib=8, held_out=10, gate=False,
+                                                 visual=VisualOptions(activations="uint8")), log=lambda s: None)
+    assert_one_line_error(run_cli("build-engines", out, "--int8"), "uint8 activations", "--activations int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and an NVIDIA GPU")
+def test_fp16_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_path):
+    from runtime import synthetic
+    from runtime.pipeline import Blip2Pipeline
+
+    art = shutil.copytree(toy_artifacts, tmp_path / "art")
+    proc = run_cli("build-engines", art, "--fp16")
+    assert proc.returncode == 0, proc.stderr
+    cpu = Blip2Pipeline.from_artifacts(art)
+    trt = Blip2Pipeline.from_artifacts(art, backend="tensorrt")
+    images = [im for _, im in synthetic.make_scenes(4, seed=2)]
+    pixels = cpu.preprocessing.batch(images)
+    for stage, feed in (("vision", {"pixel_values": pixels}),):
+        a = cpu.runners[stage].infer(feed)["image_embeds"].reshape(-1, cpu.model["vision_hidden"])
+        b = trt.runners[stage].infer(feed)["image_embeds"].reshape(-1, cpu.model["vision_hidden"])
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.mean() >= 0.999
+    with open(art / "vision.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StaleEngineError):
+        Blip2Pipeline.from_artifacts(art, backend="tensorrt", verify=False)
