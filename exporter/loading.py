@@ -112,7 +112,7 @@ def load_model(model: str, opts: LoadOptions):
             low_cpu_mem_usage=True, attn_implementation="eager", **common,
         )
         processor = Blip2Processor.from_pretrained(model, **common)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     if processor.num_query_tokens is None:
         processor.num_query_tokens = config.num_query_tokens

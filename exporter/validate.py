@@ -108,8 +108,7 @@ def validate_stages(hf_model, processor, artifacts: Path, atol: float) -> list[d
                  "position_ids": step_pos.numpy()}
         feeds.update({n: t.numpy().astype(np_dtype) for n, t in zip(kv_names(layers, "past"), prefill[1:])})
         step_report = _compare("decoder", {n: _np(t) for n, t in zip(names, step)}, run["decoder"].infer(feeds), atol)
-        for key in ("outputs",):
-            report[key] += [dict(o, name=f"step.{o['name']}") for o in step_report[key]]
+        report["outputs"] += [dict(o, name=f"step.{o['name']}") for o in step_report["outputs"]]
         report["ok"] = report["ok"] and step_report["ok"]
         if step_report["max_abs_diff"] > report["max_abs_diff"]:
             report["max_abs_diff"], report["worst_output"] = step_report["max_abs_diff"], "step." + step_report["worst_output"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from runtime.errors import Blip2EdgeError, require
@@ -70,12 +71,9 @@ def run(args) -> int:
     device = device_info()
     directory = engine_dir(manifest.root, device)
     directory.mkdir(parents=True, exist_ok=True)
-    existing = {}
-    if (directory / ENGINE_MANIFEST).is_file():
-        import json
-
-        existing = json.loads((directory / ENGINE_MANIFEST).read_text()).get("engines", {})
-    entries = dict(existing)
+    entries = {}
+    if (directory / ENGINE_MANIFEST).is_file():  # keep the other stages' current engines
+        entries = json.loads((directory / ENGINE_MANIFEST).read_text()).get("engines", {})
     for stage in args.stages:
         if args.rebuild_stale:
             try:
