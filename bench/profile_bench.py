@@ -54,8 +54,16 @@ def main() -> int:
     table = report.table(profiles, reference)
     print(table)
     env = environment.describe()
-    precisions = "\n".join(f"- `{Path(p['artifacts']).name}`: " + ", ".join(f"{k} {v}" for k, v in p["precision"].items())
-                           for p in profiles)
+    def describe(path: Path) -> str:
+        stages = json.loads((path / "manifest.json").read_text())["stages"]
+        parts = []
+        for name in ("vision", "qformer", "decoder"):
+            q = stages[name].get("quantization") or {}
+            detail = f" ({q['activations']} activations)" if "activations" in q else ""
+            parts.append(f"{name} {stages[name]['precision']}{detail}")
+        return ", ".join(parts)
+
+    precisions = "\n".join(f"- `{d.name}`: {describe(d)}" for d in dirs)
     args.out.write_text(
         f"# Benchmark results\n\nWritten by `python bench/profile_bench.py` on {datetime.date.today()}.\n\n"
         f"Model: `bench` (random weights; ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m "
