@@ -90,7 +90,7 @@ def run(args) -> int:
     pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device, backend=args.backend)
     gen = generation_kwargs(args)
     pipe.options(**gen)  # invalid options fail before any work
-    prompt = pipe.prompts["vqa"].format(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)
+    prompt = pipe.vqa_prompt(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)
     failed = len(errors)
 
     def emit(path: str, result) -> None:

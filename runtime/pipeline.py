@@ -120,13 +120,13 @@ class Blip2Pipeline:
 
     def ask(self, images: Sequence[ImageInput], question: str, **generation) -> list[Result]:
         """Answers `question` about each image with the manifest's VQA template."""
-        return self.generate(images, [self.prompts["vqa"].format(question)] * len(images), **generation)
+        return self.generate(images, [self.vqa_prompt(question)] * len(images), **generation)
 
     def stream(self, image: ImageInput, prompt: str | None = None, question: str | None = None,
                **generation) -> Iterator[str]:
         """Yields pieces of one image's text as tokens are produced: a caption (with optional
         prefix `prompt`), or the answer to `question`."""
-        text_prompt = self.prompts["vqa"].format(question) if question is not None else self.caption_prompt(prompt)
+        text_prompt = self.vqa_prompt(question) if question is not None else self.caption_prompt(prompt)
         stops = self.options(**generation).stop_strings
         pieces: queue.Queue = queue.Queue()
         done = object()
@@ -154,6 +154,9 @@ class Blip2Pipeline:
             yield piece
         if errors:
             raise errors[0]
+
+    def vqa_prompt(self, question: str) -> str:
+        return self.prompts["vqa"].format(question)
 
     def caption_prompt(self, prefix: str | None) -> str:
         return self.prompts["caption"] if not prefix else self.prompts["caption_prefix"].format(prefix)

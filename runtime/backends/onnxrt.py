@@ -47,8 +47,7 @@ def gpu_providers(artifacts: Path, fp16: bool, int8: bool) -> list:
     """TensorRT EP first, then CUDA, then CPU for whatever neither takes."""
     import onnxruntime as ort
 
-    from runtime.backends.tensorrt.engines import ort_trt_cache_dir
-    from runtime.profiling.environment import nvidia_device
+    from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         raise Blip2EdgeError("backend 'onnxruntime-trt' needs onnxruntime-gpu with its TensorRT provider and "

@@ -7,6 +7,8 @@ import platform
 import shutil
 import subprocess
 
+from runtime.backends.tensorrt.engines import nvidia_smi, tensorrt_version
+
 
 def _cpu_model() -> str:
     try:
@@ -20,40 +22,8 @@ def _cpu_model() -> str:
 
 
 def _gpu() -> dict | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not out:
-        return None
-    name, driver, memory = (x.strip() for x in out[0].split(","))
-    return {"name": name, "driver": driver, "memory": memory}
-
-
-def nvidia_device():
-    """The GPU (nvidia-smi) and TensorRT version (its Python package, if installed) that key
-    engine caches."""
-    from runtime.backends.tensorrt.engines import DeviceInfo
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
-        name, cc = (x.strip() for x in out[0].split(","))
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        name, cc = "unknown-gpu", "0.0"
-    return DeviceInfo(gpu=name, compute_capability=cc, trt_version=_tensorrt_version() or "unknown")
-
-
-def _tensorrt_version() -> str | None:
-    try:
-        import tensorrt  # noqa: PLC0415  (optional; only its version is read)
-
-        return tensorrt.__version__
-    except ImportError:
-        return None
+    row = nvidia_smi("name", "driver_version", "memory.total")
+    return None if row is None else dict(zip(("name", "driver", "memory"), row))
 
 
 def _nvpmodel() -> str | None:
@@ -75,6 +45,6 @@ def describe() -> dict:
     return {
         "cpu": _cpu_model(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(), "onnxruntime": ort.__version__,
-        "providers": ort.get_available_providers(), "gpu": _gpu(), "tensorrt": _tensorrt_version(),
+        "providers": ort.get_available_providers(), "gpu": _gpu(), "tensorrt": tensorrt_version(),
         "nvpmodel": _nvpmodel(),
     }

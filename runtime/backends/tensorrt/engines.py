@@ -10,6 +10,8 @@ version, this GPU and the artifact's current graph, is ever deserialised.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,35 @@ class DeviceInfo:
     @property
     def sm(self) -> str:
         return self.compute_capability.replace(".", "")
+
+
+def nvidia_smi(*fields: str) -> list[str] | None:
+    """The first GPU's values for nvidia-smi query fields, or None without nvidia-smi or a GPU."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    row = [x.strip() for x in out[0].split(",")] if out else []
+    return row if len(row) == len(fields) else None
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt  # noqa: PLC0415  (optional; only its version is read)
+
+        return tensorrt.__version__
+    except ImportError:
+        return None
+
+
+def nvidia_device() -> DeviceInfo:
+    """The GPU (from nvidia-smi) and TensorRT version (its Python package, if installed) that
+    key ONNX Runtime's TensorRT-provider caches, without needing cuda-python."""
+    name, cc = nvidia_smi("name", "compute_cap") or ("unknown-gpu", "0.0")
+    return DeviceInfo(gpu=name, compute_capability=cc, trt_version=tensorrt_version() or "unknown")
 
 
 def engine_dir(artifacts: Path, device: DeviceInfo) -> Path:
