@@ -29,7 +29,7 @@ import numpy as np
 from calibration.sources import ImageSource, Progress
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import sha256_file
+from runtime.manifest import graph_digest
 from runtime.preprocess import Preprocessing
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -157,7 +157,7 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
     nodes = weight_nodes(src, opts.exclude)
     if not nodes:
         raise Blip2EdgeError(f"{stage}: nothing left to quantize after --exclude {' '.join(opts.exclude)}")
-    graph_sha = sha256_file(src)
+    graph_sha = graph_digest(src)
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = cache.extract(stage, graph_sha, opts, Path(tmp) / f"{stage}.json")
         if not cache_file.exists():
@@ -176,8 +176,8 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
 class RangeCache:
     """Activation ranges per stage in one JSON file, reusable across runs.
 
-    Each entry is tied to the sha256 of the graph it was computed on and to the method, so a
-    stale cache is recomputed rather than silently reused."""
+    Each entry is tied to the digest of the graph it was computed on (weights included) and to
+    the method, so a stale cache is recomputed rather than silently reused."""
 
     def __init__(self, path: Path | None):
         self.path = Path(path) if path else None

@@ -72,6 +72,16 @@ class _HashCache:
 HASHES = _HashCache()
 
 
+def graph_digest(graph: Path) -> str:
+    """Identity of a graph: its sha256, combined with its external data's when it has some (a
+    graph proto alone does not change when only the weights in <graph>.onnx.data do). Goes
+    through the hash cache, so files verified at load are not read again."""
+    data = graph.with_name(graph.name + ".data")
+    if not data.exists():
+        return HASHES.digest(graph)
+    return hashlib.sha256(f"{HASHES.digest(graph)}:{HASHES.digest(data)}".encode()).hexdigest()
+
+
 @dataclass
 class Manifest:
     root: Path

@@ -137,3 +137,28 @@ def test_fp16_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_
         f.write(b"\0")
     with pytest.raises(StaleEngineError):
         Blip2Pipeline.from_artifacts(art, backend="tensorrt", verify=False)
+
+
+def test_changed_external_weights_are_stale(tmp_path, tiny_checkpoint):
+    """The graph proto does not change when only <graph>.onnx.data does: the digest covers both."""
+    from exporter.export import ExportOptions, export
+    from runtime.manifest import graph_digest
+
+    art = tmp_path / "ext"
+    export(str(tiny_checkpoint), art, ExportOptions(external_data_threshold=1, validate=False), log=lambda s: None)
+    m = load_manifest(art)
+    d = engine_dir(art, ORIN)
+    d.mkdir(parents=True)
+    (d / "vision.engine").write_bytes(b"engine")
+    write_engine_manifest(d, ORIN, {"vision": {
+        "engine": "vision.engine", "engine_sha256": sha256_file(d / "vision.engine"), "source_graph": "vision.onnx",
+        "source_graph_sha256": source_graph_sha(m, "vision"), "flags": {}, "profile": {}}})
+    before = graph_digest(art / "vision.onnx")
+    find_engine(m, "vision", ORIN)
+    data = art / "vision.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    assert graph_digest(art / "vision.onnx") != before
+    with pytest.raises(StaleEngineError, match="built from an older vision.onnx"):
+        find_engine(m, "vision", ORIN)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import HASHES, Manifest
+from runtime.manifest import HASHES, Manifest, graph_digest
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1
@@ -78,7 +78,7 @@ def write_engine_manifest(directory: Path, device: DeviceInfo, entries: dict[str
 
 
 def source_graph_sha(manifest: Manifest, stage: str) -> str:
-    return HASHES.digest(manifest.stage_file(stage))
+    return graph_digest(manifest.stage_file(stage))
 
 
 def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
