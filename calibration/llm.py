@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
+
 LLM_CHOICES = ("none", "int8", "int4")
 LM_HEAD_CHOICES = ("int8", "float", "same")
 
@@ -76,7 +78,7 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions) -> dict:
         if head_bits is not None:
             model = run(model, head_bits, include=[head])
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > 1_900_000_000
+    external = size > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=dst.name + ".data")
     return {"method": "MatMulNBits weight-only", "bits": opts.bits, "block_size": opts.block_size,

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from exporter.loading import LoadOptions, float_dtype, load_model
-from exporter.onnx_export import EXTERNAL_DATA_THRESHOLD, export_stage
-from runtime.artifact_dir import atomic_directory, check_target
+from exporter.onnx_export import export_stage
+from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD, atomic_directory, check_target
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from runtime.preprocess import RESAMPLE_NAMES, Preprocessing

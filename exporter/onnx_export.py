@@ -10,10 +10,9 @@ import shutil
 import warnings
 from pathlib import Path
 
+from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
 from runtime.stages import StageSpec
 
-# protobuf cannot hold a message over 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 _ALIGN = 4096  # page-aligned tensors can be memory-mapped by ONNX Runtime
 
 

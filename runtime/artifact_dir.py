@@ -11,6 +11,10 @@ from typing import Iterator
 
 from runtime.errors import Blip2EdgeError
 
+# Graphs whose weights exceed this keep them in one <graph>.onnx.data: protobuf cannot hold a
+# message over 2 GiB, so stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+
 
 def check_target(out: Path, overwrite: bool) -> None:
     if Path(out).exists() and not overwrite:
