@@ -15,6 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """The runtime's sha256 cache lives under XDG_CACHE_HOME: point it at a temporary directory
+    so tests (and the CLIs they start, which inherit the environment) never touch the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from exporter.random_models import make_model

@@ -10,16 +10,27 @@ version, this GPU and the artifact's current graph, is ever deserialised.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError
-from runtime.manifest import HASHES, Manifest, graph_digest
+from runtime.confinement import confined_path
+from runtime.errors import ArtifactError, Blip2EdgeError
+from runtime.manifest import Manifest, graph_digest
+from runtime.manifest_schema import Invalid, Obj, Str, check_rule
+from runtime.verified_files import HASHES, open_regular
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1
+MAX_ENGINE_MANIFEST_BYTES = 1 << 20
+_SHA256 = Str(pattern=re.compile(r"[0-9a-f]{64}"))
+# What find_engine reads of engines.json (other keys are informational).
+ENGINE_ENTRY = Obj({"engine": Str(nonempty=True), "engine_sha256": _SHA256, "source_graph": Str(),
+                    "source_graph_sha256": _SHA256})
+ENGINES_JSON = Obj({"trt_version": Str(), "compute_capability": Str(), "gpu": Str(), "engines": Obj()})
 
 
 class StaleEngineError(Blip2EdgeError):
@@ -86,12 +97,14 @@ def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
     rebuild. Never returns a file whose hash differs from the engine manifest's."""
     rebuild = f"run 'blip2-edge build-engines {manifest.root}' on this device"
     directory = engine_dir(manifest.root, device)
+    # The engine directory and its engines stay inside the artifact directory (an engine is code).
+    confined_path(manifest.root, f"engines/{directory.name}", "engine directory", manifest.root)
     mpath = directory / ENGINE_MANIFEST
     if not mpath.is_file():
         others = sorted(p.name for p in (manifest.root / "engines").glob("trt*")) if (manifest.root / "engines").is_dir() else []
         built = f" (engines exist for {', '.join(others)})" if others else ""
         raise StaleEngineError(f"no TensorRT {device.trt_version} engines for sm{device.sm}{built}; {rebuild}")
-    data = json.loads(mpath.read_text())
+    data = _read_engine_manifest(mpath)
     if data.get("trt_version") != device.trt_version:
         raise StaleEngineError(f"{mpath}: built with TensorRT {data.get('trt_version')}, this is {device.trt_version}; {rebuild}")
     if data.get("compute_capability") != device.compute_capability or data.get("gpu") != device.gpu:
@@ -100,14 +113,35 @@ def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
     entry = data["engines"].get(stage)
     if entry is None:
         raise StaleEngineError(f"{mpath}: no engine for stage '{stage}'; {rebuild} --stages {stage}")
+    check_rule(ENGINE_ENTRY, entry, f"engines.{stage}", mpath)
+    path = confined_path(directory, entry["engine"], f"engines.{stage}.engine", mpath)
     if entry["source_graph_sha256"] != source_graph_sha(manifest, stage):
-        raise StaleEngineError(f"{directory / entry['engine']}: built from an older {entry['source_graph']}; {rebuild}")
-    path = directory / entry["engine"]
-    if not path.is_file() or HASHES.digest(path) != entry["engine_sha256"]:
+        raise StaleEngineError(f"{path}: built from an older {entry['source_graph']}; {rebuild}")
+    try:
+        digest = HASHES.digest(path)  # a regular file only; keyed on inode and ctime, not mtime alone
+    except ArtifactError:
+        digest = None
+    if digest != entry["engine_sha256"]:
         # An engine is code: a file that is not the one the manifest recorded is never loaded.
         raise StaleEngineError(f"{path}: missing or not the engine recorded in {ENGINE_MANIFEST} (sha256 mismatch); "
                                f"refusing to deserialise it; {rebuild}")
     return path
+
+
+def _read_engine_manifest(mpath: Path) -> dict:
+    fd = open_regular(mpath)
+    try:
+        raw = os.pread(fd, MAX_ENGINE_MANIFEST_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw) if len(raw) <= MAX_ENGINE_MANIFEST_BYTES else None
+    except (ValueError, RecursionError):
+        data = None
+    if data is None:
+        raise StaleEngineError(f"{mpath}: not a valid engine manifest (not JSON, or over 1 MB); rebuild the engines")
+    check_rule(ENGINES_JSON, data, "", mpath)
+    return data
 
 
 def ort_trt_cache_dir(artifacts: Path, ort_version: str, device: DeviceInfo) -> Path:

@@ -1,0 +1,369 @@
+"""manifest.json is validated before anything is allocated: a small explicit validator.
+
+Each rule knows the field path it checks (`stages.vision.inputs[0].shape[2]`) and the first
+violation is raised as one line that names that path and says what was expected. Per family
+(`llm_family`) the FAMILIES table declares the model keys, the stages and their tensor specs
+(from runtime.stages, which the exporter writes from) and any consistency checks: adding a
+family (Flan-T5's encoder stage) is an entry in the table, not an edit of the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Callable
+
+from runtime.confinement import path_problem
+from runtime.errors import ArtifactError
+from runtime.stages import DYNAMIC_DIMS, QFORMER, VISION, StageSpec, decoder_spec
+
+FLOAT_DTYPES = ("float16", "float32")
+TENSOR_DTYPES = ("float16", "float32", "int64", "int32", "int8", "uint8", "bool")
+RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # runtime.preprocess.RESAMPLE
+MAX_IMAGE_SIDE = 4096
+MAX_TEXT = 4096  # characters of a prompt template or stop string
+MAX_IDS = 64  # prefix/suffix/eos token ids
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Invalid(Exception):
+    """One rule broken: `field` (a path such as stages.vision.file) and what was expected."""
+
+    def __init__(self, field: str, expected: str, value=None, show_value: bool = True):
+        got = f", got {_show(value)}" if show_value else ""
+        super().__init__(f"{field}: expected {expected}{got}")
+
+    @classmethod
+    def path(cls, field: str, value, problem: str) -> "Invalid":
+        """The wording of runtime.confinement, so a path is refused in the same words wherever."""
+        error = cls.__new__(cls)
+        Exception.__init__(error, f"{field} = {repr(value)[:80]}: {problem}")
+        return error
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Context:
+    """What a rule may look at besides its value: the whole manifest, and the paths it collects."""
+
+    def __init__(self, root: dict):
+        self.root = root
+        self.paths: list[tuple[str, str]] = []  # (field, relative path) of every file the runtime loads
+
+
+# ---- rules -----------------------------------------------------------------------------------
+
+
+class Rule:
+    def check(self, value, field: str, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+class Int(Rule):
+    def __init__(self, lo: int = 0, hi: int | Callable[[Context], int] = 2**31 - 1):
+        self.lo, self.hi = lo, hi
+
+    def check(self, value, field, ctx):
+        hi = self.hi(ctx) if callable(self.hi) else self.hi
+        if not isinstance(value, int) or isinstance(value, bool) or not self.lo <= value <= hi:
+            raise Invalid(field, f"an integer in [{self.lo}, {hi}]", value)
+
+
+class Num(Rule):
+    """A finite number; `positive` excludes zero and below."""
+
+    def __init__(self, positive: bool = False, bound: float = 1e6):
+        self.positive, self.bound = positive, bound
+
+    def check(self, value, field, ctx):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or abs(value) > self.bound or (self.positive and value <= 0):
+            raise Invalid(field, f"a finite number{' > 0' if self.positive else ''} within +-{self.bound:g}", value)
+
+
+class Str(Rule):
+    def __init__(self, choices=None, nonempty: bool = False, max_len: int = MAX_TEXT, pattern=None):
+        self.choices, self.nonempty, self.max_len, self.pattern = choices, nonempty, max_len, pattern
+
+    def check(self, value, field, ctx):
+        if self.choices is not None:
+            if not isinstance(value, str) or value not in self.choices:
+                raise Invalid(field, f"one of {', '.join(sorted(self.choices))}", value)
+        elif not isinstance(value, str) or len(value) > self.max_len or (self.nonempty and not value):
+            raise Invalid(field, f"a {'non-empty ' if self.nonempty else ''}string of at most {self.max_len} characters",
+                          value)
+        elif self.pattern is not None and not self.pattern.fullmatch(value):
+            raise Invalid(field, f"a string matching {self.pattern.pattern}", value)
+
+
+class Const(Rule):
+    def __init__(self, value):
+        self.value = value
+
+    def check(self, value, field, ctx):
+        if value != self.value or type(value) is not type(self.value):
+            raise Invalid(field, json.dumps(self.value), value)
+
+
+class Bool(Rule):
+    def check(self, value, field, ctx):
+        if not isinstance(value, bool):
+            raise Invalid(field, "true or false", value)
+
+
+class Template(Rule):
+    """A prompt template filled with str.format(one argument): at most one bare `{}` (or `{0}`),
+    no attribute lookups, indexing, conversions or format specs in it."""
+
+    def check(self, value, field, ctx):
+        Str().check(value, field, ctx)
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+        except ValueError:
+            fields = None
+        if fields is None or len(fields) > 1 or any(f not in (("", "", None), ("0", "", None)) for f in fields):
+            raise Invalid(field, "a template with at most one '{}' placeholder", value)
+
+
+class RelPath(Rule):
+    """A path relative to the artifact directory; `loaded` ones are recorded for the integrity
+    check (each must be listed in files{}). Where it resolves is checked by Manifest.path."""
+
+    def __init__(self, loaded: bool = True):
+        self.loaded = loaded
+
+    def check(self, value, field, ctx):
+        problem = path_problem(value)
+        if problem:
+            raise Invalid.path(field, value, problem)
+        if self.loaded:
+            ctx.paths.append((field, value))
+
+
+class ListOf(Rule):
+    def __init__(self, item: Rule, min_len: int = 0, max_len: int = 4096):
+        self.item, self.min_len, self.max_len = item, min_len, max_len
+
+    def check(self, value, field, ctx):
+        if not isinstance(value, list) or not self.min_len <= len(value) <= self.max_len:
+            size = f"{self.min_len}" if self.min_len == self.max_len else f"{self.min_len} to {self.max_len}"
+            raise Invalid(field, f"a list of {size} items", value)
+        for i, item in enumerate(value):
+            self.item.check(item, f"{field}[{i}]", ctx)
+
+
+class Obj(Rule):
+    """An object with required and optional keys; other keys are allowed (newer writers)."""
+
+    def __init__(self, required: dict[str, Rule] | None = None, optional: dict[str, Rule] | None = None):
+        self.required, self.optional = required or {}, optional or {}
+
+    def check(self, value, field, ctx):
+        if not isinstance(value, dict):
+            raise Invalid(field, "an object", value)
+        for key, rule in self.required.items():
+            if key not in value:
+                raise Invalid(_join(field, key), "a value (required key is missing)", show_value=False)
+            rule.check(value[key], _join(field, key), ctx)
+        for key, rule in self.optional.items():
+            if key in value:
+                rule.check(value[key], _join(field, key), ctx)
+
+
+class Nullable(Rule):
+    def __init__(self, rule: Rule):
+        self.rule = rule
+
+    def check(self, value, field, ctx):
+        if value is not None:
+            self.rule.check(value, field, ctx)
+
+
+class Files(Rule):
+    """files{}: relative path -> lowercase hex sha256."""
+
+    def check(self, value, field, ctx):
+        if not isinstance(value, dict):
+            raise Invalid(field, "an object mapping relative paths to sha256 digests", value)
+        for rel, digest in value.items():
+            RelPath(loaded=False).check(rel, f"{field}[{rel!r}]", ctx)
+            if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+                raise Invalid(f"{field}[{rel!r}]", "a sha256 digest (64 lowercase hex digits)", digest)
+
+
+class Dim(Rule):
+    """One dim of a tensor shape: a fixed size, or the name of a symbolic dim."""
+
+    def check(self, value, field, ctx):
+        fixed = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+        if not fixed and not (isinstance(value, str) and _SYMBOL.fullmatch(value)):
+            raise Invalid(field, "a non-negative integer or a symbolic dim name", value)
+
+
+def _join(field: str, key: str) -> str:
+    return f"{field}.{key}" if field else key
+
+
+def _vocab(ctx: Context) -> int:
+    return ctx.root["model"]["vocab_size"] - 1
+
+
+TOKEN_ID = Int(0, _vocab)
+TENSOR = Obj({"name": Str(pattern=re.compile(r"[A-Za-z0-9_.:/-]{1,256}")), "dtype": Str(choices=TENSOR_DTYPES),
+              "shape": ListOf(Dim(), max_len=8)})
+STAGE = Obj(required={"file": RelPath(), "inputs": ListOf(TENSOR, 1), "outputs": ListOf(TENSOR, 1),
+                      "precision": Str(nonempty=True, max_len=64)},
+            optional={"external_data": ListOf(RelPath(), max_len=1024),
+                      "quantization": Nullable(Obj(optional={"trt_calibration_table": RelPath()}))})
+
+# Keys every family has; family tables add theirs.
+COMMON = {
+    "embeddings": Obj({"file": RelPath(), "dtype": Str(choices=FLOAT_DTYPES), "shape": ListOf(Int(1), 2, 2)}),
+    "preprocessing": Obj(required={"size": ListOf(Int(1, MAX_IMAGE_SIDE), 2, 2), "resample": Str(choices=RESAMPLES),
+                                   "rescale_factor": Num(positive=True), "mean": ListOf(Num(), 3, 3),
+                                   "std": ListOf(Num(positive=True), 3, 3)},
+                         optional={"convert_rgb": Const(True), "channels": Const("first")}),
+    "tokenizer": Obj(required={"file": RelPath(), "prefix_ids": ListOf(TOKEN_ID, max_len=MAX_IDS),
+                               "suffix_ids": ListOf(TOKEN_ID, max_len=MAX_IDS)},
+                     optional={"clean_up_tokenization_spaces": Bool()}),
+    "prompts": Obj({"caption": Str(), "caption_prefix": Template(), "vqa": Template()}),
+    "generation": Obj(required={"eos_token_ids": ListOf(TOKEN_ID, max_len=MAX_IDS), "pad_token_id": TOKEN_ID,
+                                "stop_strings": ListOf(Str(nonempty=True), max_len=MAX_IDS)},
+                      optional={"max_new_tokens": Int(1, 1 << 20)}),
+    "files": Files(),
+}
+OPTIONAL = {"source": Nullable(Obj()), "tools": Nullable(Obj()), "quantization": Nullable(Obj())}
+
+
+# ---- families --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the validator knows of one llm_family: its model dims (with bounds), its stages'
+    specs from those dims, and checks across fields."""
+
+    model: dict[str, Rule]
+    stage_specs: Callable[[dict], dict[str, StageSpec]]
+    checks: tuple[Callable[[dict], None], ...] = field(default=())
+
+
+def _heads_times_dim(m: dict) -> None:
+    model = m["model"]
+    if model["num_heads"] * model["head_dim"] != model["text_hidden"]:
+        raise Invalid("model.head_dim", f"text_hidden / num_heads = {model['text_hidden']} / {model['num_heads']}",
+                      model["head_dim"])
+
+
+VISION_DIMS = {"image_size": Int(1, MAX_IMAGE_SIDE), "num_patches": Int(1, 1 << 20), "vision_hidden": Int(1, 1 << 16),
+               "num_query_tokens": Int(1, 4096), "text_hidden": Int(1, 1 << 16)}
+LLM_DIMS = {"num_layers": Int(1, 1024), "num_heads": Int(1, 1024), "head_dim": Int(1, 4096),
+            "vocab_size": Int(1, 1 << 22), "max_position_embeddings": Int(1, 1 << 20)}
+
+FAMILIES: dict[str, Family] = {
+    "opt": Family(
+        model={**VISION_DIMS, **LLM_DIMS, "image_token_id": Int(0, 1 << 22)},
+        stage_specs=lambda model: {"vision": VISION, "qformer": QFORMER, "decoder": decoder_spec(model["num_layers"])},
+        checks=(_heads_times_dim,),
+    ),
+}
+# The `architecture` values this runtime runs; a new one is added here (and its family above).
+ARCHITECTURES: set[str] = {"blip-2"}
+
+
+# ---- checks across fields --------------------------------------------------------------------
+
+
+def _check_tensors(field: str, declared: list, specs, model: dict) -> None:
+    names = [t.name for t in specs]
+    if [t["name"] for t in declared] != names:
+        raise Invalid(f"{field}", f"tensors named {', '.join(names)}", [t["name"] for t in declared])
+    for i, (t, spec) in enumerate(zip(declared, specs)):
+        where = f"{field}[{i}]"
+        if spec.dtype == "float" and t["dtype"] not in FLOAT_DTYPES or spec.dtype != "float" and t["dtype"] != spec.dtype:
+            raise Invalid(f"{where}.dtype", " or ".join(FLOAT_DTYPES) if spec.dtype == "float" else spec.dtype,
+                          t["dtype"])
+        if len(t["shape"]) != len(spec.shape):
+            raise Invalid(f"{where}.shape", f"{len(spec.shape)} dims {spec.shape}", t["shape"])
+        for j, (dim, want) in enumerate(zip(t["shape"], spec.shape)):
+            if isinstance(want, str) and want in DYNAMIC_DIMS:
+                expected, label = want, f'"{want}" (a dynamic dim)'
+            elif isinstance(want, str):
+                expected, label = model[want], f"{model[want]} (model.{want})"
+            else:
+                expected, label = want, str(want)
+            if dim != expected or type(dim) is not type(expected):
+                raise Invalid(f"{where}.shape[{j}]", label, dim)
+
+
+def _check_stages(m: dict, family: Family) -> None:
+    specs = family.stage_specs(m["model"])
+    stages = m["stages"]
+    for name, spec in specs.items():
+        _check_tensors(f"stages.{name}.inputs", stages[name]["inputs"], spec.inputs, m["model"])
+        _check_tensors(f"stages.{name}.outputs", stages[name]["outputs"], spec.outputs, m["model"])
+
+
+def _check_shared(m: dict) -> None:
+    model = m["model"]
+    if "image_token_id" in model:
+        TOKEN_ID.check(model["image_token_id"], "model.image_token_id", Context(m))
+    want = [model["vocab_size"], model["text_hidden"]]
+    if m["embeddings"]["shape"] != want:
+        raise Invalid("embeddings.shape", f"[model.vocab_size, model.text_hidden] = {want}", m["embeddings"]["shape"])
+    side = model.get("image_size")
+    if side is not None and m["preprocessing"]["size"] != [side, side]:
+        raise Invalid("preprocessing.size", f"[{side}, {side}] (model.image_size)", m["preprocessing"]["size"])
+
+
+def validate(m) -> list[tuple[str, str]]:
+    """Checks a parsed manifest (format and schema version already checked); returns the
+    (field, relative path) of every file the runtime loads. Raises Invalid on the first error."""
+    if not isinstance(m, dict):
+        raise Invalid("(top level)", "an object", m)
+    ctx = Context(m)
+    Obj({"architecture": Str(choices=ARCHITECTURES), "llm_family": Str(choices=FAMILIES)}).check(m, "", ctx)
+    family = FAMILIES[m["llm_family"]]
+    Obj({"model": Obj(family.model), "stages": Obj()}).check(m, "", ctx)
+    specs = family.stage_specs(m["model"])
+    for name in m["stages"]:
+        if name not in specs:
+            raise Invalid(f"stages.{name}", f"only the stages of llm_family {m['llm_family']!r}: {', '.join(specs)}",
+                          show_value=False)
+    for name in specs:
+        if name not in m["stages"]:
+            raise Invalid(f"stages.{name}", "a value (required stage is missing)", show_value=False)
+        STAGE.check(m["stages"][name], f"stages.{name}", ctx)
+    Obj(COMMON, OPTIONAL).check(m, "", ctx)
+    for check in family.checks:  # the model's own dims first: the stage shapes are read against them
+        check(m)
+    _check_shared(m)
+    _check_stages(m, family)
+    return ctx.paths
+
+
+def check_rule(rule: Rule, value, field: str, where) -> None:
+    """One rule on one value, a broken rule raised as an ArtifactError naming `where`."""
+    try:
+        rule.check(value, field, Context({}))
+    except Invalid as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
+
+
+def check_manifest(m, where) -> list[tuple[str, str]]:
+    """validate(), with a broken rule raised as an ArtifactError that names the manifest."""
+    try:
+        return validate(m)
+    except Invalid as exc:
+        raise ArtifactError(f"{where}: {exc}") from None

@@ -1,0 +1,167 @@
+"""Reading an untrusted artifact directory's files: regular files only, their sha256 through a
+cache that a restored mtime cannot fool.
+
+- A FIFO or a device named in a manifest (or standing where the hash cache lives) must never
+  block or stream forever: files are stat'ed first and opened with O_NONBLOCK, and anything that
+  is not a regular file is refused.
+- The cache keys a digest on the file's identity: device, inode, size, mtime and ctime. `cp -p`,
+  `rsync -t`, `touch -r` and os.utime can set mtime back, but any write or utime call moves
+  ctime forward, and no unprivileged call sets it back; a replaced file has a new inode.
+- Digests are computed from an open descriptor, so the caller can load from the very handle
+  that was hashed (or check, by its identity, that the path still names that file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import ArtifactError
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What changes whenever a file's content may have changed (see the module docstring)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @property
+    def key(self) -> str:
+        return f"{self.device}:{self.inode}:{self.size}:{self.mtime_ns}:{self.ctime_ns}"
+
+
+def open_regular(path: str | os.PathLike, hint: str = "") -> int:
+    """A read-only descriptor on `path` if it is a regular file; else an ArtifactError naming it.
+    Never blocks: a FIFO is refused by stat before it is opened, and O_NONBLOCK covers a FIFO
+    swapped in between (the fstat after opening refuses it too)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ArtifactError(f"{path}: not a regular file (a FIFO, device or directory is never read){hint}")
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing{hint}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc.strerror}){hint}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"{path}: not a regular file (a FIFO, device or directory is never read){hint}")
+    return fd
+
+
+def sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
+    """sha256 of a whole file, read with pread (the descriptor's offset is left alone)."""
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, chunk, offset):
+        h.update(block)
+        offset += len(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    fd = open_regular(path)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def cache_file() -> Path:
+    """Read on each use, so that XDG_CACHE_HOME set after import (the tests do) is honoured."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "blip2-edge" / "sha256.json"
+
+
+class HashCache:
+    """sha256 per file identity: a warm start does not re-read gigabytes of weights.
+
+    Kept in memory and in a small JSON file in the user's cache directory. The file is itself
+    untrusted input: only a regular file of bounded size holding {identity: hex digest} is used;
+    anything else counts as an empty cache.
+    """
+
+    MAX_ENTRIES = 4096
+    MAX_FILE_BYTES = 4 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[Path, dict[str, str]] = {}
+
+    def _entries(self, file: Path) -> dict[str, str]:
+        if file not in self._loaded:
+            self._loaded[file] = self._read(file)
+        return self._loaded[file]
+
+    def _read(self, file: Path) -> dict[str, str]:
+        try:
+            fd = open_regular(file)
+        except ArtifactError:
+            return {}
+        try:
+            raw = os.pread(fd, self.MAX_FILE_BYTES + 1, 0)
+        finally:
+            os.close(fd)
+        try:
+            data = json.loads(raw) if len(raw) <= self.MAX_FILE_BYTES else None
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)}
+
+    def _save(self, file: Path, entries: dict[str, str]) -> None:
+        while len(entries) > self.MAX_ENTRIES:
+            del entries[next(iter(entries))]  # oldest first
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".sha256.", dir=file.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, file)
+        except OSError:
+            pass  # a read-only home only costs a re-hash next time
+
+    def digest_fd(self, fd: int) -> tuple[str, FileIdentity]:
+        """(sha256, identity) of the open file `fd`. A file that changed while it was being
+        hashed is not cached (its identity at the end differs from the one returned)."""
+        before = FileIdentity.of(os.fstat(fd))
+        file = cache_file()
+        with self._lock:
+            hit = self._entries(file).get(before.key)
+        if hit is not None:
+            return hit, before
+        value = sha256_fd(fd)
+        if FileIdentity.of(os.fstat(fd)) == before:
+            with self._lock:
+                entries = self._entries(file)
+                entries[before.key] = value
+                self._save(file, entries)
+        return value, before
+
+    def digest(self, path: str | os.PathLike) -> str:
+        fd = open_regular(path)
+        try:
+            return self.digest_fd(fd)[0]
+        finally:
+            os.close(fd)
+
+
+HASHES = HashCache()
