@@ -19,13 +19,15 @@ import numpy as np
 
 from calibration import gates as gates_mod
 from calibration.fidelity import fidelity_report, report_lines
+from calibration.kept_report import keep_report
 from calibration.llm import LLMOptions, quantize_decoder
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage, write_trt_calibration_table
-from runtime.artifact_dir import atomic_directory, check_target
+from runtime.artifact_dir import atomic_directory
 from runtime.backends.onnxrt import OrtRunner
+from runtime.confinement import confined_path
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import MANIFEST, Manifest, load_manifest, sha256_file, write_manifest
+from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
 
@@ -72,19 +74,23 @@ def _stage_files(root: Path, name: str) -> list[str]:
 
 
 def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: QuantizeOptions, log: Callable) -> dict:
+    """Writes the quantized graphs and the other files into `tmp`; returns the manifest (with its
+    `files` list), which the caller writes last, once the directory has passed its gates."""
     data = copy.deepcopy(src.data)
     stages = data["stages"]
     produced: set[str] = set()
     preprocessing = Preprocessing.from_manifest(data["preprocessing"])
     float_dtype = np.dtype(stages["vision"]["inputs"][0]["dtype"])
-    fp32_vision = OrtRunner(src.stage_file("vision"), ["CPUExecutionProvider"])
-    cache = RangeCache(opts.calibration_cache)
+    # The source's vision stage (FP32/FP16, or quantized already with --allow-requantize) feeds
+    # the Q-Former's calibration.
+    source_vision = OrtRunner(src.stage_file("vision"), ["CPUExecutionProvider"])
+    cache = RangeCache(opts.calibration_cache, source.calibration_identity())
 
     (tmp / "calibration").mkdir()
     for stage in VISUAL_STAGES:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
-        settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, fp32_vision,
+        settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, source_vision,
                                   float_dtype, opts.visual, cache)
         table = f"calibration/{stage}.trt.cache"
         write_trt_calibration_table(cache.amax(stage), tmp / table)
@@ -113,9 +119,12 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
         produced.add(emb["file"])
 
     for rel in src.data["files"]:
-        if rel not in produced and not (tmp / rel).exists():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(src.path(rel), tmp / rel)
+        # Both ends confined: only a listed file inside the source is read, and it is written
+        # only inside the temporary output (load_manifest has refused anything else already).
+        dst = confined_path(tmp, rel, f"files[{rel!r}]", src.where)
+        if rel not in produced and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(src.path(rel, f"files[{rel!r}]"), dst)
 
     from importlib.metadata import version
 
@@ -128,7 +137,6 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
     }
     data["tools"] = {**data["tools"], "onnxruntime": version("onnxruntime")}
     data["files"] = sorted(set(src.data["files"]) | produced)
-    write_manifest(tmp, data)
     return data
 
 
@@ -141,24 +149,27 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")
     out = Path(out_dir)
-    check_target(out, opts.overwrite)  # before calibration images are gathered
-    source = _source(opts)
-    if source.skipped:
-        log(f"skipped {source.skipped} unreadable images")
+    # OUT_DIR is checked and locked before calibration images are gathered, and checked again at
+    # the rename.
     with atomic_directory(out, opts.overwrite) as tmp:
-        write_quantized(src, tmp, source, opts, log)
-        fp32 = Blip2Pipeline.from_artifacts(src.root, verify=False)
-        quant = Blip2Pipeline.from_artifacts(tmp)
-        report = fidelity_report(fp32, quant, source, llm_quantized=opts.llm.precision != "none")
+        source = _source(opts)
+        if source.skipped:
+            log(f"skipped {source.skipped} unreadable images")
+        # The fidelity report reads the new manifest from memory: on disk it is written last, so a
+        # directory left by a killed run, or one below a gate, is never loadable.
+        staged = Manifest(tmp, checksummed(tmp, write_quantized(src, tmp, source, opts, log)))
+        reference = Blip2Pipeline(src)  # verified by load_manifest above
+        quant = Blip2Pipeline(staged)
+        report = fidelity_report(reference, quant, source, llm_quantized=opts.llm.precision != "none")
         report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
         for line in report_lines(report):
             log(line)
         (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
         failed = gates_mod.failures(report["gates"])
         if failed and opts.gate:
-            kept = out.with_name(out.name + ".fidelity.json")
-            kept.write_text(json.dumps(report, indent=2) + "\n")
-            raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} (report: {kept}; "
+            _, note = keep_report(out, report)  # beside OUT_DIR, never over a file of the user's
+            raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} ({note}; "
                                       "--no-gate keeps the artifacts anyway)")
+        write_manifest(tmp, staged.data)
     log(f"wrote {out}")
     return report

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 from exporter.loading import LoadOptions, float_dtype, load_model
-from exporter.onnx_export import export_stage
-from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD, atomic_directory, check_target
+from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
+from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD, atomic_directory
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import FORMAT, SCHEMA_VERSION, write_manifest
+from runtime.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
 from runtime.stages import QFORMER, VISION, decoder_spec
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
-MIN_OPSET = 17  # LayerNormalization is one op from opset 17 on
 PROMPTS = {"caption": "", "caption_prefix": "{}", "vqa": "Question: {} Answer:"}
 # BLIP-2's OPT models end a caption at a newline (LAVIS uses "\n" as their end of text).
 STOP_STRINGS = {"opt": ["\n"]}
@@ -34,8 +33,7 @@ class ExportOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
 
     def __post_init__(self) -> None:
-        if self.opset < MIN_OPSET:
-            raise Blip2EdgeError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {self.opset}")
+        check_opset(self.opset)  # torch's and onnxruntime's range, before anything is loaded
         if self.load.dtype not in DEFAULT_ATOL:
             raise Blip2EdgeError(f"--dtype must be one of {', '.join(DEFAULT_ATOL)}, got {self.load.dtype}")
 
@@ -117,7 +115,8 @@ def example_inputs(hf_model, dims: dict):
 
 
 def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
-    """Writes graphs, embedding table, tokenizer/processor files and the manifest into `tmp`."""
+    """Writes graphs, embedding table and tokenizer/processor files into `tmp`; returns the manifest
+    (with its `files` list), which the caller writes last, once the directory has passed validation."""
     import numpy as np
 
     from exporter.torch_stages import OPTDecoderStage, QFormerStage, VisionStage
@@ -161,7 +160,6 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),
     }
-    write_manifest(tmp, manifest)
     return manifest
 
 
@@ -173,19 +171,20 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
 
     opts = opts or ExportOptions()
     out = Path(out_dir)
-    check_target(out, opts.overwrite)  # before the (slow) model load
-    t0 = time.perf_counter()
-    hf_model, processor = load_model(model, opts.load)
-    log(f"loaded {model} ({opts.load.dtype}) in {time.perf_counter() - t0:.1f}s")
-    local = Path(model).is_dir()
-    source = {"model": str(Path(model).resolve()) if local else model, "revision": opts.load.revision,
-              "commit_hash": getattr(hf_model.config, "_commit_hash", None)}
-
     report: dict = {}
+    # OUT_DIR is checked and locked before the (slow) model load, and checked again at the rename.
     with atomic_directory(out, opts.overwrite) as tmp:
-        write_artifacts(hf_model, processor, source, tmp, opts, log)
+        t0 = time.perf_counter()
+        hf_model, processor = load_model(model, opts.load)
+        log(f"loaded {model} ({opts.load.dtype}) in {time.perf_counter() - t0:.1f}s")
+        local = Path(model).is_dir()
+        source = {"model": str(Path(model).resolve()) if local else model, "revision": opts.load.revision,
+                  "commit_hash": getattr(hf_model.config, "_commit_hash", None)}
+        # Validation reads the manifest from memory: on disk it is written last, so a directory
+        # left by a killed or failed run is never loadable.
+        staged = Manifest(tmp, checksummed(tmp, write_artifacts(hf_model, processor, source, tmp, opts, log)))
         if opts.validate:
-            report = validate_artifacts(hf_model, processor, tmp, opts.tolerance, check_generation=True)
+            report = validate_artifacts(hf_model, processor, staged, opts.tolerance, check_generation=True)
             if opts.load.dtype != "fp32" and "generation" in report:
                 # Half-precision kernels differ between PyTorch and ORT: token agreement is reported, not gated.
                 report["generation"]["gating"] = False
@@ -196,5 +195,6 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
                 log(line)
             if not report["ok"]:
                 raise ValidationError(failure_message(report))
+        write_manifest(tmp, staged.data)
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return report

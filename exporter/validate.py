@@ -60,15 +60,21 @@ def validation_images(n: int = 2):
     return [im for _, im in synthetic.make_scenes(n, seed=1234)]
 
 
-def validate_stages(hf_model, processor, artifacts: Path, atol: float) -> list[dict]:
+def _staged(artifacts):
+    """A directory, or a Manifest held in memory (the exporter's, before it writes manifest.json)."""
+    from runtime.manifest import Manifest, load_manifest
+
+    return artifacts if isinstance(artifacts, Manifest) else load_manifest(Path(artifacts), verify=False)
+
+
+def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
     """Runs each stage in ONNX Runtime and in PyTorch on the same real inputs."""
     import torch
 
     from exporter.torch_stages import OPTDecoderStage, QFormerStage, VisionStage
     from runtime.backends.onnxrt import OrtRunner
-    from runtime.manifest import load_manifest
 
-    manifest = load_manifest(artifacts, verify=False)
+    manifest = _staged(artifacts)
     run = {s: OrtRunner(manifest.stage_file(s), ["CPUExecutionProvider"]) for s in ("vision", "qformer", "decoder")}
     dtype = float_dtype(hf_model)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
@@ -116,13 +122,13 @@ def validate_stages(hf_model, processor, artifacts: Path, atol: float) -> list[d
     return reports
 
 
-def validate_generation(hf_model, processor, artifacts: Path, max_new_tokens: int = 12) -> dict:
+def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12) -> dict:
     """Greedy token ids through the exported graphs vs transformers' generate."""
     import torch
 
     from runtime.pipeline import Blip2Pipeline
 
-    pipe = Blip2Pipeline.from_artifacts(artifacts, verify=False)
+    pipe = Blip2Pipeline(_staged(artifacts))
     images = validation_images()
     cases = []
     for prompt in VALIDATION_PROMPTS:
@@ -144,11 +150,12 @@ def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
     return ids
 
 
-def validate_artifacts(hf_model, processor, artifacts: Path, atol: float, check_generation: bool = True) -> dict:
-    stages = validate_stages(hf_model, processor, Path(artifacts), atol)
+def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
+    """`artifacts`: a directory, or a Manifest held in memory."""
+    stages = validate_stages(hf_model, processor, artifacts, atol)
     report = {"atol": atol, "stages": stages}
     if check_generation:
-        report["generation"] = validate_generation(hf_model, processor, Path(artifacts))
+        report["generation"] = validate_generation(hf_model, processor, artifacts)
     report["ok"] = all(s["ok"] for s in stages) and report.get("generation", {"ok": True})["ok"]
     return report
 

@@ -4,7 +4,9 @@
 
 Everything is seeded, so a rerun on the same versions gives the same weights. The checkpoint
 is written in Hugging Face format and checked with transformers' own `generate` on held-out
-scenes before it is saved; the script fails if the acceptance bars are not met.
+scenes before it is saved; the script fails if the acceptance bars are not met, and then leaves
+the checkpoint at --out as it was (the new one is written beside it and swapped in only when it
+passes).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,19 +186,38 @@ def evaluate(model, processor, scenes_images) -> dict:
     return {"caption_exact_match": caption_ok / len(scenes_images), "vqa_accuracy": vqa_ok / vqa_total}
 
 
+def replace_directory(new: Path, out: Path) -> None:
+    """Puts the complete directory `new` at `out`. The previous `out` is renamed aside first and
+    comes back if the second rename fails; it is removed only once `new` is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    had_old = out.exists()
+    if had_old:
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if had_old:
+            old.rename(out)
+        raise
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     import torch
     from transformers import Blip2Processor
-
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=12000)
+    ap.add_argument("--held-out", type=int, default=200, help="held-out scenes the acceptance bars are measured on")
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.held_out < 1:
+        ap.error("--held-out must be >= 1")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -203,14 +227,15 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy BLIP-2: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
-    # Save once untrained to get a processor configured exactly as the checkpoint will be.
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    save_checkpoint(model, tokenizer, tmp, IMAGE_SIZE)
-    processor = Blip2Processor.from_pretrained(tmp)
+    # Save once untrained (to a scratch directory) to get a processor configured exactly as the
+    # checkpoint will be.
+    with tempfile.TemporaryDirectory() as scratch:
+        save_checkpoint(model, tokenizer, Path(scratch), IMAGE_SIZE)
+        processor = Blip2Processor.from_pretrained(scratch)
 
     t0 = time.time()
     train = synthetic.make_scenes(args.train_images, seed=args.seed + 1, image_size=RENDER_SIZE)
-    held_out = synthetic.make_scenes(200, seed=10_000 + args.seed, image_size=RENDER_SIZE)
+    held_out = synthetic.make_scenes(args.held_out, seed=10_000 + args.seed, image_size=RENDER_SIZE)
     pixels = pixel_tensor(processor, [im for _, im in train])
     scenes = [s for s, _ in train]
     print(f"rendered and preprocessed {len(train)} training scenes in {time.time() - t0:.0f}s")
@@ -239,17 +264,22 @@ def main(argv=None) -> int:
 
     metrics = evaluate(model, processor, held_out)
     print(json.dumps(metrics))
-    save_checkpoint(model, tokenizer, args.out, IMAGE_SIZE)
-    (args.out / "training.json").write_text(
-        json.dumps({"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
-                    "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
-    )
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
     if metrics["caption_exact_match"] < CAPTION_BAR or metrics["vqa_accuracy"] < VQA_BAR:
-        print(f"below the acceptance bars (caption >= {CAPTION_BAR}, VQA >= {VQA_BAR})")
+        print(f"below the acceptance bars (caption >= {CAPTION_BAR}, VQA >= {VQA_BAR}); {args.out} left as it was")
         return 1
+    # Only a checkpoint that passed is saved: written beside --out, then swapped in.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
+    try:
+        save_checkpoint(model, tokenizer, staging, IMAGE_SIZE)
+        (staging / "training.json").write_text(
+            json.dumps({"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+                        "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
+        )
+        replace_directory(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"saved {args.out}")
     return 0
 
 
