@@ -1,10 +1,38 @@
-"""Generation options, with transformers' names and semantics."""
+"""Generation options, with transformers' names and semantics, checked on construction."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
+from runtime.errors import OptionError
+
 EARLY_STOPPING_CHOICES = (True, False, "never")
+
+
+class GenerationOptionError(OptionError):
+    """One generation option is invalid. `option` is its API name; the CLI names the flag instead."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+    def as_flag(self) -> "GenerationOptionError":
+        """The same error naming the command-line flag (--max-new-tokens, not max_new_tokens)."""
+        return GenerationOptionError("--" + self.option.replace("_", "-"), self.problem)
+
+
+class PromptTooLongError(OptionError):
+    """The query tokens and the prompt alone fill the model's positions."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -21,8 +49,12 @@ class GenerationOptions:
     temperature, top_k, top_p: sampling warpers, applied in that order (0 disables top_k).
     seed: seed of the sampler's random generator; same seed, same text.
     repetition_penalty: > 1 discourages tokens already in the sequence (CTRL's penalty).
-    stop_strings: generation ends when the text contains one of these (None: the manifest's).
+    stop_strings: a sequence ends when its text ends with one of these, as transformers'
+        StopStringCriteria decides (None: the manifest's); the text is cut before it.
     eos_token_ids: token ids that end a sequence (None: the manifest's).
+
+    Counts are ints (not bools), floats are finite numbers, do_sample is a bool; anything else
+    raises a GenerationOptionError (a ValueError) naming the option and what it accepts.
     """
 
     max_new_tokens: int = 30
@@ -40,29 +72,60 @@ class GenerationOptions:
     eos_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
+        def fail(name: str, problem: str):
+            raise GenerationOptionError(name, f"{problem}, got {getattr(self, name)!r}")
 
-        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(0 <= self.min_new_tokens <= self.max_new_tokens,
-              f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        check(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
-        check(self.early_stopping in EARLY_STOPPING_CHOICES,
-              f"early_stopping must be one of True, False, 'never'; got {self.early_stopping!r}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        check(not (self.do_sample and self.num_beams > 1),
-              "beam sampling is not supported: use num_beams=1 with do_sample, or do_sample=False with beams")
+        def integer(name: str, low: int, high: int | None = None, what: str = "") -> None:
+            v = getattr(self, name)
+            if not _is_int(v) or v < low or (high is not None and v > high):
+                fail(name, what or f"must be an integer >= {low}")
+            object.__setattr__(self, name, int(v))  # numpy integers become plain ints
+
+        def real(name: str, ok, what: str) -> None:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not ok(v):
+                fail(name, what)
+            object.__setattr__(self, name, float(v))
+
+        integer("max_new_tokens", 1)
+        integer("min_new_tokens", 0, self.max_new_tokens,
+                f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
+        integer("num_beams", 1)
+        integer("top_k", 0, what="must be an integer >= 0 (0 disables it)")
+        if self.seed is not None:
+            integer("seed", 0, what="must be a non-negative integer")
+        real("length_penalty", lambda v: True, "must be a finite number")
+        real("temperature", lambda v: v > 0, "must be a finite number > 0")
+        real("top_p", lambda v: 0 < v <= 1, "must be a number in (0, 1]")
+        real("repetition_penalty", lambda v: v > 0, "must be a finite number > 0")
+        if not any(self.early_stopping is c or self.early_stopping == c and isinstance(c, str)
+                   for c in EARLY_STOPPING_CHOICES):
+            fail("early_stopping", "must be one of True, False, 'never'")
+        if not isinstance(self.do_sample, bool):
+            fail("do_sample", "must be True or False")
+        if self.do_sample and self.num_beams > 1:
+            raise GenerationOptionError(
+                "num_beams", "> 1 with do_sample is beam sampling, which is not supported: use num_beams=1 with "
+                "do_sample, or do_sample=False with beams")
+        if self.stop_strings is not None:
+            stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+            if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+                fail("stop_strings", "must be a sequence of non-empty strings")
+            object.__setattr__(self, "stop_strings", tuple(stops))
+        if self.eos_token_ids is not None:
+            ids = (self.eos_token_ids,) if _is_int(self.eos_token_ids) else self.eos_token_ids
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+                fail("eos_token_ids", "must be a sequence of token ids (integers >= 0)")
+            object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
     def updated(self, **changes) -> "GenerationOptions":
+        """A copy with `changes`; a None value keeps the current value (except seed: None is
+        "unseeded")."""
         unknown = sorted(set(changes) - set(self.names()))
         if unknown:
-            raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(self.names())}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None or k in ("seed",)})
+            raise OptionError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(self.names())}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None or k == "seed"})

@@ -1,9 +1,15 @@
 """Token search over a KV-cached decoder: greedy, sampling and beam search.
 
 The searches mirror transformers' `generate` (4.57): the same processors in the same order, the
-same stopping rules, and for beams the same vectorised algorithm (top 2*num_beams continuations,
-finished hypotheses scored by length ** length_penalty, the same early-stopping heuristic), so
-FP32 artifacts give transformers' token ids.
+same stopping rules (EOS, max_new_tokens, stop strings checked on the token ids as
+StopStringCriteria does), and for beams the same vectorised algorithm (top 2*num_beams
+continuations, finished hypotheses scored by length ** length_penalty, the same early-stopping
+heuristic), so FP32 artifacts give transformers' token ids.
+
+Each search is a generator driven by its caller: it runs one decoder step per `next()`, yields
+each row's *settled* tokens (a prefix of what it will return: for greedy and sampling every
+token so far, for beams the tokens all surviving hypotheses share), and returns the final rows.
+A caller that stops iterating stops the work; `run` drives a search to its end.
 
 The decoder is anything with `step(token_ids) -> logits` (one new token per row, KV cache
 carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
@@ -11,20 +17,37 @@ carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Generator, Protocol
 
 import numpy as np
 
 from runtime import logits as lp
 from runtime.options import GenerationOptions
+from runtime.stopping import StopStrings
 
 NEG = -1.0e9  # transformers' "minus infinity" for beam bookkeeping
+
+Rows = list[list[int]]
+Search = Generator[Rows, None, Rows]
 
 
 class StepDecoder(Protocol):
     def step(self, token_ids: np.ndarray) -> np.ndarray: ...  # (N,) -> (N, V)
 
     def select(self, rows: np.ndarray) -> None: ...
+
+
+def run(search: Search) -> Rows:
+    """Drives a search to its end; returns its final rows."""
+    while True:
+        try:
+            next(search)
+        except StopIteration as end:
+            return end.value
+
+
+def _no_stops() -> StopStrings:
+    return StopStrings((), lambda i: None)
 
 
 def greedy_or_sample(
@@ -34,13 +57,14 @@ def greedy_or_sample(
     opts: GenerationOptions,
     eos_ids: tuple[int, ...],
     pad_id: int,
-    stopped: Callable[[int, list[int]], bool] = lambda i, toks: False,
-    on_tokens: Callable[[list[list[int]]], None] | None = None,
-) -> list[list[int]]:
-    """Returns the generated ids per row, each ending with its EOS id if it produced one."""
+    stops: StopStrings | None = None,
+) -> Search:
+    """Yields every row's ids after each step; returns them, each ending with its EOS id (or the
+    token that completed a stop string) if it produced one."""
+    stops = stops or _no_stops()
     rng = np.random.default_rng(opts.seed)
     b = first_logits.shape[0]
-    out: list[list[int]] = [[] for _ in range(b)]
+    out: Rows = [[] for _ in range(b)]
     done = np.zeros(b, dtype=bool)
     scores_in = first_logits
     for t in range(opts.max_new_tokens):
@@ -51,17 +75,25 @@ def greedy_or_sample(
         else:
             tokens = scores.argmax(axis=-1)
         tokens = np.where(done, pad_id, tokens)  # finished rows are padded, as transformers does
-        for i in np.flatnonzero(~done):
-            out[i].append(int(tokens[i]))
-            if int(tokens[i]) in eos_ids or stopped(i, out[i]):
-                done[i] = True
         history = np.concatenate([history, tokens[:, None]], axis=1)
-        if on_tokens is not None:
-            on_tokens(out)
+        live = np.flatnonzero(~done)
+        for i in live:
+            out[i].append(int(tokens[i]))
+        # Stop strings are checked on the ids (prompt included), the last few tokens of a row.
+        done[live] = np.isin(tokens[live], eos_ids) | stops.hits(history[live])
+        yield [row[:] for row in out]
         if done.all() or t == opts.max_new_tokens - 1:
             break
         scores_in = decoder.step(tokens.astype(np.int64))
     return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != seqs[0][k] for s in seqs[1:]):
+            return seqs[0][:k]
+    return seqs[0][:n]
 
 
 def beam_search(
@@ -71,8 +103,12 @@ def beam_search(
     opts: GenerationOptions,
     eos_ids: tuple[int, ...],
     pad_id: int,
-) -> list[list[int]]:
-    """transformers' beam search; returns the best hypothesis per input."""
+    stops: StopStrings | None = None,
+) -> Search:
+    """transformers' beam search; returns the best hypothesis per input. Yields, after each
+    step, the ids every hypothesis that can still win shares (running beams and finished ones),
+    so a stream never shows a token the final choice does not have."""
+    stops = stops or _no_stops()
     nb, max_new, lpen = opts.num_beams, opts.max_new_tokens, opts.length_penalty
     b, vocab = first_logits.shape
     keep = max(2, 1 + len(eos_ids)) * nb
@@ -103,6 +139,11 @@ def beam_search(
         topk_seq = np.take_along_axis(run_seq, src_beam[:, :, None], axis=1)
         topk_seq[:, :, t] = tokens
         hits = np.isin(tokens, eos) | (t + 1 >= max_new)
+        if stops:  # on each continuation's ids: its source beam's history plus the new token
+            recent = history[:, max(0, history.shape[1] - stops.window + 1):].reshape(b, nb, -1)
+            recent = np.take_along_axis(recent, src_beam[:, :, None], axis=1)  # (B, keep, window - 1)
+            tails = np.concatenate([recent, tokens[:, :, None]], axis=-1)
+            hits = hits | stops.hits(tails.reshape(b * keep, -1)).reshape(b, keep)
 
         # Running beams for the next step: the best num_beams that did not finish.
         running_logp = topk_logp + hits.astype(np.float32) * NEG
@@ -132,6 +173,8 @@ def beam_search(
         worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
         improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
         go_on = improvable.any() and not (finished.all() and opts.early_stopping is True) and not hits.all()
+        yield [_settled(i, seqs, seq_len, finished, beam_scores, run_seq[:, :, : t + 1], run_scores, improvable, opts, t)
+               for i in range(b)]
         if not go_on:
             break
         rows = (run_src + np.arange(b)[:, None] * nb).reshape(-1)
@@ -141,3 +184,21 @@ def beam_search(
         logits = decoder.step(step_tokens)
 
     return [seqs[i, 0, : seq_len[i, 0]].tolist() for i in range(b)]
+
+
+def _settled(i, seqs, seq_len, finished, beam_scores, running, run_scores, improvable, opts, t) -> list[int]:
+    """Input i's ids that no later step can change. The answer is the best finished hypothesis
+    (heap slot 0) unless a running beam later finishes with a higher score; a running beam's
+    log-probability only falls, so its best possible score is its current one over the most
+    favourable length still reachable. Settled: all of slot 0 when nothing can beat it, else
+    the prefix slot 0 shares with every running beam that might."""
+    best = seqs[i, 0, : seq_len[i, 0]].tolist()
+    last = t + 1 >= opts.max_new_tokens
+    if finished[i, 0] and (last or not improvable[i, 0] or (finished[i].all() and opts.early_stopping is True)):
+        return best
+    cands = [best] if finished[i, 0] else []
+    for j, score in enumerate(run_scores[i]):
+        reachable = max(score / (t + 2) ** opts.length_penalty, score / opts.max_new_tokens ** opts.length_penalty)
+        if not finished[i, 0] or reachable >= beam_scores[i, 0] - 1e-4 * abs(beam_scores[i, 0]):  # float32 slack
+            cands.append(running[i, j].tolist())
+    return _common_prefix(cands) if cands else []

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from runtime import synthetic
-from runtime.options import GenerationOptions
+from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import REPO
 
@@ -67,16 +67,24 @@ def test_prompt_too_long_names_the_limit(tiny_artifacts):
     pipe = Blip2Pipeline.from_artifacts(tiny_artifacts)
     limit = pipe.model["max_position_embeddings"]
     image = synthetic.make_scenes(1, seed=1)[0][1]
-    with pytest.raises(ValueError, match=f"exceed the model's {limit} positions"):
+    with pytest.raises(PromptTooLongError, match=f"exceed the model's {limit} positions"):
         pipe.caption([image], prompt="word " * limit)
     q = pipe.model["num_query_tokens"]
     prompt_len = len(pipe.tokenizer.encode("a b c"))
-    with pytest.raises(ValueError, match=f"{prompt_len} prompt tokens \\+ max_new_tokens {limit}"):
-        pipe.caption([image], prompt="a b c", max_new_tokens=limit)
+    # The last new token is never fed back: transformers generates limit - q - prompt_len + 1
+    # tokens here and fails with an IndexError one further (tests/runtime/test_search.py checks).
+    room = limit - q - prompt_len + 1
+    with pytest.raises(GenerationOptionError, match=f"max_new_tokens must be at most {room} here, got {room + 1}"):
+        pipe.caption([image], prompt="a b c", max_new_tokens=room + 1)
+    r = pipe.caption([image], prompt="a b c", max_new_tokens=room, min_new_tokens=room)[0]
+    assert len(r.tokens) == room
     # The default max_new_tokens shrinks to the positions left; generation fills them exactly.
     pipe = Blip2Pipeline.from_artifacts(tiny_artifacts, defaults=GenerationOptions(max_new_tokens=10_000))
     r = pipe.caption([image], prompt="a b c", min_new_tokens=10_000)[0]
-    assert len(r.tokens) == limit - q - prompt_len
+    assert len(r.tokens) == room
+    # None means "the default", not an explicit request that does not fit.
+    r = pipe.caption([image], prompt="a b c", max_new_tokens=None, min_new_tokens=10_000)[0]
+    assert len(r.tokens) == room
 
 
 def test_invalid_options_name_valid_values(tiny_artifacts):
