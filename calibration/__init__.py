@@ -1,5 +1,6 @@
 """INT8 post-training quantization of the visual stages and weight-only LLM quantization.
 
-Not built yet (see the calibration issue); the package exists so the layout and its import
-rules are in place.
+`blip2-edge quantize` (calibration.quantize): static INT8 QDQ for the vision and Q-Former stages
+(calibration.visual, images from calibration.sources), weight-only INT8/INT4 for the decoder
+(calibration.llm), then a fidelity report (calibration.fidelity) and its gates (calibration.gates).
 """

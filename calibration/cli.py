@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--calibration-cache", type=Path, metavar="FILE",
                    help="JSON file of activation ranges: reused when it matches, written otherwise")
     p.add_argument("--no-gate", dest="gate", action="store_false", help="keep the artifacts even if a gate fails")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized input")
     p.set_defaults(run=run)
 

@@ -26,7 +26,7 @@ def token_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-def summarize(cos: list[np.ndarray], max_abs: float) -> dict:
+def cosine_summary(cos: list[np.ndarray], max_abs: float) -> dict:
     c = np.concatenate(cos)
     return {"cosine_mean": float(c.mean()), "cosine_worst_1pct": float(np.percentile(c, 1)),
             "max_abs_error": float(max_abs), "tokens": int(c.size)}
@@ -44,7 +44,7 @@ def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
         for stage, ref, got in (("vision", ref_v, got_v), ("qformer", ref_q, got_q)):
             cos[stage].append(token_cosines(ref, got))
             worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
-    return {stage: summarize(cos[stage], worst[stage]) for stage in cos}
+    return {stage: cosine_summary(cos[stage], worst[stage]) for stage in cos}
 
 
 def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions: list[list[int]]) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
+from runtime.errors import ArtifactError, OptionError
 
 LLM_CHOICES = ("none", "int8", "int4")
 LM_HEAD_CHOICES = ("int8", "float", "same")
@@ -31,27 +32,28 @@ class LLMOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in LLM_CHOICES:
-            raise ValueError(f"unknown --llm '{self.precision}'; valid: {', '.join(LLM_CHOICES)}")
+            raise OptionError(f"unknown --llm '{self.precision}'; valid: {', '.join(LLM_CHOICES)}")
         if self.lm_head not in LM_HEAD_CHOICES:
-            raise ValueError(f"unknown --lm-head '{self.lm_head}'; valid: {', '.join(LM_HEAD_CHOICES)}")
+            raise OptionError(f"unknown --lm-head '{self.lm_head}'; valid: {', '.join(LM_HEAD_CHOICES)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            raise OptionError(f"--block-size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+            raise OptionError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
 
     @property
     def bits(self) -> int:
         return {"int8": 8, "int4": 4}[self.precision]
 
 
-def lm_head_node(model) -> str:
-    """The MatMul that produces the `logits` output (through at most an Add for a bias)."""
+def lm_head_node(model, src: Path) -> str:
+    """The MatMul that produces the `logits` output (through at most an Add for a bias); `src`
+    names the graph file in the error."""
     producers = {o: n for n in model.graph.node for o in n.output}
     node = producers.get("logits")
     while node is not None and node.op_type in ("Add", "Identity", "Cast"):
         node = producers.get(node.input[0])
     if node is None or node.op_type != "MatMul":
-        raise ValueError("decoder graph: cannot find the lm_head MatMul feeding 'logits'")
+        raise ArtifactError(f"{src}: decoder graph has no lm_head MatMul feeding 'logits'")
     return node.name
 
 
@@ -61,7 +63,7 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    head = lm_head_node(model)
+    head = lm_head_node(model, src)
 
     def run(model, bits, include=None, exclude=None):
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,

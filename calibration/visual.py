@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -48,9 +49,11 @@ class VisualOptions:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method '{self.method}'; valid: {', '.join(METHODS)}")
+            raise Blip2EdgeError(f"unknown calibration method '{self.method}'; valid: {', '.join(METHODS)}")
         if self.activations not in ACTIVATIONS:
-            raise ValueError(f"unknown --activations '{self.activations}'; valid: {', '.join(ACTIVATIONS)}")
+            raise Blip2EdgeError(f"unknown --activations '{self.activations}'; valid: {', '.join(ACTIVATIONS)}")
+        if not 90.0 <= self.percentile <= 100.0:  # also refuses NaN
+            raise Blip2EdgeError(f"--percentile must be in [90, 100], got {self.percentile}")
 
     @property
     def symmetric(self) -> bool:
@@ -61,8 +64,6 @@ class VisualOptions:
         return {"weights": "int8 symmetric per-channel" if self.per_channel else "int8 symmetric per-tensor",
                 "activations": f"{self.activations} {'symmetric' if self.symmetric else 'asymmetric'} per-tensor",
                 "tensorrt_compatible": self.symmetric}
-        if not 90.0 <= self.percentile <= 100.0:
-            raise ValueError(f"--percentile must be in [90, 100], got {self.percentile}")
 
 
 def weight_nodes(model_path: Path, exclude: tuple[str, ...]) -> list[str]:
@@ -91,16 +92,17 @@ class _OneBatch:
         return batch
 
 
-def stage_inputs(stage: str, source: ImageSource, preprocessing: Preprocessing, fp32_vision: OrtRunner,
+def stage_inputs(stage: str, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
                  float_dtype) -> Iterator[dict]:
-    """Calibration inputs for a stage: pixel batches for vision; for the Q-Former, the FP32
-    vision stage's outputs on the same images, computed batch by batch."""
+    """Calibration inputs for a stage: pixel batches for vision; for the Q-Former, the source
+    artifacts' vision stage's outputs on the same images (FP32/FP16, or already quantized with
+    --allow-requantize), computed batch by batch."""
     for images in source.calibration_batches(CALIB_BATCH):
         pixels = preprocessing.batch(images).astype(float_dtype)
         if stage == "vision":
             yield {"pixel_values": pixels}
         else:
-            yield {"image_embeds": fp32_vision.infer({"pixel_values": pixels})["image_embeds"]}
+            yield {"image_embeds": source_vision.infer({"pixel_values": pixels})["image_embeds"]}
 
 
 def _ort_method(name: str):
@@ -110,7 +112,7 @@ def _ort_method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
-def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preprocessing, fp32_vision: OrtRunner,
+def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
               float_dtype, opts: VisualOptions, cache_file: Path, workdir: Path) -> None:
     """Collects activation ranges one batch at a time and saves them in ONNX Runtime's cache format.
 
@@ -126,7 +128,7 @@ def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preproc
         providers=["CPUExecutionProvider"], extra_options={"symmetric": opts.symmetric, "percentile": opts.percentile},
     )
     progress = Progress(f"calibrating {stage}", len(source.calibration))
-    for batch in stage_inputs(stage, source, preprocessing, fp32_vision, float_dtype):
+    for batch in stage_inputs(stage, source, preprocessing, source_vision, float_dtype):
         calibrator.collect_data(_OneBatch(batch))
         progress.advance(next(iter(batch.values())).shape[0])
     save_tensors_data(calibrator.compute_data(), cache_file)
@@ -148,7 +150,7 @@ def _has_external_data(path: Path) -> bool:
 
 
 def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, preprocessing: Preprocessing,
-                   fp32_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache") -> dict:
+                   source_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache") -> dict:
     """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -161,7 +163,7 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = cache.extract(stage, graph_sha, opts, Path(tmp) / f"{stage}.json")
         if not cache_file.exists():
-            calibrate(stage, src, source, preprocessing, fp32_vision, float_dtype, opts, cache_file, Path(tmp))
+            calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp))
         quantize_static(
             str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
             nodes_to_quantize=nodes, per_channel=opts.per_channel, activation_type=activation_type,
@@ -176,13 +178,32 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
 class RangeCache:
     """Activation ranges per stage in one JSON file, reusable across runs.
 
-    Each entry is tied to the digest of the graph it was computed on (weights included) and to
-    the method, so a stale cache is recomputed rather than silently reused."""
+    Each entry is tied to the digest of the graph it was computed on (weights included), to the
+    method, and to the images that produced it (ImageSource.calibration_identity), so ranges from
+    other images, another method or another graph are recomputed rather than silently reused
+    while the manifest records the current source."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, images: dict):
         self.path = Path(path) if path else None
-        self.data = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+        self.images = images
+        self.data = self._read(self.path) if self.path else {}
         self.reused: list[str] = []
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        if not os.path.lexists(path):
+            return {}
+        fix = "delete it (the ranges are recomputed) or pass another --calibration-cache"
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise Blip2EdgeError(f"{path}: calibration cache is not a regular file; {fix}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise Blip2EdgeError(f"{path}: unreadable calibration cache ({str(exc).splitlines()[0]}); {fix}") from None
+        if not (isinstance(data, dict) and all(isinstance(e, dict) and isinstance(e.get("ranges"), dict)
+                                               for e in data.values())):
+            raise Blip2EdgeError(f"{path}: not a calibration cache written by blip2-edge quantize; {fix}")
+        return data
 
     def _key(self, opts: VisualOptions) -> str:
         """Ranges depend on the method (and percentile) and on symmetry, not on anything else."""
@@ -191,17 +212,24 @@ class RangeCache:
     def extract(self, stage: str, graph_sha: str, opts: VisualOptions, tmp_file: Path) -> Path:
         """Writes the stage's cached ranges to `tmp_file` when they match; returns its path."""
         entry = self.data.get(stage)
-        if entry and entry["graph_sha256"] == graph_sha and entry["method"] == self._key(opts):
+        if (entry and entry.get("graph_sha256") == graph_sha and entry.get("method") == self._key(opts)
+                and entry.get("images") == self.images):
             tmp_file.write_text(json.dumps(entry["ranges"]))
             self.reused.append(stage)
         return tmp_file
 
     def store(self, stage: str, graph_sha: str, opts: VisualOptions, tmp_file: Path) -> None:
-        self.data[stage] = {"graph_sha256": graph_sha, "method": self._key(opts),
+        self.data[stage] = {"graph_sha256": graph_sha, "method": self._key(opts), "images": self.images,
                             "ranges": json.loads(tmp_file.read_text())}
-        if self.path:
+        if self.path:  # written whole and renamed: a reader never sees half a file
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.data))
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            try:
+                partial.write_text(json.dumps(self.data))
+                os.replace(partial, self.path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
 
     def amax(self, stage: str) -> dict[str, float]:
         """Symmetric range per tensor: max(|lowest|, |highest|), read with ONNX Runtime's own

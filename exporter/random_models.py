@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.errors import OptionError
+
 SIZES = ("tiny", "bench", "full")
 VARIANTS = ("default", "post-ln", "no-bias")
 
@@ -54,9 +56,9 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
     from transformers import Blip2Config
 
     if size not in SIZES:
-        raise ValueError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
+        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
+        raise OptionError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
     text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=_OPT[size]["hidden_size"],
                 pad_token_id=1, bos_token_id=2, eos_token_id=2, **_OPT[size])
     if variant == "post-ln":
@@ -77,6 +79,8 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
 
     dtype "fp16" builds the weights in half precision from the start (the `full` model is 15 GB
     in fp32), except the Q-Former and query tokens, which transformers keeps in fp32."""
+    if dtype not in ("fp32", "fp16"):
+        raise OptionError(f"unknown dtype '{dtype}'; valid: fp32, fp16")
     import torch
     from transformers import Blip2ForConditionalGeneration
 
@@ -88,8 +92,6 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     # placeholder sits at the end of the tokenizer, inside the model's range.
     config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(seed)
-    if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"unknown dtype '{dtype}'; valid: fp32, fp16")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16 if dtype == "fp16" else torch.float32)
     try:

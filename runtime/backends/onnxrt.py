@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, OptionError
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda", "auto")
@@ -18,7 +18,7 @@ def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
 
     if device not in DEVICES:
-        raise ValueError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
+        raise OptionError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]

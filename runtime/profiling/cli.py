@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError, ImageError
+from runtime.errors import Blip2EdgeError, ImageError, require
 
 
 def register(sub) -> None:
@@ -55,24 +55,35 @@ def load_images(args) -> list:
 
 def run(args) -> int:
     from runtime.backends.onnxrt import providers_for
+    from runtime.cli_generate import text_argument
     from runtime.profiling import environment, report
     from runtime.profiling.profiler import ProfileOptions, profile_artifacts
     from runtime.profiling.tegrastats import Sampler
 
     opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
                           prompt=args.prompt, device=args.device, backend=args.backend)
+    for flag in ("json", "csv", "trace", "plot"):  # checked before the runs, which they would lose
+        if getattr(args, flag):
+            report.check_output_path(f"--{flag}", getattr(args, flag))
+    if args.plot:
+        require("matplotlib", "plot", "--plot")
+    if args.reference:
+        require("torch", "export", "--reference")
+    text_argument(args.prompt, "--prompt")
     providers_for(args.device)  # an unknown or unavailable device fails before any work
     images = load_images(args)
     with Sampler() as sampler:
         profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
     reference = None
     if args.reference:
-        from runtime.errors import require
+        from exporter.reference import time_reference
+        from runtime.profiling.profiler import batches
+        from runtime.profiling.stats import duration_stats
 
-        require("torch", "export", "--reference")
-        from exporter.reference import profile_reference
-
-        reference = profile_reference(args.reference, images, opts, compile=args.reference_compile)
+        reference = time_reference(args.reference, batches(images, opts.batch_size, opts.warmup + opts.runs),
+                                   prompt=opts.prompt or "", new_tokens=opts.new_tokens, warmup=opts.warmup,
+                                   compile=args.reference_compile)
+        reference["end_to_end"] = duration_stats(reference.pop("times"))
     print(report.table(profiles, reference))
     env = environment.describe()
     tegra = sampler.summary()

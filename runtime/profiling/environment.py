@@ -10,7 +10,8 @@ import subprocess
 from runtime.backends.tensorrt.engines import nvidia_smi, tensorrt_version
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, including Jetson's 'Model' line)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -43,7 +44,7 @@ def describe() -> dict:
     import onnxruntime as ort
 
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+        "cpu": cpu_model(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(), "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(), "gpu": _gpu(), "tensorrt": tensorrt_version(),
         "nvpmodel": _nvpmodel(),

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from runtime.errors import OptionError
 from runtime.pipeline import Blip2Pipeline, Result
-from runtime.profiling.stats import summarize
+from runtime.profiling.stats import duration_stats
 
 STAGES = Result.STAGES
 
@@ -29,13 +30,13 @@ class ProfileOptions:
 
     def __post_init__(self) -> None:
         if self.runs < 1:
-            raise ValueError(f"--runs must be >= 1, got {self.runs}")
+            raise OptionError(f"--runs must be >= 1, got {self.runs}")
         if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+            raise OptionError(f"--warmup must be >= 0, got {self.warmup}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise OptionError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.new_tokens < 1:
-            raise ValueError(f"--new-tokens must be >= 1, got {self.new_tokens}")
+            raise OptionError(f"--new-tokens must be >= 1, got {self.new_tokens}")
 
 
 def batches(images: Sequence, batch_size: int, count: int):
@@ -54,9 +55,9 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         result = pipe.generate(batch, [prompt] * len(batch), **gen)[0]
         if i >= opts.warmup:
             runs.append(result.timings)
-    stages = {s: summarize(r[s] for r in runs) for s in STAGES}
-    stages["end_to_end"] = summarize(r["total"] for r in runs)
-    stages["decode_step"] = summarize(t for r in runs for t in r["decode_steps"])
+    stages = {s: duration_stats(r[s] for r in runs) for s in STAGES}
+    stages["end_to_end"] = duration_stats(r["total"] for r in runs)
+    stages["decode_step"] = duration_stats(t for r in runs for t in r["decode_steps"])
     mean_total = stages["end_to_end"]["mean"]
     manifest = pipe.manifest.data
     return {
@@ -65,7 +66,7 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         "stages": stages,
         "tokens_per_s": opts.batch_size * opts.new_tokens / mean_total,
         "images_per_s": opts.batch_size / mean_total,
-        "time_to_first_token": summarize(sum(r[s] for s in STAGES[:6]) for r in runs),
+        "time_to_first_token": duration_stats(sum(r[s] for s in STAGES[:6]) for r in runs),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "runs": runs,
     }

@@ -7,7 +7,7 @@ import numpy as np
 FIELDS = ("mean", "p50", "p90", "p99", "min", "max")
 
 
-def summarize(values) -> dict:
+def duration_stats(values) -> dict:
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
         return {f: None for f in FIELDS} | {"n": 0}

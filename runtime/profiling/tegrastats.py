@@ -30,7 +30,8 @@ def parse_line(line: str) -> dict:
     return out
 
 
-def summarize(samples: list[dict]) -> dict:
+def tegrastats_summary(samples: list[dict]) -> dict:
+    """Mean and max of RAM use, GPU load and power over the parsed samples."""
     def stat(key):
         values = [s[key] for s in samples if key in s]
         return {"mean": sum(values) / len(values), "max": max(values)} if values else None
@@ -73,4 +74,4 @@ class Sampler:
             self._thread.join(timeout=5)
 
     def summary(self) -> dict | None:
-        return summarize(self.samples) if self.samples else None
+        return tegrastats_summary(self.samples) if self.samples else None

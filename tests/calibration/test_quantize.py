@@ -85,19 +85,28 @@ def test_report_numbers_recomputed_independently(toy_artifacts, tmp_path):
     assert v["max_abs_error"] == pytest.approx(np.abs(ref - got).max(), rel=1e-5)
 
 
-def test_blank_image_ranges_fail_the_gate(toy_artifacts, tmp_path):
+def blank_folder(path, n=40):
     from PIL import Image
 
-    blank = tmp_path / "blank"
-    blank.mkdir()
-    for i in range(40):
-        Image.new("RGB", (96, 96), (i, i, i)).save(blank / f"{i}.png")
+    path.mkdir()
+    for i in range(n):
+        Image.new("RGB", (96, 96), (i, i, i)).save(path / f"{i}.png")
+    return path
+
+
+def test_blank_image_ranges_fail_the_gate(toy_artifacts, tmp_path):
+    blank = blank_folder(tmp_path / "blank")
     cache = tmp_path / "ranges.json"
     # Ranges from near-black images, kept in the cache...
     quantize(toy_artifacts, tmp_path / "blank_q", opts(images=blank, num_calib=32, calibration_cache=cache,
                                                      gate=False), **QUIET)
-    assert set(json.loads(cache.read_text())) == {"vision", "qformer"}
-    # ...then reused for real scenes: the fidelity gate must catch them.
+    data = json.loads(cache.read_text())
+    assert set(data) == {"vision", "qformer"}
+    assert data["vision"]["images"]["source"] == "folder" and data["vision"]["images"]["count"] == 32
+    # ...relabelled as if computed on the synthetic scenes (only tampering can make them match),
+    # then used for real scenes: the fidelity gate must catch them.
+    synthetic_key = synthetic_source(48, 0, 100).calibration_identity()
+    cache.write_text(json.dumps({stage: {**entry, "images": synthetic_key} for stage, entry in data.items()}))
     out = tmp_path / "q"
     with pytest.raises(GateError, match="fidelity gate failed: .*cosine"):
         quantize(toy_artifacts, out, opts(calibration_cache=cache), **QUIET)
@@ -107,13 +116,55 @@ def test_blank_image_ranges_fail_the_gate(toy_artifacts, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")] == []
 
 
+def test_ranges_from_other_images_are_not_reused(toy_artifacts, tmp_path):
+    blank = blank_folder(tmp_path / "blank")
+    cache = tmp_path / "ranges.json"
+    quantize(toy_artifacts, tmp_path / "blank_q", opts(images=blank, num_calib=32, calibration_cache=cache,
+                                                     gate=False), **QUIET)
+    lines = []
+    report = quantize(toy_artifacts, tmp_path / "q", opts(calibration_cache=cache), log=lines.append)
+    assert not any("ranges from cache" in line for line in lines)  # recomputed on the scenes
+    assert all(g["passed"] for g in report["gates"])
+    recorded = load_manifest(tmp_path / "q").data["quantization"]["calibration_images"]
+    entry = json.loads(cache.read_text())["vision"]["images"]
+    assert entry == {k: recorded[k] for k in ("source", "location", "count", "seed")}  # the cache now says so
+
+
 def test_cache_reuse_gives_identical_graphs(toy_artifacts, tmp_path):
     cache = tmp_path / "ranges.json"
     quantize(toy_artifacts, tmp_path / "a", opts(calibration_cache=cache), **QUIET)
-    quantize(toy_artifacts, tmp_path / "b", opts(calibration_cache=cache, num_calib=8), **QUIET)  # ranges reused
+    lines = []
+    quantize(toy_artifacts, tmp_path / "b", opts(calibration_cache=cache), log=lines.append)  # same images
+    assert sum("ranges from cache" in line for line in lines) == 2
     assert sha256_file(tmp_path / "a" / "vision.onnx") == sha256_file(tmp_path / "b" / "vision.onnx")
+    lines = []
+    quantize(toy_artifacts, tmp_path / "c", opts(calibration_cache=cache, num_calib=8), log=lines.append)
+    assert not any("ranges from cache" in line for line in lines)  # 8 images are not the 48 the cache saw
+    assert sha256_file(tmp_path / "c" / "vision.onnx") != sha256_file(tmp_path / "a" / "vision.onnx")
     text = (tmp_path / "a" / "calibration" / "vision.trt.cache").read_text().splitlines()
     assert text[0].startswith("TRT-") and all(": " in line for line in text[1:])
+
+
+def test_the_manifest_is_written_last(toy_artifacts, tmp_path, monkeypatch):
+    """While the fidelity report runs (and until the gates pass) the new directory has no
+    manifest on disk: a run killed there leaves nothing loadable."""
+    from calibration import quantize as quantize_mod
+    from runtime.errors import ArtifactError
+
+    seen = {}
+    real = quantize_mod.fidelity_report
+
+    def inspecting(reference, quant, *args, **kwargs):
+        root = quant.manifest.root
+        seen["root"], seen["on_disk"] = root, (root / "manifest.json").exists()
+        with pytest.raises(ArtifactError, match="manifest.json: missing"):
+            Blip2Pipeline.from_artifacts(root)
+        return real(reference, quant, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_mod, "fidelity_report", inspecting)
+    quantize(toy_artifacts, tmp_path / "q", opts(num_calib=8, held_out=10, gate=False), **QUIET)
+    assert seen["root"].name.startswith(".q.partial-") and seen["on_disk"] is False
+    load_manifest(tmp_path / "q")
 
 
 def test_quantized_artifacts_run_in_the_runtime_unchanged(toy_artifacts, tmp_path):

@@ -59,3 +59,138 @@ def test_folder_loader_is_recursive_deterministic_and_skips_unreadable(tmp_path)
     assert one.skipped == 2 and one.describe()["skipped_unreadable"] == 2
     with pytest.raises(Blip2EdgeError, match="need --num-calib 19"):
         folder_source(tmp_path, 19, seed=0)
+
+
+@pytest.mark.parametrize("value", ["89.9", "100.5", "nan"])
+def test_percentile_out_of_range(toy_artifacts, tmp_path, value):
+    assert_one_line_error(run_cli("quantize", toy_artifacts, tmp_path / "q", "--method", "percentile",
+                                  "--percentile", value), "--percentile must be in [90, 100]")
+    assert not (tmp_path / "q").exists()
+
+
+def test_percentile_checked_when_options_are_made():
+    from calibration.visual import VisualOptions
+
+    for bad in (50.0, 100.001, float("nan")):
+        with pytest.raises(Blip2EdgeError, match="--percentile must be in"):
+            VisualOptions(method="percentile", percentile=bad)
+    assert VisualOptions(method="percentile", percentile=99.9).percentile == 99.9
+
+
+@pytest.mark.parametrize("content", ["{\"vision\": {\"graph_sha256\": ", "[1, 2]", "{\"vision\": {\"ranges\": 3}}",
+                                     "\udcff"])
+def test_corrupt_calibration_cache_is_one_line_naming_it(toy_artifacts, tmp_path, content):
+    cache = tmp_path / "ranges.json"
+    cache.write_bytes(content.encode("utf-8", "surrogateescape"))
+    proc = run_cli("quantize", toy_artifacts, tmp_path / "q", "--synthetic", "8", "--held-out", "8",
+                   "--calibration-cache", cache)
+    assert_one_line_error(proc, str(cache), "calibration cache", "delete it")
+    assert not (tmp_path / "q").exists() and cache.read_bytes() == content.encode("utf-8", "surrogateescape")
+
+
+def test_calibration_cache_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    from calibration.visual import RangeCache
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(Blip2EdgeError, match="fifo: calibration cache is not a regular file"):
+        RangeCache(tmp_path / "fifo", {})
+
+
+def test_calibration_cache_is_replaced_whole(tmp_path):
+    """Written to a temporary file and renamed: a reader (here a hard link to the old file)
+    never sees a half-written cache, and no temporary file is left."""
+    import json
+    import os
+
+    from calibration.visual import RangeCache, VisualOptions
+
+    path = tmp_path / "cache" / "ranges.json"
+    ranges = tmp_path / "r.json"
+    ranges.write_text(json.dumps({"t": [0.0, 1.0]}))
+    cache = RangeCache(path, {"source": "synthetic"})
+    cache.store("vision", "sha", VisualOptions(), ranges)
+    os.link(path, tmp_path / "reader.json")
+    before = (tmp_path / "reader.json").read_text()
+    cache.store("qformer", "sha", VisualOptions(), ranges)
+    assert (tmp_path / "reader.json").read_text() == before  # the old file was not rewritten in place
+    assert set(json.loads(path.read_text())) == {"vision", "qformer"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ranges.json"]
+    again = RangeCache(path, {"source": "synthetic"})
+    assert again.extract("vision", "sha", VisualOptions(), tmp_path / "x.json").exists()
+    other = RangeCache(path, {"source": "folder"})
+    assert not other.extract("vision", "sha", VisualOptions(), tmp_path / "y.json").exists()
+
+
+def test_folder_identity_follows_the_chosen_files(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    one = folder_source(folder, 10, seed=3, held_out=8)
+    assert one.calibration_identity() == folder_source(folder, 10, seed=3, held_out=10).calibration_identity()
+    assert one.calibration_identity() != folder_source(folder, 10, seed=4, held_out=8).calibration_identity()
+    assert one.describe()["selection_sha256"] == one.calibration_identity()["selection_sha256"]
+    Image.new("RGB", (9, 9), (255, 0, 0)).save(one.calibration[0])  # a chosen image changed
+    assert folder_source(folder, 10, seed=3, held_out=8).calibration_identity() != one.calibration_identity()
+
+
+def test_failed_gate_report_never_replaces_a_users_file(tiny_artifacts, tmp_path):
+    """The report of a run below its gates goes beside OUT_DIR: a user's file or link of that
+    name is left alone (the next free name is used, and named in the error); our own earlier
+    report is replaced whole."""
+    import json
+    import os
+
+    from calibration.gates import GateError, Gates
+
+    (tmp_path / "q.fidelity.json").write_text("my notes")
+    (tmp_path / "secret.txt").write_text("keep me")
+    os.symlink(tmp_path / "secret.txt", tmp_path / "q.fidelity-1.json")
+    must_fail = QuantizeOptions(num_calib=4, held_out=4, gates=Gates(visual_cosine_mean=1.5))
+    for _ in range(2):  # the second run finds its own earlier report at q.fidelity-2.json
+        with pytest.raises(GateError) as err:
+            quantize(tiny_artifacts, tmp_path / "q", must_fail, log=lambda s: None)
+        assert f"report: {tmp_path / 'q.fidelity-2.json'} (q.fidelity.json is not a report of ours" in str(err.value)
+    assert (tmp_path / "q.fidelity.json").read_text() == "my notes"
+    assert (tmp_path / "secret.txt").read_text() == "keep me" and (tmp_path / "q.fidelity-1.json").is_symlink()
+    kept = json.loads((tmp_path / "q.fidelity-2.json").read_text())
+    assert [g["passed"] for g in kept["gates"] if g["name"] == "vision cosine mean"] == [False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.fidelity-1.json", "q.fidelity-2.json",
+                                                          "q.fidelity.json", "secret.txt"]
+
+
+def test_kept_report_skips_what_is_not_ours_and_never_blocks(tmp_path):
+    import json
+    import os
+
+    from calibration.kept_report import keep_report
+
+    report = {"held_out_images": 1, "stages": {}, "end_to_end": {}, "gates": []}
+    out = tmp_path / "q"
+    os.mkfifo(tmp_path / "q.fidelity.json")  # opening it to read would block: it must not be opened
+    (tmp_path / "q.fidelity-1.json").mkdir()
+    (tmp_path / "q.fidelity-2.json").write_text(json.dumps({"stages": {}, "gates": []}))  # not all our keys
+    path, note = keep_report(out, report)
+    assert path == tmp_path / "q.fidelity-3.json" and json.loads(path.read_text()) == report
+    assert note.startswith(f"report: {path} (q.fidelity.json is not a report of ours")
+    assert json.loads((tmp_path / "q.fidelity-2.json").read_text()) == {"stages": {}, "gates": []}
+    assert keep_report(out, {**report, "held_out_images": 2})[0] == path  # ours: replaced
+    assert json.loads(path.read_text())["held_out_images"] == 2
+    assert keep_report(tmp_path / "missing" / "q", report) == (
+        None, f"report not kept: cannot write in {tmp_path / 'missing'} (No such file or directory)")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_decoder_without_lm_head_is_an_artifact_error_naming_the_file(tmp_path):
+    from onnx import TensorProto, helper
+
+    from calibration.llm import lm_head_node
+    from runtime.errors import ArtifactError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [logits]))
+    with pytest.raises(ArtifactError, match=f"{tmp_path / 'decoder.onnx'}: decoder graph has no lm_head MatMul"):
+        lm_head_node(model, tmp_path / "decoder.onnx")

@@ -1,21 +1,62 @@
-"""`blip2-edge profile`: outputs are produced and well-formed; stages add up; bad arguments."""
+"""`blip2-edge profile`: statistics on known values, outputs consistent with the raw runs they
+summarise, forced lengths, output paths checked before any run, bad arguments."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.errors import Blip2EdgeError
 from runtime.profiling.profiler import STAGES, ProfileOptions, profile_artifacts
-from runtime.profiling.tegrastats import parse_line, summarize
+from runtime.profiling.report import check_output_path
+from runtime.profiling.stats import duration_stats
+from runtime.profiling.tegrastats import parse_line, tegrastats_summary
 from runtime import synthetic
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
 
-def test_outputs_are_well_formed(toy_artifacts, tmp_path):
+def test_duration_stats_on_known_values():
+    s = duration_stats([0.004, 0.001, 0.003, 0.002])
+    assert s["n"] == 4 and (s["min"], s["max"]) == (0.001, 0.004)
+    assert s["mean"] == pytest.approx(0.0025) and s["p50"] == pytest.approx(0.0025)
+    assert s["p90"] == pytest.approx(0.0037) and s["p99"] == pytest.approx(0.00397)  # linear interpolation
+    # 101 values: the p-th percentile is exactly the p-th smallest; a generator is accepted.
+    v = np.random.default_rng(0).exponential(size=101)
+    s = duration_stats(x for x in v)
+    ordered = np.sort(v)
+    assert (s["p50"], s["p90"], s["p99"]) == (ordered[50], ordered[90], ordered[99])
+    assert s["mean"] == pytest.approx(v.sum() / 101) and s["n"] == 101
+    assert duration_stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None, "min": None, "max": None,
+                                  "n": 0}
+
+
+def test_profile_is_consistent_with_its_raw_runs(toy_artifacts):
+    images = [im for _, im in synthetic.make_scenes(3, seed=1)]
+    prof = profile_artifacts(toy_artifacts, images, ProfileOptions(runs=3, warmup=1, new_tokens=6, batch_size=2))
+    runs = prof["runs"]
+    assert len(runs) == 3  # the warm-up run is not measured
+    prefill = STAGES.index("prefill") + 1
+    for run in runs:
+        assert len(run["decode_steps"]) == 5  # forced length: 6 tokens, the first from prefill
+        assert all(run[s] >= 0 for s in STAGES) and run["vision"] > 0 and run["decode"] > 0
+        assert sum(run[s] for s in STAGES) <= run["total"]  # one clock: the stages lie inside the total
+        assert sum(run["decode_steps"]) <= run["decode"]
+    for stage in STAGES:
+        assert prof["stages"][stage] == duration_stats(r[stage] for r in runs)
+    assert prof["stages"]["end_to_end"] == duration_stats(r["total"] for r in runs)
+    assert prof["stages"]["decode_step"] == duration_stats(t for r in runs for t in r["decode_steps"])
+    assert prof["time_to_first_token"] == duration_stats(sum(r[s] for s in STAGES[:prefill]) for r in runs)
+    assert prof["tokens_per_s"] / prof["images_per_s"] == pytest.approx(6)  # tokens per image
+    assert prof["precision"] == {"vision": "fp32", "qformer": "fp32", "decoder": "fp32"}
+
+
+def test_outputs_match_the_json(toy_artifacts, tmp_path):
     files = {k: tmp_path / f"p.{k}" for k in ("json", "csv")}
     trace, png = tmp_path / "trace.json", tmp_path / "p.png"
     proc = run_cli("profile", toy_artifacts, toy_artifacts, "--synthetic", "3", "--runs", "3", "--warmup", "1",
@@ -26,36 +67,59 @@ def test_outputs_are_well_formed(toy_artifacts, tmp_path):
 
     data = json.loads(files["json"].read_text())
     env = data["environment"]
-    assert env["cores"] >= 1 and env["onnxruntime"] and "CPUExecutionProvider" in env["providers"]
-    assert len(data["profiles"]) == 2 and data["settings"]["new_tokens"] == 5
+    assert env["cores"] == os.cpu_count() and "CPUExecutionProvider" in env["providers"]
+    assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
+                                "device": "cpu", "backend": "onnxruntime"}
+    assert len(data["profiles"]) == 2
     p = data["profiles"][0]
-    assert p["stages"]["decode_step"]["n"] == 3 * 4  # 5 tokens: the first from prefill, 4 decode steps
-    assert p["stages"]["end_to_end"]["p50"] <= p["stages"]["end_to_end"]["max"]
+    assert len(p["runs"]) == 3 and p["stages"]["decode_step"]["n"] == 3 * 4
+    assert p["stages"]["end_to_end"] == duration_stats(r["total"] for r in p["runs"])
 
+    # CSV: one row per (directory, stage), the JSON's statistics in milliseconds.
     rows = list(csv.DictReader(files["csv"].open()))
-    assert {r["stage"] for r in rows} >= {*STAGES, "end_to_end"}
+    assert len(rows) == sum(len(q["stages"]) for q in data["profiles"])
     assert all(r["env_onnxruntime"] == env["onnxruntime"] for r in rows)
+    first = {r["stage"]: r for r in rows[: len(p["stages"])]}
+    for stage, s in p["stages"].items():
+        assert int(first[stage]["n"]) == s["n"]
+        for k in ("mean", "p50", "p90", "p99", "min", "max"):
+            assert float(first[stage][f"{k}_ms"]) == pytest.approx(s[k] * 1e3, abs=1e-4)
 
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
-    stage_events = [e for e in events if e["cat"] == "stage"]
+    # Trace: the first measured run, stages back to back with its durations, then its decode steps.
+    events = json.loads(trace.read_text())["traceEvents"]
+    stage_events = [e for e in events if e.get("cat") == "stage"]
+    run = p["runs"][0]
     assert [e["name"] for e in stage_events] == list(STAGES)
-    assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-6 for a, b in zip(stage_events, stage_events[1:]))
-    assert sum(e["cat"] == "decode_step" for e in events) == 4
+    assert [e["dur"] for e in stage_events] == pytest.approx([run[s] * 1e6 for s in STAGES])
+    assert stage_events[0]["ts"] == 0
+    assert all(b["ts"] == pytest.approx(a["ts"] + a["dur"]) for a, b in zip(stage_events, stage_events[1:]))
+    steps = [e for e in events if e.get("cat") == "decode_step"]
+    assert [e["dur"] for e in steps] == pytest.approx([t * 1e6 for t in run["decode_steps"]])
+    decode = stage_events[STAGES.index("decode")]
+    assert steps[0]["ts"] == decode["ts"] and steps[-1]["ts"] + steps[-1]["dur"] <= decode["ts"] + decode["dur"] + 1e-3
 
     with Image.open(png) as im:
         im.load()
-        assert im.size[0] > 400 and im.size[1] > 200
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 200
 
 
-def test_stages_add_up_to_end_to_end(toy_artifacts):
-    images = [im for _, im in synthetic.make_scenes(2, seed=1)]
-    prof = profile_artifacts(toy_artifacts, images, ProfileOptions(runs=4, warmup=1, new_tokens=6))
-    for run in prof["runs"]:
-        parts = sum(run[s] for s in STAGES)
-        assert parts <= run["total"]
-        assert run["total"] - parts < max(0.002, 0.1 * run["total"])  # only option checks lie outside
-        assert sum(run["decode_steps"]) <= run["decode"]
-    assert prof["tokens_per_s"] == pytest.approx(6 / prof["stages"]["end_to_end"]["mean"])
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--trace", "--plot"])
+def test_output_paths_are_checked_before_any_run(toy_artifacts, tmp_path, flag):
+    missing = tmp_path / "missing" / "out.file"
+    proc = run_cli("profile", toy_artifacts, "--synthetic", "1", "--runs", "1", "--warmup", "0", flag, missing)
+    assert_one_line_error(proc, flag, "does not exist")
+    assert proc.stdout == ""  # no table: it failed before profiling, not after
+
+
+def test_check_output_path(tmp_path):
+    check_output_path("--json", tmp_path / "new.json")  # a new file in a writable directory
+    (tmp_path / "old.json").write_text("{}")
+    check_output_path("--json", tmp_path / "old.json")  # replaced
+    with pytest.raises(Blip2EdgeError, match="--csv .*: exists and is not a regular file"):
+        check_output_path("--csv", tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(Blip2EdgeError, match="--trace .*fifo: exists and is not a regular file"):
+        check_output_path("--trace", tmp_path / "fifo")
 
 
 def test_bad_arguments(toy_artifacts, tmp_path):
@@ -89,6 +153,6 @@ def test_tegrastats_parser_on_three_jetpacks():
     assert (five["ram_used_mb"], five["gpu_load_pct"]) == (2475, 61)
     assert five["power_mw"] == 1992 + 398 + 2321  # AGX Orin: the module total is the sum of its rails
     assert (six["ram_used_mb"], six["ram_total_mb"], six["gpu_load_pct"], six["power_mw"]) == (3059, 7620, 0, 4755)
-    s = summarize([four, six])
+    s = tegrastats_summary([four, six])
     assert s["samples"] == 2 and s["power_mw"]["max"] == 4755 and s["ram_used_mb"]["mean"] == (1681 + 3059) / 2
     assert parse_line("garbage") == {}

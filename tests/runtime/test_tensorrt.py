@@ -100,7 +100,7 @@ def test_build_engines_without_tensorrt_names_the_extra(tiny_artifacts):
 def test_build_engines_argument_errors(tiny_artifacts, tmp_path):
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--int8"), "--int8 needs QDQ graphs")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-batch", "4", "--max-batch", "2"),
-                          "min <= opt <= max")
+                          "--min/opt/max-batch: need 0 <= min <= opt <= max, got 4/1/2")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--builder-optimization-level", "9"), "0-5")
     assert_one_line_error(run_cli("build-engines", tmp_path / "nope"), "not an artifact directory")
 
@@ -128,11 +128,17 @@ def test_fp16_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_
     trt = Blip2Pipeline.from_artifacts(art, backend="tensorrt")
     images = [im for _, im in synthetic.make_scenes(4, seed=2)]
     pixels = cpu.preprocessing.batch(images)
-    for stage, feed in (("vision", {"pixel_values": pixels}),):
-        a = cpu.runners[stage].infer(feed)["image_embeds"].reshape(-1, cpu.model["vision_hidden"])
-        b = trt.runners[stage].infer(feed)["image_embeds"].reshape(-1, cpu.model["vision_hidden"])
+    image_embeds = cpu.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+    # Both stages the TensorRT backend runs, each fed the same (ONNX Runtime) inputs.
+    for stage, feed, output in (("vision", {"pixel_values": pixels}, "image_embeds"),
+                                ("qformer", {"image_embeds": image_embeds}, "query_embeds")):
+        assert type(trt.runners[stage]).__name__ == "TrtRunner"
+        a = cpu.runners[stage].infer(feed)[output].astype(np.float64)
+        b = trt.runners[stage].infer(feed)[output].astype(np.float64)
+        assert a.shape == b.shape
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        assert cos.mean() >= 0.999
+        assert cos.mean() >= 0.999 and cos.min() >= 0.99, stage
     with open(art / "vision.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(StaleEngineError):

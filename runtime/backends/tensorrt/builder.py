@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
-from runtime.errors import Blip2EdgeError, require
+from runtime.errors import Blip2EdgeError, OptionError, require
 
 HARDWARE_COMPATIBILITY = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 
@@ -29,12 +29,12 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise ValueError(f"unknown --hardware-compatibility '{self.hardware_compatibility}'; "
-                             f"valid: {', '.join(HARDWARE_COMPATIBILITY)}")
+            raise OptionError(f"unknown --hardware-compatibility '{self.hardware_compatibility}'; "
+                              f"valid: {', '.join(HARDWARE_COMPATIBILITY)}")
         if not 0 <= self.optimization_level <= 5:
-            raise ValueError(f"--builder-optimization-level must be 0-5, got {self.optimization_level}")
+            raise OptionError(f"--builder-optimization-level must be 0-5, got {self.optimization_level}")
         if self.workspace_mb < 64:
-            raise ValueError(f"--workspace must be >= 64 MB, got {self.workspace_mb}")
+            raise OptionError(f"--workspace must be >= 64 MB, got {self.workspace_mb}")
 
     def flags(self) -> dict:
         return {"fp16": self.fp16, "int8": self.int8, "workspace_mb": self.workspace_mb,

@@ -35,9 +35,9 @@ def build_options(args):
     from runtime.backends.tensorrt.builder import BuildOptions
     from runtime.backends.tensorrt.profiles import ProfileRanges, Range
 
-    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch),
-                           sequence=Range(args.min_seq, args.opt_seq, args.max_seq),
-                           past=Range(args.min_past, args.opt_past, args.max_past))
+    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"),
+                           sequence=Range(args.min_seq, args.opt_seq, args.max_seq, "--min/opt/max-seq"),
+                           past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"))
     return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
                         timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
                         version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)

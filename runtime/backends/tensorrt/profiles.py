@@ -6,7 +6,9 @@ dims (image size, hidden sizes, heads) come from the manifest as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from runtime.errors import ArtifactError, OptionError
 
 
 @dataclass(frozen=True)
@@ -14,10 +16,11 @@ class Range:
     min: int
     opt: int
     max: int
+    name: str = field(default="range", compare=False)  # what the error names: the flags it came from
 
     def __post_init__(self) -> None:
         if not 0 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"need 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+            raise OptionError(f"{self.name}: need 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class ProfileRanges:
         if dim == "total_sequence":
             return Range(self.past.min + self.sequence.min, self.past.opt + self.sequence.opt,
                          self.past.max + self.sequence.max)
-        raise ValueError(f"no range for dynamic dim '{dim}'")
+        raise ArtifactError(f"no TensorRT profile range for dynamic dim '{dim}' (known: batch, sequence, "
+                            "past_sequence, total_sequence)")
 
 
 def stage_profile(stage: dict, ranges: ProfileRanges) -> dict[str, tuple[tuple, tuple, tuple]]:
