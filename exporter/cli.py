@@ -22,11 +22,13 @@ def register(sub) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (default 17); refused up front outside what torch writes and onnxruntime runs")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--atol", type=float, help="max abs diff allowed per stage (default 1e-4 fp32, 2e-2 fp16)")
     p.add_argument("--no-validate", dest="validate", action="store_false")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_export)

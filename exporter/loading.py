@@ -45,6 +45,19 @@ def check_local_weights(path: Path, allow_pickle: bool) -> None:
     raise Blip2EdgeError(f"{path}: no weight files (*.safetensors) found")
 
 
+def check_safetensors(files: list[Path]) -> None:
+    """Reads each file's safetensors header (not the weights): a truncated, empty or corrupt
+    file is refused naming it, before transformers fails on it deep inside from_pretrained."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="np"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise Blip2EdgeError(f"{f}: not a valid safetensors file ({_one_line(exc)})") from None
+
+
 def load_config(model: str, opts: LoadOptions):
     from transformers import AutoConfig
 
@@ -94,6 +107,7 @@ def float_dtype(hf_model):
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
+    from safetensors import SafetensorError
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     path = Path(model).expanduser()
@@ -104,6 +118,8 @@ def load_model(model: str, opts: LoadOptions):
             raise Blip2EdgeError(f"{path}: not a directory; give a hub id or a checkpoint directory")
         check_local_weights(path, opts.allow_pickle)
     config = load_config(model, opts)
+    if path.is_dir():
+        check_safetensors(sorted(path.glob("*.safetensors")))
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
     common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
     try:
@@ -114,6 +130,8 @@ def load_model(model: str, opts: LoadOptions):
         processor = Blip2Processor.from_pretrained(model, **common)
     except (OSError, ValueError) as exc:
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
+        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
     if processor.num_query_tokens is None:
         processor.num_query_tokens = config.num_query_tokens
     processor.tokenizer.padding_side = "left"  # batched prompts: the query tokens come first

@@ -6,14 +6,61 @@ they are streamed into a single `<graph>.onnx.data` next to the graph.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 from pathlib import Path
 
 from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
+from runtime.errors import OptionError
 from runtime.stages import StageSpec
 
 _ALIGN = 4096  # page-aligned tensors can be memory-mapped by ONNX Runtime
+MIN_OPSET = 17  # LayerNormalization is one op from opset 17 on
+
+
+def torchscript_max_opset() -> int:
+    """The highest opset torch.onnx's TorchScript exporter (the one we use) writes. Past it,
+    torch warns and writes a graph anyway up to some point, then fails with its whole IR."""
+    from torch.onnx import _constants
+
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", MIN_OPSET))
+
+
+@functools.lru_cache(maxsize=None)
+def loads_in_onnxruntime(opset: int) -> bool:
+    """Whether this onnxruntime loads a one-node graph of `opset` (it has no API that says)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own Fail/InvalidGraph types for an unknown opset
+        return False
+    return True
+
+
+def supported_opsets() -> range:
+    """Opsets torch writes and the installed onnxruntime runs (validation runs the graphs there)."""
+    high = torchscript_max_opset()
+    while high > MIN_OPSET and not loads_in_onnxruntime(high):
+        high -= 1
+    return range(MIN_OPSET, high + 1)
+
+
+def check_opset(opset: int) -> None:
+    """Refuses an opset outside `supported_opsets()` before anything is loaded or exported."""
+    import torch
+
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise OptionError(
+            f"--opset {opset} is not supported: use {ok.start} to {ok[-1]} ({MIN_OPSET}: first with LayerNormalization; "
+            f"{ok[-1]}: the highest torch {torch.__version__.split('+')[0]}'s TorchScript ONNX exporter writes that "
+            "this onnxruntime runs)")
 
 
 def _external_info(tensor) -> dict[str, str]:

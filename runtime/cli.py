@@ -1,56 +1,129 @@
 """The `blip2-edge` command: one entry point, a subcommand per job.
 
-Each subcommand module registers its parser and imports its heavy dependencies only when it
-runs. User errors print one line and exit 2; tracebacks appear only with --debug.
+Only the chosen subcommand's module is imported (`caption` never loads the exporter or the
+calibration package); `blip2-edge --help` lists every subcommand from the table below. User
+errors print one line and exit 2; bugs print one line and exit 1; tracebacks only with --debug.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
+import io
 import logging
+import os
 import sys
+import warnings
 
 from runtime.errors import Blip2EdgeError
 
-# (module, what it adds). The exporter's module is imported when the parser is built, not when
-# the runtime is imported, and itself imports torch only inside its commands.
-SUBCOMMAND_MODULES = ("runtime.cli_generate", "runtime.profiling.cli", "runtime.backends.tensorrt.cli",
-                      "exporter.cli", "calibration.cli")
+# name -> (module whose register(sub) adds it, help line for the listing). A module's commands
+# are contiguous here, in the order it registers them (tests/runtime/test_cli.py checks both).
+COMMANDS = {
+    "caption": ("runtime.cli_generate", "caption images"),
+    "ask": ("runtime.cli_generate", "answer a question about images"),
+    "profile": ("runtime.profiling.cli", "per-stage latency of one or more artifact directories, side by side"),
+    "build-engines": ("runtime.backends.tensorrt.cli", "build TensorRT engines on this device"),
+    "export": ("exporter.cli", "BLIP-2 checkpoint -> validated ONNX artifact directory"),
+    "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
+    "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),
+    "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
+}
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `cat` or `grep` cut off by `head`
+ESCAPE = "blip2edge.escape"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in argv: the top-level options (--debug, --help) take no value, so
+    it is the first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser of the command chosen in `argv`; every other command is a placeholder
+    with its help line (enough for the listing and for argparse's 'invalid choice')."""
     parser = argparse.ArgumentParser(
         prog="blip2-edge", description="Export, quantize and run BLIP-2 on edge devices."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    chosen_module = COMMANDS.get(chosen_command(argv or []), (None,))[0]
+    for name, (module, helptext) in COMMANDS.items():
+        if name in sub.choices:
+            continue
+        if module != chosen_module:
+            sub.add_parser(name, help=helptext)
+            continue
+        importlib.import_module(module).register(sub)
+        for command, p in sub.choices.items():
+            if COMMANDS.get(command, (None,))[0] == module:
+                # Also after the command (`blip2-edge export A B --debug`); SUPPRESS keeps a
+                # top-level --debug from being reset by the subcommand's default.
+                p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show tracebacks and debug logs")
     return parser
 
 
+def _escape_unencodable(err: UnicodeError):
+    """Codec error handler for stdout/stderr: a character the stream cannot encode must never
+    abort a run. Undecodable bytes of a file name (surrogate escapes) are written back as the
+    original bytes, anything else as a backslash escape."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    out = b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("ascii", "backslashreplace")
+                   for c in err.object[err.start:err.end])
+    return out, err.end
+
+
+def safe_text_streams() -> None:
+    codecs.register_error(ESCAPE, _escape_unencodable)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=ESCAPE)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
-    args.debug = debug
+    argv = sys.argv[1:] if argv is None else list(argv)
+    safe_text_streams()
+    args = build_parser(argv).parse_args(argv)
+    debug = args.debug = bool(getattr(args, "debug", False))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not debug:
+        warnings.showwarning = _print_warning
     try:
-        return int(args.run(args) or 0)
-    except (Blip2EdgeError, ValueError) as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as `cat` does. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (an in-process caller)
+            pass
+        return SIGPIPE_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not a user error: say so, keep the traceback for --debug
+    except Exception as exc:
         if debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+        # Only our own error classes are user errors (OptionError for bad values): a plain
+        # ValueError, from numpy or from us, is a bug.
+        if isinstance(exc, Blip2EdgeError):
+            print(f"error: {exc}", file=sys.stderr)
+            return getattr(exc, "exit_code", 2)
+        # A bug, not a user error: say so, keep the traceback for --debug.
+        print(f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
 

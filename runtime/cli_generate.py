@@ -5,26 +5,44 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError, ImageError
+from runtime.errors import ImageError, OptionError
+from runtime.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+
+def _integer(text: str) -> int:
+    """An integer argument; integral float notation ("1e9") is read as the integer it names, so
+    that a limit check, not the parser, explains what is wrong with it."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the artifact's manifest, else transformers')")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--min-new-tokens", type=int)
-    g.add_argument("--num-beams", type=int)
+    g.add_argument("--max-new-tokens", type=_integer)
+    g.add_argument("--min-new-tokens", type=_integer)
+    g.add_argument("--num-beams", type=_integer)
     g.add_argument("--length-penalty", type=float)
     g.add_argument("--early-stopping", choices=("true", "false", "never"))
     g.add_argument("--do-sample", action="store_true", default=None)
     g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-k", type=_integer)
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_integer)
     g.add_argument("--repetition-penalty", type=float)
 
 
@@ -52,8 +70,20 @@ def register(sub) -> None:
                        help="tensorrt: engines from 'blip2-edge build-engines' for the visual stages")
         p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
         p.add_argument("--json", action="store_true", help="one JSON object per image")
+        p.add_argument("--max-image-pixels", type=_integer, metavar="N", default=None,
+                       help="refuse image files over N pixels before decoding them (default: 8192x8192)")
         add_generation_options(p)
-        p.set_defaults(run=run, mode=name)
+        p.set_defaults(run=run_naming_flags, mode=name)
+
+
+def run_naming_flags(args) -> int:
+    """run(), with a bad generation option reported by its flag (--max-new-tokens)."""
+    from runtime.options import GenerationOptionError
+
+    try:
+        return run(args)
+    except GenerationOptionError as exc:
+        raise exc.as_flag() from None
 
 
 def expand_images(items: list[str]) -> tuple[list[str], list[str]]:
@@ -78,12 +108,32 @@ def expand_images(items: list[str]) -> tuple[list[str], list[str]]:
     return paths, errors
 
 
+def text_argument(value: str | None, flag: str) -> str | None:
+    """A text option as typed: bytes that are not valid in the locale's encoding reach Python as
+    lone surrogates, which no tokenizer can encode; refuse them in one line."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(value).decode("ascii", "backslashreplace")
+            raise OptionError(f"{flag}: not valid text in this terminal's encoding ({raw})") from None
+    return value
+
+
 def run(args) -> int:
+    from PIL import Image
+
     from runtime.pipeline import Blip2Pipeline
-    from runtime.preprocess import load_image
+    from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, load_image
 
     if args.batch_size < 1:
-        raise Blip2EdgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    max_pixels = check_max_pixels(
+        DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels, "--max-image-pixels")
+    # --max-image-pixels is the check here; Pillow's own warning above 89 Mpx would only repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    text_argument(getattr(args, "question", None), "--question")
+    text_argument(getattr(args, "prompt", None), "--prompt")
     paths, errors = expand_images(args.images)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
@@ -112,7 +162,8 @@ def run(args) -> int:
 
     for path in paths:
         try:
-            image = load_image(path)
+            # Shrunk to the model's size as soon as it is decoded: a batch holds small images only.
+            image = pipe.preprocessing.resize(load_image(path, max_pixels))
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1

@@ -19,6 +19,12 @@ class ImageError(Blip2EdgeError):
     """An image cannot be read or decoded."""
 
 
+class OptionError(Blip2EdgeError, ValueError):
+    """An option or argument has a value outside what it accepts. Also a ValueError, so callers
+    that catch ValueError keep working; the CLI reports it as a user error (a raw ValueError
+    from a library is a bug, reported as an internal error)."""
+
+
 class MissingExtraError(Blip2EdgeError):
     """An optional dependency is not installed."""
 

@@ -9,22 +9,24 @@
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Generator, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from runtime.artifact_checks import check_runner_io, load_embeddings
 from runtime.backends.onnxrt import OrtRunner, gpu_providers, providers_for
 from runtime.kv_decoder import KVCacheDecoder
 from runtime.manifest import Manifest, load_manifest
-from runtime.options import GenerationOptions
-from runtime.preprocess import Preprocessing, load_image
-from runtime.search import beam_search, greedy_or_sample
+from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
+from runtime.errors import ImageError, OptionError
+from runtime.preprocess import (DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_from_array, load_image,
+                                 warn_if_wide)
+from runtime.search import beam_search, greedy_or_sample, run
+from runtime.stopping import StopStrings, clip, stable_prefix
 from runtime.tokenizer import TextTokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 3) or (H, W) uint8
@@ -48,29 +50,56 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
-def _as_image(item: ImageInput) -> Image.Image:
+def _image_batch(images) -> Sequence[ImageInput]:
+    """The `images` argument of caption/ask/generate must be a sequence of images: a single
+    image (a path string, a PIL image, an array) is refused rather than iterated over."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+        raise ImageError(f"images must be a list of images, got a single {type(images).__name__}; "
+                         "pass [image] for one image")
+    return images
+
+
+def _as_image(item: ImageInput, index: int, preprocessing: Preprocessing,
+              max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """One input -> a PIL image, or an ImageError naming it. A file is resized to the model's
+    input size as soon as it is decoded, so a batch holds small images, never full-size ones
+    (preprocessing the small image gives the same pixel values)."""
+    name = f"image {index}"
     if isinstance(item, Image.Image):
+        if item.width == 0 or item.height == 0:
+            raise ImageError(f"{name}: empty {item.width}x{item.height} image")
+        warn_if_wide(item, name)
         return item
     if isinstance(item, np.ndarray):
-        return Image.fromarray(item)
-    return load_image(item)
+        image = image_from_array(item, name)
+        warn_if_wide(image, name)
+        return image
+    if isinstance(item, (str, os.PathLike)):
+        return preprocessing.resize(load_image(item, max_pixels))
+    raise ImageError(f"{name}: a {type(item).__name__}; expected a file path, a PIL image or a uint8 numpy array")
 
 
 class Blip2Pipeline:
+    # Image files over this many pixels are refused from their header, before decoding.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
                  defaults: GenerationOptions | None = None, io_binding: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
         self.manifest = manifest
+        manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
         m = manifest.data
         self.model = m["model"]
         self.runners = self._runners(manifest, device, backend)
+        for stage, runner in self.runners.items():
+            check_runner_io(manifest, stage, runner)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
         self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
-        self.embed_table = np.load(manifest.path(m["embeddings"]["file"]), mmap_mode="r")
+        self.embed_table = load_embeddings(manifest)  # dtype and shape checked against the manifest
         self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
-        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"]), m["tokenizer"])
+        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
+        manifest.recheck()  # files loaded by path (graphs, tokenizer) are still the ones hashed
         self.prompts = m["prompts"]
         gen = m["generation"]
         base = defaults or GenerationOptions(max_new_tokens=gen.get("max_new_tokens", 30))
@@ -115,45 +144,52 @@ class Blip2Pipeline:
     # ---- public API -------------------------------------------------------------------------
 
     def caption(self, images: Sequence[ImageInput], prompt: str | None = None, **generation) -> list[Result]:
-        """Captions each image; `prompt` is an optional caption prefix (e.g. "a photo of")."""
+        """Captions each image; `prompt` is an optional caption prefix (e.g. "a photo of").
+        `images` is a list even for one image: a single image is refused (ImageError)."""
+        images = _image_batch(images)
         return self.generate(images, [self.caption_prompt(prompt)] * len(images), **generation)
 
     def ask(self, images: Sequence[ImageInput], question: str, **generation) -> list[Result]:
         """Answers `question` about each image with the manifest's VQA template."""
+        images = _image_batch(images)
         return self.generate(images, [self.vqa_prompt(question)] * len(images), **generation)
 
     def stream(self, image: ImageInput, prompt: str | None = None, question: str | None = None,
                **generation) -> Iterator[str]:
         """Yields pieces of one image's text as tokens are produced: a caption (with optional
-        prefix `prompt`), or the answer to `question`."""
+        prefix `prompt`), or the answer to `question`. The pieces joined are `Result.text`.
+
+        The caller drives the work: each `next()` runs decoder steps in the caller's thread
+        until there is new text, so a generator that is closed, dropped or interrupted
+        (KeyboardInterrupt) stops generating; nothing runs in the background.
+
+        Only text that cannot change is shown: a tail that could be the start of a stop string,
+        an incomplete UTF-8 character or a pending tokenizer clean-up is held back until the
+        next tokens settle it. With beams, the text shown is what every hypothesis that can
+        still win has in common (running beams and finished ones), so it may lag behind the
+        best beam and arrive in one piece when the beams agree late.
+        """
         text_prompt = self.vqa_prompt(question) if question is not None else self.caption_prompt(prompt)
+        steps = self._generate_steps([image], [text_prompt], **generation)
         stops = self.options(**generation).stop_strings
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        emitted = [""]
-        errors: list[BaseException] = []
-
-        def on_tokens(rows: list[list[int]]) -> None:
-            text = self._clip(self.tokenizer.decode(rows[0]), stops).lstrip()  # the final text is stripped too
-            if text.endswith("\ufffd"):
-                return  # an incomplete UTF-8 sequence: wait for the next byte token
-            if len(text) > len(emitted[0]):
-                pieces.put(text[len(emitted[0]):])
-                emitted[0] = text
-
-        def work() -> None:
-            try:
-                self.generate([image], [text_prompt], on_tokens=on_tokens, **generation)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-            finally:
-                pieces.put(done)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (piece := pieces.get()) is not done:
-            yield piece
-        if errors:
-            raise errors[0]
+        emitted = ""
+        try:
+            while True:
+                try:
+                    rows = next(steps)
+                except StopIteration as end:
+                    final = end.value[0].text
+                    break
+                text = stable_prefix(self.tokenizer.decode(rows[0]), stops, self.tokenizer.rewrites).lstrip()
+                if len(text) > len(emitted) and text.startswith(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+        finally:
+            steps.close()
+        if not final.startswith(emitted):  # would be a bug in the hold-back rules: say so
+            raise RuntimeError(f"streamed {emitted!r} but the final text is {final!r}")
+        if len(final) > len(emitted):
+            yield final[len(emitted):]
 
     def vqa_prompt(self, question: str) -> str:
         return self.prompts["vqa"].format(question)
@@ -170,7 +206,7 @@ class Blip2Pipeline:
         """Images -> query embeddings (B, Q, D), recording image decode (for paths) /
         preprocess / vision / qformer times."""
         t_decode = time.perf_counter()
-        decoded = [_as_image(im) for im in images]
+        decoded = [_as_image(im, i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(images)]
         t0 = time.perf_counter()
         pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
         t1 = time.perf_counter()
@@ -199,25 +235,36 @@ class Blip2Pipeline:
         return embeds, mask, history
 
     def fit_to_positions(self, opts: GenerationOptions, prompt_length: int, explicit: bool) -> GenerationOptions:
-        """The model has max_position_embeddings positions for queries + prompt + new tokens. A
-        default max_new_tokens shrinks to fit; an explicit one that does not fit is an error."""
+        """The model has max_position_embeddings positions for queries + prompt + the new tokens
+        it reads back; the last new token is never read, so max_new_tokens may reach
+        limit - prompt_length + 1 (transformers' OPT raises an IndexError one further). A default
+        max_new_tokens shrinks to fit; an explicit one that does not fit is an error."""
         limit = self.model["max_position_embeddings"]
-        room = limit - prompt_length
+        queries = self.model["num_query_tokens"]
+        room = limit - prompt_length + 1
+        if room < 1:
+            raise PromptTooLongError(
+                f"prompt too long: {queries} query tokens + {prompt_length - queries} prompt tokens "
+                f"exceed the model's {limit} positions")
         if opts.max_new_tokens <= room:
             return opts
-        if explicit or room < 1:
-            raise ValueError(
-                f"prompt too long: {self.model['num_query_tokens']} query tokens + "
-                f"{prompt_length - self.model['num_query_tokens']} prompt tokens + max_new_tokens "
-                f"{opts.max_new_tokens if explicit else 1} exceed the model's {limit} positions"
-            )
+        if explicit:
+            raise GenerationOptionError(
+                "max_new_tokens", f"must be at most {room} here, got {opts.max_new_tokens}: the model has {limit} "
+                f"positions and {queries} query tokens + {prompt_length - queries} prompt tokens use "
+                f"{prompt_length} of them (the last new token takes none)")
         return opts.updated(max_new_tokens=room, min_new_tokens=min(opts.min_new_tokens, room))
 
-    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], on_tokens=None,
-                 **generation) -> list[Result]:
+    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation) -> list[Result]:
         """Runs a batch: one prompt per image."""
+        return run(self._generate_steps(images, prompts, **generation))
+
+    def _generate_steps(self, images: Sequence[ImageInput], prompts: Sequence[str],
+                        **generation) -> Generator[list[list[int]], None, list[Result]]:
+        """generate() one decoder step per next(): yields each row's settled token ids (see
+        runtime.search), returns the Results."""
         if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+            raise OptionError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             return []
         opts = self.options(**generation)
@@ -226,7 +273,7 @@ class Blip2Pipeline:
         query = self.encode_images(images, timings)
         t0 = time.perf_counter()
         embeds, mask, history = self.build_inputs(query, prompts)
-        opts = self.fit_to_positions(opts, embeds.shape[1], explicit="max_new_tokens" in generation)
+        opts = self.fit_to_positions(opts, embeds.shape[1], explicit=generation.get("max_new_tokens") is not None)
         timings["prompt"] = time.perf_counter() - t0
 
         decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype,
@@ -235,29 +282,31 @@ class Blip2Pipeline:
         first = decoder.prefill(embeds, mask)
         timings["prefill"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        eos = tuple(opts.eos_token_ids)
-        if opts.num_beams > 1:
-            rows = beam_search(first, decoder, history, opts, eos, self.pad_id)
-        else:
-            stops = opts.stop_strings
-
-            def stopped(i: int, toks: list[int]) -> bool:
-                return bool(stops) and any(s in self.tokenizer.decode(toks) for s in stops)
-
-            rows = greedy_or_sample(first, decoder, history, opts, eos, self.pad_id, stopped, on_tokens)
+        search = beam_search if opts.num_beams > 1 else greedy_or_sample
+        stops = StopStrings(opts.stop_strings or (), self.tokenizer.token_text)
+        # The consumer's time between steps (a stream's printing) is not the pipeline's: leave
+        # it out of decode.
+        paused = 0.0
+        steps = search(first, decoder, history, opts, tuple(opts.eos_token_ids), self.pad_id, stops)
+        while True:
+            try:
+                settled = next(steps)
+            except StopIteration as end:
+                rows = end.value
+                break
+            t_yield = time.perf_counter()
+            yield settled
+            paused += time.perf_counter() - t_yield
         # decode: the whole search after prefill (token choice included); decode_steps: each
         # decoder run alone.
-        timings["decode"] = time.perf_counter() - t0
+        timings["decode"] = time.perf_counter() - t0 - paused
         timings["decode_steps"] = decoder.step_times
         t0 = time.perf_counter()
         texts = [self._clip(self.tokenizer.decode(r), opts.stop_strings).strip() for r in rows]
         timings["detokenize"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
+        timings["total"] = time.perf_counter() - t_start - paused
         return [Result(text=t, tokens=r, timings=timings) for t, r in zip(texts, rows)]
 
     @staticmethod
     def _clip(text: str, stop_strings) -> str:
-        for s in stop_strings or ():
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+        return clip(text, stop_strings)

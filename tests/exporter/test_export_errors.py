@@ -73,8 +73,36 @@ def test_out_dir_exists(tmp_path, tiny_checkpoint):
     assert_one_line_error(run_cli("export", tiny_checkpoint, tmp_path / "out"), "already exists", "--overwrite")
 
 
-def test_bad_opset(tmp_path, tiny_checkpoint):
-    assert_one_line_error(run_cli("export", tiny_checkpoint, tmp_path / "out", "--opset", "13"), "opset")
+@pytest.mark.parametrize("opset", ["13", "21", "99"])
+def test_unsupported_opset_refused_up_front(tmp_path, tiny_checkpoint, opset):
+    from exporter.onnx_export import MIN_OPSET, supported_opsets
+
+    proc = run_cli("export", tiny_checkpoint, tmp_path / "out", "--opset", opset)
+    ok = supported_opsets()
+    assert ok.start == MIN_OPSET and ok[-1] >= MIN_OPSET
+    assert_one_line_error(proc, f"--opset {opset}", f"{ok.start} to {ok[-1]}")
+    assert len(proc.stderr) < 400 and proc.stdout == ""  # no TorchScript IR, nothing exported
+    assert not (tmp_path / "out").exists()
+
+
+def test_highest_supported_opset_exports(tmp_path, tiny_checkpoint):
+    from exporter.onnx_export import supported_opsets
+
+    proc = run_cli("export", tiny_checkpoint, tmp_path / "out", "--opset", str(supported_opsets()[-1]), "--no-validate")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tools"]["opset"] == supported_opsets()[-1]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "header-only"])
+def test_corrupt_safetensors_named(tmp_path, tiny_checkpoint, damage):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"garbage": bytes(range(256)) * 64, "truncated": data[: len(data) // 2], "empty": b"",
+                         "header-only": data[: 8 + int.from_bytes(data[:8], "little")]}[damage])
+    proc = run_cli("export", ckpt, tmp_path / "out")
+    assert_one_line_error(proc, str(weights), "not a valid safetensors file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -1,15 +1,26 @@
-"""`blip2-edge caption` / `ask`: inputs, bad images, output formats, exit status."""
+"""`blip2-edge caption` / `ask`: inputs, bad images, output formats, exit status; the entry point's
+handling of pipes, encodings, --debug and error classes; subcommands loaded only when chosen."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
 
 import numpy as np
-
+import pytest
 from PIL import Image
 
 from runtime import synthetic
-from tests.conftest import run_cli
+from runtime import cli
+from runtime.cli import COMMANDS, SIGPIPE_EXIT
+from tests.conftest import REPO, run_cli
 
 
 def write_scenes(folder, n, seed=21):
@@ -62,8 +73,153 @@ def test_bad_images_are_reported_and_others_processed(toy_artifacts, tmp_path):
 def test_bad_arguments(toy_artifacts, tmp_path):
     write_scenes(tmp_path, 1)
     proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", "--top-p", "2")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: top_p must be in (0, 1]")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and "top" in err[0], proc.stderr
+    assert "(0, 1]" in err[0]
     proc = run_cli("caption", tmp_path / "nope", tmp_path / "img0.png")
     assert proc.returncode == 2 and "not an artifact directory" in proc.stderr
     proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", "--device", "cuda")
     assert proc.returncode == 2 and "blip2-edge[gpu]" in proc.stderr
+
+
+# ---- pipes, encodings, error classes, --debug, lazy subcommands ---------------------------------
+
+def run_cli_bytes(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """run_cli, but with raw bytes out (file names need not be valid text) and a chosen env."""
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_closed_pipe_stops_quietly(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 3)
+    for extra in ((), ("--stream",)):
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "caption", str(toy_artifacts), str(tmp_path),
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        try:
+            assert proc.stdout.read(1) == b"/"  # `| head -c1`: one byte read, then the pipe closes
+            proc.stdout.close()
+            _, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == SIGPIPE_EXIT and err == b"", (extra, err)
+
+
+def test_undecodable_file_name_with_strict_ascii_stdout(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 3)
+    os.rename(tmp_path / "img0.png", os.path.join(os.fsencode(tmp_path), b"a\xffname.png"))
+    for env in ({"PYTHONIOENCODING": "ascii:strict"}, {"LC_ALL": "C", "PYTHONIOENCODING": "ascii:strict"}):
+        proc = run_cli_bytes("caption", toy_artifacts, tmp_path, "--prompt", "a", env=env)
+        assert proc.returncode == 0, proc.stderr
+        names = [l.split(b": ", 1)[0].rsplit(b"/", 1)[1] for l in proc.stdout.splitlines()]
+        assert names == [b"a\xffname.png", b"img1.png", b"img2.png"]  # the name's own bytes, every image
+        proc = run_cli_bytes("caption", toy_artifacts, tmp_path, "--json", env=env)
+        rows = [json.loads(l) for l in proc.stdout.splitlines()]
+        assert proc.returncode == 0 and os.fsencode(rows[0]["path"]).endswith(b"a\xffname.png")
+
+
+def test_undecodable_question_is_a_one_line_error(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 1)
+    for flag in ("-q", "--question"):
+        proc = run_cli_bytes("ask", toy_artifacts, tmp_path / "img0.png", flag, os.fsdecode(b"what \xff?"))
+        err = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: --question"), proc.stderr
+        assert "\\xff" in err[0]
+    proc = run_cli_bytes("caption", toy_artifacts, tmp_path / "img0.png", "--prompt", os.fsdecode(b"\xfe"))
+    assert proc.returncode == 2 and proc.stderr.decode().startswith("error: --prompt"), proc.stderr
+
+
+def test_only_our_errors_are_user_errors(monkeypatch, capsys):
+    """An OptionError from our option checks is a user error (one line, exit 2); a plain
+    ValueError raised inside numpy or a builtin (a bug of ours) is an internal error (exit 1)."""
+    from runtime.profiling.profiler import ProfileOptions
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+
+    def main_running(body):
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(run=lambda args: body())
+        monkeypatch.setattr(cli, "build_parser", lambda argv: parser)
+        status = cli.main([])
+        return status, capsys.readouterr().err.splitlines()
+
+    status, err = main_running(lambda: ProfileOptions(runs=0))
+    assert (status, err) == (2, ["error: --runs must be >= 1, got 0"])
+    for bug in (lambda: np.zeros(6).reshape(4), lambda: int("x")):
+        status, err = main_running(bug)
+        assert status == 1 and len(err) == 1 and err[0].startswith("internal error: ValueError: "), err
+
+
+def test_option_error_exit_status(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 1)
+    for args, fragment in ((("--batch-size", "0"), "--batch-size"), (("--max-image-pixels", "0"), "--max-image-pixels")):
+        proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", *args)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {fragment}"), proc.stderr
+
+
+def test_debug_is_only_the_flag_never_an_argument_value(toy_artifacts, tmp_path):
+    scenes = write_scenes(tmp_path, 1)
+    proc = run_cli("ask", toy_artifacts, tmp_path / "img0.png", "--question=--debug")
+    assert proc.returncode == 0 and proc.stdout.startswith(str(tmp_path / "img0.png")), proc.stderr
+    proc = run_cli("caption", toy_artifacts, "--", "--debug")  # an image named --debug
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --debug: no such file or directory"
+    proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", "--prompt", "--debug")
+    assert proc.returncode == 2 and "--prompt: expected one argument" in proc.stderr
+    for argv in (("--debug", "caption", tmp_path / "nope", tmp_path / "img0.png"),
+                 ("caption", tmp_path / "nope", tmp_path / "img0.png", "--debug")):
+        proc = run_cli(*argv)
+        assert proc.returncode != 0 and "Traceback" in proc.stderr, argv
+    proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", "--debug")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(scenes[0].caption)
+
+
+def test_caption_loads_neither_exporter_nor_calibration(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 1)
+    code = textwrap.dedent(f"""
+        import sys
+        from runtime.cli import main
+        assert main(["caption", {str(toy_artifacts)!r}, {str(tmp_path / "img0.png")!r}]) == 0
+        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & {{"exporter", "calibration", "torch",
+                                                                   "transformers", "onnx"}})
+        print("loaded:", loaded, file=sys.stderr)
+        assert not loaded
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_help_lists_every_subcommand_from_its_module():
+    """runtime/cli.py's table (the listing) names exactly the commands each module registers,
+    in its order, with its help line."""
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for name in COMMANDS:
+        assert re.search(rf"^\s+{re.escape(name)}\b", proc.stdout, re.M), name
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        registered = [(a.dest, a.help) for a in sub._choices_actions]
+        assert registered == [(n, h) for n, (m, h) in COMMANDS.items() if m == module], module
+
+
+def test_public_api_names_resolve_and_errors_load_no_inference_engine():
+    code = ("import sys, runtime, runtime.errors, runtime.preprocess\n"
+            "assert runtime.OptionError is runtime.errors.OptionError and issubclass(runtime.OptionError, ValueError)\n"
+            "assert runtime.ImageWarning is runtime.preprocess.ImageWarning\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'torch', 'onnx')]\n"
+            "assert all(getattr(runtime, name) for name in runtime.__all__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_profiling_reference_does_not_import_the_profiler_back():
+    code = "import sys, exporter.reference; assert not [m for m in sys.modules if m.startswith('runtime.profiling')]"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_deep_image_is_captioned_with_a_one_line_warning(toy_artifacts, tmp_path):
+    Image.fromarray(np.full((64, 64), 50000, np.uint16)).save(tmp_path / "deep.png")  # 16-bit greyscale PNG
+    proc = run_cli("caption", toy_artifacts, tmp_path / "deep.png")
+    assert proc.returncode == 0 and proc.stdout.startswith(str(tmp_path / "deep.png")), proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'deep.png'}: mode I"), proc.stderr

@@ -1,13 +1,17 @@
-"""pixel_values identical to transformers' BlipImageProcessor for every Pillow mode and size."""
+"""pixel_values identical to transformers' BlipImageProcessor for every Pillow mode and size; image
+files, arrays and the pixel limit refused with errors that name them."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import BlipImageProcessor
 
-from runtime.preprocess import Preprocessing
+from runtime.errors import ImageError, OptionError
+from runtime.preprocess import ImageWarning, Preprocessing, check_max_pixels, image_from_array, load_image
 
 MODES = ["RGB", "RGBA", "LA", "L", "P", "CMYK", "I;16", "1", "I", "F"]
 SIZES = [(1, 1), (3, 1), (1, 3), (7, 5), (224, 224), (640, 480), (4000, 3000)]
@@ -64,3 +68,73 @@ def test_modes_match_transformers_own_conversion(processors):
     for mode in ("RGBA", "LA", "L", "P", "CMYK", "1"):
         image = make_image(mode, (50, 40), seed=3)
         np.testing.assert_allclose(ours(image), reference(theirs, image), atol=1e-5, rtol=0)
+
+
+# ---- shrinking at decode time, pixel limit, arrays, wide modes ----------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resize_first_gives_identical_pixels(processors, mode):
+    """The CLI and the pipeline keep only `resize(image)` per batch item: preprocessing it must
+    give exactly the values the full-size image gives."""
+    ours, _ = processors
+    for size in ((37, 23), (640, 480), (224, 224)):
+        image = make_image(mode, size, seed=size[0])
+        np.testing.assert_array_equal(ours(ours.resize(image)), ours(image))
+
+
+def test_pixel_limit_is_checked_from_the_header(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    with pytest.raises(ImageError) as err:
+        load_image(path, max_pixels=59_999)
+    assert str(path) in str(err.value) and "300x200" in str(err.value) and "--max-image-pixels" in str(err.value)
+    assert load_image(path, max_pixels=60_000).size == (300, 200)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "100", 10**12])
+def test_pixel_limit_values(bad):
+    with pytest.raises(OptionError, match="--max-image-pixels"):
+        check_max_pixels(bad, "--max-image-pixels")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_modes_warn_naming_the_file_and_keep_parity(processors, tmp_path, mode):
+    ours, theirs = processors
+    path = tmp_path / f"deep_{mode.replace(';', '')}.tiff"
+    make_image(mode, (20, 10)).save(path)
+    with pytest.warns(ImageWarning, match=f"{path.name}.*mode {mode}"):
+        image = load_image(path)
+    np.testing.assert_allclose(ours(image), reference(theirs, image.convert("RGB")), atol=1e-5, rtol=0)
+
+
+def test_eight_bit_modes_do_not_warn(tmp_path):
+    path = tmp_path / "rgb.png"
+    make_image("RGB", (20, 10)).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(path)
+
+
+@pytest.mark.parametrize("array, why", [
+    (np.zeros((8, 8, 3), np.float32), "dtype float32"),
+    (np.zeros((8, 8, 3), np.int64), "dtype int64"),
+    (np.zeros((8, 8, 3), bool), "dtype bool"),
+    (np.zeros((8,), np.uint8), "shape (8,)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "shape (2, 8, 8, 3)"),
+    (np.zeros((3, 8, 8), np.uint8), "shape (3, 8, 8)"),  # channels first
+    (np.zeros((0, 8, 3), np.uint8), "empty"),
+    (np.zeros((8, 0), np.uint8), "empty"),
+])
+def test_bad_arrays_are_refused_naming_the_image(array, why):
+    with pytest.raises(ImageError) as err:
+        image_from_array(array, "image 3")
+    assert str(err.value).startswith("image 3: ") and why in str(err.value)
+
+
+def test_accepted_arrays(processors):
+    ours, _ = processors
+    grey = np.random.default_rng(0).integers(0, 256, (9, 7), dtype=np.uint8)
+    assert image_from_array(grey, "g").mode == "L"
+    np.testing.assert_array_equal(ours(image_from_array(grey[:, :, None], "g1")), ours(image_from_array(grey, "g")))
+    assert image_from_array(np.zeros((9, 7, 3), np.uint8), "rgb").mode == "RGB"
+    assert image_from_array(np.zeros((9, 7, 4), np.uint8), "rgba").mode == "RGBA"
