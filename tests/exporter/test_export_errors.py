@@ -45,10 +45,12 @@ def test_not_a_blip2_config(tmp_path):
 def test_unsupported_llm_family(tmp_path):
     from transformers import Blip2Config
 
-    cfg = Blip2Config(text_config={"model_type": "t5", "d_model": 16}, image_token_index=5)
-    cfg.save_pretrained(tmp_path / "t5")
-    (tmp_path / "t5" / "model.safetensors").write_bytes(b"")
-    assert_one_line_error(run_cli("export", tmp_path / "t5", tmp_path / "out"), "'t5'", "not supported yet")
+    cfg = Blip2Config(text_config={"model_type": "gpt2", "n_embd": 16}, image_token_index=5)
+    cfg.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("export", tmp_path / "gpt2", tmp_path / "out"), "'gpt2'",
+                          "not supported (supported LLM families: opt, t5)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_inconsistent_word_embed_proj_dim(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime.errors import Blip2EdgeError, require
 
-STAGES = ("vision", "qformer", "decoder")
+STAGES = ("vision", "qformer", "encoder", "cross_kv", "decoder")  # every family's; a manifest has some
 
 
 def register(sub) -> None:
@@ -45,8 +45,9 @@ def build_options(args):
 
 def check_int8_graphs(manifest, stages, int8: bool) -> None:
     for stage in stages:
+        manifest.stage_file(stage)  # a stage this family lacks (OPT has no encoder) is an ArtifactError
         q = manifest.stages[stage].get("quantization") or {}
-        if int8 and stage != "decoder" and q.get("format") != "QDQ":
+        if int8 and stage in ("vision", "qformer") and q.get("format") != "QDQ":
             raise Blip2EdgeError(f"--int8 needs QDQ graphs: stage '{stage}' of {manifest.root} is not quantized; "
                                  "run 'blip2-edge quantize' first (the implicit INT8 calibrators are deprecated)")
         if q.get("tensorrt_compatible") is False:

@@ -1,0 +1,64 @@
+"""The family registry, and artifacts written before families existed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exporter.validate import validation_images
+from runtime.errors import ArtifactError
+from runtime.families import family_for, get_family, known_families
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Pipeline
+
+# An OPT artifact directory written by the exporter of commit 07e04dc (before families): its
+# manifest has schema_version 1, no family-specific keys, and validation.json records the
+# greedy tokens that exporter's pipeline produced.
+OLD_OPT = Path(__file__).resolve().parents[1] / "fixtures" / "opt_tiny_v1"
+
+
+def test_registry_knows_opt_and_t5():
+    assert known_families() == ("opt", "t5")
+    assert get_family("t5").llm_stages == ("encoder", "cross_kv", "decoder")
+
+
+def test_unknown_family_names_the_known_ones():
+    with pytest.raises(ArtifactError, match=r"unknown LLM family 'gpt2' \(known: opt, t5\)"):
+        family_for({"architecture": "blip-2", "llm_family": "gpt2"})
+    with pytest.raises(ArtifactError, match=r"unknown architecture 'instructblip'"):
+        family_for({"architecture": "instructblip", "llm_family": "opt"})
+
+
+def test_pre_family_opt_manifest_matches_the_family_specs():
+    m = load_manifest(OLD_OPT).data
+    family = family_for(m)
+    assert family.name == "opt"
+    specs = family.stage_specs(m["model"])
+    assert list(specs) == list(m["stages"])
+    for name, spec in specs.items():
+        want = spec.to_manifest(m["embeddings"]["dtype"], m["model"])
+        assert {k: m["stages"][name][k] for k in want} == want
+
+
+def test_pre_family_opt_artifacts_still_load_and_run():
+    pipe = Blip2Pipeline.from_artifacts(OLD_OPT)
+    cases = json.loads((OLD_OPT / "validation.json").read_text())["generation"]["cases"]
+    for case in cases:
+        got = pipe.generate(validation_images(), [case["prompt"]] * 2, max_new_tokens=12, stop_strings=())
+        assert [r.tokens for r in got] == case["exported"]
+
+
+def test_unknown_family_in_a_manifest_is_an_artifact_error(tmp_path):
+    from runtime.manifest import write_manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(OLD_OPT, art)
+    data = json.loads((art / "manifest.json").read_text())
+    data["llm_family"] = "llama"
+    data["files"] = list(data["files"])
+    write_manifest(art, data)
+    with pytest.raises(ArtifactError, match="unknown LLM family 'llama'"):
+        Blip2Pipeline.from_artifacts(art)
