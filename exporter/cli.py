@@ -34,7 +34,9 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias"), default="default")
+    p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 
@@ -73,8 +75,11 @@ def run_make_model(args) -> int:
 
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
-    make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed)
-    print(f"wrote a random-weight '{args.size}' ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
+    try:
+        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm)
+    except ValueError as exc:  # a variant of the other family
+        raise Blip2EdgeError(str(exc)) from None
+    print(f"wrote a random-weight '{args.size}' {args.llm} ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
     return 0
 
 
