@@ -73,7 +73,7 @@ def tool_versions(opset: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"opset": opset}
-    for pkg in ("blip2-edge", "torch", "transformers", "onnx", "optimum-onnx"):
+    for pkg in ("blip2-edge", "torch", "transformers", "onnx"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
