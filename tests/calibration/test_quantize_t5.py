@@ -13,22 +13,11 @@ from runtime.pipeline import Blip2Pipeline
 from tests.runtime.test_parity import images
 
 
-@pytest.fixture(scope="module")
-def t5_artifacts(tmp_path_factory):
-    from exporter.export import export
-    from exporter.random_models import make_model
-
-    ckpt = make_model("tiny", tmp_path_factory.mktemp("t5ckpt") / "tiny", llm="t5", seed=3)
-    out = tmp_path_factory.mktemp("t5art") / "tiny"
-    export(str(ckpt), out, log=lambda s: None)
-    return out
-
-
 @pytest.mark.parametrize("llm, min_top1", [("int8", 0.95), ("int4", 0.3)])
-def test_t5_weight_only_llm(t5_artifacts, tmp_path, llm, min_top1):
+def test_t5_weight_only_llm(t5_tiny_artifacts, tmp_path, llm, min_top1):
     out = tmp_path / "q"
     # A random tiny model has no right captions, so the accuracy gate is not what is tested here.
-    report = quantize(t5_artifacts, out, QuantizeOptions(num_calib=16, held_out=8, gate=False,
+    report = quantize(t5_tiny_artifacts, out, QuantizeOptions(num_calib=16, held_out=8, gate=False,
                                                          llm=LLMOptions(precision=llm)), log=lambda s: None)
     dec = report["stages"]["decoder"]
     assert dec["positions"] > 8 and min_top1 <= dec["top1_agreement"] <= 1.0 and dec["mean_kl"] >= 0.0
