@@ -7,7 +7,8 @@ from pathlib import Path
 
 from runtime.errors import require
 
-TOY = "toy"  # the embedded default model
+TOY = "toy"  # the embedded default model (OPT decoder)
+TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
 
 
 def _need_export_extra(what: str) -> None:
@@ -18,7 +19,8 @@ def _need_export_extra(what: str) -> None:
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
                        description="Export a BLIP-2 (OPT) checkpoint to ONNX graphs, validated against PyTorch.")
-    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' for the embedded toy model")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' for the embedded "
+                                 "toy models (OPT / Flan-T5)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
@@ -47,10 +49,10 @@ def register(sub) -> None:
 
 
 def resolve_model(model: str) -> str:
-    if model == TOY:
-        from exporter.toy import CHECKPOINT_DIR
+    if model in (TOY, TOY_T5):
+        from exporter.toy import CHECKPOINTS
 
-        return str(CHECKPOINT_DIR)
+        return str(CHECKPOINTS["t5" if model == TOY_T5 else "opt"])
     return model
 
 

@@ -62,3 +62,18 @@ def test_unknown_family_in_a_manifest_is_an_artifact_error(tmp_path):
     write_manifest(art, data)
     with pytest.raises(ArtifactError, match="unknown LLM family 'llama'"):
         Blip2Pipeline.from_artifacts(art)
+
+
+def test_tensorrt_profiles_cover_every_t5_stage():
+    from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
+
+    model = {"num_layers": 2, "num_heads": 4, "head_dim": 8, "text_hidden": 32, "vocab_size": 512,
+             "image_size": 32, "num_patches": 17, "vision_hidden": 32, "num_query_tokens": 8}
+    ranges = ProfileRanges(encoder=Range(8, 20, 40))
+    for name, spec in get_family("t5").stage_specs(model).items():
+        stage = spec.to_manifest("float32", model)
+        profile = stage_profile(stage, ranges)  # every dynamic dim has a range
+        assert set(profile) == set(spec.input_names), name
+    decoder = stage_profile(get_family("t5").stage_specs(model)["decoder"].to_manifest("float32", model), ranges)
+    assert decoder["encoder_attention_mask"] == ((1, 8), (1, 20), (4, 40))
+    assert decoder["cross_key_1"] == ((1, 4, 8, 8), (1, 4, 20, 8), (4, 4, 40, 8))
