@@ -97,3 +97,14 @@ def test_t5_sampling_reproducible_with_seed(t5):
     a = [r.tokens for r in pipe.caption(images(2), seed=7, **kw)]
     assert a == [r.tokens for r in pipe.caption(images(2), seed=7, **kw)]
     assert a != [r.tokens for r in pipe.caption(images(2), seed=8, **kw)]
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)], ids=["greedy", "beam3"])
+def test_t5_io_binding_path_gives_the_same_tokens(t5, kw):
+    """The device-resident path (OrtValues for the caches and cross K/V; on the CPU here)."""
+    _, artifacts, _ = t5
+    ims, prompts = images(2), PROMPTS_MIXED[:2]
+    plain = Blip2Pipeline.from_artifacts(artifacts, io_binding=False)
+    bound = Blip2Pipeline.from_artifacts(artifacts, io_binding=True)
+    assert [r.tokens for r in bound.generate(ims, prompts, **kw)] == \
+        [r.tokens for r in plain.generate(ims, prompts, **kw)]
