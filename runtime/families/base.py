@@ -57,9 +57,6 @@ class Family:
         """Positions available to queries + prompt + new tokens; None when unbounded."""
         return None
 
-    def describe_limit(self, model: dict) -> str:
-        return f"the model's {self.position_limit(model)} positions"
-
 
 def pad_prompts(prompt_ids: list[list[int]], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids padded to the longest prompt on `side`, with their mask, as a tokenizer pads."""
