@@ -108,3 +108,36 @@ def test_t5_io_binding_path_gives_the_same_tokens(t5, kw):
     bound = Blip2Pipeline.from_artifacts(artifacts, io_binding=True)
     assert [r.tokens for r in bound.generate(ims, prompts, **kw)] == \
         [r.tokens for r in plain.generate(ims, prompts, **kw)]
+
+
+@pytest.fixture(scope="module")
+def toy_t5(tmp_path_factory):
+    from exporter.export import export
+    from exporter.loading import LoadOptions, load_model
+    from exporter.toy import CHECKPOINT_T5_DIR
+
+    out = tmp_path_factory.mktemp("art") / "toy-t5"
+    export(str(CHECKPOINT_T5_DIR), out, log=lambda s: None)
+    return out, load_model(str(CHECKPOINT_T5_DIR), LoadOptions())
+
+
+@pytest.mark.parametrize("kw", CASES[:3])
+def test_t5_toy_token_identical_batch4(toy_t5, kw):
+    artifacts, hf = toy_t5
+    ims, prompts = images(4, seed=5), PROMPTS_MIXED
+    pipe = Blip2Pipeline.from_artifacts(artifacts)
+    got = [r.tokens for r in pipe.generate(ims, prompts, stop_strings=(), **kw)]
+    assert got == hf_generate(hf, ims, prompts, pipe.defaults.eos_token_ids, **kw)
+
+
+def test_t5_toy_captions_and_answers_are_right(toy_t5):
+    from runtime import synthetic
+
+    pipe = Blip2Pipeline.from_artifacts(toy_t5[0])
+    scenes = synthetic.make_scenes(24, seed=31337)
+    ims = [im for _, im in scenes]
+    captions = [r.text for r in pipe.caption(ims)]
+    assert sum(c == s.caption for c, (s, _) in zip(captions, scenes)) >= 22, captions
+    for attribute, question in synthetic.QUESTIONS.items():
+        answers = [r.text for r in pipe.ask(ims, question)]
+        assert sum(a == s.answer(attribute) for a, (s, _) in zip(answers, scenes)) >= 21, (attribute, answers)
