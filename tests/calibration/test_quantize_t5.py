@@ -32,3 +32,19 @@ def test_t5_weight_only_llm(t5_tiny_artifacts, tmp_path, llm, min_top1):
     assert m.stages["encoder"]["quantization"]["lm_head"] is None
     texts = [r.text for r in Blip2Pipeline.from_artifacts(out).caption(images(2), max_new_tokens=5)]
     assert len(texts) == 2
+
+
+@pytest.mark.parametrize("llm", ["int8", "int4"])
+def test_t5_toy_quantized_passes_gates(tmp_path, llm):
+    """The trained T5 toy, quantized with the default gates on: captions stay right."""
+    from exporter.export import export
+    from exporter.toy import CHECKPOINT_T5_DIR
+
+    fp32 = tmp_path / "fp32"
+    export(str(CHECKPOINT_T5_DIR), fp32, log=lambda s: None)
+    report = quantize(fp32, tmp_path / "q", QuantizeOptions(num_calib=48, held_out=100, llm=LLMOptions(precision=llm)),
+                      log=lambda s: None)
+    assert all(g["passed"] for g in report["gates"])
+    e2e = report["end_to_end"]
+    assert e2e["fp32_accuracy"] >= 0.95
+    assert report["stages"]["decoder"]["top1_agreement"] >= (0.98 if llm == "int8" else 0.9)
