@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--atol", type=float, help="max abs diff allowed per stage (default 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--atol", type=float, help="max abs diff allowed per stage output, times the output's largest "
+                   "magnitude where that exceeds 1 (default 1e-4 fp32, 2e-2 fp16)")
     p.add_argument("--no-validate", dest="validate", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")

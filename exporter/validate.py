@@ -1,7 +1,9 @@
 """Export validation: each stage's ONNX outputs against PyTorch, then greedy generation through
 the exported graphs against transformers' own `generate`.
 
-Stage checks go in optimum's order: output names, then shapes, then values within `atol`; each
+Stage checks go in optimum's order: output names, then shapes, then values within `atol` (scaled
+by the output's largest magnitude where that exceeds 1: float32 keeps ~7 significant digits, so
+T5's logits, in the tens, carry 1e-4 of rounding from reordered sums alone); each
 output is reported with its max abs diff, and a failure names the stage, output and amount.
 optimum's own `validate_model_outputs` is not used: it feeds random dummy inputs generated from
 an OnnxConfig, while these checks feed real images, the real image features into the Q-Former,
@@ -33,6 +35,7 @@ class OutputCheck:
     name: str
     shape: list
     max_abs_diff: float
+    tolerance: float  # atol * max(1, max |expected|)
     ok: bool
 
 
@@ -44,10 +47,12 @@ def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
     for name, ref in expected.items():
         got = actual[name]
         if tuple(got.shape) != tuple(ref.shape):
-            checks.append(OutputCheck(name, list(got.shape), float("inf"), False))
+            checks.append(OutputCheck(name, list(got.shape), float("inf"), atol, False))
             continue
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-        checks.append(OutputCheck(name, list(got.shape), diff, bool(diff <= atol)))
+        ref64 = ref.astype(np.float64)
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref64))) if ref.size else 0.0
+        tolerance = atol * max(1.0, float(np.max(np.abs(ref64))) if ref.size else 1.0)
+        checks.append(OutputCheck(name, list(got.shape), diff, tolerance, bool(diff <= tolerance)))
     worst = max(checks, key=lambda c: c.max_abs_diff)
     return {"stage": stage, "ok": all(c.ok for c in checks), "atol": atol, "max_abs_diff": worst.max_abs_diff,
             "worst_output": worst.name, "outputs": [c.__dict__ for c in checks]}
@@ -156,7 +161,7 @@ def failure_message(report: dict) -> str:
             bad = [o for o in s["outputs"] if not o["ok"]]
             o = max(bad, key=lambda o: o["max_abs_diff"])
             return (f"validation failed: stage '{s['stage']}' output '{o['name']}' differs from PyTorch by "
-                    f"{o['max_abs_diff']:.3e} (atol {s['atol']:.0e})")
+                    f"{o['max_abs_diff']:.3e} (allowed {o['tolerance']:.1e}: atol {s['atol']:.0e} x max(1, max |output|))")
     g = report.get("generation")
     if g and not g["ok"]:
         c = next(c for c in g["cases"] if not c["match"])

@@ -162,3 +162,14 @@ def test_fp16_export(tmp_path, tiny_checkpoint):
     assert np.load(out / "embed_tokens.npy").dtype == np.float16
     r = Blip2Pipeline.from_artifacts(out).generate([np.zeros((8, 8, 3), np.uint8)], [""], max_new_tokens=3)
     assert r[0].tokens
+
+
+def test_tolerance_is_absolute_below_one_and_relative_above():
+    from exporter.validate import compare
+
+    logits = {"logits": np.array([[40.0, -3.0]], np.float32)}
+    assert compare("decoder", logits, {"logits": logits["logits"] + 1e-3}, 1e-4)["ok"]  # allowed 4e-3
+    assert not compare("decoder", logits, {"logits": logits["logits"] + 1e-2}, 1e-4)["ok"]
+    small = {"x": np.array([0.5, -0.25], np.float32)}
+    report = compare("s", small, {"x": small["x"] + 2e-4}, 1e-4)
+    assert not report["ok"] and report["outputs"][0]["tolerance"] == 1e-4
