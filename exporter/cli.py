@@ -18,7 +18,7 @@ def _need_export_extra(what: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
-                       description="Export a BLIP-2 (OPT) checkpoint to ONNX graphs, validated against PyTorch.")
+                       description="Export a BLIP-2 checkpoint (OPT or Flan-T5) to ONNX graphs, validated against PyTorch.")
     p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' for the embedded "
                                  "toy models (OPT / Flan-T5)")
     p.add_argument("out_dir", type=Path)

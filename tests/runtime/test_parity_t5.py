@@ -141,3 +141,13 @@ def test_t5_toy_captions_and_answers_are_right(toy_t5):
     for attribute, question in synthetic.QUESTIONS.items():
         answers = [r.text for r in pipe.ask(ims, question)]
         assert sum(a == s.answer(attribute) for a, (s, _) in zip(answers, scenes)) >= 21, (attribute, answers)
+
+
+def test_t5_toy_stream_yields_the_caption_and_the_answer(toy_t5):
+    from runtime import synthetic
+
+    pipe = Blip2Pipeline.from_artifacts(toy_t5[0])
+    scene, image = synthetic.make_scenes(1, seed=4242, image_size=128)[0]
+    pieces = list(pipe.stream(image))
+    assert len(pieces) > 1 and "".join(pieces) == pipe.caption([image])[0].text == scene.caption
+    assert "".join(pipe.stream(image, question="what colour is it?")) == scene.answer("colour")
