@@ -77,3 +77,12 @@ def test_tensorrt_profiles_cover_every_t5_stage():
     decoder = stage_profile(get_family("t5").stage_specs(model)["decoder"].to_manifest("float32", model), ranges)
     assert decoder["encoder_attention_mask"] == ((1, 8), (1, 20), (4, 40))
     assert decoder["cross_key_1"] == ((1, 4, 8, 8), (1, 4, 20, 8), (4, 4, 40, 8))
+
+
+def test_build_engines_names_a_stage_the_family_lacks_and_checks_encoder_ranges(tiny_artifacts):
+    from tests.conftest import run_cli
+    from tests.exporter.test_export_errors import assert_one_line_error
+
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--stages", "encoder"), "no stage 'encoder'")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-encoder-seq", "50",
+                                  "--max-encoder-seq", "10"), "min <= opt <= max")

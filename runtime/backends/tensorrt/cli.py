@@ -19,7 +19,9 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="explicit INT8 from the QDQ graphs of 'blip2-edge quantize'")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["vision", "qformer"],
                    help="default: the visual stages (the decoder runs well on ONNX Runtime CUDA)")
-    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256))):
+    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages.
+    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256)),
+                               ("encoder-seq", (1, 40, 128))):
         for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
             p.add_argument(f"--{kind}-{dim}", type=int, default=value)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
@@ -37,7 +39,8 @@ def build_options(args):
 
     ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch),
                            sequence=Range(args.min_seq, args.opt_seq, args.max_seq),
-                           past=Range(args.min_past, args.opt_past, args.max_past))
+                           past=Range(args.min_past, args.opt_past, args.max_past),
+                           encoder=Range(args.min_encoder_seq, args.opt_encoder_seq, args.max_encoder_seq))
     return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
                         timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
                         version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)
