@@ -50,8 +50,8 @@ def family_for(manifest: dict) -> Family:
 
 
 def _load_builtin() -> None:
-    if not _FAMILIES:
-        from runtime.families import opt, t5  # noqa: F401  (each registers itself)
+    # Always both (imports are cached): one family module imported directly must not hide the other.
+    from runtime.families import opt, t5  # noqa: F401  (each registers itself)
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]
