@@ -86,3 +86,12 @@ def test_build_engines_names_a_stage_the_family_lacks_and_checks_encoder_ranges(
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--stages", "encoder"), "no stage 'encoder'")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-encoder-seq", "50",
                                   "--max-encoder-seq", "10"), "min <= opt <= max")
+
+
+def test_importing_one_family_module_first_keeps_the_other_registered():
+    import subprocess
+    import sys
+
+    code = "import runtime.families.opt; from runtime.families import get_family; print(get_family('t5').name)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "t5", proc.stderr
