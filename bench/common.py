@@ -17,15 +17,16 @@ OUT = HERE / "out"
 sys.path.insert(0, str(REPO))
 
 
-def ensure_fp32_artifacts(size: str) -> tuple[Path, Path]:
+def ensure_fp32_artifacts(size: str, llm: str = "opt") -> tuple[Path, Path]:
     """A random-weight checkpoint and its validated FP32 export, built once under bench/out/."""
     from exporter.export import ExportOptions, export
     from exporter.random_models import make_model
 
-    ckpt = OUT / "models" / size
+    name = size if llm == "opt" else f"{size}-{llm}"
+    ckpt = OUT / "models" / name
     if not (ckpt / "config.json").is_file():
-        make_model(size, ckpt)
-    art = OUT / "artifacts" / f"{size}-fp32"
+        make_model(size, ckpt, llm=llm)
+    art = OUT / "artifacts" / f"{name}-fp32"
     if not (art / "manifest.json").is_file():
         export(str(ckpt), art, ExportOptions(overwrite=True))
     return ckpt, art
@@ -91,6 +92,8 @@ def hf_generate_fn(model, processor, image, **generation):
         inputs = processor(images=[image], text=[""], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, do_sample=False, num_beams=1, **generation)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        # New tokens follow the prompt (decoder-only) or the decoder start token (encoder-decoder).
+        start = 1 if model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
+        return out[0, start:].tolist()
 
     return run

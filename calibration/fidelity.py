@@ -2,8 +2,9 @@
 
 Per visual stage: cosine similarity of each output token to FP32 (mean, and the 1st percentile
 as "worst 1%") and max abs error; each stage fed the same FP32 inputs, so its own error is
-measured. Decoder (when quantized): next-token top-1 agreement and mean KL(FP32 || quantized)
-under teacher forcing on the FP32 model's own captions. End to end: caption exact match against
+measured. Decoder (when the LLM is quantized): next-token top-1 agreement and mean
+KL(FP32 || quantized) under teacher forcing on the FP32 model's own captions, through the whole
+LLM as its family runs it (Flan-T5: encoder, cross K/V and decoder). End to end: caption exact match against
 FP32 and, where the images have ground truth (synthetic scenes), accuracy against it.
 """
 
@@ -12,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.sources import ImageSource
-from runtime.kv_decoder import KVCacheDecoder
 from runtime.logits import log_softmax
 from runtime.pipeline import Blip2Pipeline
+from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 
 BATCH = 16
 
@@ -37,10 +38,10 @@ def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
     worst = {"vision": 0.0, "qformer": 0.0}
     for start in range(0, len(images), BATCH):
         pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
-        ref_v = fp32.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
-        got_v = quant.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
-        ref_q = fp32.runners["qformer"].infer({"image_embeds": ref_v})["query_embeds"]
-        got_q = quant.runners["qformer"].infer({"image_embeds": ref_v})["query_embeds"]
+        ref_v = fp32.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
+        got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
+        ref_q = fp32.runners["qformer"].infer({IMAGE_EMBEDS: ref_v})[QUERY_EMBEDS]
+        got_q = quant.runners["qformer"].infer({IMAGE_EMBEDS: ref_v})[QUERY_EMBEDS]
         for stage, ref, got in (("vision", ref_v, got_v), ("qformer", ref_q, got_q)):
             cos[stage].append(token_cosines(ref, got))
             worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
@@ -54,9 +55,9 @@ def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions
     for image, tokens in zip(images, captions):
         timings: dict = {}
         query = fp32.encode_images([image], timings)
-        embeds, mask, _ = fp32.build_inputs(query, [fp32.caption_prompt(None)])
-        decoders = [KVCacheDecoder(p.runners["decoder"], p.embed_table, p.model, p.float_dtype) for p in (fp32, quant)]
-        logits = [d.prefill(embeds, mask) for d in decoders]
+        inputs = fp32.layout(query, [fp32.caption_prompt(None)])
+        decoders = [p.new_decoder(io_binding=False) for p in (fp32, quant)]
+        logits = [d.prefill(inputs.embeds, inputs.mask) for d in decoders]
         for t, token in enumerate(tokens):
             lp_ref, lp_got = (log_softmax(l.astype(np.float64))[0] for l in logits)
             agree += int(lp_ref.argmax() == lp_got.argmax())

@@ -1,4 +1,5 @@
-"""Weight-only quantization of the LLM decoder with ONNX Runtime's MatMulNBits (INT8 or INT4).
+"""Weight-only quantization of the LLM stages with ONNX Runtime's MatMulNBits (INT8 or INT4):
+the decoder, and for encoder-decoder families (Flan-T5) the encoder and cross-K/V graphs too.
 
 Decoding one token at batch 1 reads every weight once and does little arithmetic with it: it is
 bound by memory bandwidth, so bytes per weight is what sets its speed. Activations stay in
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
 from runtime.errors import ArtifactError, OptionError
+from runtime.stages import LOGITS
 
 LLM_CHOICES = ("none", "int8", "int4")
 LM_HEAD_CHOICES = ("int8", "float", "same")
@@ -49,21 +51,22 @@ def lm_head_node(model, src: Path) -> str:
     """The MatMul that produces the `logits` output (through at most an Add for a bias); `src`
     names the graph file in the error."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get("logits")
+    node = producers.get(LOGITS)
     while node is not None and node.op_type in ("Add", "Identity", "Cast"):
         node = producers.get(node.input[0])
     if node is None or node.op_type != "MatMul":
-        raise ArtifactError(f"{src}: decoder graph has no lm_head MatMul feeding 'logits'")
+        raise ArtifactError(f"{src}: decoder graph has no lm_head MatMul feeding '{LOGITS}'")
     return node.name
 
 
-def quantize_decoder(src: Path, dst: Path, opts: LLMOptions) -> dict:
-    """Writes the weight-only quantized decoder to `dst`; returns its settings for the manifest."""
+def quantize_decoder(src: Path, dst: Path, opts: LLMOptions, has_lm_head: bool = True) -> dict:
+    """Writes the weight-only quantized LLM graph to `dst`; returns its settings for the
+    manifest. `has_lm_head`: the graph produces the logits (its lm_head follows --lm-head)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    head = lm_head_node(model, src)
+    head = lm_head_node(model, src) if has_lm_head else None
 
     def run(model, bits, include=None, exclude=None):
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,
@@ -72,7 +75,7 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions) -> dict:
         q.process()
         return q.model.model
 
-    head_bits = {"float": None, "same": opts.bits, "int8": 8}[opts.lm_head]
+    head_bits = {"float": None, "same": opts.bits, "int8": 8}[opts.lm_head] if has_lm_head else opts.bits
     if head_bits == opts.bits:
         model = run(model, opts.bits)
     else:
@@ -85,4 +88,5 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions) -> dict:
                     location=dst.name + ".data")
     return {"method": "MatMulNBits weight-only", "bits": opts.bits, "block_size": opts.block_size,
             "symmetric": True, "accuracy_level": opts.accuracy_level,
-            "lm_head": "float" if head_bits is None else f"int{head_bits}", "external_data": external}
+            "lm_head": ("float" if head_bits is None else f"int{head_bits}") if has_lm_head else None,
+            "external_data": external}

@@ -27,6 +27,7 @@ from runtime.artifact_dir import atomic_directory
 from runtime.backends.onnxrt import OrtRunner
 from runtime.confinement import confined_path
 from runtime.errors import Blip2EdgeError
+from runtime.families import family_for
 from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
@@ -102,15 +103,17 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
             f"{', ranges from cache' if stage in cache.reused else ''})")
 
-    dec = stages["decoder"]["file"]
-    if opts.llm.precision != "none":
+    family = family_for(data)
+    for stage in family.weight_only_stages if opts.llm.precision != "none" else ():
         t0 = time.perf_counter()
-        settings = quantize_decoder(src.stage_file("decoder"), tmp / dec, opts.llm)
-        files = _stage_files(tmp, dec)
-        stages["decoder"].update(precision=f"{opts.llm.precision}-weight-only", external_data=files[1:],
-                                 quantization=settings)
+        name = stages[stage]["file"]
+        settings = quantize_decoder(src.stage_file(stage), tmp / name, opts.llm,
+                                    has_lm_head=stage == family.logits_stage)
+        files = _stage_files(tmp, name)
+        stages[stage].update(precision=f"{opts.llm.precision}-weight-only", external_data=files[1:],
+                             quantization=settings)
         produced.update(files)
-        log(f"  quantized decoder  -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s)")
+        log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s)")
 
     emb = data["embeddings"]
     if opts.llm.embed_fp16 and emb["dtype"] != "float16":

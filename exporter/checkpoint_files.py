@@ -13,6 +13,8 @@ from typing import Iterable
 IMAGE_TOKEN = "<image>"
 # OPT's special-token layout: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.
 OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+# T5's: <pad>=0 (also the decoder start), </s>=1, <unk>=2.
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -46,6 +48,26 @@ def build_opt_tokenizer(corpus: Iterable[str], vocab_size: int):
         unk_token="<unk>",
         padding_side="left",
     )
+    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return fast
+
+
+def build_t5_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A SentencePiece-style tokenizer laid out like T5's: <pad>=0, </s>=1 (appended), <unk>=2,
+    "▁" word prefixes, right padding. Its last token is the BLIP-2 image placeholder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=T5_SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   padding_side="right")
     fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return fast
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from runtime.errors import require
 
-TOY = "toy"  # the embedded default model
+TOY = "toy"  # the embedded default model (OPT decoder)
+TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
 
 
 def _need_export_extra(what: str) -> None:
@@ -17,15 +18,17 @@ def _need_export_extra(what: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
-                       description="Export a BLIP-2 (OPT) checkpoint to ONNX graphs, validated against PyTorch.")
-    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' for the embedded toy model")
+                       description="Export a BLIP-2 checkpoint (OPT or Flan-T5) to ONNX graphs, validated against PyTorch.")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' for the embedded "
+                                 "toy models (OPT / Flan-T5)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (default 17); refused up front outside what torch writes and onnxruntime runs")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--atol", type=float, help="max abs diff allowed per stage (default 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--atol", type=float, help="max abs diff allowed per stage output, times the output's largest "
+                   "magnitude where that exceeds 1 (default 1e-4 fp32, 2e-2 fp16)")
     p.add_argument("--no-validate", dest="validate", action="store_false")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
@@ -36,7 +39,9 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias"), default="default")
+    p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 
@@ -47,10 +52,10 @@ def register(sub) -> None:
 
 
 def resolve_model(model: str) -> str:
-    if model == TOY:
-        from exporter.toy import CHECKPOINT_DIR
+    if model in (TOY, TOY_T5):
+        from exporter.toy import CHECKPOINTS
 
-        return str(CHECKPOINT_DIR)
+        return str(CHECKPOINTS["t5" if model == TOY_T5 else "opt"])
     return model
 
 
@@ -75,8 +80,11 @@ def run_make_model(args) -> int:
 
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
-    make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed)
-    print(f"wrote a random-weight '{args.size}' ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
+    try:
+        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm)
+    except ValueError as exc:  # a variant of the other family
+        raise Blip2EdgeError(str(exc)) from None
+    print(f"wrote a random-weight '{args.size}' {args.llm} ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
     return 0
 
 

@@ -9,18 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from exporter.loading import LoadOptions, float_dtype, load_model
+from exporter.loading import LoadOptions, load_model
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
 from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD, atomic_directory
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
-from runtime.stages import QFORMER, VISION, decoder_spec
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
-PROMPTS = {"caption": "", "caption_prefix": "{}", "vqa": "Question: {} Answer:"}
-# BLIP-2's OPT models end a caption at a newline (LAVIS uses "\n" as their end of text).
-STOP_STRINGS = {"opt": ["\n"]}
 
 
 @dataclass
@@ -43,20 +39,9 @@ class ExportOptions:
 
 
 def model_dims(config) -> dict:
-    v, t = config.vision_config, config.text_config
-    return {
-        "image_size": v.image_size,
-        "num_patches": (v.image_size // v.patch_size) ** 2 + 1,
-        "vision_hidden": v.hidden_size,
-        "num_query_tokens": config.num_query_tokens,
-        "text_hidden": t.hidden_size,
-        "num_layers": t.num_hidden_layers,
-        "num_heads": t.num_attention_heads,
-        "head_dim": t.hidden_size // t.num_attention_heads,
-        "vocab_size": t.vocab_size,
-        "max_position_embeddings": t.max_position_embeddings,
-        "image_token_id": config.image_token_index,
-    }
+    from exporter.families import export_family
+
+    return export_family(config).model_dims(config)
 
 
 def preprocessing_of(image_processor) -> Preprocessing:
@@ -69,31 +54,24 @@ def preprocessing_of(image_processor) -> Preprocessing:
 
 
 def tokenizer_spec(hf_tokenizer) -> dict:
-    """The special ids transformers' tokenizer wraps around a prompt, checked on a probe text."""
-    prefix = hf_tokenizer("")["input_ids"]
+    """The special ids transformers' tokenizer wraps around a prompt (OPT: BOS before, T5: </s>
+    after), checked on a probe text and on the empty prompt."""
     probe = "Question: what is it? Answer:"
     inner = hf_tokenizer.backend_tokenizer.encode(probe, add_special_tokens=False).ids
     full = hf_tokenizer(probe)["input_ids"]
-    if full[: len(prefix)] != prefix or full[len(prefix):len(prefix) + len(inner)] != inner:
+    starts = [i for i in range(len(full) - len(inner) + 1) if full[i:i + len(inner)] == inner]
+    prefix, suffix = (full[:starts[0]], full[starts[0] + len(inner):]) if starts else (None, None)
+    if not starts or hf_tokenizer("")["input_ids"] != prefix + suffix:
         raise Blip2EdgeError("the tokenizer's special tokens are not a fixed prefix/suffix; not supported")
-    return {"file": "tokenizer.json", "prefix_ids": prefix, "suffix_ids": full[len(prefix) + len(inner):],
+    return {"file": "tokenizer.json", "prefix_ids": prefix, "suffix_ids": suffix,
             "clean_up_tokenization_spaces": bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))}
-
-
-def generation_defaults(hf_model) -> dict:
-    gc, tc = hf_model.generation_config, hf_model.config.text_config
-    eos = gc.eos_token_id if gc.eos_token_id is not None else tc.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    pad = gc.pad_token_id if gc.pad_token_id is not None else tc.pad_token_id
-    return {"eos_token_ids": eos, "pad_token_id": pad, "stop_strings": STOP_STRINGS.get(tc.model_type, []),
-            "max_new_tokens": 30}
 
 
 def tool_versions(opset: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"opset": opset}
-    for pkg in ("blip2-edge", "torch", "transformers", "onnx", "optimum-onnx"):
+    for pkg in ("blip2-edge", "torch", "transformers", "onnx"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -101,31 +79,19 @@ def tool_versions(opset: int) -> dict:
     return out
 
 
-def example_inputs(hf_model, dims: dict):
-    import torch
-
-    dtype, b = float_dtype(hf_model), 2
-    pixels = torch.randn(b, 3, dims["image_size"], dims["image_size"], dtype=dtype)
-    image_embeds = torch.randn(b, dims["num_patches"], dims["vision_hidden"], dtype=dtype)
-    seq, past = 3, 4
-    kv = [torch.randn(b, dims["num_heads"], past, dims["head_dim"], dtype=dtype) for _ in range(2 * dims["num_layers"])]
-    decoder = (torch.randn(b, seq, dims["text_hidden"], dtype=dtype), torch.ones(b, past + seq, dtype=torch.long),
-               torch.arange(past, past + seq).repeat(b, 1), *kv)
-    return {"vision": (pixels,), "qformer": (image_embeds,), "decoder": decoder}
-
-
 def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
     """Writes graphs, embedding table and tokenizer/processor files into `tmp`; returns the manifest
     (with its `files` list), which the caller writes last, once the directory has passed validation."""
     import numpy as np
 
-    from exporter.torch_stages import OPTDecoderStage, QFormerStage, VisionStage
+    from exporter.families import export_family
 
-    dims = model_dims(hf_model.config)
+    family = export_family(hf_model.config)
+    dims = family.model_dims(hf_model.config)
     float_dtype = {"fp32": "float32", "fp16": "float16"}[opts.load.dtype]
-    specs = {"vision": VISION, "qformer": QFORMER, "decoder": decoder_spec(dims["num_layers"])}
-    modules = {"vision": VisionStage(hf_model), "qformer": QFormerStage(hf_model), "decoder": OPTDecoderStage(hf_model)}
-    examples = example_inputs(hf_model, dims)
+    specs = family.runtime.stage_specs(dims)
+    modules = family.modules(hf_model)
+    examples = family.example_inputs(hf_model, dims)
     files, stages = [], {}
     for name, spec in specs.items():
         t0 = time.perf_counter()
@@ -148,14 +114,14 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "architecture": hf_model.config.model_type,
-        "llm_family": hf_model.config.text_config.model_type,
+        "llm_family": family.name,
         "model": dims,
         "stages": stages,
         "embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
         "preprocessing": preprocessing_of(processor.image_processor).to_manifest(),
         "tokenizer": tokenizer_spec(processor.tokenizer),
-        "prompts": PROMPTS,
-        "generation": generation_defaults(hf_model),
+        "prompts": dict(family.runtime.prompts),
+        "generation": family.generation_defaults(hf_model),
         "quantization": None,
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),

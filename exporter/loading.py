@@ -11,7 +11,6 @@ from pathlib import Path
 from runtime.errors import Blip2EdgeError
 
 SUPPORTED_ARCHITECTURES = {"blip-2": "blip-2"}
-SUPPORTED_LLMS = ("opt",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -68,29 +67,19 @@ def load_config(model: str, opts: LoadOptions):
         )
     except (OSError, ValueError) as exc:
         raise Blip2EdgeError(f"cannot load the config of '{model}': {_one_line(exc)}") from None
-    check_supported(config, model)
+    check_supported(config, model, opts.dtype)
     return config
 
 
-def check_supported(config, model: str) -> None:
+def check_supported(config, model: str, dtype: str = "fp32") -> None:
     arch = getattr(config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise Blip2EdgeError(
             f"'{model}' is a '{arch}' model, not BLIP-2 (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    llm = config.text_config.model_type
-    if llm not in SUPPORTED_LLMS:
-        raise Blip2EdgeError(
-            f"'{model}' uses a '{llm}' language model, which is not supported yet (supported: {', '.join(SUPPORTED_LLMS)})"
-        )
-    text = config.text_config
-    if getattr(text, "word_embed_proj_dim", text.hidden_size) != text.hidden_size:
-        # BLIP-2's language_projection outputs hidden_size while the embedding table is
-        # word_embed_proj_dim wide: transformers then scatters mismatched rows into the prompt.
-        raise Blip2EdgeError(
-            f"'{model}': OPT word_embed_proj_dim ({text.word_embed_proj_dim}) != hidden_size ({text.hidden_size}) "
-            "is not a consistent BLIP-2 configuration (the query embeddings would not fit the token embeddings)"
-        )
+    from exporter.families import export_family
+
+    export_family(config, model).check(config, model, dtype)
     if config.image_token_index is None:
         raise Blip2EdgeError(
             f"'{model}': config has no image_token_index; checkpoints from before transformers 4.47 need "
@@ -134,6 +123,10 @@ def load_model(model: str, opts: LoadOptions):
         raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
     if processor.num_query_tokens is None:
         processor.num_query_tokens = config.num_query_tokens
-    processor.tokenizer.padding_side = "left"  # batched prompts: the query tokens come first
+    # Batched prompts are padded as the family lays them out (OPT: left, after the query tokens;
+    # T5: right, its tokenizer's own side).
+    from exporter.families import export_family
+
+    processor.tokenizer.padding_side = export_family(config).runtime.padding_side
     hf_model.eval()
     return hf_model, processor

@@ -1,11 +1,14 @@
 """Random-weight BLIP-2 checkpoints built from configs, for tests and benchmarks.
 
     tiny   seconds to build and export; every code path, none of the cost
-    bench  ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m shapes
-    full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32
+    bench  ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m (or t5-base) shapes
+    full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32, or
+           Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32
 
-Variants cover OPT's config space that real checkpoints use: post-layer-norm (opt-350m style)
-and no biases / no final layer norm.
+`llm` picks the family: "opt" or "t5". Variants cover the config space real checkpoints use:
+OPT post-layer-norm (opt-350m style) and no biases / no final layer norm; T5 "default" is
+Flan-T5 (gated-GELU feed-forward, untied embeddings), "relu" the original T5's feed-forward,
+"tied" tied input/output embeddings (output rescaled by d_model ** -0.5).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 from runtime.errors import OptionError
 
 SIZES = ("tiny", "bench", "full")
-VARIANTS = ("default", "post-ln", "no-bias")
+LLMS = ("opt", "t5")
+VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied")}
 
 _VISION = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -40,7 +44,13 @@ _OPT = {
     "full": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
                  max_position_embeddings=2048),
 }
+_T5 = {
+    "tiny": dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2),
+    "bench": dict(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12, num_decoder_layers=12),
+    "full": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24),
+}
 _VOCAB = {"tiny": 512, "bench": 50272, "full": 50272}
+_T5_VOCAB = {"tiny": 512, "bench": 32128, "full": 32128}
 _QUERIES = {"tiny": 8, "bench": 32, "full": 32}
 _TOKENIZER_VOCAB = {"tiny": 500, "bench": 4000, "full": 4000}
 
@@ -52,13 +62,16 @@ CORPUS = [
 ]
 
 
-def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0):
-    from transformers import Blip2Config
-
-    if size not in SIZES:
-        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
-    if variant not in VARIANTS:
-        raise OptionError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
+def _text_config(size: str, variant: str, llm: str, vocab_size: int | None) -> dict:
+    if llm == "t5":
+        text = dict(model_type="t5", vocab_size=vocab_size or _T5_VOCAB[size], pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    **_T5[size])
+        if variant == "relu":
+            text.update(feed_forward_proj="relu")
+        elif variant == "tied":
+            text.update(tie_word_embeddings=True)
+        return text
     text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=_OPT[size]["hidden_size"],
                 pad_token_id=1, bos_token_id=2, eos_token_id=2, **_OPT[size])
     if variant == "post-ln":
@@ -66,6 +79,20 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
     elif variant == "no-bias":
         # (layer_norm_elementwise_affine=False cannot be built: transformers' own init fails on it)
         text.update(enable_bias=False, _remove_final_layer_norm=True)
+    return text
+
+
+def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0,
+                 llm: str = "opt"):
+    from transformers import Blip2Config
+
+    if size not in SIZES:
+        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
+    if llm not in LLMS:
+        raise OptionError(f"unknown llm '{llm}'; valid: {', '.join(LLMS)}")
+    if variant not in VARIANTS[llm]:
+        raise OptionError(f"unknown {llm} variant '{variant}'; valid: {', '.join(VARIANTS[llm])}")
+    text = _text_config(size, variant, llm, vocab_size)
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
     # Blip2VisionConfig's default initializer_range (1e-10) makes a randomly initialised ViT's
     # output nearly constant, which would hide vision-stage bugs from the parity tests.
@@ -74,7 +101,8 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
                        num_query_tokens=_QUERIES[size], image_token_index=image_token_index)
 
 
-def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0, dtype: str = "fp32") -> Path:
+def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0, dtype: str = "fp32",
+               llm: str = "opt") -> Path:
     """Writes a random-weight BLIP-2 checkpoint (safetensors, tokenizer, processor) to `out_dir`.
 
     dtype "fp16" builds the weights in half precision from the start (the `full` model is 15 GB
@@ -84,13 +112,14 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, save_checkpoint
+    from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, build_t5_tokenizer, save_checkpoint
 
     out_dir = Path(out_dir)
-    tokenizer = build_opt_tokenizer(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
-    # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265): the image
-    # placeholder sits at the end of the tokenizer, inside the model's range.
-    config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    build = build_t5_tokenizer if llm == "t5" else build_opt_tokenizer
+    tokenizer = build(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
+    # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265, T5's 32128 >
+    # 32100): the image placeholder sits at the end of the tokenizer, inside the model's range.
+    config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), llm=llm)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16 if dtype == "fp16" else torch.float32)

@@ -1,12 +1,8 @@
-"""The PyTorch modules that become the ONNX graphs, one per stage of runtime/stages.py.
+"""The PyTorch modules of the stages every BLIP-2 shares: vision and Q-Former.
 
-Each wraps the loaded `Blip2ForConditionalGeneration` and shares its weights (no copies). The
-vision and Q-Former stages call transformers' own modules as `Blip2ForConditionalGeneration.generate`
-does. The decoder is written out here over OPT's own layers instead: transformers' OPTDecoder
-builds its causal mask and cache through `masking_utils` and `Cache` objects that do not trace
-to a graph with dynamic past length, and optimum's OPT decoder config takes `input_ids`, not the
-`inputs_embeds` that BLIP-2 needs. The arithmetic below follows OPTDecoder/OPTDecoderLayer
-step for step, and parity with `generate` is checked after every export.
+Each wraps the loaded `Blip2ForConditionalGeneration` and shares its weights (no copies), and
+calls transformers' own modules as `Blip2ForConditionalGeneration.generate` does. The LLM
+stages are per family, in exporter/families/.
 """
 
 from __future__ import annotations
@@ -41,74 +37,3 @@ class QFormerStage(nn.Module):
         ).last_hidden_state
         # The Q-Former is kept in fp32 by transformers; cast back as generate() does.
         return self.language_projection(out.to(image_embeds.dtype))
-
-
-class OPTDecoderStage(nn.Module):
-    """inputs_embeds + attention_mask + position_ids + past KV -> last-position logits + present KV."""
-
-    def __init__(self, model):
-        super().__init__()
-        lm = model.language_model
-        dec = lm.model.decoder
-        self.layers = dec.layers
-        self.embed_positions = dec.embed_positions
-        self.project_in = dec.project_in
-        self.project_out = dec.project_out
-        self.final_layer_norm = dec.final_layer_norm
-        self.lm_head = lm.lm_head
-        cfg = lm.config
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.do_layer_norm_before = cfg.do_layer_norm_before
-
-    def _attention(self, attn, hidden, bias, past_k, past_v):
-        b, t, _ = hidden.shape
-        q = (attn.q_proj(hidden) * attn.scaling).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = torch.cat([past_k, k], dim=2)  # (B, nh, past+T, hd)
-        v = torch.cat([past_v, v], dim=2)
-        scores = torch.matmul(q, k.transpose(2, 3)) + bias  # (B, nh, T, past+T)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, -1)
-        return attn.out_proj(out), k, v
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        b, t, _ = inputs_embeds.shape
-        total = attention_mask.shape[1]
-        dtype = inputs_embeds.dtype
-        # Additive mask (B, 1, T, total): causal over the new positions, and padding.
-        q_pos = torch.arange(total - t, total).unsqueeze(1)  # (T, 1)
-        k_pos = torch.arange(total).unsqueeze(0)  # (1, total)
-        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-
-        hidden = inputs_embeds
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions.weight[position_ids + self.embed_positions.offset]
-
-        presents = []
-        for i, layer in enumerate(self.layers):
-            residual = hidden
-            if self.do_layer_norm_before:
-                hidden = layer.self_attn_layer_norm(hidden)
-            hidden, k, v = self._attention(layer.self_attn, hidden, bias, past[2 * i], past[2 * i + 1])
-            presents += [k, v]
-            hidden = residual + hidden
-            if not self.do_layer_norm_before:
-                hidden = layer.self_attn_layer_norm(hidden)
-            residual = hidden
-            if self.do_layer_norm_before:
-                hidden = layer.final_layer_norm(hidden)
-            hidden = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
-            hidden = residual + hidden
-            if not self.do_layer_norm_before:
-                hidden = layer.final_layer_norm(hidden)
-
-        last = hidden[:, -1, :]  # (B, D): only the next token's logits leave the graph
-        if self.final_layer_norm is not None:
-            last = self.final_layer_norm(last)
-        if self.project_out is not None:
-            last = self.project_out(last)
-        return (self.lm_head(last), *presents)

@@ -1,4 +1,5 @@
-"""Carries the decoder's KV cache, attention mask and positions between steps.
+"""The OPT family's step decoder: carries the decoder's KV cache, attention mask and positions
+between steps.
 
 Positions follow transformers' `generate` for OPT: cumsum(attention_mask) - 1, with padded
 positions set to 1 (they are masked, so their value never reaches a real token).
@@ -10,7 +11,7 @@ import time
 
 import numpy as np
 
-from runtime.stages import kv_names
+from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, kv_names
 
 
 class KVCacheDecoder:
@@ -29,17 +30,18 @@ class KVCacheDecoder:
         self.past: list[np.ndarray] = []
         self.mask: np.ndarray | None = None
         self.step_times: list[float] = []
+        self.prefill_times: dict[str, float] = {}  # no stage runs before the decoder's prefill
 
     def _run(self, embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {"inputs_embeds": embeds.astype(self.dtype, copy=False), "attention_mask": self.mask,
-                 "position_ids": position_ids}
+        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False), ATTENTION_MASK: self.mask,
+                 POSITION_IDS: position_ids}
         feeds.update(zip(self.past_names, self.past))
         if self.io_binding:
-            out = self.runner.infer_bound(feeds, host_outputs={"logits"})
+            out = self.runner.infer_bound(feeds, host_outputs={LOGITS})
         else:
             out = self.runner.infer(feeds)
         self.past = [out[n] for n in self.present_names]
-        return out["logits"]
+        return out[LOGITS]
 
     def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """embeds (B, S, D), mask (B, S) -> logits of the last position (B, V)."""

@@ -18,7 +18,9 @@ from typing import Callable
 
 from runtime.confinement import path_problem
 from runtime.errors import ArtifactError
-from runtime.stages import DYNAMIC_DIMS, QFORMER, VISION, StageSpec, decoder_spec
+from runtime.families import ARCHITECTURES as RUNTIME_ARCHITECTURES
+from runtime.families import get_family
+from runtime.stages import DYNAMIC_DIMS, StageSpec
 
 FLOAT_DTYPES = ("float16", "float32")
 TENSOR_DTYPES = ("float16", "float32", "int64", "int32", "int8", "uint8", "bool")
@@ -240,7 +242,7 @@ COMMON = {
     "prompts": Obj({"caption": Str(), "caption_prefix": Template(), "vqa": Template()}),
     "generation": Obj(required={"eos_token_ids": ListOf(TOKEN_ID, max_len=MAX_IDS), "pad_token_id": TOKEN_ID,
                                 "stop_strings": ListOf(Str(nonempty=True), max_len=MAX_IDS)},
-                      optional={"max_new_tokens": Int(1, 1 << 20)}),
+                      optional={"max_new_tokens": Int(1, 1 << 20), "decoder_start_token_id": TOKEN_ID}),
     "files": Files(),
 }
 OPTIONAL = {"source": Nullable(Obj()), "tools": Nullable(Obj()), "quantization": Nullable(Obj())}
@@ -252,7 +254,7 @@ OPTIONAL = {"source": Nullable(Obj()), "tools": Nullable(Obj()), "quantization":
 @dataclass(frozen=True)
 class Family:
     """What the validator knows of one llm_family: its model dims (with bounds), its stages'
-    specs from those dims, and checks across fields."""
+    specs from those dims (the runtime family's own, runtime.families), and checks across fields."""
 
     model: dict[str, Rule]
     stage_specs: Callable[[dict], dict[str, StageSpec]]
@@ -267,19 +269,23 @@ def _heads_times_dim(m: dict) -> None:
 
 
 VISION_DIMS = {"image_size": Int(1, MAX_IMAGE_SIDE), "num_patches": Int(1, 1 << 20), "vision_hidden": Int(1, 1 << 16),
-               "num_query_tokens": Int(1, 4096), "text_hidden": Int(1, 1 << 16)}
+               "num_query_tokens": Int(1, 4096), "text_hidden": Int(1, 1 << 16), "image_token_id": Int(0, 1 << 22)}
 LLM_DIMS = {"num_layers": Int(1, 1024), "num_heads": Int(1, 1024), "head_dim": Int(1, 4096),
-            "vocab_size": Int(1, 1 << 22), "max_position_embeddings": Int(1, 1 << 20)}
+            "vocab_size": Int(1, 1 << 22)}
 
-FAMILIES: dict[str, Family] = {
-    "opt": Family(
-        model={**VISION_DIMS, **LLM_DIMS, "image_token_id": Int(0, 1 << 22)},
-        stage_specs=lambda model: {"vision": VISION, "qformer": QFORMER, "decoder": decoder_spec(model["num_layers"])},
-        checks=(_heads_times_dim,),
-    ),
+# The model keys each llm_family's manifest carries; its stages come from runtime.families.
+MODEL_KEYS: dict[str, dict[str, Rule]] = {
+    "opt": {**VISION_DIMS, **LLM_DIMS, "max_position_embeddings": Int(1, 1 << 20)},
+    # T5's relative position buckets have no limit; its encoder may have its own depth.
+    "t5": {**VISION_DIMS, **LLM_DIMS, "num_encoder_layers": Int(1, 1024)},
 }
-# The `architecture` values this runtime runs; a new one is added here (and its family above).
-ARCHITECTURES: set[str] = {"blip-2"}
+FAMILIES: dict[str, Family] = {
+    name: Family(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
+                 checks=(_heads_times_dim,))
+    for name, keys in MODEL_KEYS.items()
+}
+# The `architecture` values this runtime runs.
+ARCHITECTURES: set[str] = set(RUNTIME_ARCHITECTURES)
 
 
 # ---- checks across fields --------------------------------------------------------------------

@@ -19,13 +19,14 @@ from PIL import Image
 
 from runtime.artifact_checks import check_runner_io, load_embeddings
 from runtime.backends.onnxrt import OrtRunner, gpu_providers, providers_for
-from runtime.kv_decoder import KVCacheDecoder
+from runtime.families import LLMInputs, family_for
 from runtime.manifest import Manifest, load_manifest
-from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.errors import ImageError, OptionError
+from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.preprocess import (DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_from_array, load_image,
-                                 warn_if_wide)
+                                warn_if_wide)
 from runtime.search import beam_search, greedy_or_sample, run
+from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 from runtime.stopping import StopStrings, clip, stable_prefix
 from runtime.tokenizer import TextTokenizer
 
@@ -34,14 +35,16 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 
 # execution provider; tensorrt: native engines from `blip2-edge build-engines` for the visual
 # stages, the decoder on ORT CUDA.
 BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
-STAGE_NAMES = ("vision", "qformer", "decoder")
+VISUAL_STAGES = ("vision", "qformer")
 
 
 @dataclass
 class Result:
     """One image's answer: the text, the generated token ids, and the batch's stage timings
-    in seconds: image_decode, preprocess, vision, qformer, prompt (tokenize + embed), prefill,
-    decode (the search after prefill), detokenize, total; `decode_steps` lists each decoder run."""
+    in seconds: image_decode, preprocess, vision, qformer, prompt (tokenize + embed), the family's
+    prefill stages (Flan-T5: encoder), prefill, decode (the search after prefill), detokenize,
+    total; `decode_steps` lists each decoder run. `Blip2Pipeline.timed_stages` lists the stages
+    of one pipeline in order; STAGES here are those every family has."""
 
     STAGES = ("image_decode", "preprocess", "vision", "qformer", "prompt", "prefill", "decode", "detokenize")
 
@@ -85,12 +88,15 @@ class Blip2Pipeline:
     def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
                  defaults: GenerationOptions | None = None, io_binding: bool | None = None):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
+            raise OptionError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
         self.manifest = manifest
         manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
         m = manifest.data
         self.model = m["model"]
-        self.runners = self._runners(manifest, device, backend)
+        self.family = family_for(m)
+        self.stage_names = self.family.stage_names(self.model)
+        self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
+        self.runners = self._runners(manifest, device, backend, self.stage_names)
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
@@ -101,7 +107,7 @@ class Blip2Pipeline:
         self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
         manifest.recheck()  # files loaded by path (graphs, tokenizer) are still the ones hashed
         self.prompts = m["prompts"]
-        gen = m["generation"]
+        gen = self.generation = m["generation"]
         base = defaults or GenerationOptions(max_new_tokens=gen.get("max_new_tokens", 30))
         self.defaults = base.updated(
             stop_strings=base.stop_strings if base.stop_strings is not None else tuple(gen["stop_strings"]),
@@ -110,21 +116,23 @@ class Blip2Pipeline:
         self.pad_id = int(gen["pad_token_id"])
 
     @staticmethod
-    def _runners(manifest: Manifest, device: str, backend: str) -> dict:
+    def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[str, ...]) -> dict:
         if backend == "onnxruntime":
             providers = providers_for(device)
-            return {s: OrtRunner(manifest.stage_file(s), providers) for s in STAGE_NAMES}
+            return {s: OrtRunner(manifest.stage_file(s), providers) for s in stage_names}
         if backend == "onnxruntime-trt":
-            int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in STAGE_NAMES)
+            int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
             fp16 = manifest.stages["decoder"]["precision"] == "fp16"
             providers = gpu_providers(manifest.root, fp16=fp16, int8=int8)
-            return {s: OrtRunner(manifest.stage_file(s), providers) for s in STAGE_NAMES}
+            return {s: OrtRunner(manifest.stage_file(s), providers) for s in stage_names}
         from runtime.backends.tensorrt.engines import find_engine
         from runtime.backends.tensorrt.runner import TrtRunner, device_info
 
         gpu = device_info()  # names the 'tensorrt' extra when it is missing
-        runners = {s: TrtRunner(find_engine(manifest, s, gpu)) for s in ("vision", "qformer")}
-        runners["decoder"] = OrtRunner(manifest.stage_file("decoder"), providers_for("cuda"))
+        runners = {s: TrtRunner(find_engine(manifest, s, gpu)) for s in VISUAL_STAGES}
+        # The LLM stages run on ONNX Runtime CUDA (KV cache on the device with I/O binding).
+        runners.update({s: OrtRunner(manifest.stage_file(s), providers_for("cuda"))
+                        for s in stage_names if s not in VISUAL_STAGES})
         return runners
 
     @classmethod
@@ -211,35 +219,38 @@ class Blip2Pipeline:
         pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
         t1 = time.perf_counter()
         timings["image_decode"] = t0 - t_decode
-        image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        image_embeds = self.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         t2 = time.perf_counter()
-        query = self.runners["qformer"].infer({"image_embeds": image_embeds})["query_embeds"]
+        query = self.runners["qformer"].infer({IMAGE_EMBEDS: image_embeds})[QUERY_EMBEDS]
         t3 = time.perf_counter()
         timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
         return query
 
-    def build_inputs(self, query: np.ndarray, prompts: Sequence[str]):
-        """[query embeds][left padding][BOS + prompt], laid out as Blip2Processor does, with the
-        ids transformers would see (for the repetition penalty)."""
-        b, q, _ = query.shape
+    def layout(self, query: np.ndarray, prompts: Sequence[str]) -> LLMInputs:
+        """The LLM's inputs from query embeddings and prompts, laid out by the family as
+        Blip2Processor and generate do, with the ids transformers' logits processors see."""
         ids = [self.tokenizer.encode(p) for p in prompts]
-        longest = max(len(x) for x in ids)
-        text_ids = np.full((b, longest), self.pad_id, dtype=np.int64)
-        text_mask = np.zeros((b, longest), dtype=np.int64)
-        for i, x in enumerate(ids):
-            text_ids[i, longest - len(x):] = x
-            text_mask[i, longest - len(x):] = 1
-        embeds = np.concatenate([query.astype(self.float_dtype), self.embed_table[text_ids].astype(self.float_dtype)], 1)
-        mask = np.concatenate([np.ones((b, q), np.int64), text_mask], axis=1)
-        history = np.concatenate([np.full((b, q), self.model["image_token_id"], np.int64), text_ids], axis=1)
-        return embeds, mask, history
+        return self.family.layout(query, ids, self.embed_table, self.model, self.generation, self.float_dtype)
+
+    def build_inputs(self, query: np.ndarray, prompts: Sequence[str]):
+        """(embeds, mask, history) of `layout`, as a tuple."""
+        inputs = self.layout(query, prompts)
+        return inputs.embeds, inputs.mask, inputs.history
+
+    def new_decoder(self, io_binding: bool | None = None):
+        """A fresh step decoder (runtime.search.StepDecoder with `prefill(embeds, mask)`) for one
+        batch, from the family."""
+        return self.family.new_decoder(self.runners, self.embed_table, self.model, self.generation, self.float_dtype,
+                                       io_binding=self.io_binding if io_binding is None else io_binding)
 
     def fit_to_positions(self, opts: GenerationOptions, prompt_length: int, explicit: bool) -> GenerationOptions:
-        """The model has max_position_embeddings positions for queries + prompt + the new tokens
-        it reads back; the last new token is never read, so max_new_tokens may reach
+        """Families with learned positions (OPT) have a fixed number for queries + prompt + the
+        new tokens it reads back; the last new token is never read, so max_new_tokens may reach
         limit - prompt_length + 1 (transformers' OPT raises an IndexError one further). A default
         max_new_tokens shrinks to fit; an explicit one that does not fit is an error."""
-        limit = self.model["max_position_embeddings"]
+        limit = self.family.position_limit(self.model)
+        if limit is None:
+            return opts
         queries = self.model["num_query_tokens"]
         room = limit - prompt_length + 1
         if room < 1:
@@ -276,11 +287,11 @@ class Blip2Pipeline:
         opts = self.fit_to_positions(opts, embeds.shape[1], explicit=generation.get("max_new_tokens") is not None)
         timings["prompt"] = time.perf_counter() - t0
 
-        decoder = KVCacheDecoder(self.runners["decoder"], self.embed_table, self.model, self.float_dtype,
-                                 io_binding=self.io_binding)
+        decoder = self.new_decoder()
         t0 = time.perf_counter()
         first = decoder.prefill(embeds, mask)
-        timings["prefill"] = time.perf_counter() - t0
+        timings.update(decoder.prefill_times)  # stages the family runs before the decoder (T5: encoder)
+        timings["prefill"] = time.perf_counter() - t0 - sum(decoder.prefill_times.values())
         t0 = time.perf_counter()
         search = beam_search if opts.num_beams > 1 else greedy_or_sample
         stops = StopStrings(opts.stop_strings or (), self.tokenizer.token_text)

@@ -3,7 +3,8 @@
 The exporter builds graphs with these input/output names and symbolic dims, the validator
 compares them, calibration picks its inputs from them and the runtime feeds them. A later model
 family (Flan-T5's encoder stage, InstructBLIP's text-conditioned Q-Former) is a new spec here,
-not an edit of every consumer.
+not an edit of every consumer. Each family declares its LLM stages in runtime/families/; the
+tensor names below are the only place those strings are written.
 """
 
 from __future__ import annotations
@@ -57,45 +58,35 @@ class StageSpec:
 
 
 # Dims that vary per call; every other symbolic dim is a model dimension fixed at export.
-DYNAMIC_DIMS = ("batch", "height", "width", "sequence", "past_sequence", "total_sequence")
+# encoder_sequence: an encoder-decoder's input length (query tokens + prompt), fixed per request.
+DYNAMIC_DIMS = ("batch", "height", "width", "sequence", "past_sequence", "total_sequence", "encoder_sequence")
+
+# Tensor names shared by the stages of every family.
+PIXEL_VALUES = "pixel_values"
+IMAGE_EMBEDS = "image_embeds"
+QUERY_EMBEDS = "query_embeds"
+INPUTS_EMBEDS = "inputs_embeds"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 
 VISION = StageSpec(
     name="vision",
     file="vision.onnx",
-    inputs=(TensorSpec("pixel_values", "float", ("batch", 3, "image_size", "image_size")),),
-    outputs=(TensorSpec("image_embeds", "float", ("batch", "num_patches", "vision_hidden")),),
+    inputs=(TensorSpec(PIXEL_VALUES, "float", ("batch", 3, "image_size", "image_size")),),
+    outputs=(TensorSpec(IMAGE_EMBEDS, "float", ("batch", "num_patches", "vision_hidden")),),
 )
 
 QFORMER = StageSpec(
     name="qformer",
     file="qformer.onnx",
-    inputs=(TensorSpec("image_embeds", "float", ("batch", "num_patches", "vision_hidden")),),
-    outputs=(TensorSpec("query_embeds", "float", ("batch", "num_query_tokens", "text_hidden")),),
+    inputs=(TensorSpec(IMAGE_EMBEDS, "float", ("batch", "num_patches", "vision_hidden")),),
+    outputs=(TensorSpec(QUERY_EMBEDS, "float", ("batch", "num_query_tokens", "text_hidden")),),
 )
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """past_key_0, past_value_0, past_key_1, ... (or present_*), in the graph's order."""
+    """past_key_0, past_value_0, past_key_1, ... (or present_*, cross_*), in the graph's order."""
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def decoder_spec(num_layers: int) -> StageSpec:
-    """The decoder-only LLM with a KV cache. One graph serves prefill (past_sequence = 0) and
-    each decode step; it returns only the last position's logits, so prefill never
-    materialises (sequence x vocab) logits."""
-    kv_shape = ("batch", "num_heads", "past_sequence", "head_dim")
-    present_shape = ("batch", "num_heads", "total_sequence", "head_dim")
-    return StageSpec(
-        name="decoder",
-        file="decoder.onnx",
-        inputs=(
-            TensorSpec("inputs_embeds", "float", ("batch", "sequence", "text_hidden")),
-            TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
-            TensorSpec("position_ids", "int64", ("batch", "sequence")),
-            *(TensorSpec(n, "float", kv_shape) for n in kv_names(num_layers, "past")),
-        ),
-        outputs=(
-            TensorSpec("logits", "float", ("batch", "vocab_size")),
-            *(TensorSpec(n, "float", present_shape) for n in kv_names(num_layers, "present")),
-        ),
-    )

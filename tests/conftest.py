@@ -69,3 +69,19 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs the real console entry point in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def t5_tiny_checkpoint(tmp_path_factory) -> Path:
+    from exporter.random_models import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "t5-tiny", llm="t5", seed=3)
+
+
+@pytest.fixture(scope="session")
+def t5_tiny_artifacts(tmp_path_factory, t5_tiny_checkpoint) -> Path:
+    from exporter.export import export
+
+    out = tmp_path_factory.mktemp("art") / "t5-tiny"
+    export(str(t5_tiny_checkpoint), out, log=lambda s: None)
+    return out

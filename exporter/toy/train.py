@@ -1,6 +1,8 @@
-"""Trains the toy BLIP-2 (OPT decoder) on synthetic scenes, on the CPU, in minutes.
+"""Trains a toy BLIP-2 on synthetic scenes, on the CPU, in minutes: with an OPT decoder
+(default) or a Flan-T5-style encoder-decoder (gated-GELU feed-forward, untied embeddings).
 
-    python -m exporter.toy.train --out exporter/toy/checkpoint
+    python -m exporter.toy.train                 # -> exporter/toy/checkpoint
+    python -m exporter.toy.train --llm t5        # -> exporter/toy/checkpoint_t5
 
 Everything is seeded, so a rerun on the same versions gives the same weights. The checkpoint
 is written in Hugging Face format and checked with transformers' own `generate` on held-out
@@ -22,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.toy import CHECKPOINT_DIR
-from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, save_checkpoint
+from exporter.toy import CHECKPOINTS
+from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, build_t5_tokenizer, save_checkpoint
 from runtime import synthetic
 
 IMAGE_SIZE = 64
@@ -45,7 +47,17 @@ def corpus() -> list[str]:
     return sorted(words) * 4
 
 
-def build_model(tokenizer):
+def text_config(llm: str, tokenizer) -> dict:
+    if llm == "t5":
+        return dict(model_type="t5", vocab_size=len(tokenizer), d_model=128, d_kv=32, num_heads=4, d_ff=512,
+                    num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=128, word_embed_proj_dim=128,
+                num_hidden_layers=2, ffn_dim=512, num_attention_heads=4, max_position_embeddings=64,
+                dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+
+
+def build_model(tokenizer, llm: str = "opt"):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     config = Blip2Config(
@@ -59,11 +71,7 @@ def build_model(tokenizer):
             cross_attention_frequency=1, encoder_hidden_size=96, vocab_size=8,
             max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
-        text_config=dict(
-            model_type="opt", vocab_size=len(tokenizer), hidden_size=128, word_embed_proj_dim=128,
-            num_hidden_layers=2, ffn_dim=512, num_attention_heads=4, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-        ),
+        text_config=text_config(llm, tokenizer),
         num_query_tokens=8,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
@@ -79,22 +87,44 @@ def build_model(tokenizer):
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
         model.vision_model.embeddings.position_embedding.normal_(0.0, 1.0)
+        if llm == "t5":
+            # T5 draws an untied lm_head from N(0, 1): after the final RMS norm the first logits
+            # have std ~sqrt(d_model) and the loss starts near 40. N(0, 1/d_model) starts it at ~ln(vocab).
+            d = model.config.text_config.d_model
+            model.language_model.lm_head.weight.normal_(0.0, d ** -0.5)
     return model
 
 
 def make_examples(tokenizer, scenes, rng):
-    """(prompt ids with BOS, target ids ending in EOS) for a caption or a random question."""
+    """(prompt ids with their special tokens, target ids ending in EOS) for a caption or a random
+    question. OPT's byte-level BPE marks a word start with a leading space; T5's pieces do it
+    themselves."""
+    space = "" if tokenizer.padding_side == "right" else " "  # T5's tokenizer pads on the right
     out = []
     for scene in scenes:
         if rng.random() < 0.4:
             prompt, target = "", scene.caption
         else:
             attribute = str(rng.choice(list(synthetic.QUESTIONS)))
-            prompt, target = VQA_TEMPLATE.format(synthetic.QUESTIONS[attribute]), " " + scene.answer(attribute)
+            prompt, target = VQA_TEMPLATE.format(synthetic.QUESTIONS[attribute]), space + scene.answer(attribute)
         p = tokenizer(prompt)["input_ids"]
         t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((p, t))
     return out
+
+
+def seq2seq_tensors(examples, pad_id):
+    """Encoder ids (prompt, right-padded) and decoder labels (target, -100 padded) for T5."""
+    import torch
+
+    p_len, t_len = max(len(p) for p, _ in examples), max(len(t) for _, t in examples)
+    ids = torch.full((len(examples), p_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(examples), t_len), -100, dtype=torch.long)
+    for i, (p, t) in enumerate(examples):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+        labels[i, : len(t)] = torch.tensor(t)
+    return ids, labels, mask
 
 
 def batch_tensors(examples, pad_id):
@@ -151,6 +181,8 @@ def loss_fn(model, pixel_values, ids, labels, mask, heads=None, targets=None):
     embeds = torch.cat([query_embeds, text_embeds], dim=1)
     b, q = query_embeds.shape[:2]
     full_mask = torch.cat([torch.ones(b, q, dtype=mask.dtype), mask], dim=1)
+    if model.config.text_config.is_encoder_decoder:  # labels are the decoder's, shifted inside T5
+        return model.language_model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).loss + aux
     full_labels = torch.cat([torch.full((b, q), -100, dtype=labels.dtype), labels], dim=1)
     return model.language_model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels).loss + aux
 
@@ -159,6 +191,11 @@ def pixel_tensor(processor, images):
     import torch
 
     return torch.from_numpy(processor.image_processor(images, return_tensors="np")["pixel_values"])
+
+
+def generated_from(model, inputs) -> int:
+    """Where generate's new tokens start: after the prompt (OPT) or the decoder start (T5)."""
+    return 1 if model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
 
 
 def evaluate(model, processor, scenes_images) -> dict:
@@ -173,13 +210,13 @@ def evaluate(model, processor, scenes_images) -> dict:
             images = [im for _, im in chunk]
             inputs = processor(images=images, text=[""] * len(images), return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=16)
-            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = processor.batch_decode(out[:, generated_from(model, inputs):], skip_special_tokens=True)
             caption_ok += sum(t.strip() == s.caption for t, (s, _) in zip(texts, chunk))
             for attribute, question in synthetic.QUESTIONS.items():
                 prompts = [VQA_TEMPLATE.format(question)] * len(images)
                 inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
                 out = model.generate(**inputs, max_new_tokens=4)
-                texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                texts = processor.batch_decode(out[:, generated_from(model, inputs):], skip_special_tokens=True)
                 vqa_ok += sum(t.strip() == s.answer(attribute) for t, (s, _) in zip(texts, chunk))
                 vqa_total += len(chunk)
     model.train()
@@ -208,7 +245,8 @@ def main(argv=None) -> int:
     from transformers import Blip2Processor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    ap.add_argument("--llm", choices=tuple(CHECKPOINTS), default="opt")
+    ap.add_argument("--out", type=Path, help="default: the committed checkpoint of --llm")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=12000)
@@ -218,12 +256,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.held_out < 1:
         ap.error("--held-out must be >= 1")
+    args.out = args.out or CHECKPOINTS[args.llm]
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = np.random.default_rng(args.seed)
-    tokenizer = build_opt_tokenizer(corpus(), vocab_size=320)
-    model = build_model(tokenizer)
+    tokenizer = (build_t5_tokenizer if args.llm == "t5" else build_opt_tokenizer)(corpus(), vocab_size=320)
+    model = build_model(tokenizer, args.llm)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy BLIP-2: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
@@ -252,7 +291,8 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         idx = rng.choice(len(train), size=args.batch_size, replace=False)
         batch = [scenes[i] for i in idx]
-        ids, labels, mask = batch_tensors(make_examples(tokenizer, batch, rng), tokenizer.pad_token_id)
+        tensors = seq2seq_tensors if args.llm == "t5" else batch_tensors
+        ids, labels, mask = tensors(make_examples(tokenizer, batch, rng), tokenizer.pad_token_id)
         loss = loss_fn(model, pixels[idx], ids, labels, mask, heads, attribute_targets(batch))
         opt.zero_grad()
         loss.backward()
@@ -273,7 +313,7 @@ def main(argv=None) -> int:
     try:
         save_checkpoint(model, tokenizer, staging, IMAGE_SIZE)
         (staging / "training.json").write_text(
-            json.dumps({"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+            json.dumps({"llm": args.llm, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
                         "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
         )
         replace_directory(staging, args.out)

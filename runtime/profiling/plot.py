@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.errors import require
-from runtime.profiling.profiler import STAGES
+from runtime.profiling.report import stage_order
 
 
 def plot(path: Path, profiles: list[dict]) -> None:
@@ -17,8 +17,8 @@ def plot(path: Path, profiles: list[dict]) -> None:
     names = [Path(p["artifacts"]).name for p in profiles]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(profiles)
-    for stage in STAGES:
-        values = [p["stages"][stage]["mean"] * 1e3 for p in profiles]
+    for stage in stage_order(profiles):
+        values = [p["stages"][stage]["mean"] * 1e3 if stage in p["stages"] else 0.0 for p in profiles]
         left.bar(names, values, bottom=bottom, label=stage)
         bottom = [b + v for b, v in zip(bottom, values)]
     left.set_ylabel("ms (mean)")

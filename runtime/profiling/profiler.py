@@ -15,7 +15,7 @@ from runtime.errors import OptionError
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats
 
-STAGES = Result.STAGES
+STAGES = Result.STAGES  # every family's; a profile's own are its "stage_order" (T5 adds the encoder)
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,21 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         result = pipe.generate(batch, [prompt] * len(batch), **gen)[0]
         if i >= opts.warmup:
             runs.append(result.timings)
-    stages = {s: duration_stats(r[s] for r in runs) for s in STAGES}
+    order = pipe.timed_stages
+    stages = {s: duration_stats(r[s] for r in runs) for s in order}
     stages["end_to_end"] = duration_stats(r["total"] for r in runs)
     stages["decode_step"] = duration_stats(t for r in runs for t in r["decode_steps"])
     mean_total = stages["end_to_end"]["mean"]
     manifest = pipe.manifest.data
     return {
         "artifacts": str(path),
-        "precision": {s: manifest["stages"][s]["precision"] for s in ("vision", "qformer", "decoder")},
+        "llm_family": pipe.family.name,
+        "precision": {s: manifest["stages"][s]["precision"] for s in pipe.stage_names},
+        "stage_order": list(order),
         "stages": stages,
         "tokens_per_s": opts.batch_size * opts.new_tokens / mean_total,
         "images_per_s": opts.batch_size / mean_total,
-        "time_to_first_token": duration_stats(sum(r[s] for s in STAGES[:6]) for r in runs),
+        "time_to_first_token": duration_stats(sum(r[s] for s in order[:order.index("prefill") + 1]) for r in runs),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "runs": runs,
     }

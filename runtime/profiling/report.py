@@ -11,7 +11,17 @@ from pathlib import Path
 from runtime.errors import Blip2EdgeError
 from runtime.profiling.profiler import STAGES
 
-ROWS = (*STAGES, "decode_step", "end_to_end")
+
+def stage_order(profiles: list[dict]) -> list[str]:
+    """The stages of all profiles in run order (a T5 directory adds 'encoder' before prefill);
+    profiles written before families had no 'stage_order' and have the common STAGES."""
+    order: list[str] = []
+    for p in profiles:
+        own = p.get("stage_order", STAGES)
+        for i, s in enumerate(own):
+            if s not in order:  # right after the stage that precedes it in its own profile
+                order.insert(order.index(own[i - 1]) + 1 if i else 0, s)
+    return order
 
 
 def check_output_path(flag: str, path: Path) -> None:
@@ -35,8 +45,9 @@ def table(profiles: list[dict], reference: dict | None = None) -> str:
     names = [Path(p["artifacts"]).name for p in profiles]
     width = max(22, *(len(n) + 2 for n in names))
     lines = [f"{'stage (mean ms)':<16}" + "".join(f"{n:>{width}}" for n in names)]
-    for stage in ROWS:
-        lines.append(f"{stage:<16}" + "".join(f"{_ms(p['stages'][stage]['mean']):>{width}}" for p in profiles))
+    for stage in (*stage_order(profiles), "decode_step", "end_to_end"):
+        lines.append(f"{stage:<16}" + "".join(
+            f"{_ms(p['stages'][stage]['mean'] if stage in p['stages'] else None):>{width}}" for p in profiles))
     base = profiles[0]["stages"]["end_to_end"]["mean"]
     lines.append(f"{'p50 / p90 / p99':<16}" + "".join(
         f"{'/'.join(_ms(p['stages']['end_to_end'][k]) for k in ('p50', 'p90', 'p99')):>{width}}" for p in profiles))
@@ -81,7 +92,7 @@ def chrome_trace(path: Path, profile: dict) -> None:
     decode step as its own event under 'decode'. Opens in chrome://tracing and Perfetto."""
     run = profile["runs"][0]
     events, t = [], 0.0
-    for stage in STAGES:
+    for stage in profile.get("stage_order", STAGES):
         dur = run[stage] * 1e6
         events.append({"name": stage, "cat": "stage", "ph": "X", "ts": t, "dur": dur, "pid": 1, "tid": 1})
         if stage == "decode":

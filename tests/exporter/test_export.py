@@ -190,3 +190,14 @@ def test_fp16_export(tmp_path, tiny_checkpoint, tiny_artifacts):
     assert all(len(t) == 8 for t in b)
     assert all(x[:3] == y[:3] for x, y in zip(a, b))  # exact on the first tokens
     assert np.mean([u == v for x, y in zip(a, b) for u, v in zip(x, y)]) >= 0.9  # near-ties may flip later
+
+
+def test_tolerance_is_absolute_below_one_and_relative_above():
+    from exporter.validate import compare
+
+    logits = {"logits": np.array([[40.0, -3.0]], np.float32)}
+    assert compare("decoder", logits, {"logits": logits["logits"] + 1e-3}, 1e-4)["ok"]  # allowed 4e-3
+    assert not compare("decoder", logits, {"logits": logits["logits"] + 1e-2}, 1e-4)["ok"]
+    small = {"x": np.array([0.5, -0.25], np.float32)}
+    report = compare("s", small, {"x": small["x"] + 2e-4}, 1e-4)
+    assert not report["ok"] and report["outputs"][0]["tolerance"] == 1e-4

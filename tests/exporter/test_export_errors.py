@@ -45,10 +45,12 @@ def test_not_a_blip2_config(tmp_path):
 def test_unsupported_llm_family(tmp_path):
     from transformers import Blip2Config
 
-    cfg = Blip2Config(text_config={"model_type": "t5", "d_model": 16}, image_token_index=5)
-    cfg.save_pretrained(tmp_path / "t5")
-    (tmp_path / "t5" / "model.safetensors").write_bytes(b"")
-    assert_one_line_error(run_cli("export", tmp_path / "t5", tmp_path / "out"), "'t5'", "not supported yet")
+    cfg = Blip2Config(text_config={"model_type": "gpt2", "n_embd": 16}, image_token_index=5)
+    cfg.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("export", tmp_path / "gpt2", tmp_path / "out"), "'gpt2'",
+                          "not supported (supported LLM families: opt, t5)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_inconsistent_word_embed_proj_dim(tmp_path):
@@ -116,3 +118,28 @@ def test_cli_export_end_to_end(tmp_path, tiny_checkpoint):
     for stage in ("vision", "qformer", "decoder"):
         assert any(l.strip().startswith(stage) and "max abs diff" in l for l in proc.stdout.splitlines())
     assert json.loads((tmp_path / "out" / "validation.json").read_text())["ok"]
+
+
+def _t5_config_dir(tmp_path, **text):
+    from exporter.random_models import build_config
+
+    cfg = build_config("tiny", llm="t5")
+    for k, v in text.items():
+        setattr(cfg.text_config, k, v)
+    cfg.save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "model.safetensors").write_bytes(b"")
+    return tmp_path / "t5"
+
+
+def test_t5_with_fewer_decoder_layers_is_refused_with_the_reason(tmp_path):
+    ckpt = _t5_config_dir(tmp_path, num_decoder_layers=1)
+    assert_one_line_error(run_cli("export", ckpt, tmp_path / "out"), "num_decoder_layers (1) != num_layers (2)",
+                          "transformers' BLIP-2 generate fails")
+    assert not (tmp_path / "out").exists()
+
+
+def test_t5_fp16_is_refused_with_the_reason(tmp_path):
+    ckpt = _t5_config_dir(tmp_path)
+    assert_one_line_error(run_cli("export", ckpt, tmp_path / "out", "--dtype", "fp16"),
+                          "--dtype fp16 is refused for Flan-T5", "overflow float16")
+    assert not (tmp_path / "out").exists()

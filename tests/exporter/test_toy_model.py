@@ -22,3 +22,15 @@ def test_held_out_accuracy(toy_hf):
     metrics = evaluate(model, processor, held_out)
     assert metrics["caption_exact_match"] >= CAPTION_BAR, metrics
     assert metrics["vqa_accuracy"] >= VQA_BAR, metrics
+
+
+def test_t5_toy_held_out_accuracy():
+    from exporter.loading import LoadOptions, load_model
+    from exporter.toy import CHECKPOINT_T5_DIR
+
+    model, processor = load_model(str(CHECKPOINT_T5_DIR), LoadOptions())
+    assert model.config.text_config.model_type == "t5" and model.config.text_config.is_gated_act
+    held_out = synthetic.make_scenes(200, seed=10_000, image_size=RENDER_SIZE)
+    metrics = evaluate(model, processor, held_out)
+    assert metrics["caption_exact_match"] >= CAPTION_BAR, metrics
+    assert metrics["vqa_accuracy"] >= VQA_BAR, metrics

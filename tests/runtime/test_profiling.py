@@ -156,3 +156,25 @@ def test_tegrastats_parser_on_three_jetpacks():
     s = tegrastats_summary([four, six])
     assert s["samples"] == 2 and s["power_mw"]["max"] == 4755 and s["ram_used_mb"]["mean"] == (1681 + 3059) / 2
     assert parse_line("garbage") == {}
+
+
+def test_t5_encoder_is_its_own_stage_everywhere(t5_tiny_artifacts, toy_artifacts, tmp_path):
+    """Side by side with an OPT directory: the encoder row is T5's (OPT shows '-'), and it is in
+    the JSON, the CSV and the trace, between prompt and prefill."""
+    files = {k: tmp_path / f"p.{k}" for k in ("json", "csv")}
+    trace = tmp_path / "trace.json"
+    proc = run_cli("profile", t5_tiny_artifacts, toy_artifacts, "--synthetic", "2", "--runs", "2", "--warmup", "0",
+                   "--new-tokens", "3", "--json", files["json"], "--csv", files["csv"], "--trace", trace)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.strip()}
+    assert rows["encoder"][1] == "-" and float(rows["encoder"][0]) > 0
+    order = list(rows)
+    assert order.index("prompt") < order.index("encoder") < order.index("prefill")
+
+    t5 = json.loads(files["json"].read_text())["profiles"][0]
+    assert t5["llm_family"] == "t5" and t5["stage_order"][5:7] == ["encoder", "prefill"]
+    assert set(t5["precision"]) == {"vision", "qformer", "encoder", "cross_kv", "decoder"}
+    assert t5["stages"]["encoder"]["n"] == 2
+    assert {r["stage"] for r in csv.DictReader(files["csv"].open()) if "t5" in r["artifacts"]} >= {"encoder"}
+    names = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "stage"]
+    assert names == t5["stage_order"]

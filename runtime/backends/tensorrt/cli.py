@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime.errors import Blip2EdgeError, require
 
-STAGES = ("vision", "qformer", "decoder")
+STAGES = ("vision", "qformer", "encoder", "cross_kv", "decoder")  # every family's; a manifest has some
 
 
 def register(sub) -> None:
@@ -19,7 +19,9 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="explicit INT8 from the QDQ graphs of 'blip2-edge quantize'")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["vision", "qformer"],
                    help="default: the visual stages (the decoder runs well on ONNX Runtime CUDA)")
-    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256))):
+    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages.
+    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256)),
+                               ("encoder-seq", (1, 40, 128))):
         for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
             p.add_argument(f"--{kind}-{dim}", type=int, default=value)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
@@ -37,7 +39,9 @@ def build_options(args):
 
     ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"),
                            sequence=Range(args.min_seq, args.opt_seq, args.max_seq, "--min/opt/max-seq"),
-                           past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"))
+                           past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"),
+                           encoder=Range(args.min_encoder_seq, args.opt_encoder_seq, args.max_encoder_seq,
+                                         "--min/opt/max-encoder-seq"))
     return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
                         timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
                         version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)
@@ -45,8 +49,9 @@ def build_options(args):
 
 def check_int8_graphs(manifest, stages, int8: bool) -> None:
     for stage in stages:
+        manifest.stage_file(stage)  # a stage this family lacks (OPT has no encoder) is an ArtifactError
         q = manifest.stages[stage].get("quantization") or {}
-        if int8 and stage != "decoder" and q.get("format") != "QDQ":
+        if int8 and stage in ("vision", "qformer") and q.get("format") != "QDQ":
             raise Blip2EdgeError(f"--int8 needs QDQ graphs: stage '{stage}' of {manifest.root} is not quantized; "
                                  "run 'blip2-edge quantize' first (the implicit INT8 calibrators are deprecated)")
         if q.get("tensorrt_compatible") is False:

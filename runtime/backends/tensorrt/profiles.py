@@ -28,6 +28,8 @@ class ProfileRanges:
     batch: Range = Range(1, 1, 4)
     sequence: Range = Range(1, 1, 64)  # tokens fed per decoder call: 1 per step, more at prefill
     past: Range = Range(0, 64, 256)  # cached positions
+    # An encoder-decoder's input: query tokens (32 in BLIP-2) + prompt; fixed for a request.
+    encoder: Range = Range(1, 40, 128)
 
     def for_dim(self, dim: str) -> Range:
         if dim == "batch":
@@ -36,6 +38,8 @@ class ProfileRanges:
             return self.sequence
         if dim == "past_sequence":
             return self.past
+        if dim == "encoder_sequence":
+            return self.encoder
         if dim == "total_sequence":
             return Range(self.past.min + self.sequence.min, self.past.opt + self.sequence.opt,
                          self.past.max + self.sequence.max)

@@ -1,0 +1,26 @@
+"""The exporter's side of each model family: config checks, model dims, torch stage wrappers,
+example inputs, generation defaults and stage validation. The runtime side (specs, layout,
+decode step) is runtime/families/; both are looked up by the checkpoint's text_config.model_type.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from runtime.errors import Blip2EdgeError
+
+# text_config.model_type -> module of this package
+_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5"}
+
+
+def supported_llms() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def export_family(config, model: str = "the checkpoint"):
+    """The export family of a BLIP-2 config; an unsupported LLM is one line naming the supported."""
+    llm = config.text_config.model_type
+    if llm not in _MODULES:
+        raise Blip2EdgeError(f"'{model}' uses a '{llm}' language model, which is not supported "
+                             f"(supported LLM families: {', '.join(_MODULES)})")
+    return import_module(_MODULES[llm]).FAMILY
