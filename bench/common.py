@@ -88,12 +88,12 @@ def hf_generate_fn(model, processor, image, **generation):
     as the pipeline's timings include preprocessing)."""
     import torch
 
+    from exporter.loading import generated_from
+
     def run() -> list[int]:
         inputs = processor(images=[image], text=[""], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, do_sample=False, num_beams=1, **generation)
-        # New tokens follow the prompt (decoder-only) or the decoder start token (encoder-decoder).
-        start = 1 if model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
-        return out[0, start:].tolist()
+        return out[0, generated_from(model, inputs):].tolist()
 
     return run

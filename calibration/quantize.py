@@ -29,10 +29,8 @@ from runtime.confinement import confined_path
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
 from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
-from runtime.pipeline import Blip2Pipeline
+from runtime.pipeline import VISUAL_STAGES, Blip2Pipeline
 from runtime.preprocess import Preprocessing
-
-VISUAL_STAGES = ("vision", "qformer")
 
 
 @dataclass

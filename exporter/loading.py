@@ -93,6 +93,12 @@ def float_dtype(hf_model):
     return hf_model.get_input_embeddings().weight.dtype
 
 
+def generated_from(hf_model, inputs) -> int:
+    """Where `generate`'s new tokens start in its output: after the prompt (decoder-only, OPT)
+    or after the decoder start token (encoder-decoder, T5)."""
+    return 1 if hf_model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
+
+
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch

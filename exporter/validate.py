@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.loading import float_dtype
+from exporter.loading import float_dtype, generated_from
 from runtime import synthetic
 from runtime.errors import Blip2EdgeError
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
@@ -123,9 +123,8 @@ def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12
         inputs["pixel_values"] = inputs["pixel_values"].to(float_dtype(hf_model))
         with torch.no_grad():
             ref = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        # generate returns the prompt (decoder-only) or the decoder start token (encoder-decoder) first.
-        skip = 1 if hf_model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
-        ref_rows = [_until_eos(r.tolist(), pipe.defaults.eos_token_ids) for r in ref[:, skip:]]
+        new = ref[:, generated_from(hf_model, inputs):]
+        ref_rows = [_until_eos(r.tolist(), pipe.defaults.eos_token_ids) for r in new]
         got = pipe.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, stop_strings=())
         got_rows = [r.tokens for r in got]
         cases.append({"prompt": prompt, "reference": ref_rows, "exported": got_rows, "match": ref_rows == got_rows})

@@ -1,7 +1,8 @@
-"""The OPT family's step decoder: carries the decoder's KV cache, attention mask and positions
-between steps.
+"""Step decoders (runtime.search.StepDecoder) over a decoder graph with a self-attention KV
+cache: what every family's shares (CachedDecoder), and the OPT family's (KVCacheDecoder), which
+also carries the attention mask and positions between steps.
 
-Positions follow transformers' `generate` for OPT: cumsum(attention_mask) - 1, with padded
+OPT positions follow transformers' `generate`: cumsum(attention_mask) - 1, with padded
 positions set to 1 (they are masked, so their value never reaches a real token).
 """
 
@@ -14,27 +15,28 @@ import numpy as np
 from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, kv_names
 
 
-class KVCacheDecoder:
-    """With `io_binding`, the cache lives in OrtValues on the runner's device (the GPU under
-    CUDA) and only the logits cross to the host each step."""
+class CachedDecoder:
+    """The decoder graph's self-attention cache: fed back at every step, replaced by the graph's
+    present key/values, reordered for beam search. With `io_binding`, the cache lives in
+    OrtValues on the runner's device (the GPU under CUDA) and only the logits cross to the host
+    each step."""
 
-    def __init__(self, runner, embed_table: np.ndarray, model: dict, float_dtype: np.dtype,
-                 io_binding: bool = False):
+    def __init__(self, runner, model: dict, float_dtype: np.dtype, io_binding: bool = False):
         self.runner = runner
         self.io_binding = io_binding
-        self.table = embed_table
         self.dtype = float_dtype
         self.past_names = kv_names(model["num_layers"], "past")
         self.present_names = kv_names(model["num_layers"], "present")
         self.kv_shape = (model["num_heads"], model["head_dim"])
-        self.past: list[np.ndarray] = []
-        self.mask: np.ndarray | None = None
+        self.past: list = []
         self.step_times: list[float] = []
-        self.prefill_times: dict[str, float] = {}  # no stage runs before the decoder's prefill
+        self.prefill_times: dict[str, float] = {}  # stages run before the decoder's prefill (T5: encoder)
 
-    def _run(self, embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False), ATTENTION_MASK: self.mask,
-                 POSITION_IDS: position_ids}
+    def _empty_cache(self, batch: int) -> None:
+        self.past = [np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), self.dtype) for _ in self.past_names]
+
+    def _decode(self, feeds: dict) -> np.ndarray:
+        """Runs the decoder graph on `feeds` and the cache; keeps the new cache, returns the logits."""
         feeds.update(zip(self.past_names, self.past))
         if self.io_binding:
             out = self.runner.infer_bound(feeds, host_outputs={LOGITS})
@@ -43,13 +45,35 @@ class KVCacheDecoder:
         self.past = [out[n] for n in self.present_names]
         return out[LOGITS]
 
+    def _take_rows(self, value, rows: np.ndarray):
+        """value[rows] for a host array or, with `io_binding`, a device OrtValue. OrtValues cannot
+        be indexed in place: a round trip through the host. Greedy and sampling never reorder;
+        beam search pays this copy once per step."""
+        if self.io_binding:
+            return self.runner.to_device(value.numpy()[rows])
+        return value[rows]
+
+
+class KVCacheDecoder(CachedDecoder):
+    """OPT's: one graph for prefill and every step, with the attention mask and positions."""
+
+    def __init__(self, runner, embed_table: np.ndarray, model: dict, float_dtype: np.dtype,
+                 io_binding: bool = False):
+        super().__init__(runner, model, float_dtype, io_binding)
+        self.table = embed_table
+        self.mask: np.ndarray | None = None
+
+    def _run(self, embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return self._decode({INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False), ATTENTION_MASK: self.mask,
+                             POSITION_IDS: position_ids})
+
     def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """embeds (B, S, D), mask (B, S) -> logits of the last position (B, V)."""
         b = embeds.shape[0]
         self.mask = mask.astype(np.int64)
         positions = np.cumsum(self.mask, axis=1) - 1
         positions[self.mask == 0] = 1
-        self.past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.dtype) for _ in self.past_names]
+        self._empty_cache(b)
         return self._run(embeds, positions)
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -64,10 +88,5 @@ class KVCacheDecoder:
 
     def select(self, rows: np.ndarray) -> None:
         """Reorders (or duplicates) cache rows: beam search's bookkeeping."""
-        if self.io_binding:
-            # OrtValues cannot be indexed in place: a round trip through the host. Greedy and
-            # sampling never reorder; beam search pays this copy once per step.
-            self.past = [self.runner.to_device(p.numpy()[rows]) for p in self.past]
-        else:
-            self.past = [p[rows] for p in self.past]
+        self.past = [self._take_rows(p, rows) for p in self.past]
         self.mask = self.mask[rows]

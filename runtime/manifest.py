@@ -24,7 +24,7 @@ from runtime.confinement import confined_path
 from runtime.errors import ArtifactError
 from runtime.manifest_schema import check_manifest
 from runtime.onnx_external_data import external_data_locations
-from runtime.verified_files import HASHES, FileIdentity, open_regular, sha256_file
+from runtime.verified_files import HASHES, FileIdentity, open_regular, read_bounded, sha256_file
 
 __all__ = ["FORMAT", "HASHES", "MANIFEST", "SCHEMA_VERSION", "Manifest", "checksummed", "graph_digest",
            "load_manifest", "sha256_file", "write_manifest"]
@@ -172,11 +172,8 @@ class Manifest:
 
 
 def _read_manifest(mpath: Path) -> dict:
-    fd = open_regular(mpath, f"; is {mpath.parent} an artifact directory written by 'blip2-edge export'?")
-    try:
-        raw = os.pread(fd, MAX_MANIFEST_BYTES + 1, 0)
-    finally:
-        os.close(fd)
+    raw = read_bounded(mpath, MAX_MANIFEST_BYTES,
+                       f"; is {mpath.parent} an artifact directory written by 'blip2-edge export'?")
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MB; not a blip2-edge manifest")
     try:

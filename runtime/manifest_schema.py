@@ -313,8 +313,7 @@ def _check_tensors(field: str, declared: list, specs, model: dict) -> None:
                 raise Invalid(f"{where}.shape[{j}]", label, dim)
 
 
-def _check_stages(m: dict, family: Family) -> None:
-    specs = family.stage_specs(m["model"])
+def _check_stages(m: dict, specs: dict[str, StageSpec]) -> None:
     stages = m["stages"]
     for name, spec in specs.items():
         _check_tensors(f"stages.{name}.inputs", stages[name]["inputs"], spec.inputs, m["model"])
@@ -355,7 +354,7 @@ def validate(m) -> list[tuple[str, str]]:
     for check in family.checks:  # the model's own dims first: the stage shapes are read against them
         check(m)
     _check_shared(m)
-    _check_stages(m, family)
+    _check_stages(m, specs)
     return ctx.paths
 
 

@@ -154,13 +154,11 @@ class Blip2Pipeline:
     def caption(self, images: Sequence[ImageInput], prompt: str | None = None, **generation) -> list[Result]:
         """Captions each image; `prompt` is an optional caption prefix (e.g. "a photo of").
         `images` is a list even for one image: a single image is refused (ImageError)."""
-        images = _image_batch(images)
-        return self.generate(images, [self.caption_prompt(prompt)] * len(images), **generation)
+        return self._generate_each(images, self.caption_prompt(prompt), **generation)
 
     def ask(self, images: Sequence[ImageInput], question: str, **generation) -> list[Result]:
         """Answers `question` about each image with the manifest's VQA template."""
-        images = _image_batch(images)
-        return self.generate(images, [self.vqa_prompt(question)] * len(images), **generation)
+        return self._generate_each(images, self.vqa_prompt(question), **generation)
 
     def stream(self, image: ImageInput, prompt: str | None = None, question: str | None = None,
                **generation) -> Iterator[str]:
@@ -232,11 +230,6 @@ class Blip2Pipeline:
         ids = [self.tokenizer.encode(p) for p in prompts]
         return self.family.layout(query, ids, self.embed_table, self.model, self.generation, self.float_dtype)
 
-    def build_inputs(self, query: np.ndarray, prompts: Sequence[str]):
-        """(embeds, mask, history) of `layout`, as a tuple."""
-        inputs = self.layout(query, prompts)
-        return inputs.embeds, inputs.mask, inputs.history
-
     def new_decoder(self, io_binding: bool | None = None):
         """A fresh step decoder (runtime.search.StepDecoder with `prefill(embeds, mask)`) for one
         batch, from the family."""
@@ -267,8 +260,13 @@ class Blip2Pipeline:
         return opts.updated(max_new_tokens=room, min_new_tokens=min(opts.min_new_tokens, room))
 
     def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation) -> list[Result]:
-        """Runs a batch: one prompt per image."""
-        return run(self._generate_steps(images, prompts, **generation))
+        """Runs a batch: one prompt per image. `images` is a list even for one image."""
+        return run(self._generate_steps(_image_batch(images), prompts, **generation))
+
+    def _generate_each(self, images: Sequence[ImageInput], prompt: str, **generation) -> list[Result]:
+        """generate() with the same prompt for every image (caption, ask)."""
+        images = _image_batch(images)  # before len(): a path string has one
+        return self.generate(images, [prompt] * len(images), **generation)
 
     def _generate_steps(self, images: Sequence[ImageInput], prompts: Sequence[str],
                         **generation) -> Generator[list[list[int]], None, list[Result]]:
@@ -283,7 +281,8 @@ class Blip2Pipeline:
         timings: dict = {}
         query = self.encode_images(images, timings)
         t0 = time.perf_counter()
-        embeds, mask, history = self.build_inputs(query, prompts)
+        inputs = self.layout(query, prompts)
+        embeds, mask, history = inputs.embeds, inputs.mask, inputs.history
         opts = self.fit_to_positions(opts, embeds.shape[1], explicit=generation.get("max_new_tokens") is not None)
         timings["prompt"] = time.perf_counter() - t0
 

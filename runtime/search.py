@@ -80,7 +80,9 @@ def greedy_or_sample(
         for i in live:
             out[i].append(int(tokens[i]))
         # Stop strings are checked on the ids (prompt included), the last few tokens of a row.
-        done[live] = np.isin(tokens[live], eos_ids) | stops.hits(history[live])
+        done[live] = np.isin(tokens[live], eos_ids)
+        if stops:  # only then: history[live] copies every row's whole history
+            done[live] |= stops.hits(history[live])
         yield [row[:] for row in out]
         if done.all() or t == opts.max_new_tokens - 1:
             break

@@ -66,6 +66,17 @@ def open_regular(path: str | os.PathLike, hint: str = "") -> int:
     return fd
 
 
+def read_bounded(path: str | os.PathLike, limit: int, hint: str = "") -> bytes:
+    """At most `limit` + 1 bytes of the regular file `path` (more than `limit` means the file is
+    over it), or an ArtifactError from open_regular: small JSON files (manifests, the hash cache)
+    are read this way, never a FIFO and never an unbounded amount."""
+    fd = open_regular(path, hint)
+    try:
+        return os.pread(fd, limit + 1, 0)
+    finally:
+        os.close(fd)
+
+
 def sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
     """sha256 of a whole file, read with pread (the descriptor's offset is left alone)."""
     h = hashlib.sha256()
@@ -112,13 +123,9 @@ class HashCache:
 
     def _read(self, file: Path) -> dict[str, str]:
         try:
-            fd = open_regular(file)
+            raw = read_bounded(file, self.MAX_FILE_BYTES)
         except ArtifactError:
             return {}
-        try:
-            raw = os.pread(fd, self.MAX_FILE_BYTES + 1, 0)
-        finally:
-            os.close(fd)
         try:
             data = json.loads(raw) if len(raw) <= self.MAX_FILE_BYTES else None
         except (ValueError, RecursionError):

@@ -9,7 +9,6 @@ class ExportFamily:
     """Subclasses fill in the LLM side; vision and Q-Former are common to every BLIP-2."""
 
     name = ""
-    encoder_decoder = False
 
     @property
     def runtime(self) -> Family:

@@ -138,7 +138,6 @@ class T5DecoderStage(nn.Module):
 
 class T5Export(ExportFamily):
     name = "t5"
-    encoder_decoder = True
 
     def check(self, config, model: str, dtype: str) -> None:
         t = config.text_config

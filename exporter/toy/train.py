@@ -26,6 +26,7 @@ import numpy as np
 
 from exporter.toy import CHECKPOINTS
 from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, build_t5_tokenizer, save_checkpoint
+from exporter.loading import generated_from
 from runtime import synthetic
 
 IMAGE_SIZE = 64
@@ -191,11 +192,6 @@ def pixel_tensor(processor, images):
     import torch
 
     return torch.from_numpy(processor.image_processor(images, return_tensors="np")["pixel_values"])
-
-
-def generated_from(model, inputs) -> int:
-    """Where generate's new tokens start: after the prompt (OPT) or the decoder start (T5)."""
-    return 1 if model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
 
 
 def evaluate(model, processor, scenes_images) -> dict:

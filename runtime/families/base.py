@@ -22,7 +22,7 @@ class Family:
     """One model kind. Subclasses set the class attributes and implement the methods."""
 
     name: str = ""
-    llm_stages: tuple[str, ...] = ()  # stages after the Q-Former, in run order
+    llm_stages: tuple[str, ...] = ()  # stages after the Q-Former, in run order: llm_specs' keys
     # Stages quantized weight-only by `quantize --llm` (MatMulNBits); the one producing logits
     # is the `logits_stage` (its lm_head has its own --lm-head precision).
     weight_only_stages: tuple[str, ...] = ()
@@ -41,7 +41,7 @@ class Family:
         return {"vision": VISION, "qformer": QFORMER, **self.llm_specs(model)}
 
     def stage_names(self, model: dict) -> tuple[str, ...]:
-        return ("vision", "qformer", *self.llm_specs(model))
+        return ("vision", "qformer", *self.llm_stages)
 
     def layout(self, query: np.ndarray, prompt_ids: list[list[int]], embed_table: np.ndarray, model: dict,
                generation: dict, float_dtype: np.dtype) -> LLMInputs:

@@ -49,7 +49,7 @@ class OPTFamily(Family):
         return {"decoder": decoder_spec(model["num_layers"])}
 
     def layout(self, query, prompt_ids, embed_table, model, generation, float_dtype) -> LLMInputs:
-        ids, mask = pad_prompts(prompt_ids, int(generation["pad_token_id"]), "left")
+        ids, mask = pad_prompts(prompt_ids, int(generation["pad_token_id"]), self.padding_side)
         embeds, full_mask = query_first(query, ids, mask, embed_table, float_dtype)
         b, q, _ = query.shape
         # The ids transformers' processors see: image placeholders, then the padded prompt.

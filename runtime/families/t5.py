@@ -25,6 +25,7 @@ import numpy as np
 
 from runtime.families import register
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
+from runtime.kv_decoder import CachedDecoder
 from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
                             StageSpec, TensorSpec, kv_names)
 
@@ -72,60 +73,39 @@ def decoder_spec(num_layers: int) -> StageSpec:
     )
 
 
-class T5StepDecoder:
+class T5StepDecoder(CachedDecoder):
     """runtime.search.StepDecoder over the encoder, cross_kv and decoder graphs."""
 
     def __init__(self, runners: dict, embed_table: np.ndarray, model: dict, start_id: int,
                  float_dtype: np.dtype, io_binding: bool = False):
+        super().__init__(runners["decoder"], model, float_dtype, io_binding)
         self.runners = runners
-        self.runner = runners["decoder"]
         self.table = embed_table
-        self.dtype = float_dtype
         self.start_id = start_id
-        self.io_binding = io_binding
-        layers = model["num_layers"]
-        self.past_names = kv_names(layers, "past")
-        self.present_names = kv_names(layers, "present")
-        self.cross_names = kv_names(layers, "cross")
-        self.kv_shape = (model["num_heads"], model["head_dim"])
-        self.past: list = []
+        self.cross_names = kv_names(model["num_layers"], "cross")
         self.cross: list = []
         self.enc_mask: np.ndarray | None = None
         self.requests: np.ndarray | None = None  # the request each row's cross K/V belong to
-        self.step_times: list[float] = []
-        self.prefill_times: dict[str, float] = {}
 
     def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Encodes the inputs, computes the cross K/V once, runs the decoder on the start token."""
+        self.enc_mask = mask.astype(np.int64)
         t0 = time.perf_counter()
         hidden = self.runners["encoder"].infer({INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False),
-                                                ATTENTION_MASK: mask.astype(np.int64)})[ENCODER_HIDDEN_STATES]
+                                                ATTENTION_MASK: self.enc_mask})[ENCODER_HIDDEN_STATES]
         self.prefill_times = {"encoder": time.perf_counter() - t0}
         cross = self.runners["cross_kv"].infer({ENCODER_HIDDEN_STATES: hidden})
-        self.cross = [self._device(cross[n]) for n in self.cross_names]
+        self.cross = [self.runner.to_device(cross[n]) if self.io_binding else cross[n] for n in self.cross_names]
         b = embeds.shape[0]
-        self.enc_mask = mask.astype(np.int64)
         self.requests = np.arange(b)
-        self.past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.dtype) for _ in self.past_names]
+        self._empty_cache(b)
         return self._run(np.full(b, self.start_id, np.int64))
-
-    def _device(self, array: np.ndarray):
-        return self.runner.to_device(array) if self.io_binding else array
-
-    def _host(self, value) -> np.ndarray:
-        return value.numpy() if self.io_binding else value
 
     def _run(self, token_ids: np.ndarray) -> np.ndarray:
         feeds = {INPUTS_EMBEDS: self.table[token_ids][:, None, :].astype(self.dtype, copy=False),
                  ENCODER_ATTENTION_MASK: self.enc_mask}
-        feeds.update(zip(self.past_names, self.past))
         feeds.update(zip(self.cross_names, self.cross))
-        if self.io_binding:
-            out = self.runner.infer_bound(feeds, host_outputs={LOGITS})
-        else:
-            out = self.runner.infer(feeds)
-        self.past = [out[n] for n in self.present_names]
-        return out[LOGITS]
+        return self._decode(feeds)
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -134,10 +114,10 @@ class T5StepDecoder:
         return logits
 
     def select(self, rows: np.ndarray) -> None:
-        self.past = [self._device(self._host(p)[rows]) for p in self.past]
+        self.past = [self._take_rows(p, rows) for p in self.past]
         requests = self.requests[rows]
         if not np.array_equal(requests, self.requests):  # only then do the cross K/V differ
-            self.cross = [self._device(self._host(c)[rows]) for c in self.cross]
+            self.cross = [self._take_rows(c, rows) for c in self.cross]
             self.enc_mask = self.enc_mask[rows]
             self.requests = requests
 
@@ -155,7 +135,7 @@ class T5Family(Family):
                 "decoder": decoder_spec(model["num_layers"])}
 
     def layout(self, query, prompt_ids, embed_table, model, generation, float_dtype) -> LLMInputs:
-        ids, mask = pad_prompts(prompt_ids, int(generation["pad_token_id"]), "right")
+        ids, mask = pad_prompts(prompt_ids, int(generation["pad_token_id"]), self.padding_side)
         embeds, full_mask = query_first(query, ids, mask, embed_table, float_dtype)
         start = int(generation["decoder_start_token_id"])
         return LLMInputs(embeds, full_mask, np.full((query.shape[0], 1), start, np.int64))

@@ -52,6 +52,8 @@ def test_manifest_contract(tiny_artifacts, tiny_hf):
     assert m["prompts"]["vqa"] == "Question: {} Answer:"
     assert m["generation"]["eos_token_ids"] == [2] and m["generation"]["stop_strings"] == ["\n"]
     assert m["tools"]["opset"] >= 17 and m["tools"]["torch"]
+    # What the export used, whatever else is installed (optimum is not used).
+    assert set(m["tools"]) == {"opset", "blip2-edge", "torch", "transformers", "onnx"}
     assert m["stages"]["vision"]["precision"] == "fp32"
 
 

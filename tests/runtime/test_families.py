@@ -23,6 +23,8 @@ OLD_OPT = Path(__file__).resolve().parents[1] / "fixtures" / "opt_tiny_v1"
 def test_registry_knows_opt_and_t5():
     assert known_families() == ("opt", "t5")
     assert get_family("t5").llm_stages == ("encoder", "cross_kv", "decoder")
+    for name in known_families():  # the names stage_names() gives are those of the specs
+        assert tuple(get_family(name).llm_specs({"num_layers": 2})) == get_family(name).llm_stages
 
 
 def test_unknown_family_names_the_known_ones():

@@ -34,7 +34,8 @@ def test_paths_arrays_and_pil_images_give_the_same_caption(pipe, scene, tmp_path
 @pytest.mark.parametrize("single", ["x.png", "PATH", "PIL", "ARRAY"])
 def test_a_single_image_instead_of_a_list_is_refused(pipe, scene, tmp_path, single):
     item = {"PATH": tmp_path / "x.png", "PIL": scene[1], "ARRAY": np.asarray(scene[1])}.get(single, single)
-    for call in (lambda: pipe.caption(item), lambda: pipe.ask(item, "what colour is it?")):
+    for call in (lambda: pipe.caption(item), lambda: pipe.ask(item, "what colour is it?"),
+                 lambda: pipe.generate(item, ["a photo of"])):
         with pytest.raises(ImageError, match=r"list of images.*\[image\]"):
             call()
 

@@ -10,13 +10,11 @@ import shutil
 import pytest
 
 from calibration.quantize import QuantizeOptions, quantize
-from runtime.backends.tensorrt.engines import (DeviceInfo, StaleEngineError, engine_dir, find_engine,
-                                               source_graph_sha, write_engine_manifest)
+from runtime.backends.tensorrt.engines import StaleEngineError, engine_dir, find_engine
 from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
-
-ORIN = DeviceInfo(gpu="Orin", compute_capability="8.7", trt_version="10.3.0")
+from tests.runtime.test_tensorrt import ORIN, add_vision_engine
 
 
 @pytest.fixture()
@@ -210,14 +208,7 @@ def test_truncated_graph_is_a_clear_error(art):
 
 @pytest.fixture()
 def with_engine(art):
-    m = load_manifest(art)
-    d = engine_dir(art, ORIN)
-    d.mkdir(parents=True)
-    (d / "vision.engine").write_bytes(b"serialized engine bytes")
-    write_engine_manifest(d, ORIN, {"vision": {
-        "engine": "vision.engine", "engine_sha256": sha256_file(d / "vision.engine"), "source_graph": "vision.onnx",
-        "source_graph_sha256": source_graph_sha(m, "vision"), "flags": {}, "profile": {}}})
-    return m
+    return add_vision_engine(art)
 
 
 def _edit_engines_json(m, change) -> None:

@@ -142,19 +142,23 @@ def test_padded_batch_with_stop_strings_matches_transformers(toy_pipe, toy_hf, m
     assert len(got[0]) < len(plain[0].tokens)
 
 
+def drain(steps) -> tuple[list, list]:
+    """Runs a `_generate_steps` generator to its end: (what each step yielded, the Results)."""
+    seen = []
+    while True:
+        try:
+            seen.append(next(steps))
+        except StopIteration as end:
+            return seen, end.value
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_each_step_yields_a_prefix_of_the_result(toy_pipe, mode):
     """What a search yields per step is settled: a prefix of the row's final ids that never
     shrinks; greedy and sampling settle one token a step, beams as soon as they agree."""
     ims = [im for _, im in synthetic.make_scenes(2, seed=43)]
     steps = toy_pipe._generate_steps(ims, ["", "Question: what colour is it? Answer:"], **MODES[mode])
-    seen = []
-    while True:
-        try:
-            seen.append(next(steps))
-        except StopIteration as end:
-            results = end.value
-            break
+    seen, results = drain(steps)
     for i, result in enumerate(results):
         rows = [step[i] for step in seen]
         assert all(result.tokens[: len(row)] == row for row in rows)
@@ -173,13 +177,7 @@ def test_beam_settled_ids_are_sound_on_random_weights(tiny_artifacts, length_pen
     ims = [im for _, im in synthetic.make_scenes(3, seed=44)]
     steps = pipe._generate_steps(ims, ["", "a photo of", "Question: where is it? Answer:"], num_beams=4,
                                  max_new_tokens=12, length_penalty=length_penalty, early_stopping=early_stopping)
-    seen = []
-    while True:
-        try:
-            seen.append(next(steps))
-        except StopIteration as end:
-            results = end.value
-            break
+    seen, results = drain(steps)
     for i, result in enumerate(results):
         assert all(result.tokens[: len(step[i])] == step[i] for step in seen)
         assert seen[-1][i] == result.tokens

@@ -20,9 +20,9 @@ ORIN = DeviceInfo(gpu="Orin", compute_capability="8.7", trt_version="10.3.0")
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.fixture()
-def with_engine(tmp_path, tiny_artifacts):
-    art = shutil.copytree(tiny_artifacts, tmp_path / "art")
+def add_vision_engine(art):
+    """A current (fake) vision engine for ORIN in the artifact directory `art`, listed in its
+    engines.json as build-engines lists one; returns the artifact's manifest."""
     m = load_manifest(art)
     d = engine_dir(art, ORIN)
     d.mkdir(parents=True)
@@ -31,6 +31,11 @@ def with_engine(tmp_path, tiny_artifacts):
         "engine": "vision.engine", "engine_sha256": sha256_file(d / "vision.engine"), "source_graph": "vision.onnx",
         "source_graph_sha256": source_graph_sha(m, "vision"), "flags": {}, "profile": {}}})
     return m
+
+
+@pytest.fixture()
+def with_engine(tmp_path, tiny_artifacts):
+    return add_vision_engine(shutil.copytree(tiny_artifacts, tmp_path / "art"))
 
 
 def test_current_engine_is_found(with_engine):
@@ -90,6 +95,34 @@ def test_profiles_from_manifest_shapes(tiny_artifacts):
     assert dec["past_key_0"] == ((1, heads, 0, hd), (2, heads, 30, hd), (8, heads, 100, hd))
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Range(4, 2, 8)
+
+
+def test_build_keeps_current_entries_and_replaces_what_is_not_an_engine_manifest(with_engine):
+    import os
+    import signal
+
+    from runtime.backends.tensorrt.cli import current_entries
+
+    d = engine_dir(with_engine.root, ORIN)
+    assert list(current_entries(d)) == ["vision"]
+    (d / "engines.json").unlink()
+    assert current_entries(d) == {}
+    (d / "engines.json").write_text("{not json")
+    assert current_entries(d) == {}
+    (d / "engines.json").unlink()
+    os.mkfifo(d / "engines.json")
+    def blocked(*_):
+        raise TimeoutError("blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(20)  # a FIFO read or write would block forever: fail instead
+    try:
+        assert current_entries(d) == {}
+        write_engine_manifest(d, ORIN, {})  # replaces the FIFO rather than writing into it
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert (d / "engines.json").is_file() and [p.name for p in d.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message when TensorRT is missing")
@@ -152,13 +185,7 @@ def test_changed_external_weights_are_stale(tmp_path, tiny_checkpoint):
 
     art = tmp_path / "ext"
     export(str(tiny_checkpoint), art, ExportOptions(external_data_threshold=1, validate=False), log=lambda s: None)
-    m = load_manifest(art)
-    d = engine_dir(art, ORIN)
-    d.mkdir(parents=True)
-    (d / "vision.engine").write_bytes(b"engine")
-    write_engine_manifest(d, ORIN, {"vision": {
-        "engine": "vision.engine", "engine_sha256": sha256_file(d / "vision.engine"), "source_graph": "vision.onnx",
-        "source_graph_sha256": source_graph_sha(m, "vision"), "flags": {}, "profile": {}}})
+    m = add_vision_engine(art)
     before = graph_digest(art / "vision.onnx")
     find_engine(m, "vision", ORIN)
     data = art / "vision.onnx.data"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 from pathlib import Path
 
 from runtime.errors import Blip2EdgeError, require
@@ -59,6 +60,21 @@ def check_int8_graphs(manifest, stages, int8: bool) -> None:
                                  "run; quantize with --activations int8")
 
 
+def current_entries(directory: Path) -> dict:
+    """The engines.json entries to keep (the other stages' engines). None when there is no
+    engines.json or it is not a valid one, which the build then replaces: it is read as a
+    bounded regular file only, so a FIFO or a device there never hangs the build."""
+    from runtime.backends.tensorrt.engines import ENGINE_MANIFEST, read_engine_manifest
+
+    if not os.path.lexists(directory / ENGINE_MANIFEST):
+        return {}
+    try:
+        return read_engine_manifest(directory / ENGINE_MANIFEST)["engines"]
+    except Blip2EdgeError as exc:
+        print(f"  starting a new {ENGINE_MANIFEST}: {exc}")
+        return {}
+
+
 def run(args) -> int:
     opts = build_options(args)  # bad ranges or levels fail before TensorRT is needed
     from runtime.manifest import load_manifest
@@ -68,17 +84,17 @@ def run(args) -> int:
     require("tensorrt", "tensorrt", "blip2-edge build-engines")
     from runtime.backends.tensorrt.builder import build_engine
     from runtime.backends.tensorrt.profiles import stage_profile
-    from runtime.backends.tensorrt.engines import (ENGINE_MANIFEST, StaleEngineError, engine_dir, find_engine,
+    from runtime.backends.tensorrt.engines import (StaleEngineError, engine_dir, find_engine, replace_file,
                                                    source_graph_sha, write_engine_manifest)
     from runtime.backends.tensorrt.runner import device_info
-    from runtime.manifest import sha256_file
+    from runtime.confinement import confined_path
 
     device = device_info()
-    directory = engine_dir(manifest.root, device)
+    # Written inside the artifact directory only, whatever symlinks it holds.
+    directory = confined_path(manifest.root, f"engines/{engine_dir(manifest.root, device).name}",
+                              "engine directory", manifest.root)
     directory.mkdir(parents=True, exist_ok=True)
-    entries = {}
-    if (directory / ENGINE_MANIFEST).is_file():  # keep the other stages' current engines
-        entries = json.loads((directory / ENGINE_MANIFEST).read_text()).get("engines", {})
+    entries = current_entries(directory)
     for stage in args.stages:
         if args.rebuild_stale:
             try:
@@ -89,10 +105,8 @@ def run(args) -> int:
                 print(f"  {stage}: rebuilding ({exc})")
         engine_file = f"{stage}.engine"
         data = build_engine(manifest.stage_file(stage), manifest.stages[stage], opts)
-        tmp = directory / f".{engine_file}.partial"
-        tmp.write_bytes(data)
-        tmp.replace(directory / engine_file)
-        entries[stage] = {"engine": engine_file, "engine_sha256": sha256_file(directory / engine_file),
+        replace_file(directory / engine_file, data)
+        entries[stage] = {"engine": engine_file, "engine_sha256": hashlib.sha256(data).hexdigest(),
                           "source_graph": manifest.stages[stage]["file"],
                           "source_graph_sha256": source_graph_sha(manifest, stage),
                           "flags": opts.flags(),

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from runtime.confinement import confined_path
 from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.manifest import Manifest, graph_digest
 from runtime.manifest_schema import Invalid, Obj, Str, check_rule
-from runtime.verified_files import HASHES, open_regular
+from runtime.verified_files import HASHES, read_bounded
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1
@@ -81,11 +82,26 @@ def engine_dir(artifacts: Path, device: DeviceInfo) -> Path:
     return Path(artifacts) / "engines" / f"trt{device.trt_version}-sm{device.sm}"
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Writes `path` whole or not at all. The engine directory is inside an untrusted artifact
+    directory: the data goes to a fresh temporary file (never through a link or into a FIFO
+    standing at a fixed name) that then replaces the name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # as a plain write would leave it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_engine_manifest(directory: Path, device: DeviceInfo, entries: dict[str, dict]) -> None:
     """entries: stage -> {"engine", "engine_sha256", "source_graph", "source_graph_sha256",
     "flags", "profile"}."""
     data = {"schema_version": ENGINE_SCHEMA, **asdict(device), "engines": entries}
-    (Path(directory) / ENGINE_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+    replace_file(Path(directory) / ENGINE_MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def source_graph_sha(manifest: Manifest, stage: str) -> str:
@@ -104,7 +120,7 @@ def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
         others = sorted(p.name for p in (manifest.root / "engines").glob("trt*")) if (manifest.root / "engines").is_dir() else []
         built = f" (engines exist for {', '.join(others)})" if others else ""
         raise StaleEngineError(f"no TensorRT {device.trt_version} engines for sm{device.sm}{built}; {rebuild}")
-    data = _read_engine_manifest(mpath)
+    data = read_engine_manifest(mpath)
     if data.get("trt_version") != device.trt_version:
         raise StaleEngineError(f"{mpath}: built with TensorRT {data.get('trt_version')}, this is {device.trt_version}; {rebuild}")
     if data.get("compute_capability") != device.compute_capability or data.get("gpu") != device.gpu:
@@ -128,12 +144,10 @@ def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
     return path
 
 
-def _read_engine_manifest(mpath: Path) -> dict:
-    fd = open_regular(mpath)
-    try:
-        raw = os.pread(fd, MAX_ENGINE_MANIFEST_BYTES + 1, 0)
-    finally:
-        os.close(fd)
+def read_engine_manifest(mpath: Path) -> dict:
+    """engines.json, validated; a StaleEngineError when it is not one (an ArtifactError when
+    it is not a regular file)."""
+    raw = read_bounded(mpath, MAX_ENGINE_MANIFEST_BYTES)
     try:
         data = json.loads(raw) if len(raw) <= MAX_ENGINE_MANIFEST_BYTES else None
     except (ValueError, RecursionError):
