@@ -33,6 +33,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FORMAT = "blip2-edge-artifacts"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; this bounds what a hostile one costs
+_LISTED_HINT = f" (listed in {MANIFEST}); re-export the artifacts"  # the hint for a listed file that is unusable
 
 
 def graph_digest(graph: Path) -> str:
@@ -42,7 +43,8 @@ def graph_digest(graph: Path) -> str:
     data = graph.with_name(graph.name + ".data")
     if not data.exists():
         return HASHES.digest(graph)
-    return hashlib.sha256(f"{HASHES.digest(graph)}:{HASHES.digest(data)}".encode()).hexdigest()
+    with HASHES.saves_deferred():
+        return hashlib.sha256(f"{HASHES.digest(graph)}:{HASHES.digest(data)}".encode()).hexdigest()
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Manifest:
         """Hashes `real` (or the descriptor already open on it) and records its identity."""
         own = fd is None
         if own:
-            fd = open_regular(real, f" (listed in {MANIFEST}); re-export the artifacts")
+            fd = open_regular(real, _LISTED_HINT)
         try:
             digest, identity = HASHES.digest_fd(fd)
         finally:
@@ -94,6 +96,10 @@ class Manifest:
         if digest != expected:
             raise ArtifactError(f"{real}: sha256 mismatch with {MANIFEST}; the file is corrupted or was modified")
         self._checked[real] = identity
+
+    def _not_listed(self, field: str, value: str) -> ArtifactError:
+        return ArtifactError(f"{self.where}: {field} = {value!r} is loaded but not listed in files, "
+                             "so it cannot be verified; re-export the artifacts")
 
     def verify(self, hashes: bool = True) -> None:
         """Validates the manifest, checks that every file the runtime loads is listed in files{}
@@ -104,13 +110,13 @@ class Manifest:
         listed = self._listed()
         for name, relative in loaded:
             if self.path(relative, name) not in listed:
-                raise ArtifactError(f"{self.where}: {name} = {relative!r} is loaded but not listed in files, "
-                                    "so it cannot be verified; re-export the artifacts")
-        for real, expected in listed.items():
-            if hashes:
-                self._check(real, expected)
-            else:
-                os.close(open_regular(real, f" (listed in {MANIFEST}); re-export the artifacts"))
+                raise self._not_listed(name, relative)
+        with HASHES.saves_deferred():  # new digests written to the hash cache once, at the end
+            for real, expected in listed.items():
+                if hashes:
+                    self._check(real, expected)
+                else:
+                    os.close(open_regular(real, _LISTED_HINT))
         for stage in self.stages:
             self._check_external_data(stage, listed)
         self._verified = self._verified or hashes
@@ -128,8 +134,7 @@ class Manifest:
         for location in locations:
             real = confined_path(graph.parent, location, name, self.where)
             if real not in listed:
-                raise ArtifactError(f"{self.where}: {name} = {location!r} is loaded but not listed in files, "
-                                    "so it cannot be verified; re-export the artifacts")
+                raise self._not_listed(name, location)
 
     def ensure_verified(self) -> None:
         """verify(), or when this manifest was verified already (load_manifest does it),
@@ -146,9 +151,8 @@ class Manifest:
         real = self.path(relative, field)
         expected = self._listed().get(real)
         if expected is None:
-            raise ArtifactError(f"{self.where}: {field} = {relative!r} is loaded but not listed in files, "
-                                "so it cannot be verified; re-export the artifacts")
-        fd = open_regular(real, f" (listed in {MANIFEST}); re-export the artifacts")
+            raise self._not_listed(field, relative)
+        fd = open_regular(real, _LISTED_HINT)
         try:
             if self._checked.get(real) != FileIdentity.of(os.fstat(fd)):
                 self._check(real, expected, fd)
@@ -162,13 +166,14 @@ class Manifest:
         identity changed since it was hashed is hashed again and must still match, so a file
         swapped or rewritten while it was being loaded is refused."""
         listed = self._listed()
-        for real, identity in list(self._checked.items()):
-            try:
-                now = FileIdentity.of(os.stat(real))
-            except OSError:
-                now = None
-            if now != identity:
-                self._check(real, listed[real])
+        with HASHES.saves_deferred():
+            for real, identity in list(self._checked.items()):
+                try:
+                    now = FileIdentity.of(os.stat(real))
+                except OSError:
+                    now = None
+                if now != identity:
+                    self._check(real, listed[real])
 
 
 def _read_manifest(mpath: Path) -> dict:
@@ -210,8 +215,9 @@ def checksummed(root: Path, data: dict) -> dict:
     data = dict(data)
     # Through the hash cache: the load that follows (validation, the fidelity report) reads
     # these digests instead of hashing every file again.
-    data["files"] = {rel: HASHES.digest(confined_path(root, rel, f"files[{rel!r}]", root / MANIFEST))
-                     for rel in sorted(data["files"])}
+    with HASHES.saves_deferred():
+        data["files"] = {rel: HASHES.digest(confined_path(root, rel, f"files[{rel!r}]", root / MANIFEST))
+                         for rel in sorted(data["files"])}
     return data
 
 

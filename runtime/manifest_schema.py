@@ -252,7 +252,7 @@ OPTIONAL = {"source": Nullable(Obj()), "tools": Nullable(Obj()), "quantization":
 
 
 @dataclass(frozen=True)
-class Family:
+class FamilySchema:
     """What the validator knows of one llm_family: its model dims (with bounds), its stages'
     specs from those dims (the runtime family's own, runtime.families), and checks across fields."""
 
@@ -279,8 +279,8 @@ MODEL_KEYS: dict[str, dict[str, Rule]] = {
     # T5's relative position buckets have no limit; its encoder may have its own depth.
     "t5": {**VISION_DIMS, **LLM_DIMS, "num_encoder_layers": Int(1, 1024)},
 }
-FAMILIES: dict[str, Family] = {
-    name: Family(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
+FAMILIES: dict[str, FamilySchema] = {
+    name: FamilySchema(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
                  checks=(_heads_times_dim,))
     for name, keys in MODEL_KEYS.items()
 }
@@ -321,14 +321,15 @@ def _check_stages(m: dict, specs: dict[str, StageSpec]) -> None:
 
 
 def _check_shared(m: dict) -> None:
+    """Checks across sections every family shares (image_token_id and image_size are required
+    model keys, checked present by then)."""
     model = m["model"]
-    if "image_token_id" in model:
-        TOKEN_ID.check(model["image_token_id"], "model.image_token_id", Context(m))
+    TOKEN_ID.check(model["image_token_id"], "model.image_token_id", Context(m))
     want = [model["vocab_size"], model["text_hidden"]]
     if m["embeddings"]["shape"] != want:
         raise Invalid("embeddings.shape", f"[model.vocab_size, model.text_hidden] = {want}", m["embeddings"]["shape"])
-    side = model.get("image_size")
-    if side is not None and m["preprocessing"]["size"] != [side, side]:
+    side = model["image_size"]
+    if m["preprocessing"]["size"] != [side, side]:
         raise Invalid("preprocessing.size", f"[{side}, {side}] (model.image_size)", m["preprocessing"]["size"])
 
 

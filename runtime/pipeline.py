@@ -176,8 +176,12 @@ class Blip2Pipeline:
         best beam and arrive in one piece when the beams agree late.
         """
         text_prompt = self.vqa_prompt(question) if question is not None else self.caption_prompt(prompt)
-        steps = self._generate_steps([image], [text_prompt], **generation)
-        stops = self.options(**generation).stop_strings
+        opts = self.options(**generation)
+        steps = self._generate_steps([image], [text_prompt], opts=opts, **generation)
+        # Decodes only the ids after the part whose text is known (the settled ids only grow; see
+        # GrowingText). stable_prefix and the comparisons below still scan the text, but as
+        # string operations in C, not as Python work per token.
+        decode = self.tokenizer.growing_text()
         emitted = ""
         try:
             while True:
@@ -186,7 +190,7 @@ class Blip2Pipeline:
                 except StopIteration as end:
                     final = end.value[0].text
                     break
-                text = stable_prefix(self.tokenizer.decode(rows[0]), stops, self.tokenizer.rewrites).lstrip()
+                text = stable_prefix(decode(rows[0]), opts.stop_strings, self.tokenizer.rewrites).lstrip()
                 if len(text) > len(emitted) and text.startswith(emitted):
                     yield text[len(emitted):]
                     emitted = text
@@ -261,22 +265,24 @@ class Blip2Pipeline:
 
     def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation) -> list[Result]:
         """Runs a batch: one prompt per image. `images` is a list even for one image."""
-        return run(self._generate_steps(_image_batch(images), prompts, **generation))
+        return run(self._generate_steps(_image_batch(images), prompts, settle=False, **generation))
 
     def _generate_each(self, images: Sequence[ImageInput], prompt: str, **generation) -> list[Result]:
         """generate() with the same prompt for every image (caption, ask)."""
         images = _image_batch(images)  # before len(): a path string has one
         return self.generate(images, [prompt] * len(images), **generation)
 
-    def _generate_steps(self, images: Sequence[ImageInput], prompts: Sequence[str],
-                        **generation) -> Generator[list[list[int]], None, list[Result]]:
+    def _generate_steps(self, images: Sequence[ImageInput], prompts: Sequence[str], *, settle: bool = True,
+                        opts: GenerationOptions | None = None,
+                        **generation) -> Generator[list[Sequence[int]] | None, None, list[Result]]:
         """generate() one decoder step per next(): yields each row's settled token ids (see
-        runtime.search), returns the Results."""
+        runtime.search; None without `settle`), returns the Results. `opts`: the options
+        `generation` gives, when the caller has them already."""
         if len(images) != len(prompts):
             raise OptionError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             return []
-        opts = self.options(**generation)
+        opts = opts if opts is not None else self.options(**generation)
         t_start = time.perf_counter()
         timings: dict = {}
         query = self.encode_images(images, timings)
@@ -297,7 +303,7 @@ class Blip2Pipeline:
         # The consumer's time between steps (a stream's printing) is not the pipeline's: leave
         # it out of decode.
         paused = 0.0
-        steps = search(first, decoder, history, opts, tuple(opts.eos_token_ids), self.pad_id, stops)
+        steps = search(first, decoder, history, opts, tuple(opts.eos_token_ids), self.pad_id, stops, settle=settle)
         while True:
             try:
                 settled = next(steps)

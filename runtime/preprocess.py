@@ -62,7 +62,11 @@ class Preprocessing:
         the full-size image as soon as it is decoded."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        # Always resize, as transformers does: at the target size Pillow returns a plain copy.
+        if image.size == (self.width, self.height):
+            # transformers' BlipImageProcessor always resizes, but Pillow's resize to the size an
+            # image already has returns `self.copy()` before any filter runs: skipping it gives
+            # the same pixels (tests/runtime/test_preprocess.py) without the copy.
+            return image
         return image.resize((self.width, self.height), resample=RESAMPLE[self.resample])
 
     def __call__(self, image: Image.Image) -> np.ndarray:

@@ -6,10 +6,12 @@ StopStringCriteria does), and for beams the same vectorised algorithm (top 2*num
 continuations, finished hypotheses scored by length ** length_penalty, the same early-stopping
 heuristic), so FP32 artifacts give transformers' token ids.
 
-Each search is a generator driven by its caller: it runs one decoder step per `next()`, yields
-each row's *settled* tokens (a prefix of what it will return: for greedy and sampling every
-token so far, for beams the tokens all surviving hypotheses share), and returns the final rows.
-A caller that stops iterating stops the work; `run` drives a search to its end.
+Each search is a generator driven by its caller: it runs one decoder step per `next()` and
+returns the final rows. With `settle` (a stream) each step yields every row's *settled* tokens,
+a prefix of what it will return: for greedy and sampling every token so far, for beams the
+tokens all surviving hypotheses share; without it (a caller that only wants the end) a step
+yields None and nothing is spent on them. A caller that stops iterating stops the work; `run`
+drives a search to its end.
 
 The decoder is anything with `step(token_ids) -> logits` (one new token per row, KV cache
 carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
@@ -17,7 +19,7 @@ carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
 
 from __future__ import annotations
 
-from typing import Generator, Protocol
+from typing import Generator, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -28,7 +30,7 @@ from runtime.stopping import StopStrings
 NEG = -1.0e9  # transformers' "minus infinity" for beam bookkeeping
 
 Rows = list[list[int]]
-Search = Generator[Rows, None, Rows]
+Search = Generator[list[Sequence[int]] | None, None, Rows]  # settled ids per step, or None
 
 
 class StepDecoder(Protocol):
@@ -50,6 +52,40 @@ def _no_stops() -> StopStrings:
     return StopStrings((), lambda i: None)
 
 
+class Prefix(Sequence[int]):
+    """The first n ids of a row that is only ever appended to (greedy and sampling rows): a
+    snapshot that costs nothing to take, where a copy of the row each step costs O(T) a step.
+    Compares equal to a list of the same ids; slices are lists."""
+
+    __slots__ = ("_row", "_n")
+
+    def __init__(self, row: list[int], n: int):
+        self._row, self._n = row, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._row[slice(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError("Prefix index out of range")
+        return self._row[i % self._n]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._row[: self._n])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (list, tuple, Prefix)):
+            return NotImplemented
+        return len(other) == self._n and self._row[: self._n] == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which have none
+
+    def __repr__(self) -> str:
+        return repr(self._row[: self._n])
+
+
 def greedy_or_sample(
     first_logits: np.ndarray,  # (B, V) from prefill
     decoder: StepDecoder,
@@ -58,9 +94,10 @@ def greedy_or_sample(
     eos_ids: tuple[int, ...],
     pad_id: int,
     stops: StopStrings | None = None,
+    settle: bool = False,
 ) -> Search:
-    """Yields every row's ids after each step; returns them, each ending with its EOS id (or the
-    token that completed a stop string) if it produced one."""
+    """Returns every row's ids, each ending with its EOS id (or the token that completed a stop
+    string) if it produced one. With `settle`, yields every row's ids so far after each step."""
     stops = stops or _no_stops()
     rng = np.random.default_rng(opts.seed)
     b = first_logits.shape[0]
@@ -83,7 +120,7 @@ def greedy_or_sample(
         done[live] = np.isin(tokens[live], eos_ids)
         if stops:  # only then: history[live] copies every row's whole history
             done[live] |= stops.hits(history[live])
-        yield [row[:] for row in out]
+        yield [Prefix(row, len(row)) for row in out] if settle else None
         if done.all() or t == opts.max_new_tokens - 1:
             break
         scores_in = decoder.step(tokens.astype(np.int64))
@@ -106,10 +143,11 @@ def beam_search(
     eos_ids: tuple[int, ...],
     pad_id: int,
     stops: StopStrings | None = None,
+    settle: bool = False,
 ) -> Search:
-    """transformers' beam search; returns the best hypothesis per input. Yields, after each
-    step, the ids every hypothesis that can still win shares (running beams and finished ones),
-    so a stream never shows a token the final choice does not have."""
+    """transformers' beam search; returns the best hypothesis per input. With `settle`, yields
+    after each step the ids every hypothesis that can still win shares (running beams and
+    finished ones), so a stream never shows a token the final choice does not have."""
     stops = stops or _no_stops()
     nb, max_new, lpen = opts.num_beams, opts.max_new_tokens, opts.length_penalty
     b, vocab = first_logits.shape
@@ -175,8 +213,12 @@ def beam_search(
         worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
         improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
         go_on = improvable.any() and not (finished.all() and opts.early_stopping is True) and not hits.all()
-        yield [_settled(i, seqs, seq_len, finished, beam_scores, run_seq[:, :, : t + 1], run_scores, improvable, opts, t)
-               for i in range(b)]
+        if settle:
+            running = run_seq[:, :, : t + 1]
+            yield [_settled(i, seqs, seq_len, finished, beam_scores, running, run_scores, improvable, opts, t)
+                   for i in range(b)]
+        else:
+            yield None
         if not go_on:
             break
         rows = (run_src + np.arange(b)[:, None] * nb).reshape(-1)

@@ -5,7 +5,8 @@ stops when the text of its last tokens ends with a stop string and the final tok
 the string's end (the stop string may begin in the prompt or inside an earlier token). Each
 token is taken as its own "clean" text (the tokenizer's decoder run on the token alone, behind a
 static prefix, as transformers' `clean_tokenizer_vocab` does); only the tokens a check reaches
-are looked up, once each, so a step costs a few string comparisons, not a decode of the row.
+are looked up, once each per tokenizer (TextTokenizer.token_text keeps them), so a step costs a
+few string comparisons, not a decode of the row.
 
 `stable_prefix(text, stops, ...)` is the part of a growing text that no later token can take
 back: not a possible beginning of a stop string (the final text is cut there), not an
@@ -46,14 +47,8 @@ def _fits_at(token: str, stop: str, pos: int) -> bool:
 class StopStrings:
     def __init__(self, stops: Sequence[str], clean: Clean):
         self.stops = tuple(stops)
-        self._clean = clean
-        self._texts: dict[int, str | None] = {}
+        self.clean = clean  # cached by its owner (TextTokenizer.token_text), shared by every request
         self.window = max((len(s) for s in self.stops), default=0)  # transformers looks no further back
-
-    def clean(self, token_id: int) -> str | None:
-        if token_id not in self._texts:
-            self._texts[token_id] = self._clean(token_id)
-        return self._texts[token_id]
 
     def __bool__(self) -> bool:
         return bool(self.stops)

@@ -20,8 +20,10 @@ import re
 import stat
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from runtime.errors import ArtifactError
 
@@ -115,6 +117,8 @@ class HashCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded: dict[Path, dict[str, str]] = {}
+        self._deferring = 0  # open saves_deferred() blocks
+        self._unsaved: set[Path] = set()  # cache files with digests added inside them
 
     def _entries(self, file: Path) -> dict[str, str]:
         if file not in self._loaded:
@@ -146,6 +150,23 @@ class HashCache:
         except OSError:
             pass  # a read-only home only costs a re-hash next time
 
+    @contextmanager
+    def saves_deferred(self) -> Iterator[None]:
+        """Digests computed inside the block are written to the cache file once, when the
+        outermost block ends (even by an exception), instead of once each: a cold verification
+        of N files rewrites the file once, not N times."""
+        with self._lock:
+            self._deferring += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferring -= 1
+                if not self._deferring:
+                    for file in self._unsaved:
+                        self._save(file, self._entries(file))
+                    self._unsaved.clear()
+
     def digest_fd(self, fd: int) -> tuple[str, FileIdentity]:
         """(sha256, identity) of the open file `fd`. A file that changed while it was being
         hashed is not cached (its identity at the end differs from the one returned)."""
@@ -160,7 +181,10 @@ class HashCache:
             with self._lock:
                 entries = self._entries(file)
                 entries[before.key] = value
-                self._save(file, entries)
+                if self._deferring:
+                    self._unsaved.add(file)
+                else:
+                    self._save(file, entries)
         return value, before
 
     def digest(self, path: str | os.PathLike) -> str:

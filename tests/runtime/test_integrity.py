@@ -209,6 +209,23 @@ def test_hash_cache_is_saved_under_a_new_directory(copy, tmp_path, monkeypatch):
     assert sorted(saved.values()) == sorted([sha256_file(copy / "vision.onnx"), sha256_file(copy / "qformer.onnx")])
 
 
+def test_a_cold_verification_writes_the_hash_cache_once(copy, tmp_path, monkeypatch):
+    """N new digests, one atomic rewrite of the cache file (not one per file), holding them all."""
+    from runtime.verified_files import HASHES, cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cold"))
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(dst) or real_replace(src, dst))
+    manifest = load_manifest(copy)
+    assert len(manifest.data["files"]) > 3
+    assert [str(dst) for dst in replaced] == [str(cache_file())]
+    saved = json.loads(cache_file().read_text())
+    assert sorted(saved.values()) == sorted(manifest.data["files"].values())
+    HASHES.digest(copy / "manifest.json")  # outside a verification: saved at once
+    assert len(replaced) == 2 and len(json.loads(cache_file().read_text())) == len(saved) + 1
+
+
 def test_tests_do_not_use_the_real_cache():
     from runtime.verified_files import cache_file
 

@@ -174,13 +174,14 @@ def test_a_family_declares_its_own_stages(monkeypatch, manifest_data):
     """Adding a family is an entry in FAMILIES (here: OPT plus an `encoder` stage, as Flan-T5 has)."""
     import dataclasses
 
-    from runtime.manifest_schema import Family
+    from runtime.manifest_schema import FamilySchema
     from runtime.stages import QFORMER
 
     opt = FAMILIES["opt"]
     encoder = dataclasses.replace(QFORMER, name="encoder", file="encoder.onnx")
-    monkeypatch.setitem(FAMILIES, "toy-encoder", Family(model=opt.model, checks=opt.checks,
-                                                        stage_specs=lambda m: {**opt.stage_specs(m), "encoder": encoder}))
+    schema = FamilySchema(model=opt.model, checks=opt.checks,
+                          stage_specs=lambda m: {**opt.stage_specs(m), "encoder": encoder})
+    monkeypatch.setitem(FAMILIES, "toy-encoder", schema)
     data = copy.deepcopy(manifest_data)
     data["llm_family"] = "toy-encoder"
     data["stages"]["encoder"] = {**copy.deepcopy(data["stages"]["qformer"]), "file": "encoder.onnx"}

@@ -82,6 +82,21 @@ def test_resize_first_gives_identical_pixels(processors, mode):
         np.testing.assert_array_equal(ours(ours.resize(image)), ours(image))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_image_at_model_size_is_not_resized_and_keeps_parity(processors, mode):
+    """transformers always resizes; at the size an image already has, Pillow's resize is a copy,
+    so skipping it must give the very pixels the copy has, for every mode."""
+    ours, theirs = processors
+    image = make_image(mode, (224, 224), seed=7)
+    rgb = image.convert("RGB")
+    assert ours.resize(rgb) is rgb  # skipped
+    resized = rgb.resize((224, 224), resample=Image.Resampling.BICUBIC)  # what transformers runs
+    np.testing.assert_array_equal(np.asarray(ours.resize(image)), np.asarray(resized))
+    np.testing.assert_allclose(ours(image), reference(theirs, rgb), atol=1e-5, rtol=0)
+    other = Preprocessing(224, 224, resample="nearest")
+    np.testing.assert_array_equal(other(image), ours(image))  # no filter ran, whichever is named
+
+
 def test_pixel_limit_is_checked_from_the_header(tmp_path):
     path = tmp_path / "wide.png"
     Image.new("RGB", (300, 200)).save(path)

@@ -36,6 +36,59 @@ def test_token_text_is_transformers_clean_vocabulary(toy_tokenizers):
     assert ours.token_text(max(ids) + 5) is None
 
 
+def test_token_texts_are_computed_once_per_tokenizer(toy_tokenizers):
+    """Each request builds its own StopStrings; the token texts live on the tokenizer."""
+    _, ours = toy_tokenizers
+    first = {i: ours.token_text(i) for i in range(320)}
+    stops = StopStrings(("x",), ours.token_text)
+    long = [i for i, t in first.items() if t is not None and len(t) > 1]  # CPython shares 1-char strings
+    assert len(long) > 10 and all(stops.clean(i) is first[i] for i in long)
+
+
+def _tokenizers(cleanup: bool):
+    from exporter.toy import CHECKPOINTS
+
+    return {name: TextTokenizer(d / "tokenizer.json", {"prefix_ids": [], "suffix_ids": [],
+                                                       "clean_up_tokenization_spaces": cleanup})
+            for name, d in CHECKPOINTS.items()}
+
+
+NATURAL = " ".join(scene.caption for scene, _ in synthetic.make_scenes(30, seed=1))
+# The clean-up's patterns, punctuation and multi-byte characters.
+AWKWARD = "it 's naïve , isn't it ? yes ! don 't ' quote ' café ☕ we 're , they 've n't 'm . ? ! , ' "
+
+
+@pytest.mark.parametrize("cleanup", [False, True], ids=["raw", "clean-up"])
+def test_growing_text_is_decode_of_every_prefix(cleanup):
+    """ByteLevel (OPT toy: all 256 bytes, so random ids split UTF-8 characters) and Metaspace
+    (T5 toy), special tokens and unknown ids included: every prefix decodes as a whole does,
+    growing one id at a time (greedy) or several (beams settle in jumps)."""
+    for name, tok in _tokenizers(cleanup).items():
+        natural = tok.encode(AWKWARD + NATURAL)
+        pool = natural + list(range(tok._tok.get_vocab_size() + 4))
+        rng = np.random.default_rng(2)
+        rows = [natural] + [[pool[i] for i in rng.integers(0, len(pool), 40)] for _ in range(150)]
+        rows += [[natural[i] for i in rng.integers(0, len(natural), 40)] for _ in range(150)]
+        for row in rows:
+            for ends in (range(len(row) + 1), np.cumsum(rng.integers(0, 5, len(row) // 2))):
+                growing = tok.growing_text()
+                for k in ends:
+                    assert growing(row[:k]) == tok.decode(row[:k]), (name, row[:k])
+
+
+@pytest.mark.parametrize("cleanup", [False, True], ids=["raw", "clean-up"])
+def test_growing_text_decodes_a_window_not_the_row(cleanup, monkeypatch):
+    for name, tok in _tokenizers(cleanup).items():
+        row = tok.encode("naïve café ☕ " + NATURAL)  # characters split across tokens first
+        decoded: list[int] = []
+        raw = tok._raw_text
+        monkeypatch.setattr(tok, "_raw_text", lambda ids: decoded.append(len(ids)) or raw(ids))
+        growing = tok.growing_text()
+        for k in range(len(row) + 1):
+            growing(row[:k])
+        assert len(row) > 200 and max(decoded) <= 16, (name, max(decoded))
+
+
 @pytest.mark.parametrize("stops", STOPS, ids=lambda s: "|".join(s))
 def test_stop_string_hits_match_transformers(toy_tokenizers, stops):
     """Every prefix of real captions (matches with overhangs at both ends, a stop string inside

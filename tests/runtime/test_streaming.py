@@ -168,6 +168,37 @@ def test_each_step_yields_a_prefix_of_the_result(toy_pipe, mode):
             assert [len(row) for row in rows] == [min(k + 1, len(result.tokens)) for k in range(len(rows))]
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_only_a_stream_pays_for_settled_ids(toy_pipe, monkeypatch, mode):
+    """generate() drops what each step settles, so the searches do not compute it; greedy and
+    sampling snapshot their rows without copying them."""
+    from runtime import search
+
+    ims = [im for _, im in synthetic.make_scenes(2, seed=43)]
+    prompts = ["", "Question: what colour is it? Answer:"]
+    streamed, results = drain(toy_pipe._generate_steps(ims, prompts, **MODES[mode]))
+    assert all(isinstance(row, search.Prefix) for step in streamed for row in step) == (mode != "beam3")
+
+    def refused(*args):
+        raise AssertionError("settled ids computed for a caller that does not stream")
+
+    monkeypatch.setattr(search, "_settled", refused)
+    monkeypatch.setattr(search, "Prefix", refused)
+    seen, quiet = drain(toy_pipe._generate_steps(ims, prompts, settle=False, **MODES[mode]))
+    assert len(seen) == len(streamed) and all(step is None for step in seen)
+    assert [r.tokens for r in quiet] == [r.tokens for r in results]
+    assert [r.tokens for r in toy_pipe.generate(ims, prompts, **MODES[mode])] == [r.tokens for r in results]
+
+
+def test_a_stream_computes_its_options_once(toy_pipe, monkeypatch):
+    calls = []
+    real = toy_pipe.options
+    monkeypatch.setattr(toy_pipe, "options", lambda **kw: calls.append(kw) or real(**kw))
+    _, image = synthetic.make_scenes(1, seed=12)[0]
+    text = "".join(toy_pipe.stream(image, max_new_tokens=9, stop_strings=("zz",)))
+    assert text and calls == [dict(max_new_tokens=9, stop_strings=("zz",))]
+
+
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 2.0])
 def test_beam_settled_ids_are_sound_on_random_weights(tiny_artifacts, length_penalty, early_stopping):
