@@ -123,6 +123,9 @@ class Blip2Pipeline:
         if backend == "onnxruntime":
             providers = providers_for(device)
             return {s: stage_runner(manifest.stage_file(s), providers, s, threads) for s in stage_names}
+        from runtime.backends.tensorrt.engines import require_tensorrt_readable
+
+        require_tensorrt_readable(manifest, VISUAL_STAGES)
         if backend == "onnxruntime-trt":
             int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
             fp16 = manifest.stages["decoder"]["precision"] == "fp16"
