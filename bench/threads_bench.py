@@ -109,7 +109,8 @@ def main() -> int:
              f"bench model (ViT-B/16 + 12-layer Q-Former + OPT-125m shapes), CPU, batch 1, {args.new_tokens} new "
              f"tokens, intra-op threads {args.intra_op_threads or 'ORT default'}; medians (ms) of {args.rounds} "
              f"rounds after {args.warmup} warm-up, rotating order, {args.pause}s pause between runs; tokens identical "
-             f"to the first run on every run: {mismatches == 0} ({mismatches} mismatches); other processes used {others:.2f} of the "
+             f"to the first run on every run: {mismatches == 0} ({mismatches} mismatches); "
+             f"other processes used {others:.2f} of the "
              f"{os.cpu_count()} cores meanwhile (they bias spinning threads)", "",
              "| artifacts | spinning | vision | qformer | prefill | decode/token | end to end | vs on |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -59,7 +59,8 @@ def test_sessions_get_their_stage_settings_and_outputs_do_not_change(toy_artifac
 
 def test_cli_spin_flags(toy_artifacts, tmp_path):
     write_scenes(tmp_path, 1)
-    proc = run_cli("caption", toy_artifacts, tmp_path, "--spin", "off", "--intra-op-threads", "1", "--max-new-tokens", "4")
+    proc = run_cli("caption", toy_artifacts, tmp_path, "--spin", "off", "--intra-op-threads", "1",
+                   "--max-new-tokens", "4")
     assert proc.returncode == 0 and proc.stdout.count(": ") == 1, proc.stderr
     assert_one_line_error(run_cli("ask", toy_artifacts, tmp_path, "-q", "what?", "--intra-op-threads", "-1"),
                           "--intra-op-threads must be >= 0")
