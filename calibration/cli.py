@@ -9,6 +9,8 @@ from runtime.errors import require
 
 
 def register(sub) -> None:
+    from calibration.visual import ACTIVATIONS, TARGETS
+
     p = sub.add_parser(
         "quantize", help="INT8 visual stages + weight-only LLM, with a fidelity report and gates",
         description="Quantize an artifact directory: static INT8 (QDQ) for the visual stages from calibration "
@@ -26,9 +28,17 @@ def register(sub) -> None:
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="per-channel weight scales (default: on)")
-    p.add_argument("--activations", choices=("int8", "uint8"), default="int8",
-                   help="int8: symmetric, for TensorRT and every ORT provider (default); uint8: asymmetric, "
-                        "ONNX Runtime's fast x86 CPU kernels, not for TensorRT")
+    p.add_argument("--target", choices=tuple(TARGETS), default=None,
+                   help="where the artifacts will run. cpu (default): uint8 activations for the visual stages, "
+                        "ONNX Runtime's fast x86 kernels (2-2.4x FP32 on the bench model; TensorRT cannot read "
+                        "them); gpu: int8 symmetric, for build-engines and ONNX Runtime's CUDA/TensorRT "
+                        "providers; portable: the same int8 graphs, which every provider and TensorRT run, but "
+                        "slower than FP32 on x86 CPUs. The default is cpu because a CPU user would otherwise "
+                        "get the slow form silently, while a GPU user is stopped by build-engines with the "
+                        "command to run. Recorded in the manifest")
+    p.add_argument("--activations", choices=ACTIVATIONS, default=None,
+                   help="explicit activation type of the visual stages (int8: symmetric; uint8: asymmetric); "
+                        "default: the --target's. An error if it contradicts --target")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                    help="keep nodes whose names match these glob patterns in float")
     p.add_argument("--llm", choices=("none", "int8", "int4"), default="none", help="weight-only LLM precision")
@@ -56,7 +66,8 @@ def run(args) -> int:
         num_calib=args.synthetic if args.synthetic is not None else args.num_calib,
         held_out=args.held_out, seed=args.seed,
         visual=VisualOptions(method=args.method, percentile=args.percentile, per_channel=args.per_channel,
-                             exclude=tuple(args.exclude), activations=args.activations),
+                             exclude=tuple(args.exclude), activations=args.activations,
+                             target=args.target),
         llm=LLMOptions(precision=args.llm, block_size=args.block_size, accuracy_level=args.accuracy_level,
                        lm_head=args.lm_head, embed_fp16=args.embed_fp16),
         calibration_cache=args.calibration_cache, gate=args.gate, overwrite=args.overwrite,

@@ -130,6 +130,7 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
     from importlib.metadata import version
 
     data["quantization"] = {
+        "target": opts.visual.target,  # where these artifacts run fastest: cpu, gpu or portable
         "visual": asdict(opts.visual),
         "llm": asdict(opts.llm),
         "calibration_images": source.describe(),

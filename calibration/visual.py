@@ -5,12 +5,14 @@ providers and TensorRT's explicit quantization all consume. Only the weight-bear
 Gemm / Conv nodes are quantized; LayerNorm, Softmax, GELU, residual adds and the activation x
 activation attention MatMuls stay in float. Weights are int8, symmetric, per channel.
 
-Activations are a choice of target:
-- "int8": symmetric per tensor, zero point 0. TensorRT's explicit quantization accepts only
-  this, and ONNX Runtime runs it everywhere. The default.
-- "uint8": asymmetric per tensor. ONNX Runtime's x86 kernels are built around u8 x s8 products
-  (VPMADDUBSW / VNNI): on this project's Xeon the ViT-B vision stage ran in 43 ms with uint8
-  activations, 105 ms with int8 and 130 ms in FP32. CPU deployments only; TensorRT refuses it.
+Activations follow the target, where the artifacts will run (TARGETS):
+- "cpu" -> "uint8": asymmetric per tensor. ONNX Runtime's x86 kernels are built around u8 x s8
+  products (VPMADDUBSW / VNNI): on this project's Xeon the ViT-B vision stage ran in 43 ms with
+  uint8 activations, 105 ms with int8 and 130 ms in FP32. TensorRT refuses it. The default: the
+  other form is slower than FP32 on a CPU, while a GPU user is stopped by build-engines with the
+  command to run instead.
+- "gpu", "portable" -> "int8": symmetric per tensor, zero point 0. TensorRT's explicit
+  quantization accepts only this, and every ONNX Runtime provider runs it (slowly on x86 CPUs).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import numpy as np
 
 from calibration.sources import ImageSource, Progress
 from runtime.backends.onnxrt import OrtRunner
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, OptionError
 from runtime.manifest import graph_digest
 from runtime.preprocess import Preprocessing
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
+TARGETS = {"cpu": "uint8", "gpu": "int8", "portable": "int8"}  # target -> activations
+DEFAULT_TARGET = "cpu"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 CALIB_BATCH = 8
 
@@ -45,13 +49,28 @@ class VisualOptions:
     percentile: float = 99.999
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
-    activations: str = "int8"
+    # Either, both or neither: the one not given follows the other (activations alone: uint8 ->
+    # cpu, int8 -> portable); neither gives DEFAULT_TARGET; a contradicting pair is an error.
+    activations: str | None = None
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise Blip2EdgeError(f"unknown calibration method '{self.method}'; valid: {', '.join(METHODS)}")
-        if self.activations not in ACTIVATIONS:
-            raise Blip2EdgeError(f"unknown --activations '{self.activations}'; valid: {', '.join(ACTIVATIONS)}")
+        if self.activations is not None and self.activations not in ACTIVATIONS:
+            raise OptionError(f"unknown --activations '{self.activations}'; valid: {', '.join(ACTIVATIONS)}")
+        if self.target is not None and self.target not in TARGETS:
+            raise OptionError(f"unknown --target '{self.target}'; valid: {', '.join(TARGETS)}")
+        target, activations = self.target, self.activations
+        if target is None:
+            target = DEFAULT_TARGET if activations is None else ("cpu" if activations == "uint8" else "portable")
+        if activations is None:
+            activations = TARGETS[target]
+        if activations != TARGETS[target]:
+            raise OptionError(f"--activations {activations} contradicts --target {target}, which uses "
+                              f"{TARGETS[target]} activations; drop one of the two")
+        object.__setattr__(self, "target", target)  # frozen: resolved once, here
+        object.__setattr__(self, "activations", activations)
         if not 90.0 <= self.percentile <= 100.0:  # also refuses NaN
             raise Blip2EdgeError(f"--percentile must be in [90, 100], got {self.percentile}")
 
@@ -61,7 +80,8 @@ class VisualOptions:
 
     def describe(self) -> dict:
         """The stage settings recorded in the manifest."""
-        return {"weights": "int8 symmetric per-channel" if self.per_channel else "int8 symmetric per-tensor",
+        return {"target": self.target,
+                "weights": "int8 symmetric per-channel" if self.per_channel else "int8 symmetric per-tensor",
                 "activations": f"{self.activations} {'symmetric' if self.symmetric else 'asymmetric'} per-tensor",
                 "tensorrt_compatible": self.symmetric}
 

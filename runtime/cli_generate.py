@@ -46,6 +46,24 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float)
 
 
+def add_thread_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ONNX Runtime threads")
+    g.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
+                   help="intra-op threads spinning after a run. auto (default): only the decoder's, whose steps "
+                        "follow each other, so the once-per-image stages (vision, qformer) leave the cores to the "
+                        "next stage; on: every stage (ONNX Runtime's default); off: none")
+    g.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
+                   help="threads per stage session (default 0: ONNX Runtime's, one per physical core)")
+
+
+def thread_settings(args):
+    from runtime.backends.onnxrt import ThreadSettings
+
+    if args.intra_op_threads < 0:
+        raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
+    return ThreadSettings(spin=args.spin, intra_op_threads=args.intra_op_threads)
+
+
 def generation_kwargs(args) -> dict:
     names = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "do_sample", "temperature",
              "top_k", "top_p", "seed", "repetition_penalty")
@@ -73,6 +91,7 @@ def register(sub) -> None:
         p.add_argument("--max-image-pixels", type=_integer, metavar="N", default=None,
                        help="refuse image files over N pixels before decoding them (default: 8192x8192)")
         add_generation_options(p)
+        add_thread_options(p)
         p.set_defaults(run=run_naming_flags, mode=name)
 
 
@@ -137,7 +156,8 @@ def run(args) -> int:
     paths, errors = expand_images(args.images)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device, backend=args.backend)
+    pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device, backend=args.backend,
+                                        threads=thread_settings(args))
     gen = generation_kwargs(args)
     pipe.options(**gen)  # invalid options fail before any work
     prompt = pipe.vqa_prompt(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.artifact_checks import check_runner_io, load_embeddings
-from runtime.backends.onnxrt import OrtRunner, gpu_providers, providers_for
+from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, stage_runner
 from runtime.families import LLMInputs, family_for
 from runtime.manifest import Manifest, load_manifest
 from runtime.errors import ImageError, OptionError
@@ -86,7 +86,8 @@ class Blip2Pipeline:
     # Image files over this many pixels are refused from their header, before decoding.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
-                 defaults: GenerationOptions | None = None, io_binding: bool | None = None):
+                 defaults: GenerationOptions | None = None, io_binding: bool | None = None,
+                 threads: ThreadSettings | None = None):
         if backend not in BACKENDS:
             raise OptionError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
         self.manifest = manifest
@@ -96,7 +97,8 @@ class Blip2Pipeline:
         self.family = family_for(m)
         self.stage_names = self.family.stage_names(self.model)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
-        self.runners = self._runners(manifest, device, backend, self.stage_names)
+        self.threads = threads or ThreadSettings()
+        self.runners = self._runners(manifest, device, backend, self.stage_names, self.threads)
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
@@ -116,38 +118,44 @@ class Blip2Pipeline:
         self.pad_id = int(gen["pad_token_id"])
 
     @staticmethod
-    def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[str, ...]) -> dict:
+    def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[str, ...],
+                 threads: ThreadSettings) -> dict:
         if backend == "onnxruntime":
             providers = providers_for(device)
-            return {s: OrtRunner(manifest.stage_file(s), providers) for s in stage_names}
+            return {s: stage_runner(manifest.stage_file(s), providers, s, threads) for s in stage_names}
+        from runtime.backends.tensorrt.engines import require_tensorrt_readable
+
+        require_tensorrt_readable(manifest, VISUAL_STAGES)
         if backend == "onnxruntime-trt":
             int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
             fp16 = manifest.stages["decoder"]["precision"] == "fp16"
             providers = gpu_providers(manifest.root, fp16=fp16, int8=int8)
-            return {s: OrtRunner(manifest.stage_file(s), providers) for s in stage_names}
+            return {s: stage_runner(manifest.stage_file(s), providers, s, threads) for s in stage_names}
         from runtime.backends.tensorrt.engines import find_engine
         from runtime.backends.tensorrt.runner import TrtRunner, device_info
 
         gpu = device_info()  # names the 'tensorrt' extra when it is missing
         runners = {s: TrtRunner(find_engine(manifest, s, gpu)) for s in VISUAL_STAGES}
         # The LLM stages run on ONNX Runtime CUDA (KV cache on the device with I/O binding).
-        runners.update({s: OrtRunner(manifest.stage_file(s), providers_for("cuda"))
+        runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda"), s, threads)
                         for s in stage_names if s not in VISUAL_STAGES})
         return runners
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
                        defaults: GenerationOptions | None = None, verify: bool = True,
-                       io_binding: bool | None = None) -> "Blip2Pipeline":
+                       io_binding: bool | None = None, threads: ThreadSettings | None = None) -> "Blip2Pipeline":
         """Loads an artifact directory; checks its schema version and every file's sha256 first.
 
         device: "cpu", "cuda" or "auto" (CUDA when available, else the CPU with a warning).
         backend: "onnxruntime", "onnxruntime-trt" (TensorRT execution provider) or "tensorrt"
             (engines from `blip2-edge build-engines` for the visual stages).
         io_binding: keep the KV cache on the device between steps (default: on for CUDA).
+        threads: ONNX Runtime's intra-op threads per stage (runtime.backends.onnxrt.ThreadSettings;
+            default: spinning only for the decoder, ORT's thread count).
         """
         return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults,
-                   io_binding=io_binding)
+                   io_binding=io_binding, threads=threads)
 
     # ---- public API -------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,53 @@ from runtime.errors import Blip2EdgeError, OptionError
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda", "auto")
+SPIN_MODES = ("auto", "on", "off")
+# The stages that run once per token, back to back: their intra-op threads spinning between runs
+# saves the wake-up of every step. Every other stage (vision, qformer, T5's encoder and cross_kv)
+# runs once per request and hands the cores on to the next stage.
+STEP_STAGES = ("decoder",)
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """ONNX Runtime's intra-op threads, per stage.
+
+    ORT's worker threads keep spinning for a while after a run; the next stage's session then
+    competes with them for the cores (bench/THREADS_RESULTS.md: on 2 cores the uint8 Q-Former ran
+    ~1.5x slower inside the pipeline than alone). `spin`:
+    - "auto" (default): spinning off for the stages that run once per request (vision, qformer,
+      encoder), on for the decoder, whose steps follow each other immediately;
+    - "on": ORT's own default for every stage; "off": no stage spins.
+    `stage_spin` overrides single stages: (("qformer", True),). `intra_op_threads`: threads per
+    session, 0 = ORT's default (one per physical core).
+    """
+
+    spin: str = "auto"
+    intra_op_threads: int = 0
+    stage_spin: tuple[tuple[str, bool], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.spin not in SPIN_MODES:
+            raise OptionError(f"unknown spin mode '{self.spin}'; valid: {', '.join(SPIN_MODES)}")
+        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) \
+                or self.intra_op_threads < 0:
+            raise OptionError(f"intra_op_threads must be an integer >= 0 (0: ONNX Runtime's default), "
+                              f"got {self.intra_op_threads!r}")
+        for item in self.stage_spin:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], bool)):
+                raise OptionError(f"stage_spin entries are (stage name, bool) pairs, got {item!r}")
+
+    def allow_spinning(self, stage: str) -> bool:
+        overrides = dict(self.stage_spin)
+        if stage in overrides:
+            return overrides[stage]
+        return self.spin == "on" or (self.spin == "auto" and stage in STEP_STAGES)
+
+    def describe(self, stages) -> dict:
+        """What the profiler records: the policy and what it gives each stage."""
+        return {"spin": self.spin, "intra_op_threads": self.intra_op_threads,
+                "allow_spinning": {s: self.allow_spinning(s) for s in stages}}
 
 
 def providers_for(device: str) -> list[str]:
@@ -60,19 +108,24 @@ def gpu_providers(artifacts: Path, fp16: bool, int8: bool) -> list:
 class OrtRunner:
     """Runs one graph. InferenceSession.run is thread-safe, so one runner serves all threads."""
 
-    def __init__(self, path: Path, providers: list[str], intra_op_threads: int = 0):
+    def __init__(self, path: Path, providers: list[str], intra_op_threads: int = 0,
+                 allow_spinning: bool | None = None):
+        """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         # Full optimisation: constant folding, LayerNorm/GELU/attention fusions on CPU and CUDA.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = intra_op_threads
+        if allow_spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             raise Blip2EdgeError(f"{path}: ONNX Runtime cannot load this graph ({' '.join(str(exc).split())[:300]})") from None
         self.path = Path(path)
+        self.allow_spinning = allow_spinning
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         gpu = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -104,3 +157,8 @@ class OrtRunner:
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+
+def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSettings) -> OrtRunner:
+    """A stage's runner with its thread settings."""
+    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage))

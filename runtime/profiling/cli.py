@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.cli_generate import add_thread_options, thread_settings
 from runtime.errors import Blip2EdgeError, ImageError, require
 
 
@@ -23,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-trt", "tensorrt"))
     p.add_argument("--reference", metavar="MODEL", help="also time transformers' generate on this checkpoint")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference's LLM")
+    add_thread_options(p)
     p.add_argument("--json", type=Path, metavar="F")
     p.add_argument("--csv", type=Path, metavar="F")
     p.add_argument("--trace", type=Path, metavar="F", help="Chrome trace / Perfetto JSON of one run")
@@ -61,7 +63,7 @@ def run(args) -> int:
     from runtime.profiling.tegrastats import Sampler
 
     opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
-                          prompt=args.prompt, device=args.device, backend=args.backend)
+                          prompt=args.prompt, device=args.device, backend=args.backend, threads=thread_settings(args))
     for flag in ("json", "csv", "trace", "plot"):  # checked before the runs, which they would lose
         if getattr(args, flag):
             report.check_output_path(f"--{flag}", getattr(args, flag))
@@ -85,7 +87,7 @@ def run(args) -> int:
                                    compile=args.reference_compile)
         reference["end_to_end"] = duration_stats(reference.pop("times"))
     print(report.table(profiles, reference))
-    env = environment.describe()
+    env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
     tegra = sampler.summary()
     if tegra:
         print(f"tegrastats: {tegra}")

@@ -40,12 +40,17 @@ def _nvpmodel() -> str | None:
     return out.strip() or None
 
 
-def describe() -> dict:
+def describe(threads=None, stages=()) -> dict:
+    """The machine, the runtime's versions and ONNX Runtime's thread settings (a ThreadSettings,
+    default: the pipeline's default) with what they give each of `stages`."""
     import onnxruntime as ort
 
+    from runtime.backends.onnxrt import ThreadSettings
+
+    threads = threads or ThreadSettings()
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(), "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(), "gpu": _gpu(), "tensorrt": tensorrt_version(),
-        "nvpmodel": _nvpmodel(),
+        "nvpmodel": _nvpmodel(), "onnxruntime_threads": threads.describe(dict.fromkeys(stages)),
     }

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from runtime.backends.onnxrt import ThreadSettings
 from runtime.errors import OptionError
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats
@@ -27,6 +28,7 @@ class ProfileOptions:
     prompt: str | None = None
     device: str = "cpu"
     backend: str = "onnxruntime"
+    threads: ThreadSettings = ThreadSettings()
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -47,7 +49,7 @@ def batches(images: Sequence, batch_size: int, count: int):
 
 def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dict:
     """Returns per-stage statistics, throughput and the raw per-run timings."""
-    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend)
+    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend, threads=opts.threads)
     prompt = pipe.caption_prompt(opts.prompt)
     gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
     runs = []

@@ -179,17 +179,71 @@ def test_quantized_artifacts_run_in_the_runtime_unchanged(toy_artifacts, tmp_pat
     assert sum(t == s.caption for t, (s, _) in zip(texts, scenes)) >= 7
 
 
-def test_uint8_activations_for_cpu(toy_artifacts, tmp_path):
+def _activation_zero_point_types(graph_path) -> set[int]:
+    graph = onnx.load(str(graph_path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    return {inits[n.input[2]].data_type for n in graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def test_default_target_is_the_cpu_with_uint8_activations(toy_artifacts, tmp_path):
     from onnx import TensorProto
 
     out = tmp_path / "q"
-    report = quantize(toy_artifacts, out, opts(visual=VisualOptions(activations="uint8")), **QUIET)
+    report = quantize(toy_artifacts, out, opts(), **QUIET)
     assert all(g["passed"] for g in report["gates"])
-    q = load_manifest(out).stages["vision"]["quantization"]
-    assert q["activations"] == "uint8 asymmetric per-tensor" and q["tensorrt_compatible"] is False
-    graph = onnx.load(str(out / "vision.onnx")).graph
-    inits = {t.name: t for t in graph.initializer}
-    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
-    assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
+    m = load_manifest(out)
+    assert m.data["quantization"]["target"] == "cpu" and m.data["quantization"]["visual"]["activations"] == "uint8"
+    for stage in ("vision", "qformer"):
+        q = m.stages[stage]["quantization"]
+        assert q["target"] == "cpu" and q["activations"] == "uint8 asymmetric per-tensor"
+        assert q["tensorrt_compatible"] is False
+        assert _activation_zero_point_types(out / f"{stage}.onnx") == {TensorProto.UINT8}
     default = load_manifest(toy_artifacts)  # the FP32 source is untouched
     assert default.data["quantization"] is None
+
+
+@pytest.mark.parametrize("target", ["gpu", "portable"])
+def test_gpu_and_portable_targets_give_int8_graphs(toy_artifacts, tmp_path, target):
+    from onnx import TensorProto
+
+    out = tmp_path / "q"
+    quantize(toy_artifacts, out, opts(num_calib=8, held_out=8, gate=False, visual=VisualOptions(target=target)),
+             **QUIET)
+    m = load_manifest(out)
+    assert m.data["quantization"]["target"] == target
+    for stage in ("vision", "qformer"):
+        q = m.stages[stage]["quantization"]
+        assert q["target"] == target and q["activations"] == "int8 symmetric per-tensor"
+        assert q["tensorrt_compatible"] is True
+        assert _activation_zero_point_types(out / f"{stage}.onnx") == {TensorProto.INT8}
+
+
+@pytest.mark.parametrize("given, resolved", [
+    ({}, ("cpu", "uint8")), ({"target": "gpu"}, ("gpu", "int8")), ({"target": "portable"}, ("portable", "int8")),
+    ({"activations": "uint8"}, ("cpu", "uint8")), ({"activations": "int8"}, ("portable", "int8")),
+    ({"target": "gpu", "activations": "int8"}, ("gpu", "int8")),
+])
+def test_target_and_activations_resolve_each_other(given, resolved):
+    v = VisualOptions(**given)
+    assert (v.target, v.activations) == resolved
+
+
+@pytest.mark.parametrize("given", [{"target": "cpu", "activations": "int8"}, {"target": "gpu", "activations": "uint8"},
+                                   {"target": "portable", "activations": "uint8"}, {"target": "tpu"}])
+def test_contradicting_or_unknown_target_is_an_option_error(given):
+    from runtime.errors import OptionError
+
+    with pytest.raises(OptionError, match="--target"):
+        VisualOptions(**given)
+
+
+@pytest.mark.parametrize("fp32, quantized, passed", [(1.0, 0.99, True), (0.99, 0.98, True), (1.0, 0.98, False)])
+def test_accuracy_gate_allows_exactly_its_points(fp32, quantized, passed):
+    from calibration.gates import Gates, evaluate
+
+    stage = {"cosine_mean": 1.0, "cosine_worst_1pct": 1.0}
+    report = {"stages": {"vision": stage, "qformer": stage},
+              "end_to_end": {"fp32_accuracy": fp32, "quantized_accuracy": quantized}}
+    accuracy = [g for g in evaluate(report, Gates(), "int8") if g["name"].startswith("accuracy")]
+    assert [g["passed"] for g in accuracy] == [passed]

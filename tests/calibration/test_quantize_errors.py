@@ -194,3 +194,10 @@ def test_decoder_without_lm_head_is_an_artifact_error_naming_the_file(tmp_path):
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [logits]))
     with pytest.raises(ArtifactError, match=f"{tmp_path / 'decoder.onnx'}: decoder graph has no lm_head MatMul"):
         lm_head_node(model, tmp_path / "decoder.onnx")
+
+
+def test_contradicting_target_and_activations_exit_2_before_any_work(toy_artifacts, tmp_path):
+    out = tmp_path / "q"
+    assert_one_line_error(run_cli("quantize", toy_artifacts, out, "--synthetic", "8", "--target", "gpu",
+                                  "--activations", "uint8"), "--activations uint8 contradicts --target gpu")
+    assert not out.exists() and list(tmp_path.iterdir()) == []

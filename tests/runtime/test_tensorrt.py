@@ -131,21 +131,30 @@ def test_build_engines_without_tensorrt_names_the_extra(tiny_artifacts):
 
 
 def test_build_engines_argument_errors(tiny_artifacts, tmp_path):
-    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--int8"), "--int8 needs QDQ graphs")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--int8"), "--int8 needs QDQ graphs",
+                          "blip2-edge quantize SRC OUT --target gpu")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-batch", "4", "--max-batch", "2"),
                           "--min/opt/max-batch: need 0 <= min <= opt <= max, got 4/1/2")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--builder-optimization-level", "9"), "0-5")
     assert_one_line_error(run_cli("build-engines", tmp_path / "nope"), "not an artifact directory")
 
 
-def test_uint8_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
+def test_cpu_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
+    """quantize's default target is the CPU (uint8 activations): build-engines, with or without
+    --int8, and both TensorRT backends refuse it, naming the command that makes a GPU-ready one."""
     from calibration.quantize import QuantizeOptions, quantize
-    from calibration.visual import VisualOptions
+    from runtime.errors import Blip2EdgeError
+    from runtime.pipeline import Blip2Pipeline
 
     out = tmp_path / "q"
-    quantize(toy_artifacts, out, QuantizeOptions(num_calib=8, held_out=10, gate=False,
-                                                 visual=VisualOptions(activations="uint8")), log=lambda s: None)
-    assert_one_line_error(run_cli("build-engines", out, "--int8"), "uint8 activations", "--activations int8")
+    quantize(toy_artifacts, out, QuantizeOptions(num_calib=8, held_out=10, gate=False), log=lambda s: None)
+    command = "blip2-edge quantize SRC OUT --target gpu"
+    for flags in (("--int8",), ("--fp16",)):
+        assert_one_line_error(run_cli("build-engines", out, *flags), "uint8 activations", command)
+    assert_one_line_error(run_cli("build-engines", out, "--stages", "qformer"), "'qformer'", command)
+    for backend in ("tensorrt", "onnxruntime-trt"):
+        with pytest.raises(Blip2EdgeError, match="--target gpu"):
+            Blip2Pipeline.from_artifacts(out, backend=backend)
 
 
 @pytest.mark.gpu

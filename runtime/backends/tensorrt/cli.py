@@ -49,15 +49,15 @@ def build_options(args):
 
 
 def check_int8_graphs(manifest, stages, int8: bool) -> None:
+    from runtime.backends.tensorrt.engines import GPU_READY_COMMAND, require_tensorrt_readable
+
     for stage in stages:
         manifest.stage_file(stage)  # a stage this family lacks (OPT has no encoder) is an ArtifactError
         q = manifest.stages[stage].get("quantization") or {}
         if int8 and stage in ("vision", "qformer") and q.get("format") != "QDQ":
             raise Blip2EdgeError(f"--int8 needs QDQ graphs: stage '{stage}' of {manifest.root} is not quantized; "
-                                 "run 'blip2-edge quantize' first (the implicit INT8 calibrators are deprecated)")
-        if q.get("tensorrt_compatible") is False:
-            raise Blip2EdgeError(f"stage '{stage}' was quantized with uint8 activations, which TensorRT cannot "
-                                 "run; quantize with --activations int8")
+                                 f"run '{GPU_READY_COMMAND}' first (the implicit INT8 calibrators are deprecated)")
+    require_tensorrt_readable(manifest, stages)
 
 
 def current_entries(directory: Path) -> dict:

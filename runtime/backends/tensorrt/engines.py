@@ -162,3 +162,19 @@ def ort_trt_cache_dir(artifacts: Path, ort_version: str, device: DeviceInfo) -> 
     """Engine and timing caches of ONNX Runtime's TensorRT execution provider, keyed so that a
     different onnxruntime, TensorRT or GPU never picks up another's cache."""
     return Path(artifacts) / "engines" / f"ort{ort_version}-trt{device.trt_version}-sm{device.sm}"
+
+
+# The command that writes TensorRT-readable (int8 symmetric) visual stages.
+GPU_READY_COMMAND = "blip2-edge quantize SRC OUT --target gpu"
+
+
+def require_tensorrt_readable(manifest: Manifest, stages) -> None:
+    """Refuses stages quantized for the CPU (uint8 activations, which TensorRT cannot parse),
+    naming the command that makes a GPU-ready artifact."""
+    for stage in stages:
+        q = manifest.stages.get(stage, {}).get("quantization") or {}
+        if q.get("tensorrt_compatible") is False:
+            raise Blip2EdgeError(
+                f"stage '{stage}' of {manifest.root} was quantized for the CPU (target "
+                f"'{q.get('target', 'cpu')}', uint8 activations), which TensorRT cannot run; quantize the "
+                f"FP32/FP16 export for the GPU instead: {GPU_READY_COMMAND}")

@@ -1,0 +1,77 @@
+"""ONNX Runtime thread settings per stage: what each session is given, that they change no
+output, and how the CLI and the profiler take and record them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.backends.onnxrt import ThreadSettings
+from runtime.errors import OptionError
+from runtime.pipeline import Blip2Pipeline
+from tests.conftest import run_cli
+from tests.exporter.test_export_errors import assert_one_line_error
+from tests.runtime.test_cli import write_scenes
+
+SPIN_KEY = "session.intra_op.allow_spinning"
+STAGES = ("vision", "qformer", "encoder", "cross_kv", "decoder")
+
+
+@pytest.mark.parametrize("settings, spinning", [
+    (ThreadSettings(), {"decoder"}),  # the default: only the stage that runs every step
+    (ThreadSettings(spin="on"), set(STAGES)),
+    (ThreadSettings(spin="off"), set()),
+    (ThreadSettings(spin="auto", stage_spin=(("qformer", True), ("decoder", False))), {"qformer"}),
+])
+def test_which_stages_spin(settings, spinning):
+    assert {s for s in STAGES if settings.allow_spinning(s)} == spinning
+    assert settings.describe(STAGES)["allow_spinning"] == {s: s in spinning for s in STAGES}
+
+
+@pytest.mark.parametrize("kw", [{"spin": "sometimes"}, {"intra_op_threads": -1}, {"intra_op_threads": 1.5},
+                                {"intra_op_threads": True}, {"stage_spin": (("decoder", "yes"),)},
+                                {"stage_spin": ("decoder",)}])
+def test_bad_settings_are_option_errors(kw):
+    with pytest.raises(OptionError):
+        ThreadSettings(**kw)
+
+
+def _session_settings(pipe) -> dict:
+    out = {}
+    for stage, runner in pipe.runners.items():
+        so = runner.session.get_session_options()
+        out[stage] = (so.get_session_config_entry(SPIN_KEY), so.intra_op_num_threads)
+    return out
+
+
+def test_sessions_get_their_stage_settings_and_outputs_do_not_change(toy_artifacts):
+    from runtime import synthetic
+
+    images = [im for _, im in synthetic.make_scenes(2, seed=5)]
+    default = Blip2Pipeline.from_artifacts(toy_artifacts)
+    assert _session_settings(default) == {"vision": ("0", 0), "qformer": ("0", 0), "decoder": ("1", 0)}
+    off = Blip2Pipeline.from_artifacts(toy_artifacts, threads=ThreadSettings(spin="off", intra_op_threads=1))
+    assert _session_settings(off) == {"vision": ("0", 1), "qformer": ("0", 1), "decoder": ("0", 1)}
+    gen = dict(max_new_tokens=8, num_beams=2)
+    assert [r.tokens for r in off.caption(images, **gen)] == [r.tokens for r in default.caption(images, **gen)]
+
+
+def test_cli_spin_flags(toy_artifacts, tmp_path):
+    write_scenes(tmp_path, 1)
+    proc = run_cli("caption", toy_artifacts, tmp_path, "--spin", "off", "--intra-op-threads", "1",
+                   "--max-new-tokens", "4")
+    assert proc.returncode == 0 and proc.stdout.count(": ") == 1, proc.stderr
+    assert_one_line_error(run_cli("ask", toy_artifacts, tmp_path, "-q", "what?", "--intra-op-threads", "-1"),
+                          "--intra-op-threads must be >= 0")
+    proc = run_cli("caption", toy_artifacts, tmp_path, "--spin", "always")
+    assert proc.returncode == 2 and "--spin" in proc.stderr and "auto" in proc.stderr
+
+
+def test_profile_records_the_thread_settings(toy_artifacts, tmp_path):
+    out = tmp_path / "p.json"
+    proc = run_cli("profile", toy_artifacts, "--synthetic", "1", "--runs", "1", "--warmup", "0", "--new-tokens", "2",
+                   "--spin", "on", "--intra-op-threads", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["environment"]["onnxruntime_threads"] == {
+        "spin": "on", "intra_op_threads": 2, "allow_spinning": {"vision": True, "qformer": True, "decoder": True}}
