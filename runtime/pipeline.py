@@ -98,6 +98,10 @@ class Blip2Pipeline:
         self.stage_names = self.family.stage_names(self.model)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
         self.threads = threads or ThreadSettings()
+        unknown = sorted({stage for stage, _ in self.threads.stage_spin} - set(self.stage_names))
+        if unknown:  # a misspelt stage would otherwise be ignored silently
+            raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
+                              f"stages: {', '.join(self.stage_names)}")
         self.runners = self._runners(manifest, device, backend, self.stage_names, self.threads)
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)

@@ -117,8 +117,9 @@ class HashCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded: dict[Path, dict[str, str]] = {}
-        self._deferring = 0  # open saves_deferred() blocks
-        self._unsaved: set[Path] = set()  # cache files with digests added inside them
+        # Per thread: one Blip2Pipeline serves many threads, and a verification running in one
+        # must not hold back (or, if it never ends, lose) the saves of another.
+        self._deferral = threading.local()  # .depth: open saves_deferred() blocks; .unsaved: cache files
 
     def _entries(self, file: Path) -> dict[str, str]:
         if file not in self._loaded:
@@ -152,20 +153,22 @@ class HashCache:
 
     @contextmanager
     def saves_deferred(self) -> Iterator[None]:
-        """Digests computed inside the block are written to the cache file once, when the
-        outermost block ends (even by an exception), instead of once each: a cold verification
-        of N files rewrites the file once, not N times."""
-        with self._lock:
-            self._deferring += 1
+        """Digests this thread computes inside the block are written to the cache file once, when
+        its outermost block ends (even by an exception), instead of once each: a cold
+        verification of N files rewrites the file once, not N times. Other threads save as usual."""
+        local = self._deferral
+        if not getattr(local, "depth", 0):
+            local.depth, local.unsaved = 0, set()
+        local.depth += 1
         try:
             yield
         finally:
-            with self._lock:
-                self._deferring -= 1
-                if not self._deferring:
-                    for file in self._unsaved:
+            local.depth -= 1
+            if not local.depth:
+                with self._lock:
+                    for file in local.unsaved:
                         self._save(file, self._entries(file))
-                    self._unsaved.clear()
+                local.unsaved = set()
 
     def digest_fd(self, fd: int) -> tuple[str, FileIdentity]:
         """(sha256, identity) of the open file `fd`. A file that changed while it was being
@@ -181,8 +184,8 @@ class HashCache:
             with self._lock:
                 entries = self._entries(file)
                 entries[before.key] = value
-                if self._deferring:
-                    self._unsaved.add(file)
+                if getattr(self._deferral, "depth", 0):
+                    self._deferral.unsaved.add(file)
                 else:
                     self._save(file, entries)
         return value, before

@@ -226,6 +226,33 @@ def test_a_cold_verification_writes_the_hash_cache_once(copy, tmp_path, monkeypa
     assert len(replaced) == 2 and len(json.loads(cache_file().read_text())) == len(saved) + 1
 
 
+def test_one_threads_deferral_does_not_hold_back_another_threads_save(copy, tmp_path, monkeypatch):
+    """saves_deferred() belongs to the thread that opened it: a digest another thread computes
+    meanwhile (one Blip2Pipeline serves many threads) is written at once, not when (or if) the
+    first thread's verification ends."""
+    import threading
+
+    from runtime.verified_files import HASHES, cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "threads"))
+    entered, release = threading.Event(), threading.Event()
+
+    def verifying():
+        with HASHES.saves_deferred():
+            entered.set()
+            release.wait(30)
+
+    other = threading.Thread(target=verifying)
+    other.start()
+    try:
+        assert entered.wait(30)
+        digest = HASHES.digest(copy / "vision.onnx")
+        assert cache_file().exists() and digest in json.loads(cache_file().read_text()).values()
+    finally:
+        release.set()
+        other.join(30)
+
+
 def test_tests_do_not_use_the_real_cache():
     from runtime.verified_files import cache_file
 

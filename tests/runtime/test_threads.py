@@ -37,6 +37,12 @@ def test_bad_settings_are_option_errors(kw):
         ThreadSettings(**kw)
 
 
+def test_a_stage_override_must_name_a_stage_of_the_model(toy_artifacts):
+    with pytest.raises(OptionError, match="stage_spin names no stage of this model: qfromer; stages: vision, qformer, "
+                                          "decoder"):
+        Blip2Pipeline.from_artifacts(toy_artifacts, threads=ThreadSettings(stage_spin=(("qfromer", True),)))
+
+
 def _session_settings(pipe) -> dict:
     out = {}
     for stage, runner in pipe.runners.items():
