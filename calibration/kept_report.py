@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from runtime.errors import ArtifactError
-from runtime.verified_files import open_regular
+from runtime.atomic_file import write_temp
+from runtime.verified_files import read_bounded
 
 # What fidelity_report() returns, with the gate results added by quantize().
 REPORT_KEYS = frozenset({"held_out_images", "stages", "end_to_end", "gates"})
@@ -35,15 +35,9 @@ def is_earlier_report(path: Path) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
-        fd = open_regular(path)  # never blocks, even if a FIFO is swapped in after the lstat
+        raw = read_bounded(path, MAX_REPORT_BYTES)  # never blocks, even if a FIFO is swapped in after the lstat
     except (OSError, ArtifactError):
         return False
-    try:
-        raw = os.pread(fd, MAX_REPORT_BYTES + 1, 0)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
     try:
         data = json.loads(raw) if len(raw) <= MAX_REPORT_BYTES else None
     except (ValueError, RecursionError):
@@ -73,10 +67,7 @@ def keep_report(out: Path, report: dict) -> tuple[Path | None, str]:
     out = Path(os.path.abspath(out))
     text = json.dumps(report, indent=2) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.fidelity.", suffix=".tmp", dir=out.parent)
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a report from the rest of a team
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp = write_temp(out.parent, f".{out.name}.fidelity.", text.encode("utf-8"))
     except OSError as exc:
         return None, f"report not kept: cannot write in {out.parent} ({exc.strerror})"
     try:

@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from calibration.sources import ImageSource, Progress
+from runtime.atomic_file import replace_file
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError, OptionError
 from runtime.manifest import graph_digest
@@ -243,13 +244,7 @@ class RangeCache:
                             "ranges": json.loads(tmp_file.read_text())}
         if self.path:  # written whole and renamed: a reader never sees half a file
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            try:
-                partial.write_text(json.dumps(self.data))
-                os.replace(partial, self.path)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            replace_file(self.path, json.dumps(self.data).encode())
 
     def amax(self, stage: str) -> dict[str, float]:
         """Symmetric range per tensor: max(|lowest|, |highest|), read with ONNX Runtime's own

@@ -87,6 +87,11 @@ QFORMER = StageSpec(
 )
 
 
+# A self-attention KV cache entry: past_* inputs, present_* outputs (one more position or more).
+PAST_KV_SHAPE = ("batch", "num_heads", "past_sequence", "head_dim")
+PRESENT_KV_SHAPE = ("batch", "num_heads", "total_sequence", "head_dim")
+
+
 def kv_names(num_layers: int, prefix: str) -> list[str]:
     """past_key_0, past_value_0, past_key_1, ... (or present_*, cross_*), in the graph's order."""
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]

@@ -18,13 +18,13 @@ import json
 import os
 import re
 import stat
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from runtime.atomic_file import replace_file
 from runtime.errors import ArtifactError
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -144,10 +144,7 @@ class HashCache:
             del entries[next(iter(entries))]  # oldest first
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".sha256.", dir=file.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, file)
+            replace_file(file, json.dumps(entries).encode(), mode=0o600)  # a per-user cache, as before
         except OSError:
             pass  # a read-only home only costs a re-hash next time
 

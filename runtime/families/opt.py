@@ -12,15 +12,14 @@ import numpy as np
 from runtime.families import register
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.kv_decoder import KVCacheDecoder
-from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, StageSpec, TensorSpec, kv_names
+from runtime.stages import (ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PAST_KV_SHAPE, POSITION_IDS, PRESENT_KV_SHAPE,
+                            StageSpec, TensorSpec, kv_names)
 
 
 def decoder_spec(num_layers: int) -> StageSpec:
     """The decoder-only LLM with a KV cache. One graph serves prefill (past_sequence = 0) and
     each decode step; it returns only the last position's logits, so prefill never
     materialises (sequence x vocab) logits."""
-    kv_shape = ("batch", "num_heads", "past_sequence", "head_dim")
-    present_shape = ("batch", "num_heads", "total_sequence", "head_dim")
     return StageSpec(
         name="decoder",
         file="decoder.onnx",
@@ -28,11 +27,11 @@ def decoder_spec(num_layers: int) -> StageSpec:
             TensorSpec(INPUTS_EMBEDS, "float", ("batch", "sequence", "text_hidden")),
             TensorSpec(ATTENTION_MASK, "int64", ("batch", "total_sequence")),
             TensorSpec(POSITION_IDS, "int64", ("batch", "sequence")),
-            *(TensorSpec(n, "float", kv_shape) for n in kv_names(num_layers, "past")),
+            *(TensorSpec(n, "float", PAST_KV_SHAPE) for n in kv_names(num_layers, "past")),
         ),
         outputs=(
             TensorSpec(LOGITS, "float", ("batch", "vocab_size")),
-            *(TensorSpec(n, "float", present_shape) for n in kv_names(num_layers, "present")),
+            *(TensorSpec(n, "float", PRESENT_KV_SHAPE) for n in kv_names(num_layers, "present")),
         ),
     )
 

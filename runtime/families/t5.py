@@ -27,7 +27,7 @@ from runtime.families import register
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.kv_decoder import CachedDecoder
 from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
-                            StageSpec, TensorSpec, kv_names)
+                            PAST_KV_SHAPE, PRESENT_KV_SHAPE, StageSpec, TensorSpec, kv_names)
 
 HIDDEN = ("batch", "encoder_sequence", "text_hidden")
 CROSS = ("batch", "num_heads", "encoder_sequence", "head_dim")
@@ -55,20 +55,18 @@ def cross_kv_spec(num_layers: int) -> StageSpec:
 def decoder_spec(num_layers: int) -> StageSpec:
     """New tokens (usually one per row) -> last-position logits; the self-attention cache grows,
     the cross-attention K/V are read-only inputs."""
-    past = ("batch", "num_heads", "past_sequence", "head_dim")
-    present = ("batch", "num_heads", "total_sequence", "head_dim")
     return StageSpec(
         name="decoder",
         file="decoder.onnx",
         inputs=(
             TensorSpec(INPUTS_EMBEDS, "float", ("batch", "sequence", "text_hidden")),
             TensorSpec(ENCODER_ATTENTION_MASK, "int64", ("batch", "encoder_sequence")),
-            *(TensorSpec(n, "float", past) for n in kv_names(num_layers, "past")),
+            *(TensorSpec(n, "float", PAST_KV_SHAPE) for n in kv_names(num_layers, "past")),
             *(TensorSpec(n, "float", CROSS) for n in kv_names(num_layers, "cross")),
         ),
         outputs=(
             TensorSpec(LOGITS, "float", ("batch", "vocab_size")),
-            *(TensorSpec(n, "float", present) for n in kv_names(num_layers, "present")),
+            *(TensorSpec(n, "float", PRESENT_KV_SHAPE) for n in kv_names(num_layers, "present")),
         ),
     )
 

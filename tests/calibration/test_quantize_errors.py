@@ -180,7 +180,7 @@ def test_kept_report_skips_what_is_not_ours_and_never_blocks(tmp_path):
     assert json.loads(path.read_text())["held_out_images"] == 2
     assert keep_report(tmp_path / "missing" / "q", report) == (
         None, f"report not kept: cannot write in {tmp_path / 'missing'} (No such file or directory)")
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.fidelity.")]  # no temporary file left
 
 
 def test_decoder_without_lm_head_is_an_artifact_error_naming_the_file(tmp_path):

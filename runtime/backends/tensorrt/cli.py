@@ -84,8 +84,9 @@ def run(args) -> int:
     require("tensorrt", "tensorrt", "blip2-edge build-engines")
     from runtime.backends.tensorrt.builder import build_engine
     from runtime.backends.tensorrt.profiles import stage_profile
-    from runtime.backends.tensorrt.engines import (StaleEngineError, engine_dir, find_engine, replace_file,
-                                                   source_graph_sha, write_engine_manifest)
+    from runtime.atomic_file import replace_file
+    from runtime.backends.tensorrt.engines import (StaleEngineError, engine_dir, find_engine, source_graph_sha,
+                                                   write_engine_manifest)
     from runtime.backends.tensorrt.runner import device_info
     from runtime.confinement import confined_path
 

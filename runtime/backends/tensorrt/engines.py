@@ -10,18 +10,17 @@ version, this GPU and the artifact's current graph, is ever deserialised.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from runtime.atomic_file import replace_file
 from runtime.confinement import confined_path
 from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.manifest import Manifest, graph_digest
-from runtime.manifest_schema import Invalid, Obj, Str, check_rule
+from runtime.manifest_schema import Obj, Str, check_rule
 from runtime.verified_files import HASHES, read_bounded
 
 ENGINE_MANIFEST = "engines.json"
@@ -80,21 +79,6 @@ def nvidia_device() -> DeviceInfo:
 
 def engine_dir(artifacts: Path, device: DeviceInfo) -> Path:
     return Path(artifacts) / "engines" / f"trt{device.trt_version}-sm{device.sm}"
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Writes `path` whole or not at all. The engine directory is inside an untrusted artifact
-    directory: the data goes to a fresh temporary file (never through a link or into a FIFO
-    standing at a fixed name) that then replaces the name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # as a plain write would leave it, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_engine_manifest(directory: Path, device: DeviceInfo, entries: dict[str, dict]) -> None:
