@@ -24,18 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.errors import Blip2EdgeError
+from runtime.errors import ArtifactError, Blip2EdgeError
+from runtime.manifest import FORMAT, MANIFEST, MAX_MANIFEST_BYTES
+from runtime.verified_files import read_bounded
 
 log = logging.getLogger(__name__)
 
 # Graphs whose weights exceed this keep them in one <graph>.onnx.data: protobuf cannot hold a
 # message over 2 GiB, so stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
-
-# Kept in step with runtime.manifest (not imported: the manifest module is the runtime's reader
-# and this one only needs to recognise our own directories).
-_MANIFEST, _FORMAT = "manifest.json", "blip2-edge-artifacts"
-
 
 def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
@@ -52,14 +49,15 @@ def _old_path(out: Path, pid: int) -> Path:
 def is_artifact_dir(path: Path) -> bool:
     """A real directory (not a link to one) holding a blip2-edge manifest.json."""
     path = Path(path)
-    manifest = path / _MANIFEST
+    manifest = path / MANIFEST
     if path.is_symlink() or not path.is_dir() or manifest.is_symlink() or not manifest.is_file():
         return False
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # bounded, and never blocks on a FIFO swapped in after the check above
+        raw = read_bounded(manifest, MAX_MANIFEST_BYTES)
+        data = json.loads(raw) if len(raw) <= MAX_MANIFEST_BYTES else None
+    except (ArtifactError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and data.get("format") == _FORMAT
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -72,7 +70,7 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise Blip2EdgeError(f"{out}: already exists; pass --overwrite to replace it")
     if not is_artifact_dir(out):
         what = "a directory" if out.is_dir() and not out.is_symlink() else "a file or a link"
-        raise Blip2EdgeError(f"{out}: {what}, not a blip2-edge artifact directory (no {_MANIFEST} of ours); "
+        raise Blip2EdgeError(f"{out}: {what}, not a blip2-edge artifact directory (no {MANIFEST} of ours); "
                              "refusing to replace it even with --overwrite")
 
 

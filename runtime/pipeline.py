@@ -19,9 +19,9 @@ from PIL import Image
 
 from runtime.artifact_checks import check_runner_io, load_embeddings
 from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, stage_runner
+from runtime.errors import ImageError, OptionError
 from runtime.families import LLMInputs, family_for
 from runtime.manifest import Manifest, load_manifest
-from runtime.errors import ImageError, OptionError
 from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.preprocess import (DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_from_array, load_image,
                                 warn_if_wide)
@@ -85,6 +85,7 @@ def _as_image(item: ImageInput, index: int, preprocessing: Preprocessing,
 class Blip2Pipeline:
     # Image files over this many pixels are refused from their header, before decoding.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
     def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
                  defaults: GenerationOptions | None = None, io_binding: bool | None = None,
                  threads: ThreadSettings | None = None):
@@ -330,11 +331,7 @@ class Blip2Pipeline:
         timings["decode"] = time.perf_counter() - t0 - paused
         timings["decode_steps"] = decoder.step_times
         t0 = time.perf_counter()
-        texts = [self._clip(self.tokenizer.decode(r), opts.stop_strings).strip() for r in rows]
+        texts = [clip(self.tokenizer.decode(r), opts.stop_strings).strip() for r in rows]
         timings["detokenize"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start - paused
         return [Result(text=t, tokens=r, timings=timings) for t, r in zip(texts, rows)]
-
-    @staticmethod
-    def _clip(text: str, stop_strings) -> str:
-        return clip(text, stop_strings)

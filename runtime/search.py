@@ -118,8 +118,8 @@ def greedy_or_sample(
             out[i].append(int(tokens[i]))
         # Stop strings are checked on the ids (prompt included), the last few tokens of a row.
         done[live] = np.isin(tokens[live], eos_ids)
-        if stops:  # only then: history[live] copies every row's whole history
-            done[live] |= stops.hits(history[live])
+        if stops:  # only the last `window` ids can complete a stop string: copy those alone
+            done[live] |= stops.hits(history[:, -stops.window:][live])
         yield [Prefix(row, len(row)) for row in out] if settle else None
         if done.all() or t == opts.max_new_tokens - 1:
             break

@@ -18,6 +18,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from runtime import synthetic
 from runtime.pipeline import Blip2Pipeline
+from runtime.stopping import clip
 from tests.conftest import REPO
 
 MODES = {
@@ -97,7 +98,7 @@ def test_stop_strings_and_streaming_cross_product(toy_pipe, toy_hf, mode, stop, 
         else:
             want = hf_tokens(toy_hf, image, "", stops, **kw)
         assert got.tokens == want, (stops, pipe.tokenizer.decode(got.tokens), pipe.tokenizer.decode(want))
-        assert got.text == pipe._clip(pipe.tokenizer.decode(got.tokens), stops).strip()
+        assert got.text == clip(pipe.tokenizer.decode(got.tokens), stops).strip()
         if stops:
             assert all(s not in got.text for s in stops)
             assert len(got.tokens) < len(plain.tokens)
