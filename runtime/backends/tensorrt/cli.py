@@ -27,11 +27,11 @@ def register(sub) -> None:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(ENGINE_STAGES),
                    help="the visual stages (the only ones the tensorrt backend runs as engines; the LLM stages run "
                         "on ONNX Runtime CUDA, or TensorRT through --backend onnxruntime-trt)")
-    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages.
-    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256)),
-                               ("encoder-seq", (1, 40, 128))):
-        for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
-            p.add_argument(f"--{kind}-{dim}", type=int, default=value)
+    # The visual stages' one dynamic dim (the LLM stages' ranges are the ORT TensorRT EP's, from
+    # profiles.ProfileRanges).
+    for kind, value in (("min", 1), ("opt", 1), ("max", 4)):
+        p.add_argument(f"--{kind}-batch", type=int, default=value,
+                       help="larger batches are split into batches of --max-batch" if kind == "max" else None)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
                    help="read and update this timing cache (one written by another TensorRT or GPU is replaced)")
@@ -47,11 +47,7 @@ def build_options(args):
     from runtime.backends.tensorrt.builder import BuildOptions
     from runtime.backends.tensorrt.profiles import ProfileRanges, Range
 
-    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"),
-                           sequence=Range(args.min_seq, args.opt_seq, args.max_seq, "--min/opt/max-seq"),
-                           past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"),
-                           encoder=Range(args.min_encoder_seq, args.opt_encoder_seq, args.max_encoder_seq,
-                                         "--min/opt/max-encoder-seq"))
+    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"))
     return BuildOptions(workspace_mb=args.workspace, ranges=ranges, timing_cache=args.timing_cache,
                         optimization_level=args.builder_optimization_level, contexts=args.contexts)
 
@@ -69,6 +65,8 @@ def check_stages(manifest, stages, fp16: bool, int8: bool) -> None:
             "ONNX Runtime operator TensorRT cannot parse); for TensorRT in the LLM stages use --backend onnxruntime-trt")
     for stage in stages:
         manifest.stage_file(stage)  # a stage this family lacks is an ArtifactError
+    require_tensorrt_readable(manifest, stages)  # CPU-quantized graphs: the command that makes GPU ones
+    for stage in stages:
         spec = manifest.stages[stage]
         q = spec.get("quantization") or {}
         if int8 and q.get("format") != "QDQ":
@@ -80,7 +78,6 @@ def check_stages(manifest, stages, fp16: bool, int8: bool) -> None:
                 f"--fp16: stage '{stage}' of {manifest.root} is a {'/'.join(sorted(floats)) or 'non-float'} graph, and "
                 "TensorRT engines are strongly typed (they run in the graph's own types): export an FP16 artifact "
                 "with 'blip2-edge export MODEL OUT --dtype fp16' and build from that")
-    require_tensorrt_readable(manifest, stages)
 
 
 def graph_precision(spec: dict) -> str:

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from runtime.errors import Blip2EdgeError
 
-# The build-engines flags that set each dynamic dim's range (runtime.backends.tensorrt.cli).
-DIM_FLAGS = {"batch": "batch", "sequence": "seq", "past_sequence": "past", "encoder_sequence": "encoder-seq",
-             "total_sequence": "past"}
+# The build-engines flags that set a dynamic dim's range (runtime.backends.tensorrt.cli); engines
+# are built for the visual stages only, whose one dynamic dim is the batch.
+DIM_FLAGS = {"batch": "batch"}
 
 
 class ProfileShapeError(Blip2EdgeError):
     """An input shape outside the engine's optimization profile."""
 
 
-def _flag(dim: str | int, bound: str) -> str:
+def _remedy(dim: str | int, bound: str, value: int) -> str:
     name = DIM_FLAGS.get(dim) if isinstance(dim, str) else None
-    return f"--{bound}-{name}" if name else "a matching export"
+    if name is None:  # a fixed model dim (image size, hidden size): the input is wrong, not the engine
+        return "the model fixes it" if not isinstance(dim, str) else "no build-engines flag sets it"
+    return f"rebuild with 'blip2-edge build-engines ... --{bound}-{name} {value}'"
 
 
 def batch_limit(spec_inputs: list[dict], limits: dict[str, tuple]) -> int | None:
@@ -46,9 +48,8 @@ def check_shapes(shapes: dict[str, tuple], spec_inputs: list[dict], limits: dict
                 continue
             if not dmin <= value <= dmax:
                 bound = "max" if value > dmax else "min"
-                raise ProfileShapeError(
-                    f"{engine}: input '{name}' dim {axis} ({dim}) is {value}, outside the engine's profile "
-                    f"[{dmin}, {dmax}]; rebuild with 'blip2-edge build-engines ... {_flag(dim, bound)} {value}'")
+                raise ProfileShapeError(f"{engine}: input '{name}' dim {axis} ({dim}) is {value}, outside the engine's "
+                                        f"profile [{dmin}, {dmax}]; {_remedy(dim, bound, value)}")
 
 
 def batch_slices(batch: int, max_batch: int) -> list[slice]:
