@@ -48,7 +48,7 @@ def build_engines(artifacts: Path) -> Check:
         return Check("build-engines", FAIL, "did not finish within an hour")
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        return Check("build-engines", FAIL, last)
+        return Check("build-engines", FAIL, last.removeprefix("error: "))
     return Check("build-engines", PASS, f"engines built, timing cache {cache}")
 
 
