@@ -136,8 +136,13 @@ class Blip2Pipeline:
         if backend == "onnxruntime-trt":
             int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
             fp16 = manifest.stages["decoder"]["precision"] == "fp16"
+            from runtime.backends.tensorrt.profiles import pipeline_ranges
+
             # One provider list per stage: each has its own explicit TensorRT profile shapes.
-            return {s: stage_runner(manifest.stage_file(s), gpu_providers(manifest.root, manifest.stages[s], fp16, int8),
+            model = manifest.data["model"]
+            ranges = pipeline_ranges(model, family_for(manifest.data).position_limit(model))
+            return {s: stage_runner(manifest.stage_file(s),
+                                    gpu_providers(manifest.root, manifest.stages[s], fp16, int8, ranges),
                                     s, threads, required_provider(device, backend)) for s in stage_names}
         from runtime.backends.tensorrt.engines import find_engine
         from runtime.backends.tensorrt.runner import TrtRunner, device_info

@@ -89,3 +89,21 @@ def test_gpu_backends_without_a_gpu_fail_in_one_line(tiny_artifacts, tmp_path):
                           "blip2-edge[gpu]")
     assert_one_line_error(run_cli("caption", tiny_artifacts, image, "--backend", "onnxruntime-trt"),
                           "onnxruntime-trt", "blip2-edge[gpu]")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_artifacts", "t5_tiny_artifacts"])
+def test_pipeline_ranges_cover_prefill_and_every_decode_step(request, fixture):
+    """The ORT TensorRT EP's profile covers the queries plus a prompt at prefill, a decode step
+    at every past length up to the model's position limit, and batches of images x beams."""
+    from runtime.backends.tensorrt.profiles import ORT_MAX_BATCH, PROMPT_TOKENS, pipeline_ranges
+    from runtime.families import family_for
+
+    m = load_manifest(request.getfixturevalue(fixture))
+    limit = family_for(m.data).position_limit(m.model)
+    r = pipeline_ranges(m.model, limit)
+    queries = m.model["num_query_tokens"]
+    assert r.batch.max == ORT_MAX_BATCH and r.sequence.min == 1 and r.past.min == 0
+    assert r.sequence.max == min(limit or 512, queries + PROMPT_TOKENS)
+    assert r.past.max == (limit or 512)
+    for stage in m.stages:  # every dynamic dim of every stage has a range
+        assert stage_profile(m.stages[stage], r)
