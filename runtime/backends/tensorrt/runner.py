@@ -52,7 +52,7 @@ def native_handle(obj) -> int:
         from cuda.bindings.utils import get_cuda_native_handle  # cuda-python >= 12.9; int() is deprecated there
 
         return int(get_cuda_native_handle(obj))
-    except ImportError:
+    except (ImportError, TypeError):  # older cuda-python, or a type with no registered getter
         return int(obj)
 
 
