@@ -1,8 +1,9 @@
-"""Writing BLIP-2 checkpoints in Hugging Face format: tokenizer, processor, weights.
+"""Writing BLIP-2 and InstructBLIP checkpoints in Hugging Face format: tokenizers, processor,
+weights.
 
 Shared by the toy model's training script and the random-weight model builder, so both give
-directories that `Blip2ForConditionalGeneration.from_pretrained` and `Blip2Processor` load
-exactly as they load a hub checkpoint.
+directories that `Blip2ForConditionalGeneration` / `InstructBlipForConditionalGeneration` and
+their processors load exactly as they load a hub checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ IMAGE_TOKEN = "<image>"
 OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # T5's: <pad>=0 (also the decoder start), </s>=1, <unk>=2.
 T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+# BERT's (InstructBLIP's Q-Former tokenizer): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# LLaMA's: <unk>=0, <s>=1 (bos), </s>=2 (eos); Vicuna adds a pad token.
+LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -72,9 +77,50 @@ def build_t5_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
-    """Saves model weights (safetensors), tokenizer and processor files into `out_dir`."""
-    from transformers import Blip2Processor, BlipImageProcessor
+def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A WordPiece tokenizer laid out like the BERT one InstructBLIP's Q-Former reads:
+    lower-casing, [PAD]=0, [CLS] text [SEP], right padding."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS,
+                                        show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+
+
+def build_llama_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A SentencePiece-style tokenizer laid out like LLaMA/Vicuna's: <unk>=0, <s>=1 (prepended),
+    </s>=2, <pad>=3, "▁" word prefixes, left padding (as a decoder-only LLM's batch is padded).
+    Its last token is the image placeholder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return fast
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, qformer_tokenizer=None) -> None:
+    """Saves model weights (safetensors), tokenizer and processor files into `out_dir`; with
+    `qformer_tokenizer`, an InstructBLIP processor (the Q-Former's tokenizer in its subfolder)."""
+    from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -83,9 +129,11 @@ def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
     )
-    processor = Blip2Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        num_query_tokens=model.config.num_query_tokens,
-    )
+    if qformer_tokenizer is not None:
+        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          qformer_tokenizer=qformer_tokenizer,
+                                          num_query_tokens=model.config.num_query_tokens)
+    else:
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                   num_query_tokens=model.config.num_query_tokens)
     processor.save_pretrained(out_dir)

@@ -22,6 +22,10 @@ class TextTokenizer:
         self.prefix_ids: list[int] = list(spec["prefix_ids"])
         self.suffix_ids: list[int] = list(spec["suffix_ids"])
         self.cleanup = bool(spec.get("clean_up_tokenization_spaces", False))
+        # Only a tokenizer whose ids are padded by the runtime itself names these (InstructBLIP's
+        # Q-Former tokenizer); the LLM's padding is the family's.
+        self.pad_id = int(spec.get("pad_token_id", 0))
+        self.padding_side: str = spec.get("padding_side", "right")
         # token_text's static prefix, and its answers: a token's text never changes, so every
         # request (each builds its own StopStrings) shares them. Written without a lock: a dict
         # store of an immutable value is atomic under the GIL, and a race computes a value twice.

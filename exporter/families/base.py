@@ -49,7 +49,8 @@ class ExportFamily:
         dtype = float_dtype(hf_model)
         specs = self.runtime.stage_specs(dims)
         # Small distinct sizes for the dynamic dims, so no two dims trace to the same value.
-        sizes = {"batch": 2, "sequence": 3, "past_sequence": 4, "total_sequence": 7, "encoder_sequence": 5}
+        sizes = {"batch": 2, "sequence": 3, "past_sequence": 4, "total_sequence": 7, "encoder_sequence": 5,
+                 "instruction": 6}
         out = {}
         for name, spec in specs.items():
             tensors = []
@@ -75,6 +76,22 @@ class ExportFamily:
         pad = gc.pad_token_id if gc.pad_token_id is not None else tc.pad_token_id
         return {"eos_token_ids": eos, "pad_token_id": pad, "stop_strings": list(self.runtime.stop_strings),
                 "max_new_tokens": 30}
+
+    def manifest_sections(self, processor, out) -> tuple[dict, list[str]]:
+        """Manifest sections this architecture adds, and the files (relative to `out`, where the
+        processor was saved) they name; InstructBLIP: its Q-Former tokenizer."""
+        return {}, []
+
+    def validate_qformer(self, hf_model, processor, runner, image_embeds, prompts, atol):
+        """(the qformer stage's report, its PyTorch output) on `image_embeds`; BLIP-2's Q-Former
+        reads no prompt."""
+        from exporter.torch_stages import QFormerStage
+        from exporter.validate import compare, to_numpy
+        from runtime.stages import IMAGE_EMBEDS, QUERY_EMBEDS
+
+        query = QFormerStage(hf_model)(image_embeds)
+        return compare("qformer", {QUERY_EMBEDS: to_numpy(query)},
+                       runner.infer({IMAGE_EMBEDS: image_embeds.numpy()}), atol), query
 
     def validate_llm(self, hf_model, processor, runners: dict, query, manifest, atol: float) -> list[dict]:
         """Each LLM stage in ONNX Runtime vs PyTorch on real inputs built from `query`."""
