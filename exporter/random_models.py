@@ -94,8 +94,12 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
                  llm: str = "opt", arch: str = "blip-2"):
     from transformers import Blip2Config, InstructBlipConfig
 
+    from runtime.families.instructblip import INSTRUCTBLIP_LLMS
+
     if arch not in ARCHITECTURES:
         raise OptionError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHITECTURES)}")
+    if arch == "instructblip" and llm not in INSTRUCTBLIP_LLMS:
+        raise OptionError(f"InstructBLIP has no '{llm}' variant; valid LLMs: {', '.join(INSTRUCTBLIP_LLMS)}")
     if size not in SIZES:
         raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
     if llm not in LLMS:

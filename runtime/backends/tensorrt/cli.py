@@ -20,9 +20,10 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="explicit INT8 from the QDQ graphs of 'blip2-edge quantize'")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["vision", "qformer"],
                    help="default: the visual stages (the decoder runs well on ONNX Runtime CUDA)")
-    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages.
+    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages;
+    # instruction: InstructBLIP's instruction length in Q-Former tokens, for its qformer stage.
     for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256)),
-                               ("encoder-seq", (1, 40, 128))):
+                               ("encoder-seq", (1, 40, 128)), ("instruction", (1, 16, 64))):
         for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
             p.add_argument(f"--{kind}-{dim}", type=int, default=value)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
@@ -42,7 +43,9 @@ def build_options(args):
                            sequence=Range(args.min_seq, args.opt_seq, args.max_seq, "--min/opt/max-seq"),
                            past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"),
                            encoder=Range(args.min_encoder_seq, args.opt_encoder_seq, args.max_encoder_seq,
-                                         "--min/opt/max-encoder-seq"))
+                                         "--min/opt/max-encoder-seq"),
+                           instruction=Range(args.min_instruction, args.opt_instruction, args.max_instruction,
+                                             "--min/opt/max-instruction"))
     return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
                         timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
                         version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)
