@@ -361,12 +361,14 @@ def validate(m) -> list[tuple[str, str]]:
     ctx = Context(m)
     Obj({"architecture": Str(choices=ARCHITECTURES), "llm_family": Str(choices=FAMILIES)}).check(m, "", ctx)
     family, arch = FAMILIES[m["llm_family"]], m["architecture"]
-    try:
-        runtime_family = get_family(m["llm_family"], arch)
-    except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
-        raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
+    stage_specs = family.stage_specs
+    if arch != "blip-2":  # another architecture around the LLM family: its own stages (InstructBLIP's Q-Former)
+        try:
+            stage_specs = get_family(m["llm_family"], arch).stage_specs
+        except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
+            raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
     Obj({"model": Obj({**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}), "stages": Obj()}).check(m, "", ctx)
-    specs = runtime_family.stage_specs(m["model"])
+    specs = stage_specs(m["model"])
     for name in m["stages"]:
         if name not in specs:
             raise Invalid(f"stages.{name}", f"only the stages of llm_family {m['llm_family']!r}: {', '.join(specs)}",

@@ -85,3 +85,14 @@ def t5_tiny_artifacts(tmp_path_factory, t5_tiny_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("art") / "t5-tiny"
     export(str(t5_tiny_checkpoint), out, log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
+    from exporter.export import export
+    from exporter.random_models import make_model
+
+    ckpt = make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
+    out = tmp_path_factory.mktemp("art") / "ib-t5-tiny"
+    export(str(ckpt), out, log=lambda s: None)
+    return out

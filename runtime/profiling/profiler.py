@@ -66,6 +66,9 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
     return {
         "artifacts": str(path),
         "llm_family": pipe.family.name,
+        "architecture": pipe.family.architecture,
+        # InstructBLIP's Q-Former reads the instruction too: its row is not BLIP-2's.
+        "stage_inputs": {s: [t["name"] for t in manifest["stages"][s]["inputs"]] for s in ("vision", "qformer")},
         "precision": {s: manifest["stages"][s]["precision"] for s in pipe.stage_names},
         "stage_order": list(order),
         "stages": stages,

@@ -30,7 +30,9 @@ def test_registry_knows_opt_and_t5():
 def test_unknown_family_names_the_known_ones():
     with pytest.raises(ArtifactError, match=r"unknown LLM family 'gpt2' \(known: opt, t5\)"):
         family_for({"architecture": "blip-2", "llm_family": "gpt2"})
-    with pytest.raises(ArtifactError, match=r"unknown architecture 'instructblip'"):
+    with pytest.raises(ArtifactError, match=r"unknown architecture 'blip-3'"):
+        family_for({"architecture": "blip-3", "llm_family": "opt"})
+    with pytest.raises(ArtifactError, match=r"'instructblip' with LLM family 'opt' is not supported"):
         family_for({"architecture": "instructblip", "llm_family": "opt"})
 
 
