@@ -77,7 +77,8 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
     arch = getattr(config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise Blip2EdgeError(
-            f"'{model}' is a '{arch}' model, not BLIP-2 or InstructBLIP (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"'{model}' is a '{arch}' model, not BLIP-2 or InstructBLIP "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     from exporter.families import export_family
 

@@ -241,12 +241,16 @@ class Blip2Pipeline:
         timings["image_decode"] = t0 - t_decode
         image_embeds = self.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         t2 = time.perf_counter()
-        prompts = [self.caption_prompt(None)] * len(images) if prompts is None else prompts
-        feeds = self.family.qformer_feeds(image_embeds, prompts, self.qformer_tokenizer, self.model)
-        query = self.runners["qformer"].infer(feeds)[QUERY_EMBEDS]
+        query = self.runners["qformer"].infer(self.qformer_feeds(image_embeds, prompts))[QUERY_EMBEDS]
         t3 = time.perf_counter()
         timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
         return query
+
+    def qformer_feeds(self, image_embeds: np.ndarray, prompts: Sequence[str] | None = None) -> dict:
+        """The qformer stage's inputs: the image embeddings, and for an instruction-aware Q-Former
+        the prompts (default: the caption prompt) in its own tokens, padded as its tokenizer pads."""
+        prompts = [self.caption_prompt(None)] * len(image_embeds) if prompts is None else prompts
+        return self.family.qformer_feeds(image_embeds, prompts, self.qformer_tokenizer, self.model)
 
     def layout(self, query: np.ndarray, prompts: Sequence[str]) -> LLMInputs:
         """The LLM's inputs from query embeddings and prompts, laid out by the family as

@@ -100,7 +100,8 @@ def build_model(tokenizer, llm: str = "opt", qformer_tokenizer=None):
             cross_attention_frequency=1, encoder_hidden_size=96,
             vocab_size=len(qformer_tokenizer) if instruct else 8,
             max_position_embeddings=64 if instruct else 32,
-            pad_token_id=qformer_tokenizer.pad_token_id if instruct else 0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            pad_token_id=qformer_tokenizer.pad_token_id if instruct else 0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
         text_config=text_config(llm, tokenizer),
         num_query_tokens=8,
@@ -371,7 +372,8 @@ def main(argv=None) -> int:
     try:
         save_checkpoint(model, tokenizer, staging, IMAGE_SIZE, qformer_tokenizer)
         (staging / "training.json").write_text(
-            json.dumps({"arch": args.arch, "llm": args.llm, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+            json.dumps({"arch": args.arch, "llm": args.llm, "seed": args.seed, "steps": args.steps,
+                        "batch_size": args.batch_size,
                         "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
         )
         replace_directory(staging, args.out)

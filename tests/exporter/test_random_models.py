@@ -31,3 +31,21 @@ def test_t5_variants(variant, gated, tied):
 def test_variant_of_the_other_family_is_refused():
     with pytest.raises(ValueError, match="unknown t5 variant 'post-ln'; valid: default, relu, tied"):
         build_config("tiny", "post-ln", llm="t5")
+
+
+def test_instructblip_flan_t5_full_is_instructblip_flan_t5_xl_shaped():
+    cfg = build_config("full", llm="t5", arch="instructblip")
+    assert cfg.model_type == "instructblip" and cfg.num_query_tokens == 32
+    q = cfg.qformer_config
+    assert (q.hidden_size, q.num_hidden_layers, q.cross_attention_frequency, q.vocab_size,
+            q.max_position_embeddings, q.encoder_hidden_size) == (768, 12, 2, 30523, 512, 1408)
+    t = cfg.text_config
+    assert (t.d_model, t.num_heads, t.d_ff, t.num_layers, t.vocab_size) == (2048, 32, 5120, 24, 32128)
+    assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1408, 39)
+
+
+def test_instructblip_refuses_an_llm_it_has_no_checkpoint_for():
+    from runtime.errors import OptionError
+
+    with pytest.raises(OptionError, match="InstructBLIP has no 'opt' variant"):
+        build_config("tiny", llm="opt", arch="instructblip")
