@@ -38,9 +38,10 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
-                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
+    p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
+                        "llama: default (grouped-query attention in tiny), mha")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 

@@ -121,7 +121,7 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         "preprocessing": preprocessing_of(processor.image_processor).to_manifest(),
         "tokenizer": tokenizer_spec(processor.tokenizer),
         "prompts": dict(family.runtime.prompts),
-        "generation": family.generation_defaults(hf_model),
+        "generation": family.generation_defaults(hf_model, processor.tokenizer),
         "quantization": None,
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),

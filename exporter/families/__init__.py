@@ -10,7 +10,7 @@ from importlib import import_module
 from runtime.errors import Blip2EdgeError
 
 # text_config.model_type -> module of this package
-_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5"}
+_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5", "llama": "exporter.families.llama"}
 
 
 def supported_llms() -> tuple[str, ...]:
