@@ -16,10 +16,10 @@ IMAGE_TOKEN = "<image>"
 OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # T5's: <pad>=0 (also the decoder start), </s>=1, <unk>=2.
 T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+# LLaMA's: <unk>=0, <s>=1 (bos), </s>=2 (eos); no pad token of its own.
+LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # BERT's (InstructBLIP's Q-Former tokenizer): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# LLaMA's: <unk>=0, <s>=1 (bos), </s>=2 (eos); Vicuna adds a pad token.
-LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -98,21 +98,37 @@ def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 
 def build_llama_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """A SentencePiece-style tokenizer laid out like LLaMA/Vicuna's: <unk>=0, <s>=1 (prepended),
-    </s>=2, <pad>=3, "▁" word prefixes, left padding (as a decoder-only LLM's batch is padded).
-    Its last token is the image placeholder."""
+    """A SentencePiece-BPE tokenizer laid out like LLaMA's (Vicuna's): <unk>=0, <s>=1 (prepended
+    as BOS), </s>=2 (eos), the 256 byte-fallback tokens <0x00>..<0xFF> at 3..258, then the merges;
+    "▁" word prefixes with the first word's prefix stripped on decode; left padding with the
+    [PAD] token InstructBLIP's Vicuna adds after the vocabulary. Its last token is the image
+    placeholder."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256 - 2, special_tokens=LLAMA_SPECIAL_TOKENS,
+                                  show_progress=False)
     tok.train_from_iterator(list(corpus), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    # The byte-fallback tokens go right after the specials, as in LLaMA's vocabulary: shift the
+    # trained ids (merges name tokens by text, so they stay valid).
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    n = len(LLAMA_SPECIAL_TOKENS)
+    shifted = {t: (i if i < n else i + 256) for t, i in vocab.items()}
+    shifted.update({f"<0x{b:02X}>": n + b for b in range(256)})
+    data["model"].update(vocab=shifted, byte_fallback=True)
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="left")
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+    fast.add_special_tokens({"pad_token": "[PAD]"})
     fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return fast
 

@@ -42,9 +42,10 @@ def register(sub) -> None:
     p.add_argument("--arch", choices=("blip-2", "instructblip"), default="blip-2",
                    help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
                         "--llm t5, instructblip-vicuna-7b with --llm llama)")
-    p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
-                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
+    p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
+                        "llama: default (grouped-query attention in tiny), mha")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 

@@ -124,7 +124,7 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         "tokenizer": tokenizer_spec(processor.tokenizer),
         **sections,
         "prompts": dict(family.runtime.prompts),
-        "generation": family.generation_defaults(hf_model),
+        "generation": family.generation_defaults(hf_model, processor.tokenizer),
         "quantization": None,
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),

@@ -3,11 +3,15 @@
     tiny   seconds to build and export; every code path, none of the cost
     bench  ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m (or t5-base) shapes
     full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32, or
-           Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32
+           Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32, or
+           Salesforce/instructblip-vicuna-7b's vision and LLaMA shapes (ViT-g/14 + Vicuna-7b),
+           about 16 GB in fp16
 
 `arch` picks BLIP-2 or InstructBLIP (whose Q-Former reads the instruction through its own BERT
 tokenizer; `full` = Salesforce/instructblip-flan-t5-xl or -vicuna-7b shapes), `llm` the family:
-"opt" or "t5" (InstructBLIP: "t5" or "llama"). Variants cover the config space real checkpoints use:
+"opt", "t5" or "llama" (LLaMA under BLIP-2, as transformers' Blip2ForConditionalGeneration accepts
+it: the LLM InstructBLIP's Vicuna checkpoints use; InstructBLIP: "t5" or "llama").
+Variants cover the config space real checkpoints use:
 OPT post-layer-norm (opt-350m style) and no biases / no final layer norm; T5 "default" is
 Flan-T5 (gated-GELU feed-forward, untied embeddings), "relu" the original T5's feed-forward,
 "tied" tied input/output embeddings (output rescaled by d_model ** -0.5).
@@ -21,8 +25,8 @@ from runtime.errors import OptionError
 
 SIZES = ("tiny", "bench", "full")
 ARCHITECTURES = ("blip-2", "instructblip")
-LLMS = ("opt", "t5")
-VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied")}
+LLMS = ("opt", "t5", "llama")
+VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied"), "llama": ("default", "mha")}
 
 _VISION = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -52,6 +56,17 @@ _T5 = {
     "bench": dict(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12, num_decoder_layers=12),
     "full": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24),
 }
+# LLaMA: tiny has grouped-query attention (2 KV heads for 4) and, like every size, an untied
+# lm_head; bench is a ~320M-parameter LLaMA; full is Vicuna-7b (vocab 32000 + InstructBLIP's [PAD]).
+_LLAMA = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=128),
+    "bench": dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16,
+                  intermediate_size=2816, max_position_embeddings=2048),
+    "full": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, max_position_embeddings=2048),
+}
+_LLAMA_VOCAB = {"tiny": 512, "bench": 32001, "full": 32001}
 _VOCAB = {"tiny": 512, "bench": 50272, "full": 50272}
 _T5_VOCAB = {"tiny": 512, "bench": 32128, "full": 32128}
 _QUERIES = {"tiny": 8, "bench": 32, "full": 32}
@@ -70,7 +85,13 @@ CORPUS = [
 ]
 
 
-def _text_config(size: str, variant: str, llm: str, vocab_size: int | None) -> dict:
+def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_token_id: int | None = None) -> dict:
+    if llm == "llama":
+        text = dict(model_type="llama", vocab_size=vocab_size or _LLAMA_VOCAB[size], bos_token_id=1, eos_token_id=2,
+                    pad_token_id=pad_token_id, rms_norm_eps=1e-6, tie_word_embeddings=False, **_LLAMA[size])
+        if variant == "mha":  # no grouped-query attention
+            text.update(num_key_value_heads=text["num_attention_heads"])
+        return text
     if llm == "t5":
         text = dict(model_type="t5", vocab_size=vocab_size or _T5_VOCAB[size], pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
@@ -91,7 +112,7 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None) -> d
 
 
 def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0,
-                 llm: str = "opt", arch: str = "blip-2"):
+                 llm: str = "opt", pad_token_id: int | None = None, arch: str = "blip-2"):
     from transformers import Blip2Config, InstructBlipConfig
 
     from runtime.families.instructblip import INSTRUCTBLIP_LLMS
@@ -106,7 +127,7 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
         raise OptionError(f"unknown llm '{llm}'; valid: {', '.join(LLMS)}")
     if variant not in VARIANTS[llm]:
         raise OptionError(f"unknown {llm} variant '{variant}'; valid: {', '.join(VARIANTS[llm])}")
-    text = _text_config(size, variant, llm, vocab_size)
+    text = _text_config(size, variant, llm, vocab_size, pad_token_id)
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
     # Blip2VisionConfig's default initializer_range (1e-10) makes a randomly initialised ViT's
     # output nearly constant, which would hide vision-stage bugs from the parity tests.
@@ -131,16 +152,16 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     import torch
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_opt_tokenizer, build_t5_tokenizer,
-                                           save_checkpoint)
+    from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer,
+                                           build_opt_tokenizer, build_t5_tokenizer, save_checkpoint)
 
     out_dir = Path(out_dir)
-    build = build_t5_tokenizer if llm == "t5" else build_opt_tokenizer
+    build = {"t5": build_t5_tokenizer, "llama": build_llama_tokenizer}.get(llm, build_opt_tokenizer)
     tokenizer = build(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
     # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265, T5's 32128 >
     # 32100): the image placeholder sits at the end of the tokenizer, inside the model's range.
     config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), llm=llm,
-                          arch=arch)
+                          pad_token_id=tokenizer.pad_token_id, arch=arch)
     instruct = arch == "instructblip"
     qformer_tokenizer = build_bert_tokenizer(CORPUS * 20, _QFORMER_TOKENIZER_VOCAB[size]) if instruct else None
     torch.manual_seed(seed)

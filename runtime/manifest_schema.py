@@ -278,12 +278,24 @@ MODEL_KEYS: dict[str, dict[str, Rule]] = {
     "opt": {**VISION_DIMS, **LLM_DIMS, "max_position_embeddings": Int(1, 1 << 20)},
     # T5's relative position buckets have no limit; its encoder may have its own depth.
     "t5": {**VISION_DIMS, **LLM_DIMS, "num_encoder_layers": Int(1, 1024)},
+    # LLaMA caches its key/value heads only (grouped-query attention); rotary positions.
+    "llama": {**VISION_DIMS, **LLM_DIMS, "num_kv_heads": Int(1, 1024), "max_position_embeddings": Int(1, 1 << 20)},
 }
 FAMILIES: dict[str, FamilySchema] = {
     name: FamilySchema(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
                  checks=(_heads_times_dim,))
     for name, keys in MODEL_KEYS.items()
 }
+
+
+def _kv_heads_group_heads(m: dict) -> None:
+    model = m["model"]
+    if model["num_heads"] % model["num_kv_heads"]:
+        raise Invalid("model.num_kv_heads", f"a divisor of model.num_heads ({model['num_heads']})", model["num_kv_heads"])
+
+
+FAMILIES["llama"] = FamilySchema(model=MODEL_KEYS["llama"], stage_specs=FAMILIES["llama"].stage_specs,
+                                 checks=(_heads_times_dim, _kv_heads_group_heads))
 # The `architecture` values this runtime runs.
 ARCHITECTURES: set[str] = set(RUNTIME_ARCHITECTURES)
 

@@ -206,7 +206,7 @@ class Blip2Pipeline:
                 except StopIteration as end:
                     final = end.value[0].text
                     break
-                text = stable_prefix(decode(rows[0]), opts.stop_strings, self.tokenizer.rewrites).lstrip()
+                text = stable_prefix(decode(self.tokenizer.settled_ids(rows[0])), opts.stop_strings, self.tokenizer.rewrites).lstrip()
                 if len(text) > len(emitted) and text.startswith(emitted):
                     yield text[len(emitted):]
                     emitted = text

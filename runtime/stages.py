@@ -105,6 +105,9 @@ INSTRUCT_QFORMER = StageSpec(
 # A self-attention KV cache entry: past_* inputs, present_* outputs (one more position or more).
 PAST_KV_SHAPE = ("batch", "num_heads", "past_sequence", "head_dim")
 PRESENT_KV_SHAPE = ("batch", "num_heads", "total_sequence", "head_dim")
+# Grouped-query attention (LLaMA): the cache holds the key/value heads only (num_kv_heads <= num_heads).
+PAST_GQA_KV_SHAPE = ("batch", "num_kv_heads", "past_sequence", "head_dim")
+PRESENT_GQA_KV_SHAPE = ("batch", "num_kv_heads", "total_sequence", "head_dim")
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:

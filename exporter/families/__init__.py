@@ -11,7 +11,7 @@ from importlib import import_module
 from runtime.errors import Blip2EdgeError
 
 # text_config.model_type -> module of this package
-_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5"}
+_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5", "llama": "exporter.families.llama"}
 
 
 def supported_llms() -> tuple[str, ...]:
@@ -27,7 +27,7 @@ def export_family(config, model: str = "the checkpoint"):
                              f"(supported LLM families: {', '.join(_MODULES)})")
     family = import_module(_MODULES[llm]).FAMILY
     if getattr(config, "model_type", None) == "instructblip":
-        from exporter.families.instructblip import InstructBlipExport
+        from exporter.families.instructblip import instructblip_export
 
-        return InstructBlipExport(family)
+        return instructblip_export(family)
     return family

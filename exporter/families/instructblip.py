@@ -46,21 +46,27 @@ class InstructQFormerStage(nn.Module):
         return self.language_projection(out.to(image_embeds.dtype))
 
 
-def qformer_tokenizer_spec(qformer_tokenizer) -> dict:
+def qformer_padding_side(processor) -> str:
+    """Where InstructBlipProcessor pads the Q-Former's ids. Not the Q-Former tokenizer's own
+    setting: the processor calls it with the text kwargs merged from the LLM tokenizer's init
+    kwargs, padding_side included (a Vicuna processor pads both on the left). So it is probed."""
+    mask = processor(text=["a", "a photo of a cat on a red couch"], padding=True)["qformer_attention_mask"][0]
+    return "left" if mask[0] == 0 else "right"
+
+
+def qformer_tokenizer_spec(processor) -> dict:
     from exporter.export import tokenizer_spec
 
-    spec = tokenizer_spec(qformer_tokenizer)
+    tokenizer = processor.qformer_tokenizer
+    spec = tokenizer_spec(tokenizer)
     return {"file": f"{QFORMER_TOKENIZER_DIR}/{spec['file']}", "prefix_ids": spec["prefix_ids"],
-            "suffix_ids": spec["suffix_ids"], "pad_token_id": int(qformer_tokenizer.pad_token_id),
-            "padding_side": qformer_tokenizer.padding_side}
+            "suffix_ids": spec["suffix_ids"], "pad_token_id": int(tokenizer.pad_token_id),
+            "padding_side": qformer_padding_side(processor)}
 
 
 class InstructBlipExport(ExportFamily):
-    """An LLM family's export behind InstructBLIP's Q-Former."""
-
-    def __init__(self, llm: ExportFamily):
-        self.llm = llm
-        self.name = llm.name
+    """Mixed in before an LLM family's export class (instructblip_export): the Q-Former stage, its
+    validation, dims and manifest sections are InstructBLIP's, the rest the LLM family's own."""
 
     @property
     def runtime(self):
@@ -70,10 +76,7 @@ class InstructBlipExport(ExportFamily):
         if self.name not in INSTRUCTBLIP_LLMS:
             raise Blip2EdgeError(f"'{model}': InstructBLIP with a '{self.name}' language model is not supported "
                                  f"(supported: {', '.join(INSTRUCTBLIP_LLMS)})")
-        self.llm.check(config, model, dtype)
-
-    def llm_dims(self, text_config) -> dict:
-        return self.llm.llm_dims(text_config)
+        super().check(config, model, dtype)
 
     def model_dims(self, config) -> dict:
         q = config.qformer_config
@@ -81,35 +84,26 @@ class InstructBlipExport(ExportFamily):
                 "qformer_max_positions": q.max_position_embeddings}
 
     def modules(self, hf_model) -> dict:
-        from exporter.torch_stages import VisionStage
-
-        return {"vision": VisionStage(hf_model), "qformer": InstructQFormerStage(hf_model),
-                **self.llm.llm_modules(hf_model)}
-
-    def llm_modules(self, hf_model) -> dict:
-        return self.llm.llm_modules(hf_model)
-
-    def example_int(self, name: str, shape: list):
-        return self.llm.example_int(name, shape)
-
-    def generation_defaults(self, hf_model) -> dict:
-        return self.llm.generation_defaults(hf_model)
+        return {**super().modules(hf_model), "qformer": InstructQFormerStage(hf_model)}
 
     def manifest_sections(self, processor, out: Path) -> tuple[dict, list[str]]:
         files = sorted(str(p.relative_to(out)) for p in (out / QFORMER_TOKENIZER_DIR).iterdir() if p.is_file())
-        return {"qformer_tokenizer": qformer_tokenizer_spec(processor.qformer_tokenizer)}, files
+        return {"qformer_tokenizer": qformer_tokenizer_spec(processor)}, files
 
     def validate_qformer(self, hf_model, processor, runner, image_embeds, prompts, atol):
-        """Instructions of different lengths in one batch, padded by the Q-Former's tokenizer
+        """Instructions of different lengths in one batch, padded as the processor pads them
         (padding inside the Q-Former), against get_image_features' arithmetic."""
         from exporter.validate import compare, to_numpy
 
-        q = processor.qformer_tokenizer(list(prompts), padding=True, return_tensors="pt")
-        query = InstructQFormerStage(hf_model)(image_embeds, q["input_ids"], q["attention_mask"])
+        q = processor(text=list(prompts), padding=True, return_tensors="pt")
+        ids, mask = q[QFORMER_INPUT_IDS], q[QFORMER_ATTENTION_MASK]
+        query = InstructQFormerStage(hf_model)(image_embeds, ids, mask)
         report = compare("qformer", {QUERY_EMBEDS: to_numpy(query)},
-                         runner.infer({IMAGE_EMBEDS: image_embeds.numpy(), QFORMER_INPUT_IDS: q["input_ids"].numpy(),
-                                       QFORMER_ATTENTION_MASK: q["attention_mask"].numpy()}), atol)
+                         runner.infer({IMAGE_EMBEDS: image_embeds.numpy(), QFORMER_INPUT_IDS: ids.numpy(),
+                                       QFORMER_ATTENTION_MASK: mask.numpy()}), atol)
         return report, query
 
-    def validate_llm(self, hf_model, processor, runners, query, manifest, atol) -> list[dict]:
-        return self.llm.validate_llm(hf_model, processor, runners, query, manifest, atol)
+
+def instructblip_export(llm: ExportFamily) -> ExportFamily:
+    """`llm`'s export family behind InstructBLIP's Q-Former (a class derived from both)."""
+    return type(f"InstructBlip{type(llm).__name__}", (InstructBlipExport, type(llm)), {})()

@@ -130,7 +130,8 @@ def build_model(tokenizer, llm: str = "opt", qformer_tokenizer=None):
 def build_tokenizers(arch: str, llm: str):
     """(the LLM's tokenizer, the Q-Former's or None)."""
     if arch == "instructblip":
-        return build_llama_tokenizer(corpus(), vocab_size=320), build_bert_tokenizer(corpus(), vocab_size=160)
+        # LLaMA's layout spends 256 ids on byte fallback before the merges.
+        return build_llama_tokenizer(corpus(), vocab_size=256 + 160), build_bert_tokenizer(corpus(), vocab_size=160)
     return (build_t5_tokenizer if llm == "t5" else build_opt_tokenizer)(corpus(), vocab_size=320), None
 
 

@@ -62,8 +62,9 @@ def family_for(manifest: dict) -> Family:
 
 
 def _load_builtin() -> None:
-    # Always both (imports are cached): one family module imported directly must not hide the other.
+    # Always all (imports are cached): one family module imported directly must not hide the others.
     from runtime.families import opt, t5  # noqa: F401  (each registers itself)
+    from runtime.families import llama  # noqa: F401
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]
