@@ -49,3 +49,12 @@ def test_instructblip_refuses_an_llm_it_has_no_checkpoint_for():
 
     with pytest.raises(OptionError, match="InstructBLIP has no 'opt' variant"):
         build_config("tiny", llm="opt", arch="instructblip")
+
+
+def test_instructblip_vicuna_full_is_instructblip_vicuna_7b_shaped():
+    cfg = build_config("full", llm="llama", arch="instructblip")
+    t = cfg.text_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size,
+            t.vocab_size, t.tie_word_embeddings) == (4096, 32, 32, 32, 11008, 32001, False)
+    assert cfg.use_decoder_only_language_model and cfg.qformer_config.vocab_size == 30523
+    assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.num_query_tokens) == (1408, 39, 32)
