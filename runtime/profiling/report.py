@@ -60,6 +60,8 @@ def table(profiles: list[dict], reference: dict | None = None) -> str:
         f"{base / p['stages']['end_to_end']['mean']:>{width - 1}.2f}x" for p in profiles))
     # ru_maxrss is per process: with several directories in one run it is the peak so far.
     lines.append(f"{'process peak MB':<16}" + "".join(f"{p['peak_rss_mb']:>{width}.0f}" for p in profiles))
+    lines.append(f"{'weights MB':<16}" + "".join(f"{p['weights']['total'] / 1e6:>{width}.1f}" for p in profiles
+                                                  if "weights" in p))
     if reference:
         ref = reference["end_to_end"]["mean"]
         lines.append(f"\nreference: transformers {reference['mode']} generate, end to end {_ms(ref)} ms "
