@@ -70,14 +70,16 @@ def stage_parameters(config) -> dict:
     """stage -> list of (name, numel, kind, kept in fp32, output channels): kind "matrix",
     "lm_head" or "other"; and the embedding table's size under "embeddings"."""
     import torch
-    from transformers import Blip2ForConditionalGeneration
+    import transformers
 
     from exporter.families import export_family
+    from exporter.loading import SUPPORTED_ARCHITECTURES
 
     family = export_family(config)
     dims = family.model_dims(config)
+    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[config.model_type][0])  # BLIP-2 or InstructBLIP
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = model_class(config)
         examples = family.example_inputs(model, dims)
         # example_int builds int64 ones on the default device; every tensor must be on meta.
         examples = {k: tuple(t.to("meta") for t in v) for k, v in examples.items()}
@@ -145,8 +147,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="weight memory per precision of a make-model shape")
     ap.add_argument("size", choices=SIZES)
     ap.add_argument("--llm", default="llama")
+    ap.add_argument("--arch", default="blip-2", help="blip-2 or instructblip")
     args = ap.parse_args(argv)
-    print(table(build_config(args.size, llm=args.llm), f"make-model {args.size} --llm {args.llm}"))
+    print(table(build_config(args.size, llm=args.llm, arch=args.arch),
+                f"make-model {args.size} --llm {args.llm} --arch {args.arch}"))
     return 0
 
 

@@ -73,3 +73,16 @@ def test_kv_cache_counts_the_kv_heads_only():
     gqa = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
     assert kv_cache_bytes(gqa, positions=10) == 10 * 2 * 2 * 2 * 8 * 4
     assert kv_cache_bytes({**gqa, "num_kv_heads": 4}, positions=10) == 2 * kv_cache_bytes(gqa, positions=10)
+
+
+def test_estimate_of_the_instruction_aware_qformer(instructblip_t5_tiny_artifacts):
+    """InstructBLIP's Q-Former graph also reads its word embeddings and text feed-forward path:
+    the estimate counts them (a BLIP-2 Q-Former of the same shape holds fewer weights)."""
+    from exporter.memory_estimate import estimate, stage_parameters
+    from exporter.random_models import build_config
+
+    est = estimate(stage_parameters(build_config("tiny", llm="t5", arch="instructblip")), "fp32")["stages"]
+    blip2 = estimate(stage_parameters(build_config("tiny", llm="t5")), "fp32")["stages"]
+    real = initializer_bytes(load_manifest(instructblip_t5_tiny_artifacts).stage_file("qformer"))
+    assert abs(est["qformer"] - real) <= 0.25 * real, (est["qformer"], real)
+    assert est["qformer"] > blip2["qformer"]
