@@ -1,9 +1,10 @@
 """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, over an LLM family's stages.
 
 The instruction is tokenized twice, as InstructBlipProcessor does: by the Q-Former's BERT
-tokenizer ([CLS] text [SEP], padded on the side the processor pads it: the LLM tokenizer's, since
-the processor passes that tokenizer's padding_side to both; the manifest records it), whose ids attend
-together with the query tokens in every Q-Former self-attention layer; and by the LLM's
+tokenizer ([CLS] text [SEP], padded on the side the processor pads it, which is the LLM
+tokenizer's: the processor passes that tokenizer's padding_side to both; the manifest records
+it), whose ids attend together with the query tokens in every Q-Former self-attention layer; and
+by the LLM's
 tokenizer, laid out after the query embeddings exactly as the LLM family lays out a BLIP-2
 prompt (left padding for decoder-only LLMs, right for Flan-T5). Only the query positions leave
 the Q-Former stage, projected to the LLM. Everything after the Q-Former is the LLM family's own.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.errors import ArtifactError
 from runtime.families.base import Family, pad_prompts
 from runtime.options import PromptTooLongError
 from runtime.stages import IMAGE_EMBEDS, INSTRUCT_QFORMER, QFORMER_ATTENTION_MASK, QFORMER_INPUT_IDS, StageSpec
@@ -48,8 +50,6 @@ def instructblip_family(llm: Family) -> Family:
     """`llm`'s family behind InstructBLIP's Q-Former: a class derived from InstructBlipFamily and
     the LLM family's own class, so every LLM behaviour (layout, decode step, limits, defaults)
     is the LLM family's."""
-    from runtime.errors import ArtifactError
-
     if llm.name not in INSTRUCTBLIP_LLMS:
         raise ArtifactError(f"architecture 'instructblip' with LLM family '{llm.name}' is not supported "
                             f"(InstructBLIP LLM families: {', '.join(INSTRUCTBLIP_LLMS)})")
