@@ -4,9 +4,8 @@ The instruction is tokenized twice, as InstructBlipProcessor does: by the Q-Form
 tokenizer ([CLS] text [SEP], padded on the side the processor pads it, which is the LLM
 tokenizer's: the processor passes that tokenizer's padding_side to both; the manifest records
 it), whose ids attend together with the query tokens in every Q-Former self-attention layer; and
-by the LLM's
-tokenizer, laid out after the query embeddings exactly as the LLM family lays out a BLIP-2
-prompt (left padding for decoder-only LLMs, right for Flan-T5). Only the query positions leave
+by the LLM's tokenizer, laid out after the query embeddings exactly as the LLM family lays out a
+BLIP-2 prompt (left padding for decoder-only LLMs, right for Flan-T5). Only the query positions leave
 the Q-Former stage, projected to the LLM. Everything after the Q-Former is the LLM family's own.
 """
 
