@@ -137,3 +137,17 @@ def test_make_model_instructblip(tmp_path):
     proc = run_cli("make-model", "tiny", tmp_path / "ib-opt", "--arch", "instructblip", "--llm", "opt")
     assert proc.returncode == 2 and "InstructBLIP has no 'opt' variant" in proc.stderr
     assert not (tmp_path / "ib-opt").exists()
+
+
+def test_export_refuses_instructblip_with_an_unsupported_llm(tmp_path):
+    """An InstructBLIP config around OPT (no such checkpoint exists) is refused in one line before
+    any weight is read."""
+    from transformers import InstructBlipConfig
+
+    ckpt = tmp_path / "ib-opt"
+    InstructBlipConfig(text_config={"model_type": "opt"}, image_token_index=3).save_pretrained(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    proc = run_cli("export", ckpt, tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "InstructBLIP with a 'opt' language model is not supported (supported: llama, t5)" in proc.stderr
+    assert not (tmp_path / "out").exists()
