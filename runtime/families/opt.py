@@ -8,7 +8,7 @@ new tokens must fit in max_position_embeddings.
 from __future__ import annotations
 
 from runtime.families import register
-from runtime.families.decoder_only import DecoderOnlyFamily, decoder_spec  # noqa: F401  (decoder_spec: OPT's)
+from runtime.families.decoder_only import DecoderOnlyFamily
 
 
 class OPTFamily(DecoderOnlyFamily):

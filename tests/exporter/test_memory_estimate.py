@@ -36,7 +36,7 @@ def llama_precisions(tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifac
     return dirs
 
 
-def test_artifact_weights_are_the_files_of_each_stage(llama_precisions):
+def test_artifact_weights_shrink_with_the_precision(llama_precisions):
     sizes = {p: artifact_weights(load_manifest(d)) for p, d in llama_precisions.items()}
     for p, w in sizes.items():
         assert set(w["stages"]) == {"vision", "qformer", "decoder"}

@@ -99,3 +99,13 @@ def test_importing_one_family_module_first_keeps_the_other_registered():
     code = "import runtime.families.opt; from runtime.families import get_family; print(get_family('t5').name)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "t5", proc.stderr
+
+
+def test_tensorrt_profiles_of_the_llama_decoder_use_the_kv_heads():
+    from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
+
+    model = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "text_hidden": 32, "vocab_size": 512}
+    stage = get_family("llama").stage_specs(model)["decoder"].to_manifest("float16", model)
+    profile = stage_profile(stage, ProfileRanges())
+    assert set(profile) == set(get_family("llama").stage_specs(model)["decoder"].input_names)
+    assert all(shape[1] == 2 for shape in profile["past_value_1"])  # (batch, KV heads, past, head_dim)
