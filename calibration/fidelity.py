@@ -40,8 +40,9 @@ def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
         pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
         ref_v = fp32.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        ref_q = fp32.runners["qformer"].infer({IMAGE_EMBEDS: ref_v})[QUERY_EMBEDS]
-        got_q = quant.runners["qformer"].infer({IMAGE_EMBEDS: ref_v})[QUERY_EMBEDS]
+        feeds = fp32.qformer_feeds(ref_v)  # InstructBLIP's also read the caption instruction
+        ref_q = fp32.runners["qformer"].infer(feeds)[QUERY_EMBEDS]
+        got_q = quant.runners["qformer"].infer(feeds)[QUERY_EMBEDS]
         for stage, ref, got in (("vision", ref_v, got_v), ("qformer", ref_q, got_q)):
             cos[stage].append(token_cosines(ref, got))
             worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))

@@ -72,6 +72,28 @@ def _stage_files(root: Path, name: str) -> list[str]:
     return [f for f in (name, name + ".data") if (root / f).exists()]
 
 
+def instruction_feeds(src: Manifest):
+    """For an instruction-aware Q-Former (InstructBLIP), image embeddings -> its feeds with the
+    instructions it will read, in turn: the caption prompt and the synthetic scenes' questions
+    in the VQA template. None for BLIP-2's, which reads the image alone."""
+    spec = src.data.get("qformer_tokenizer")
+    if not spec:
+        return None
+    from runtime import synthetic
+    from runtime.tokenizer import TextTokenizer
+
+    family = family_for(src.data)
+    tokenizer = TextTokenizer(src.path(spec["file"], "qformer_tokenizer.file"), spec)
+    prompts = src.data["prompts"]
+    instructions = [prompts["caption"], *(prompts["vqa"].format(q) for q in synthetic.QUESTIONS.values())]
+
+    def feeds(image_embeds):
+        batch = [instructions[i % len(instructions)] for i in range(len(image_embeds))]
+        return family.qformer_feeds(image_embeds, batch, tokenizer, src.model)
+
+    return feeds
+
+
 def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: QuantizeOptions, log: Callable) -> dict:
     """Writes the quantized graphs and the other files into `tmp`; returns the manifest (with its
     `files` list), which the caller writes last, once the directory has passed its gates."""
@@ -84,12 +106,13 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
     # the Q-Former's calibration.
     source_vision = OrtRunner(src.stage_file("vision"), ["CPUExecutionProvider"])
     cache = RangeCache(opts.calibration_cache, source.calibration_identity())
+    qformer_feeds = instruction_feeds(src)
 
     for stage in VISUAL_STAGES:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
         settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, source_vision,
-                                  float_dtype, opts.visual, cache)
+                                  float_dtype, opts.visual, cache, qformer_feeds)
         files = _stage_files(tmp, name)
         stages[stage].update(precision="int8", external_data=files[1:],
                              quantization={"format": "QDQ", **opts.visual.describe(), **settings})

@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from calibration.sources import ImageSource, Progress
 from runtime.atomic_file import replace_file
@@ -111,16 +111,18 @@ class _OneBatch:
 
 
 def stage_inputs(stage: str, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
-                 float_dtype) -> Iterator[dict]:
+                 float_dtype, qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> Iterator[dict]:
     """Calibration inputs for a stage: pixel batches for vision; for the Q-Former, the source
     artifacts' vision stage's outputs on the same images (FP32/FP16, or already quantized with
-    --allow-requantize), computed batch by batch."""
+    --allow-requantize), computed batch by batch, made into the Q-Former's feeds by
+    `qformer_feeds` (InstructBLIP's adds instructions; default: the image embeddings alone)."""
     for images in source.calibration_batches(CALIB_BATCH):
         pixels = preprocessing.batch(images).astype(float_dtype)
         if stage == "vision":
             yield {"pixel_values": pixels}
         else:
-            yield {"image_embeds": source_vision.infer({"pixel_values": pixels})["image_embeds"]}
+            embeds = source_vision.infer({"pixel_values": pixels})["image_embeds"]
+            yield qformer_feeds(embeds) if qformer_feeds else {"image_embeds": embeds}
 
 
 def _ort_method(name: str):
@@ -131,7 +133,8 @@ def _ort_method(name: str):
 
 
 def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
-              float_dtype, opts: VisualOptions, cache_file: Path, workdir: Path) -> None:
+              float_dtype, opts: VisualOptions, cache_file: Path, workdir: Path,
+              qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> None:
     """Collects activation ranges one batch at a time and saves them in ONNX Runtime's cache format.
 
     Memory stays bounded: each collect_data call folds its batch into the running ranges (MinMax)
@@ -146,7 +149,7 @@ def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preproc
         providers=["CPUExecutionProvider"], extra_options={"symmetric": opts.symmetric, "percentile": opts.percentile},
     )
     progress = Progress(f"calibrating {stage}", len(source.calibration))
-    for batch in stage_inputs(stage, source, preprocessing, source_vision, float_dtype):
+    for batch in stage_inputs(stage, source, preprocessing, source_vision, float_dtype, qformer_feeds):
         calibrator.collect_data(_OneBatch(batch))
         progress.advance(next(iter(batch.values())).shape[0])
     save_tensors_data(calibrator.compute_data(), cache_file)
@@ -168,7 +171,8 @@ def _has_external_data(path: Path) -> bool:
 
 
 def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, preprocessing: Preprocessing,
-                   source_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache") -> dict:
+                   source_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache",
+                   qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> dict:
     """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -181,7 +185,8 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = cache.extract(stage, graph_sha, opts, Path(tmp) / f"{stage}.json")
         if not cache_file.exists():
-            calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp))
+            calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp),
+                      qformer_feeds)
         quantize_static(
             str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
             nodes_to_quantize=nodes, per_channel=opts.per_channel, activation_type=activation_type,

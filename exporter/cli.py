@@ -8,6 +8,7 @@ from runtime.errors import require
 
 TOY = "toy"  # the embedded default model (OPT decoder)
 TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
+TOY_INSTRUCTBLIP = "toy-instructblip"  # the embedded toy InstructBLIP with a Vicuna-style LLaMA decoder
 
 
 def _need_export_extra(what: str) -> None:
@@ -18,8 +19,8 @@ def _need_export_extra(what: str) -> None:
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
                        description="Export a BLIP-2 checkpoint (OPT or Flan-T5) to ONNX graphs, validated against PyTorch.")
-    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' for the embedded "
-                                 "toy models (OPT / Flan-T5)")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' / '{TOY_INSTRUCTBLIP}' "
+                                 "for the embedded toy models (OPT / Flan-T5 / InstructBLIP with LLaMA)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
@@ -38,9 +39,13 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
-                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
+    p.add_argument("--arch", choices=("blip-2", "instructblip"), default="blip-2",
+                   help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
+                        "--llm t5, instructblip-vicuna-7b with --llm llama)")
+    p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
+                        "llama: default (grouped-query attention in tiny), mha")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 
@@ -51,6 +56,10 @@ def register(sub) -> None:
 
 
 def resolve_model(model: str) -> str:
+    if model == TOY_INSTRUCTBLIP:
+        from exporter.toy import INSTRUCTBLIP_CHECKPOINT
+
+        return str(INSTRUCTBLIP_CHECKPOINT)
     if model in (TOY, TOY_T5):
         from exporter.toy import CHECKPOINTS
 
@@ -80,10 +89,11 @@ def run_make_model(args) -> int:
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
     try:
-        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm)
+        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm, arch=args.arch)
     except ValueError as exc:  # a variant of the other family
         raise Blip2EdgeError(str(exc)) from None
-    print(f"wrote a random-weight '{args.size}' {args.llm} ({args.variant}) BLIP-2 checkpoint to {args.out_dir}")
+    kind = "InstructBLIP" if args.arch == "instructblip" else "BLIP-2"
+    print(f"wrote a random-weight '{args.size}' {args.llm} ({args.variant}) {kind} checkpoint to {args.out_dir}")
     return 0
 
 

@@ -108,6 +108,8 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
     processor.save_pretrained(tmp)
     hf_model.generation_config.save_pretrained(tmp)
     files += sorted(p.name for p in tmp.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
+    sections, extra_files = family.manifest_sections(processor, tmp)
+    files += extra_files
 
     manifest = {
         "format": FORMAT,
@@ -120,8 +122,9 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         "embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
         "preprocessing": preprocessing_of(processor.image_processor).to_manifest(),
         "tokenizer": tokenizer_spec(processor.tokenizer),
+        **sections,
         "prompts": dict(family.runtime.prompts),
-        "generation": family.generation_defaults(hf_model),
+        "generation": family.generation_defaults(hf_model, processor.tokenizer),
         "quantization": None,
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),

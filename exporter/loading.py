@@ -1,4 +1,4 @@
-"""Loading a BLIP-2 checkpoint (hub id or local directory) safely, with clear errors.
+"""Loading a BLIP-2 or InstructBLIP checkpoint (hub id or local directory) safely, with clear errors.
 
 safetensors only unless the user allows pickle; `trust_remote_code` only when asked.
 """
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from runtime.errors import Blip2EdgeError
 
-SUPPORTED_ARCHITECTURES = {"blip-2": "blip-2"}
+# config.model_type -> (model class, processor class) in transformers
+SUPPORTED_ARCHITECTURES = {"blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
+                           "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -75,7 +77,8 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
     arch = getattr(config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise Blip2EdgeError(
-            f"'{model}' is a '{arch}' model, not BLIP-2 (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"'{model}' is a '{arch}' model, not BLIP-2 or InstructBLIP "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     from exporter.families import export_family
 
@@ -102,8 +105,8 @@ def generated_from(hf_model, inputs) -> int:
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
+    import transformers
     from safetensors import SafetensorError
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     path = Path(model).expanduser()
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):
@@ -117,12 +120,13 @@ def load_model(model: str, opts: LoadOptions):
         check_safetensors(sorted(path.glob("*.safetensors")))
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
     common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
+    model_class, processor_class = (getattr(transformers, name) for name in SUPPORTED_ARCHITECTURES[config.model_type])
     try:
-        hf_model = Blip2ForConditionalGeneration.from_pretrained(
+        hf_model = model_class.from_pretrained(
             model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
             low_cpu_mem_usage=True, attn_implementation="eager", **common,
         )
-        processor = Blip2Processor.from_pretrained(model, **common)
+        processor = processor_class.from_pretrained(model, **common)
     except (OSError, ValueError) as exc:
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)

@@ -3,9 +3,15 @@
     tiny   seconds to build and export; every code path, none of the cost
     bench  ViT-B/16 at 224 + 12-layer Q-Former with 32 queries + OPT-125m (or t5-base) shapes
     full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32, or
-           Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32
+           Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32, or
+           Salesforce/instructblip-vicuna-7b's vision and LLaMA shapes (ViT-g/14 + Vicuna-7b),
+           about 16 GB in fp16
 
-`llm` picks the family: "opt" or "t5". Variants cover the config space real checkpoints use:
+`arch` picks BLIP-2 or InstructBLIP (whose Q-Former reads the instruction through its own BERT
+tokenizer; `full` = Salesforce/instructblip-flan-t5-xl or -vicuna-7b shapes), `llm` the family:
+"opt", "t5" or "llama" (LLaMA under BLIP-2, as transformers' Blip2ForConditionalGeneration accepts
+it: the LLM InstructBLIP's Vicuna checkpoints use; InstructBLIP: "t5" or "llama").
+Variants cover the config space real checkpoints use:
 OPT post-layer-norm (opt-350m style) and no biases / no final layer norm; T5 "default" is
 Flan-T5 (gated-GELU feed-forward, untied embeddings), "relu" the original T5's feed-forward,
 "tied" tied input/output embeddings (output rescaled by d_model ** -0.5).
@@ -18,8 +24,9 @@ from pathlib import Path
 from runtime.errors import OptionError
 
 SIZES = ("tiny", "bench", "full")
-LLMS = ("opt", "t5")
-VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied")}
+ARCHITECTURES = ("blip-2", "instructblip")
+LLMS = ("opt", "t5", "llama")
+VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied"), "llama": ("default", "mha")}
 
 _VISION = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -49,10 +56,26 @@ _T5 = {
     "bench": dict(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12, num_decoder_layers=12),
     "full": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24),
 }
+# LLaMA: tiny has grouped-query attention (2 KV heads for 4) and, like every size, an untied
+# lm_head; bench is a ~320M-parameter LLaMA; full is Vicuna-7b (vocab 32000 + InstructBLIP's [PAD]).
+_LLAMA = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=128),
+    "bench": dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16,
+                  intermediate_size=2816, max_position_embeddings=2048),
+    "full": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, max_position_embeddings=2048),
+}
+_LLAMA_VOCAB = {"tiny": 512, "bench": 32001, "full": 32001}
 _VOCAB = {"tiny": 512, "bench": 50272, "full": 50272}
 _T5_VOCAB = {"tiny": 512, "bench": 32128, "full": 32128}
 _QUERIES = {"tiny": 8, "bench": 32, "full": 32}
 _TOKENIZER_VOCAB = {"tiny": 500, "bench": 4000, "full": 4000}
+# InstructBLIP's Q-Former vocabulary: bert-base-uncased's 30522 + the [DEC] token; 512 positions.
+_QFORMER_TEXT = {"tiny": dict(vocab_size=300, max_position_embeddings=64),
+                 "bench": dict(vocab_size=30523, max_position_embeddings=512),
+                 "full": dict(vocab_size=30523, max_position_embeddings=512)}
+_QFORMER_TOKENIZER_VOCAB = {"tiny": 300, "bench": 2000, "full": 2000}
 
 CORPUS = [
     "a photo of a cat sitting on a couch", "two dogs playing in the snow", "a red car parked on the street",
@@ -62,7 +85,13 @@ CORPUS = [
 ]
 
 
-def _text_config(size: str, variant: str, llm: str, vocab_size: int | None) -> dict:
+def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_token_id: int | None = None) -> dict:
+    if llm == "llama":
+        text = dict(model_type="llama", vocab_size=vocab_size or _LLAMA_VOCAB[size], bos_token_id=1, eos_token_id=2,
+                    pad_token_id=pad_token_id, rms_norm_eps=1e-6, tie_word_embeddings=False, **_LLAMA[size])
+        if variant == "mha":  # no grouped-query attention
+            text.update(num_key_value_heads=text["num_attention_heads"])
+        return text
     if llm == "t5":
         text = dict(model_type="t5", vocab_size=vocab_size or _T5_VOCAB[size], pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
@@ -83,56 +112,72 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None) -> d
 
 
 def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0,
-                 llm: str = "opt"):
-    from transformers import Blip2Config
+                 llm: str = "opt", pad_token_id: int | None = None, arch: str = "blip-2"):
+    from transformers import Blip2Config, InstructBlipConfig
 
+    from runtime.families.instructblip import INSTRUCTBLIP_LLMS
+
+    if arch not in ARCHITECTURES:
+        raise OptionError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHITECTURES)}")
+    if arch == "instructblip" and llm not in INSTRUCTBLIP_LLMS:
+        raise OptionError(f"InstructBLIP has no '{llm}' variant; valid LLMs: {', '.join(INSTRUCTBLIP_LLMS)}")
     if size not in SIZES:
         raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
     if llm not in LLMS:
         raise OptionError(f"unknown llm '{llm}'; valid: {', '.join(LLMS)}")
     if variant not in VARIANTS[llm]:
         raise OptionError(f"unknown {llm} variant '{variant}'; valid: {', '.join(VARIANTS[llm])}")
-    text = _text_config(size, variant, llm, vocab_size)
+    text = _text_config(size, variant, llm, vocab_size, pad_token_id)
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
     # Blip2VisionConfig's default initializer_range (1e-10) makes a randomly initialised ViT's
     # output nearly constant, which would hide vision-stage bugs from the parity tests.
     vision = dict(initializer_range=0.02, **_VISION[size])
+    if arch == "instructblip":
+        qformer.update(_QFORMER_TEXT[size])
+        return InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text,
+                                  num_query_tokens=_QUERIES[size], image_token_index=image_token_index)
     return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
                        num_query_tokens=_QUERIES[size], image_token_index=image_token_index)
 
 
 def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0, dtype: str = "fp32",
-               llm: str = "opt") -> Path:
-    """Writes a random-weight BLIP-2 checkpoint (safetensors, tokenizer, processor) to `out_dir`.
+               llm: str = "opt", arch: str = "blip-2") -> Path:
+    """Writes a random-weight BLIP-2 or InstructBLIP checkpoint (safetensors, tokenizers,
+    processor) to `out_dir`.
 
     dtype "fp16" builds the weights in half precision from the start (the `full` model is 15 GB
     in fp32), except the Q-Former and query tokens, which transformers keeps in fp32."""
     if dtype not in ("fp32", "fp16"):
         raise OptionError(f"unknown dtype '{dtype}'; valid: fp32, fp16")
     import torch
-    from transformers import Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, build_t5_tokenizer, save_checkpoint
+    from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer,
+                                           build_opt_tokenizer, build_t5_tokenizer, save_checkpoint)
 
     out_dir = Path(out_dir)
-    build = build_t5_tokenizer if llm == "t5" else build_opt_tokenizer
+    build = {"t5": build_t5_tokenizer, "llama": build_llama_tokenizer}.get(llm, build_opt_tokenizer)
     tokenizer = build(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
     # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265, T5's 32128 >
     # 32100): the image placeholder sits at the end of the tokenizer, inside the model's range.
-    config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), llm=llm)
+    config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), llm=llm,
+                          pad_token_id=tokenizer.pad_token_id, arch=arch)
+    instruct = arch == "instructblip"
+    qformer_tokenizer = build_bert_tokenizer(CORPUS * 20, _QFORMER_TOKENIZER_VOCAB[size]) if instruct else None
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16 if dtype == "fp16" else torch.float32)
     try:
-        model = Blip2ForConditionalGeneration(config)
+        model = (InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration)(config)
     finally:
         torch.set_default_dtype(previous)
-    if dtype == "fp16":
-        model.qformer.float()
+    if dtype == "fp16":  # what from_pretrained keeps in fp32 (_keep_in_fp32_modules)
+        if not instruct:
+            model.qformer.float()
         model.query_tokens.data = model.query_tokens.data.float()
     # transformers initialises query tokens to zero; random ones make the queries distinct.
     with torch.no_grad():
         model.query_tokens.normal_(0, 0.02)
     model.eval()
-    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, qformer_tokenizer)
     return out_dir

@@ -27,7 +27,8 @@ class CachedDecoder:
         self.dtype = float_dtype
         self.past_names = kv_names(model["num_layers"], "past")
         self.present_names = kv_names(model["num_layers"], "present")
-        self.kv_shape = (model["num_heads"], model["head_dim"])
+        # Families with grouped-query attention (LLaMA) cache only their key/value heads.
+        self.kv_shape = (model.get("num_kv_heads", model["num_heads"]), model["head_dim"])
         self.past: list = []
         self.step_times: list[float] = []
         self.prefill_times: dict[str, float] = {}  # stages run before the decoder's prefill (T5: encoder)

@@ -278,14 +278,46 @@ MODEL_KEYS: dict[str, dict[str, Rule]] = {
     "opt": {**VISION_DIMS, **LLM_DIMS, "max_position_embeddings": Int(1, 1 << 20)},
     # T5's relative position buckets have no limit; its encoder may have its own depth.
     "t5": {**VISION_DIMS, **LLM_DIMS, "num_encoder_layers": Int(1, 1024)},
+    # LLaMA caches its key/value heads only (grouped-query attention); rotary positions.
+    "llama": {**VISION_DIMS, **LLM_DIMS, "num_kv_heads": Int(1, 1024), "max_position_embeddings": Int(1, 1 << 20)},
 }
 FAMILIES: dict[str, FamilySchema] = {
     name: FamilySchema(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
                  checks=(_heads_times_dim,))
     for name, keys in MODEL_KEYS.items()
 }
+
+
+def _kv_heads_group_heads(m: dict) -> None:
+    model = m["model"]
+    if model["num_heads"] % model["num_kv_heads"]:
+        raise Invalid("model.num_kv_heads", f"a divisor of model.num_heads ({model['num_heads']})", model["num_kv_heads"])
+
+
+FAMILIES["llama"] = FamilySchema(model=MODEL_KEYS["llama"], stage_specs=FAMILIES["llama"].stage_specs,
+                                 checks=(_heads_times_dim, _kv_heads_group_heads))
 # The `architecture` values this runtime runs.
 ARCHITECTURES: set[str] = set(RUNTIME_ARCHITECTURES)
+
+
+def _qformer_vocab(ctx: Context) -> int:
+    return ctx.root["model"]["qformer_vocab_size"] - 1
+
+
+QFORMER_TOKEN_ID = Int(0, _qformer_vocab)
+# What an architecture adds to its llm_family's manifest: model keys, and top-level sections.
+ARCHITECTURE_MODEL_KEYS: dict[str, dict[str, Rule]] = {
+    "blip-2": {},
+    # InstructBLIP's Q-Former embeds the instruction: its BERT vocabulary and learned positions.
+    "instructblip": {"qformer_vocab_size": Int(1, 1 << 22), "qformer_max_positions": Int(1, 1 << 16)},
+}
+ARCHITECTURE_SECTIONS: dict[str, dict[str, Rule]] = {
+    "blip-2": {},
+    "instructblip": {"qformer_tokenizer": Obj(required={
+        "file": RelPath(), "prefix_ids": ListOf(QFORMER_TOKEN_ID, max_len=MAX_IDS),
+        "suffix_ids": ListOf(QFORMER_TOKEN_ID, max_len=MAX_IDS), "pad_token_id": QFORMER_TOKEN_ID,
+        "padding_side": Str(choices=("left", "right"))})},
+}
 
 
 # ---- checks across fields --------------------------------------------------------------------
@@ -340,9 +372,15 @@ def validate(m) -> list[tuple[str, str]]:
         raise Invalid("(top level)", "an object", m)
     ctx = Context(m)
     Obj({"architecture": Str(choices=ARCHITECTURES), "llm_family": Str(choices=FAMILIES)}).check(m, "", ctx)
-    family = FAMILIES[m["llm_family"]]
-    Obj({"model": Obj(family.model), "stages": Obj()}).check(m, "", ctx)
-    specs = family.stage_specs(m["model"])
+    family, arch = FAMILIES[m["llm_family"]], m["architecture"]
+    stage_specs = family.stage_specs
+    if arch != "blip-2":  # another architecture around the LLM family: its own stages (InstructBLIP's Q-Former)
+        try:
+            stage_specs = get_family(m["llm_family"], arch).stage_specs
+        except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
+            raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
+    Obj({"model": Obj({**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}), "stages": Obj()}).check(m, "", ctx)
+    specs = stage_specs(m["model"])
     for name in m["stages"]:
         if name not in specs:
             raise Invalid(f"stages.{name}", f"only the stages of llm_family {m['llm_family']!r}: {', '.join(specs)}",
@@ -351,7 +389,7 @@ def validate(m) -> list[tuple[str, str]]:
         if name not in m["stages"]:
             raise Invalid(f"stages.{name}", "a value (required stage is missing)", show_value=False)
         STAGE.check(m["stages"][name], f"stages.{name}", ctx)
-    Obj(COMMON, OPTIONAL).check(m, "", ctx)
+    Obj({**COMMON, **ARCHITECTURE_SECTIONS[arch]}, OPTIONAL).check(m, "", ctx)
     for check in family.checks:  # the model's own dims first: the stage shapes are read against them
         check(m)
     _check_shared(m)

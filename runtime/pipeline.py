@@ -112,6 +112,9 @@ class Blip2Pipeline:
         self.embed_table = load_embeddings(manifest)  # dtype and shape checked against the manifest
         self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
         self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
+        # InstructBLIP's Q-Former reads the prompt too, in its own (BERT) vocabulary.
+        q = m.get("qformer_tokenizer")
+        self.qformer_tokenizer = TextTokenizer(manifest.path(q["file"], "qformer_tokenizer.file"), q) if q else None
         manifest.recheck()  # files loaded by path (graphs, tokenizer) are still the ones hashed
         self.prompts = m["prompts"]
         gen = self.generation = m["generation"]
@@ -219,7 +222,7 @@ class Blip2Pipeline:
                 except StopIteration as end:
                     final = end.value[0].text
                     break
-                text = stable_prefix(decode(rows[0]), opts.stop_strings, self.tokenizer.rewrites).lstrip()
+                text = stable_prefix(decode(self.tokenizer.settled_ids(rows[0])), opts.stop_strings, self.tokenizer.rewrites).lstrip()
                 if len(text) > len(emitted) and text.startswith(emitted):
                     yield text[len(emitted):]
                     emitted = text
@@ -241,9 +244,11 @@ class Blip2Pipeline:
     def options(self, **generation) -> GenerationOptions:
         return self.defaults.updated(**generation)
 
-    def encode_images(self, images: Sequence[ImageInput], timings: dict) -> np.ndarray:
+    def encode_images(self, images: Sequence[ImageInput], timings: dict,
+                      prompts: Sequence[str] | None = None) -> np.ndarray:
         """Images -> query embeddings (B, Q, D), recording image decode (for paths) /
-        preprocess / vision / qformer times."""
+        preprocess / vision / qformer times. `prompts` (one per image; default: the caption
+        prompt) condition the queries of an instruction-aware Q-Former (InstructBLIP)."""
         t_decode = time.perf_counter()
         decoded = [_as_image(im, i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(images)]
         t0 = time.perf_counter()
@@ -252,10 +257,16 @@ class Blip2Pipeline:
         timings["image_decode"] = t0 - t_decode
         image_embeds = self.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         t2 = time.perf_counter()
-        query = self.runners["qformer"].infer({IMAGE_EMBEDS: image_embeds})[QUERY_EMBEDS]
+        query = self.runners["qformer"].infer(self.qformer_feeds(image_embeds, prompts))[QUERY_EMBEDS]
         t3 = time.perf_counter()
         timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
         return query
+
+    def qformer_feeds(self, image_embeds: np.ndarray, prompts: Sequence[str] | None = None) -> dict:
+        """The qformer stage's inputs: the image embeddings, and for an instruction-aware Q-Former
+        the prompts (default: the caption prompt) in its own tokens, padded as its tokenizer pads."""
+        prompts = [self.caption_prompt(None)] * len(image_embeds) if prompts is None else prompts
+        return self.family.qformer_feeds(image_embeds, prompts, self.qformer_tokenizer, self.model)
 
     def layout(self, query: np.ndarray, prompts: Sequence[str]) -> LLMInputs:
         """The LLM's inputs from query embeddings and prompts, laid out by the family as
@@ -314,7 +325,7 @@ class Blip2Pipeline:
         opts = opts if opts is not None else self.options(**generation)
         t_start = time.perf_counter()
         timings: dict = {}
-        query = self.encode_images(images, timings)
+        query = self.encode_images(images, timings, prompts)
         t0 = time.perf_counter()
         inputs = self.layout(query, prompts)
         embeds, mask, history = inputs.embeds, inputs.mask, inputs.history

@@ -59,7 +59,9 @@ class StageSpec:
 
 # Dims that vary per call; every other symbolic dim is a model dimension fixed at export.
 # encoder_sequence: an encoder-decoder's input length (query tokens + prompt), fixed per request.
-DYNAMIC_DIMS = ("batch", "height", "width", "sequence", "past_sequence", "total_sequence", "encoder_sequence")
+# instruction: InstructBLIP's instruction length in the Q-Former's tokens, fixed per request.
+DYNAMIC_DIMS = ("batch", "height", "width", "sequence", "past_sequence", "total_sequence", "encoder_sequence",
+                "instruction")
 
 # Tensor names shared by the stages of every family.
 PIXEL_VALUES = "pixel_values"
@@ -71,6 +73,8 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+QFORMER_INPUT_IDS = "qformer_input_ids"
+QFORMER_ATTENTION_MASK = "qformer_attention_mask"
 
 VISION = StageSpec(
     name="vision",
@@ -86,10 +90,24 @@ QFORMER = StageSpec(
     outputs=(TensorSpec(QUERY_EMBEDS, "float", ("batch", "num_query_tokens", "text_hidden")),),
 )
 
+# InstructBLIP's: the instruction's tokens (the Q-Former's own BERT vocabulary) attend together
+# with the queries; only the queries' outputs are projected to the LLM.
+INSTRUCT_QFORMER = StageSpec(
+    name="qformer",
+    file="qformer.onnx",
+    inputs=(TensorSpec(IMAGE_EMBEDS, "float", ("batch", "num_patches", "vision_hidden")),
+            TensorSpec(QFORMER_INPUT_IDS, "int64", ("batch", "instruction")),
+            TensorSpec(QFORMER_ATTENTION_MASK, "int64", ("batch", "instruction"))),
+    outputs=(TensorSpec(QUERY_EMBEDS, "float", ("batch", "num_query_tokens", "text_hidden")),),
+)
+
 
 # A self-attention KV cache entry: past_* inputs, present_* outputs (one more position or more).
 PAST_KV_SHAPE = ("batch", "num_heads", "past_sequence", "head_dim")
 PRESENT_KV_SHAPE = ("batch", "num_heads", "total_sequence", "head_dim")
+# Grouped-query attention (LLaMA): the cache holds the key/value heads only (num_kv_heads <= num_heads).
+PAST_GQA_KV_SHAPE = ("batch", "num_kv_heads", "past_sequence", "head_dim")
+PRESENT_GQA_KV_SHAPE = ("batch", "num_kv_heads", "total_sequence", "head_dim")
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:

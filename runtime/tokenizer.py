@@ -22,14 +22,32 @@ class TextTokenizer:
         self.prefix_ids: list[int] = list(spec["prefix_ids"])
         self.suffix_ids: list[int] = list(spec["suffix_ids"])
         self.cleanup = bool(spec.get("clean_up_tokenization_spaces", False))
+        # Only a tokenizer whose ids are padded by the runtime itself names these (InstructBLIP's
+        # Q-Former tokenizer); the LLM's padding is the family's.
+        self.pad_id = int(spec.get("pad_token_id", 0))
+        self.padding_side: str = spec.get("padding_side", "right")
         # token_text's static prefix, and its answers: a token's text never changes, so every
         # request (each builds its own StopStrings) shares them. Written without a lock: a dict
         # store of an immutable value is atomic under the GIL, and a race computes a value twice.
         self._static_prefix = self._tok.encode(_STATIC_PREFIX, add_special_tokens=False).tokens
         self._token_texts: dict[int, str | None] = {}
+        # Byte-fallback tokens (<0x00>..<0xFF>, LLaMA's): the decoder turns a run of them into one
+        # byte string, so a run's text can still change while it grows (see settled_ids).
+        byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        self._byte_ids = frozenset(i for i in byte_ids if i is not None) \
+            if getattr(self._tok.model, "byte_fallback", False) else frozenset()
 
     def encode(self, text: str) -> list[int]:
         return self.prefix_ids + self._tok.encode(text, add_special_tokens=False).ids + self.suffix_ids
+
+    def settled_ids(self, ids: Sequence[int]) -> Sequence[int]:
+        """The longest prefix of `ids` whose text no later id can change. With byte fallback a
+        trailing run of byte tokens waits for the token after it: the run is decoded as one
+        byte string, so "\x14" alone becomes "\ufffd\ufffd" once an invalid byte follows."""
+        n = len(ids)
+        while n and ids[n - 1] in self._byte_ids:
+            n -= 1
+        return ids[:n]
 
     @property
     def rewrites(self) -> tuple[str, ...]:

@@ -85,3 +85,32 @@ def t5_tiny_artifacts(tmp_path_factory, t5_tiny_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("art") / "t5-tiny"
     export(str(t5_tiny_checkpoint), out, log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama_tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random BLIP-2 with a LLaMA LLM: grouped-query attention (2 KV heads for 4) and an
+    untied lm_head."""
+    from exporter.random_models import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "llama-tiny", llm="llama", seed=5)
+
+
+@pytest.fixture(scope="session")
+def llama_tiny_artifacts(tmp_path_factory, llama_tiny_checkpoint) -> Path:
+    from exporter.export import export
+
+    out = tmp_path_factory.mktemp("art") / "llama-tiny"
+    export(str(llama_tiny_checkpoint), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
+    from exporter.export import export
+    from exporter.random_models import make_model
+
+    ckpt = make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
+    out = tmp_path_factory.mktemp("art") / "ib-t5-tiny"
+    export(str(ckpt), out, log=lambda s: None)
+    return out

@@ -1,6 +1,7 @@
 """The exporter's side of each model family: config checks, model dims, torch stage wrappers,
 example inputs, generation defaults and stage validation. The runtime side (specs, layout,
-decode step) is runtime/families/; both are looked up by the checkpoint's text_config.model_type.
+decode step) is runtime/families/; both are looked up by the checkpoint's text_config.model_type
+(and its own model_type: InstructBLIP wraps the LLM family, exporter/families/instructblip.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from importlib import import_module
 from runtime.errors import Blip2EdgeError
 
 # text_config.model_type -> module of this package
-_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5"}
+_MODULES = {"opt": "exporter.families.opt", "t5": "exporter.families.t5", "llama": "exporter.families.llama"}
 
 
 def supported_llms() -> tuple[str, ...]:
@@ -18,9 +19,15 @@ def supported_llms() -> tuple[str, ...]:
 
 
 def export_family(config, model: str = "the checkpoint"):
-    """The export family of a BLIP-2 config; an unsupported LLM is one line naming the supported."""
+    """The export family of a BLIP-2 or InstructBLIP config (by its model_type and its
+    text_config's); an unsupported LLM is one line naming the supported."""
     llm = config.text_config.model_type
     if llm not in _MODULES:
         raise Blip2EdgeError(f"'{model}' uses a '{llm}' language model, which is not supported "
                              f"(supported LLM families: {', '.join(_MODULES)})")
-    return import_module(_MODULES[llm]).FAMILY
+    family = import_module(_MODULES[llm]).FAMILY
+    if getattr(config, "model_type", None) == "instructblip":
+        from exporter.families.instructblip import instructblip_export
+
+        return instructblip_export(family)
+    return family

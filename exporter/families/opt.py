@@ -9,13 +9,11 @@ step, and parity with `generate` is checked after every export.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from exporter.families.base import ExportFamily
+from exporter.families.base import ExportFamily, causal_padding_bias, validate_kv_decoder
 from runtime.errors import Blip2EdgeError
-from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, kv_names
 
 
 class OPTDecoderStage(nn.Module):
@@ -49,14 +47,8 @@ class OPTDecoderStage(nn.Module):
         return attn.out_proj(out), k, v
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        b, t, _ = inputs_embeds.shape
-        total = attention_mask.shape[1]
-        dtype = inputs_embeds.dtype
-        # Additive mask (B, 1, T, total): causal over the new positions, and padding.
-        q_pos = torch.arange(total - t, total).unsqueeze(1)  # (T, 1)
-        k_pos = torch.arange(total).unsqueeze(0)  # (1, total)
-        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        t = inputs_embeds.shape[1]
+        bias = causal_padding_bias(attention_mask, t, inputs_embeds.dtype)  # (B, 1, T, total)
 
         hidden = inputs_embeds
         if self.project_in is not None:
@@ -116,37 +108,7 @@ class OPTExport(ExportFamily):
         return {"decoder": OPTDecoderStage(hf_model)}
 
     def validate_llm(self, hf_model, processor, runners, query, manifest, atol) -> list[dict]:
-        """A left-padded prefill of [query][pad][prompt] and one cached decode step."""
-        from exporter.validate import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
-
-        dec = OPTDecoderStage(hf_model)
-        dtype = query.dtype
-        layers = manifest.model["num_layers"]
-        tok = processor.tokenizer(list(VALIDATION_PROMPTS), padding=True, return_tensors="pt")
-        text = hf_model.get_input_embeddings()(tok["input_ids"])
-        embeds = torch.cat([query, text], dim=1)
-        mask = torch.cat([torch.ones(query.shape[:2], dtype=torch.long), tok["attention_mask"]], dim=1)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        b, heads, hd = embeds.shape[0], manifest.model["num_heads"], manifest.model["head_dim"]
-        empty = [torch.zeros(b, heads, 0, hd, dtype=dtype) for _ in range(2 * layers)]
-        prefill = dec(embeds, mask, pos, *empty)
-        names = [LOGITS, *kv_names(layers, "present")]
-        feeds = {INPUTS_EMBEDS: embeds.numpy(), ATTENTION_MASK: mask.numpy(), POSITION_IDS: pos.numpy()}
-        feeds.update({n: e.numpy() for n, e in zip(kv_names(layers, "past"), empty)})
-        report = compare("decoder", {n: to_numpy(t) for n, t in zip(names, prefill)},
-                         runners["decoder"].infer(feeds), atol)
-
-        next_ids = prefill[0].argmax(-1)
-        step_embeds = hf_model.get_input_embeddings()(next_ids)[:, None, :]
-        step_mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
-        step_pos = step_mask.sum(-1, keepdim=True) - 1
-        step = dec(step_embeds, step_mask, step_pos, *prefill[1:])
-        np_dtype = np.float16 if dtype == torch.float16 else np.float32
-        feeds = {INPUTS_EMBEDS: step_embeds.numpy(), ATTENTION_MASK: step_mask.numpy(), POSITION_IDS: step_pos.numpy()}
-        feeds.update({n: t.numpy().astype(np_dtype) for n, t in zip(kv_names(layers, "past"), prefill[1:])})
-        step_report = compare("decoder", {n: to_numpy(t) for n, t in zip(names, step)},
-                              runners["decoder"].infer(feeds), atol)
-        return [merge_reports(report, step_report, "step.")]
+        return [validate_kv_decoder(OPTDecoderStage(hf_model), hf_model, processor, runners, query, manifest, atol)]
 
 
 FAMILY = OPTExport()

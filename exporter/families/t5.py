@@ -166,10 +166,10 @@ class T5Export(ExportFamily):
         return {"encoder": T5EncoderStage(hf_model), "cross_kv": T5CrossKVStage(hf_model),
                 "decoder": T5DecoderStage(hf_model)}
 
-    def generation_defaults(self, hf_model) -> dict:
+    def generation_defaults(self, hf_model, tokenizer=None) -> dict:
         tc = hf_model.config.text_config
         start = hf_model.generation_config.decoder_start_token_id
-        return {**super().generation_defaults(hf_model),
+        return {**super().generation_defaults(hf_model, tokenizer),
                 "decoder_start_token_id": int(start if start is not None else tc.decoder_start_token_id)}
 
     def validate_llm(self, hf_model, processor, runners, query, manifest, atol) -> list[dict]:

@@ -1,8 +1,11 @@
 """Trains a toy BLIP-2 on synthetic scenes, on the CPU, in minutes: with an OPT decoder
-(default) or a Flan-T5-style encoder-decoder (gated-GELU feed-forward, untied embeddings).
+(default) or a Flan-T5-style encoder-decoder (gated-GELU feed-forward, untied embeddings); or a
+toy InstructBLIP with a Vicuna-style LLaMA decoder, whose answers depend on the instruction
+(the same instruction goes to the Q-Former and to the LLM).
 
-    python -m exporter.toy.train                 # -> exporter/toy/checkpoint
-    python -m exporter.toy.train --llm t5        # -> exporter/toy/checkpoint_t5
+    python -m exporter.toy.train                       # -> exporter/toy/checkpoint
+    python -m exporter.toy.train --llm t5              # -> exporter/toy/checkpoint_t5
+    python -m exporter.toy.train --arch instructblip   # -> exporter/toy/checkpoint_instructblip
 
 Everything is seeded, so a rerun on the same versions gives the same weights. The checkpoint
 is written in Hugging Face format and checked with transformers' own `generate` on held-out
@@ -24,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.toy import CHECKPOINTS
-from exporter.checkpoint_files import IMAGE_TOKEN, build_opt_tokenizer, build_t5_tokenizer, save_checkpoint
+from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer, build_opt_tokenizer,
+                                       build_t5_tokenizer, save_checkpoint)
+from exporter.toy import CHECKPOINTS, INSTRUCTBLIP_CHECKPOINT
 from exporter.loading import generated_from
 from runtime import synthetic
 
@@ -33,6 +37,19 @@ IMAGE_SIZE = 64
 RENDER_SIZE = 128  # scenes are drawn larger and resized by the processor, as real photos are
 VQA_TEMPLATE = "Question: {} Answer:"
 CAPTION_BAR, VQA_BAR = 0.95, 0.90
+# InstructBLIP's prompts are the instructions themselves (InstructBlipProcessor feeds the raw
+# text to both tokenizers); captioning is one instruction among the others.
+INSTRUCT_CAPTION = "A short image description:"
+INSTRUCT_VQA = "{}"
+
+
+class Prompts:
+    """What the toy is taught to answer: the caption prompt and the question template."""
+
+    def __init__(self, arch: str):
+        self.instruct = arch == "instructblip"
+        self.caption = INSTRUCT_CAPTION if self.instruct else ""
+        self.vqa = INSTRUCT_VQA if self.instruct else VQA_TEMPLATE
 
 
 def corpus() -> list[str]:
@@ -45,10 +62,17 @@ def corpus() -> list[str]:
                     words.add(scene.caption)
                     words.update(" " + scene.answer(a) for a in synthetic.QUESTIONS)
     words.update(VQA_TEMPLATE.format(q) for q in synthetic.QUESTIONS.values())
+    words.add(INSTRUCT_CAPTION)
     return sorted(words) * 4
 
 
 def text_config(llm: str, tokenizer) -> dict:
+    if llm == "llama":  # Vicuna-style: RMSNorm, SwiGLU, RoPE, no biases, untied embeddings
+        return dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                    rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
     if llm == "t5":
         return dict(model_type="t5", vocab_size=len(tokenizer), d_model=128, d_kv=32, num_heads=4, d_ff=512,
                     num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
@@ -58,10 +82,14 @@ def text_config(llm: str, tokenizer) -> dict:
                 dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 
 
-def build_model(tokenizer, llm: str = "opt"):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+def build_model(tokenizer, llm: str = "opt", qformer_tokenizer=None):
+    """A BLIP-2, or with `qformer_tokenizer` an InstructBLIP (whose Q-Former embeds that
+    tokenizer's ids)."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration)
 
-    config = Blip2Config(
+    instruct = qformer_tokenizer is not None
+    config = (InstructBlipConfig if instruct else Blip2Config)(
         vision_config=dict(
             hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
             image_size=IMAGE_SIZE, patch_size=8, attention_dropout=0.0,
@@ -69,14 +97,17 @@ def build_model(tokenizer, llm: str = "opt"):
         ),
         qformer_config=dict(
             hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
-            cross_attention_frequency=1, encoder_hidden_size=96, vocab_size=8,
-            max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            cross_attention_frequency=1, encoder_hidden_size=96,
+            vocab_size=len(qformer_tokenizer) if instruct else 8,
+            max_position_embeddings=64 if instruct else 32,
+            pad_token_id=qformer_tokenizer.pad_token_id if instruct else 0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
         text_config=text_config(llm, tokenizer),
         num_query_tokens=8,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
-    model = Blip2ForConditionalGeneration(config)
+    model = (InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration)(config)
     # transformers initialises the query tokens to zero; LayerNorm (eps 1e-12) of a zero vector
     # then has enormous gradients that, once clipped, starve every other weight. LAVIS draws them
     # from N(0, 0.02).
@@ -96,22 +127,35 @@ def build_model(tokenizer, llm: str = "opt"):
     return model
 
 
-def make_examples(tokenizer, scenes, rng):
+def build_tokenizers(arch: str, llm: str):
+    """(the LLM's tokenizer, the Q-Former's or None)."""
+    if arch == "instructblip":
+        # LLaMA's layout spends 256 ids on byte fallback before the merges.
+        return build_llama_tokenizer(corpus(), vocab_size=256 + 160), build_bert_tokenizer(corpus(), vocab_size=160)
+    return (build_t5_tokenizer if llm == "t5" else build_opt_tokenizer)(corpus(), vocab_size=320), None
+
+
+def make_examples(tokenizer, scenes, rng, prompts: Prompts | None = None):
     """(prompt ids with their special tokens, target ids ending in EOS) for a caption or a random
-    question. OPT's byte-level BPE marks a word start with a leading space; T5's pieces do it
-    themselves."""
-    space = "" if tokenizer.padding_side == "right" else " "  # T5's tokenizer pads on the right
-    out = []
+    question, and the prompt texts. OPT's byte-level BPE marks a word start with a leading
+    space; the Metaspace pieces of T5 and LLaMA do it themselves."""
+    from tokenizers import pre_tokenizers
+
+    prompts = prompts or Prompts("blip-2")
+    space = " " if isinstance(tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel) else ""
+    out, texts = [], []
     for scene in scenes:
         if rng.random() < 0.4:
-            prompt, target = "", scene.caption
+            prompt, target = prompts.caption, scene.caption
         else:
             attribute = str(rng.choice(list(synthetic.QUESTIONS)))
-            prompt, target = VQA_TEMPLATE.format(synthetic.QUESTIONS[attribute]), space + scene.answer(attribute)
+            prompt, target = prompts.vqa.format(synthetic.QUESTIONS[attribute]), space + scene.answer(attribute)
         p = tokenizer(prompt)["input_ids"]
         t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((p, t))
-    return out
+        texts.append(prompt)
+    return out, texts
+
 
 
 def seq2seq_tensors(examples, pad_id):
@@ -167,12 +211,20 @@ def attribute_targets(scenes):
     return {a: torch.tensor([values.index(getattr(s, a)) for s in scenes]) for a, values in ATTRIBUTES.items()}
 
 
-def loss_fn(model, pixel_values, ids, labels, mask, heads=None, targets=None):
+def loss_fn(model, pixel_values, ids, labels, mask, heads=None, targets=None, qformer_text=None):
+    """`qformer_text`: InstructBLIP's instruction ids and mask for the Q-Former, which reads
+    them together with the queries (as InstructBlipForConditionalGeneration.get_image_features)."""
     import torch
 
     image_embeds = model.vision_model(pixel_values).last_hidden_state
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    if qformer_text is None:
+        query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    else:
+        q_ids, q_mask = qformer_text
+        full = torch.cat([torch.ones(queries.shape[:2], dtype=q_mask.dtype), q_mask], dim=1)
+        query_out = model.qformer(input_ids=q_ids, attention_mask=full, query_embeds=queries,
+                                  encoder_hidden_states=image_embeds).last_hidden_state[:, : queries.shape[1]]
     aux = 0.0
     if heads is not None:
         pooled = query_out.mean(dim=1)
@@ -194,23 +246,24 @@ def pixel_tensor(processor, images):
     return torch.from_numpy(processor.image_processor(images, return_tensors="np")["pixel_values"])
 
 
-def evaluate(model, processor, scenes_images) -> dict:
+def evaluate(model, processor, scenes_images, prompts: Prompts | None = None) -> dict:
     """Exact-match caption and VQA accuracy with transformers' own generate."""
     import torch
 
+    prompts = prompts or Prompts("blip-2")
     model.eval()
     caption_ok = vqa_ok = vqa_total = 0
     with torch.no_grad():
         for start in range(0, len(scenes_images), 50):
             chunk = scenes_images[start : start + 50]
             images = [im for _, im in chunk]
-            inputs = processor(images=images, text=[""] * len(images), return_tensors="pt")
+            inputs = processor(images=images, text=[prompts.caption] * len(images), return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=16)
             texts = processor.batch_decode(out[:, generated_from(model, inputs):], skip_special_tokens=True)
             caption_ok += sum(t.strip() == s.caption for t, (s, _) in zip(texts, chunk))
             for attribute, question in synthetic.QUESTIONS.items():
-                prompts = [VQA_TEMPLATE.format(question)] * len(images)
-                inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                texts = [prompts.vqa.format(question)] * len(images)
+                inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
                 out = model.generate(**inputs, max_new_tokens=4)
                 texts = processor.batch_decode(out[:, generated_from(model, inputs):], skip_special_tokens=True)
                 vqa_ok += sum(t.strip() == s.answer(attribute) for t, (s, _) in zip(texts, chunk))
@@ -238,11 +291,13 @@ def replace_directory(new: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     import torch
-    from transformers import Blip2Processor
+    from transformers import Blip2Processor, InstructBlipProcessor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("blip-2", "instructblip"), default="blip-2",
+                    help="instructblip: the toy InstructBLIP with a Vicuna-style LLaMA decoder (--llm is ignored)")
     ap.add_argument("--llm", choices=tuple(CHECKPOINTS), default="opt")
-    ap.add_argument("--out", type=Path, help="default: the committed checkpoint of --llm")
+    ap.add_argument("--out", type=Path, help="default: the committed checkpoint of --arch and --llm")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=12000)
@@ -252,21 +307,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.held_out < 1:
         ap.error("--held-out must be >= 1")
-    args.out = args.out or CHECKPOINTS[args.llm]
+    instruct = args.arch == "instructblip"
+    if instruct:
+        args.llm = "llama"
+    args.out = args.out or (INSTRUCTBLIP_CHECKPOINT if instruct else CHECKPOINTS[args.llm])
+    prompts = Prompts(args.arch)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = np.random.default_rng(args.seed)
-    tokenizer = (build_t5_tokenizer if args.llm == "t5" else build_opt_tokenizer)(corpus(), vocab_size=320)
-    model = build_model(tokenizer, args.llm)
+    tokenizer, qformer_tokenizer = build_tokenizers(args.arch, args.llm)
+    model = build_model(tokenizer, args.llm, qformer_tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"toy BLIP-2: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    print(f"toy {args.arch} ({args.llm}): {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     # Save once untrained (to a scratch directory) to get a processor configured exactly as the
     # checkpoint will be.
     with tempfile.TemporaryDirectory() as scratch:
-        save_checkpoint(model, tokenizer, Path(scratch), IMAGE_SIZE)
-        processor = Blip2Processor.from_pretrained(scratch)
+        save_checkpoint(model, tokenizer, Path(scratch), IMAGE_SIZE, qformer_tokenizer)
+        processor = (InstructBlipProcessor if instruct else Blip2Processor).from_pretrained(scratch)
 
     t0 = time.time()
     train = synthetic.make_scenes(args.train_images, seed=args.seed + 1, image_size=RENDER_SIZE)
@@ -288,8 +347,13 @@ def main(argv=None) -> int:
         idx = rng.choice(len(train), size=args.batch_size, replace=False)
         batch = [scenes[i] for i in idx]
         tensors = seq2seq_tensors if args.llm == "t5" else batch_tensors
-        ids, labels, mask = tensors(make_examples(tokenizer, batch, rng), tokenizer.pad_token_id)
-        loss = loss_fn(model, pixels[idx], ids, labels, mask, heads, attribute_targets(batch))
+        examples, texts = make_examples(tokenizer, batch, rng, prompts)
+        ids, labels, mask = tensors(examples, tokenizer.pad_token_id)
+        qformer_text = None
+        if instruct:
+            q = qformer_tokenizer(texts, padding=True, return_tensors="pt")
+            qformer_text = (q["input_ids"], q["attention_mask"])
+        loss = loss_fn(model, pixels[idx], ids, labels, mask, heads, attribute_targets(batch), qformer_text)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,7 +362,7 @@ def main(argv=None) -> int:
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
 
-    metrics = evaluate(model, processor, held_out)
+    metrics = evaluate(model, processor, held_out, prompts)
     print(json.dumps(metrics))
     if metrics["caption_exact_match"] < CAPTION_BAR or metrics["vqa_accuracy"] < VQA_BAR:
         print(f"below the acceptance bars (caption >= {CAPTION_BAR}, VQA >= {VQA_BAR}); {args.out} left as it was")
@@ -307,9 +371,10 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
     try:
-        save_checkpoint(model, tokenizer, staging, IMAGE_SIZE)
+        save_checkpoint(model, tokenizer, staging, IMAGE_SIZE, qformer_tokenizer)
         (staging / "training.json").write_text(
-            json.dumps({"llm": args.llm, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+            json.dumps({"arch": args.arch, "llm": args.llm, "seed": args.seed, "steps": args.steps,
+                        "batch_size": args.batch_size,
                         "train_images": args.train_images, "held_out_images": len(held_out), **metrics}, indent=2)
         )
         replace_directory(staging, args.out)

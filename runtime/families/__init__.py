@@ -5,7 +5,7 @@ The manifest's `architecture` and `llm_family` select a family with one lookup; 
 else (pipeline, validator, calibration, profiler, TensorRT profiles) asks it. Adding a family
 is adding a module here (and its torch wrappers in exporter/families/), not editing consumers.
 
-    family = family_for(manifest.data)
+    family = family_for(manifest.data)      # by architecture + llm_family
     family.stage_specs(manifest.model)      # name -> StageSpec, in run order
     family.layout(query, prompt_ids, ...)   # LLMInputs
     family.new_decoder(...)                 # a runtime.search.StepDecoder with prefill()
@@ -16,8 +16,9 @@ from __future__ import annotations
 from runtime.errors import ArtifactError
 from runtime.families.base import Family, LLMInputs
 
-ARCHITECTURES = ("blip-2",)
-_FAMILIES: dict[str, Family] = {}
+ARCHITECTURES = ("blip-2", "instructblip")
+_FAMILIES: dict[str, Family] = {}  # llm_family -> its BLIP-2 family
+_BY_ARCHITECTURE: dict[tuple[str, str], Family] = {}  # (architecture, llm_family) -> family
 
 
 def register(family: Family) -> Family:
@@ -30,15 +31,26 @@ def known_families() -> tuple[str, ...]:
     return tuple(sorted(_FAMILIES))
 
 
-def get_family(llm_family: str) -> Family:
-    """The family for a manifest's (or a checkpoint's text_config's) `llm_family` value."""
+def get_family(llm_family: str, architecture: str = "blip-2") -> Family:
+    """The family for a manifest's (or a checkpoint's) `architecture` and `llm_family` values:
+    a BLIP-2 LLM family, or that LLM family inside another architecture (InstructBLIP)."""
     _load_builtin()
     try:
-        return _FAMILIES[llm_family]
+        base = _FAMILIES[llm_family]
     except KeyError:
         raise ArtifactError(
             f"unknown LLM family '{llm_family}' (known: {', '.join(known_families())})"
         ) from None
+    if architecture == "blip-2":
+        return base
+    if architecture == "instructblip":
+        key = (architecture, llm_family)
+        if key not in _BY_ARCHITECTURE:
+            from runtime.families.instructblip import instructblip_family
+
+            _BY_ARCHITECTURE[key] = instructblip_family(base)
+        return _BY_ARCHITECTURE[key]
+    raise ArtifactError(f"unknown architecture '{architecture}' (known: {', '.join(ARCHITECTURES)})")
 
 
 def family_for(manifest: dict) -> Family:
@@ -46,12 +58,13 @@ def family_for(manifest: dict) -> Family:
     arch = manifest.get("architecture")
     if arch not in ARCHITECTURES:
         raise ArtifactError(f"manifest: unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
-    return get_family(manifest.get("llm_family"))
+    return get_family(manifest.get("llm_family"), arch)
 
 
 def _load_builtin() -> None:
-    # Always both (imports are cached): one family module imported directly must not hide the other.
+    # Always all (imports are cached): one family module imported directly must not hide the others.
     from runtime.families import opt, t5  # noqa: F401  (each registers itself)
+    from runtime.families import llama  # noqa: F401
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.stages import QFORMER, VISION, StageSpec
+from runtime.stages import IMAGE_EMBEDS, QFORMER, VISION, StageSpec
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class LLMInputs:
 class Family:
     """One model kind. Subclasses set the class attributes and implement the methods."""
 
-    name: str = ""
+    name: str = ""  # the manifest's llm_family
+    architecture: str = "blip-2"
     llm_stages: tuple[str, ...] = ()  # stages after the Q-Former, in run order: llm_specs' keys
     # Stages quantized weight-only by `quantize --llm` (MatMulNBits); the one producing logits
     # is the `logits_stage` (its lm_head has its own --lm-head precision).
@@ -42,6 +43,11 @@ class Family:
 
     def stage_names(self, model: dict) -> tuple[str, ...]:
         return ("vision", "qformer", *self.llm_stages)
+
+    def qformer_feeds(self, image_embeds: np.ndarray, prompts, tokenizer, model: dict) -> dict:
+        """The Q-Former stage's inputs for a batch: BLIP-2's reads the image alone (InstructBLIP's
+        also the prompts, through `tokenizer`, the Q-Former's own)."""
+        return {IMAGE_EMBEDS: image_embeds}
 
     def layout(self, query: np.ndarray, prompt_ids: list[list[int]], embed_table: np.ndarray, model: dict,
                generation: dict, float_dtype: np.dtype) -> LLMInputs:

@@ -87,6 +87,10 @@ def run(args) -> int:
                                    compile=args.reference_compile)
         reference["end_to_end"] = duration_stats(reference.pop("times"))
     print(report.table(profiles, reference))
+    from runtime.memory import weights_line
+
+    for p in profiles:  # what each directory's weights take, stage by stage (runtime.memory)
+        print(f"{Path(p['artifacts']).name}: {weights_line(p['weights'])}")
     env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
     tegra = sampler.summary()
     if tegra:

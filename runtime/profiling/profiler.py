@@ -13,6 +13,7 @@ from typing import Sequence
 
 from runtime.backends.onnxrt import ThreadSettings
 from runtime.errors import OptionError
+from runtime.memory import artifact_weights
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats
 
@@ -66,6 +67,9 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
     return {
         "artifacts": str(path),
         "llm_family": pipe.family.name,
+        "architecture": pipe.family.architecture,
+        # InstructBLIP's Q-Former reads the instruction too: its row is not BLIP-2's.
+        "stage_inputs": {s: [t["name"] for t in manifest["stages"][s]["inputs"]] for s in ("vision", "qformer")},
         "precision": {s: manifest["stages"][s]["precision"] for s in pipe.stage_names},
         "stage_order": list(order),
         "stages": stages,
@@ -73,5 +77,6 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         "images_per_s": opts.batch_size / mean_total,
         "time_to_first_token": duration_stats(sum(r[s] for s in order[:order.index("prefill") + 1]) for r in runs),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weights": artifact_weights(pipe.manifest),  # bytes per stage from the files (runtime.memory)
         "runs": runs,
     }

@@ -45,9 +45,12 @@ def table(profiles: list[dict], reference: dict | None = None) -> str:
     names = [Path(p["artifacts"]).name for p in profiles]
     width = max(22, *(len(n) + 2 for n in names))
     lines = [f"{'stage (mean ms)':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    instruct = [n for n, p in zip(names, profiles) if p.get("architecture") == "instructblip"]
     for stage in (*stage_order(profiles), "decode_step", "end_to_end"):
         lines.append(f"{stage:<16}" + "".join(
             f"{_ms(p['stages'][stage]['mean'] if stage in p['stages'] else None):>{width}}" for p in profiles))
+        if stage == "qformer" and instruct:  # it reads the instruction too: not the same work as BLIP-2's
+            lines[-1] += f"  (instruction-aware: {', '.join(instruct)})"
     base = profiles[0]["stages"]["end_to_end"]["mean"]
     lines.append(f"{'p50 / p90 / p99':<16}" + "".join(
         f"{'/'.join(_ms(p['stages']['end_to_end'][k]) for k in ('p50', 'p90', 'p99')):>{width}}" for p in profiles))
@@ -57,6 +60,8 @@ def table(profiles: list[dict], reference: dict | None = None) -> str:
         f"{base / p['stages']['end_to_end']['mean']:>{width - 1}.2f}x" for p in profiles))
     # ru_maxrss is per process: with several directories in one run it is the peak so far.
     lines.append(f"{'process peak MB':<16}" + "".join(f"{p['peak_rss_mb']:>{width}.0f}" for p in profiles))
+    lines.append(f"{'weights MB':<16}" + "".join(f"{p['weights']['total'] / 1e6:>{width}.1f}" for p in profiles
+                                                  if "weights" in p))
     if reference:
         ref = reference["end_to_end"]["mean"]
         lines.append(f"\nreference: transformers {reference['mode']} generate, end to end {_ms(ref)} ms "

@@ -49,7 +49,7 @@ def test_unsupported_llm_family(tmp_path):
     cfg.save_pretrained(tmp_path / "gpt2")
     (tmp_path / "gpt2" / "model.safetensors").write_bytes(b"")
     assert_one_line_error(run_cli("export", tmp_path / "gpt2", tmp_path / "out"), "'gpt2'",
-                          "not supported (supported LLM families: opt, t5)")
+                          "not supported (supported LLM families: opt, t5, llama)")
     assert not (tmp_path / "out").exists()
 
 

@@ -20,17 +20,19 @@ from runtime.pipeline import Blip2Pipeline
 OLD_OPT = Path(__file__).resolve().parents[1] / "fixtures" / "opt_tiny_v1"
 
 
-def test_registry_knows_opt_and_t5():
-    assert known_families() == ("opt", "t5")
+def test_registry_knows_opt_t5_and_llama():
+    assert {"opt", "t5", "llama"} <= set(known_families())
     assert get_family("t5").llm_stages == ("encoder", "cross_kv", "decoder")
     for name in known_families():  # the names stage_names() gives are those of the specs
         assert tuple(get_family(name).llm_specs({"num_layers": 2})) == get_family(name).llm_stages
 
 
 def test_unknown_family_names_the_known_ones():
-    with pytest.raises(ArtifactError, match=r"unknown LLM family 'gpt2' \(known: opt, t5\)"):
+    with pytest.raises(ArtifactError, match=r"unknown LLM family 'gpt2' \(known: llama, opt, t5"):
         family_for({"architecture": "blip-2", "llm_family": "gpt2"})
-    with pytest.raises(ArtifactError, match=r"unknown architecture 'instructblip'"):
+    with pytest.raises(ArtifactError, match=r"unknown architecture 'blip-3'"):
+        family_for({"architecture": "blip-3", "llm_family": "opt"})
+    with pytest.raises(ArtifactError, match=r"'instructblip' with LLM family 'opt' is not supported"):
         family_for({"architecture": "instructblip", "llm_family": "opt"})
 
 
@@ -59,10 +61,10 @@ def test_unknown_family_in_a_manifest_is_an_artifact_error(tmp_path):
     art = tmp_path / "art"
     shutil.copytree(OLD_OPT, art)
     data = json.loads((art / "manifest.json").read_text())
-    data["llm_family"] = "llama"
+    data["llm_family"] = "gpt2"
     data["files"] = list(data["files"])
     write_manifest(art, data)
-    with pytest.raises(ArtifactError, match='llm_family: expected one of opt, t5, got "llama"'):
+    with pytest.raises(ArtifactError, match='llm_family: expected one of .*opt, t5, got "gpt2"'):
         Blip2Pipeline.from_artifacts(art)
 
 
@@ -97,3 +99,13 @@ def test_importing_one_family_module_first_keeps_the_other_registered():
     code = "import runtime.families.opt; from runtime.families import get_family; print(get_family('t5').name)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "t5", proc.stderr
+
+
+def test_tensorrt_profiles_of_the_llama_decoder_use_the_kv_heads():
+    from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
+
+    model = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "text_hidden": 32, "vocab_size": 512}
+    stage = get_family("llama").stage_specs(model)["decoder"].to_manifest("float16", model)
+    profile = stage_profile(stage, ProfileRanges())
+    assert set(profile) == set(get_family("llama").stage_specs(model)["decoder"].input_names)
+    assert all(shape[1] == 2 for shape in profile["past_value_1"])  # (batch, KV heads, past, head_dim)

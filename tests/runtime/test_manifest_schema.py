@@ -71,7 +71,7 @@ MALFORMED = [
     ("stages.encoder", {}, "stages.encoder: expected only the stages of llm_family 'opt'"),
     ("stages.vision.precision", None, "stages.vision.precision: expected a non-empty string"),
     ("stages.vision.external_data", "vision.onnx.data", "stages.vision.external_data: expected a list"),
-    ("llm_family", "gpt5", "llm_family: expected one of opt"),
+    ("llm_family", "gpt5", "llm_family: expected one of "),
     ("architecture", "blip-3", "architecture: expected one of blip-2"),
     ("generation.eos_token_ids[0]", -1, "generation.eos_token_ids[0]: expected an integer in [0, 511], got -1"),
     ("generation.pad_token_id", 10**9, "generation.pad_token_id: expected an integer in [0, 511]"),

@@ -32,6 +32,9 @@ def register(sub) -> None:
     for kind, value in (("min", 1), ("opt", 1), ("max", 4)):
         p.add_argument(f"--{kind}-batch", type=int, default=value,
                        help="larger batches are split into batches of --max-batch" if kind == "max" else None)
+    # InstructBLIP's instruction-aware Q-Former: the instruction's length in Q-Former tokens.
+    for kind, value in (("min", 1), ("opt", 16), ("max", 64)):
+        p.add_argument(f"--{kind}-instruction", type=int, default=value)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
                    help="read and update this timing cache (one written by another TensorRT or GPU is replaced)")
@@ -47,7 +50,9 @@ def build_options(args):
     from runtime.backends.tensorrt.builder import BuildOptions
     from runtime.backends.tensorrt.profiles import ProfileRanges, Range
 
-    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"))
+    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"),
+                           instruction=Range(args.min_instruction, args.opt_instruction, args.max_instruction,
+                                             "--min/opt/max-instruction"))
     return BuildOptions(workspace_mb=args.workspace, ranges=ranges, timing_cache=args.timing_cache,
                         optimization_level=args.builder_optimization_level, contexts=args.contexts)
 

@@ -30,6 +30,8 @@ class ProfileRanges:
     past: Range = Range(0, 64, 256)  # cached positions
     # An encoder-decoder's input: query tokens (32 in BLIP-2) + prompt; fixed for a request.
     encoder: Range = Range(1, 40, 128)
+    # InstructBLIP's instruction, in the Q-Former's tokens ([CLS] text [SEP]); fixed for a request.
+    instruction: Range = Range(1, 16, 64)
 
     def for_dim(self, dim: str) -> Range:
         if dim == "batch":
@@ -40,11 +42,13 @@ class ProfileRanges:
             return self.past
         if dim == "encoder_sequence":
             return self.encoder
+        if dim == "instruction":
+            return self.instruction
         if dim == "total_sequence":
             return Range(self.past.min + self.sequence.min, self.past.opt + self.sequence.opt,
                          self.past.max + self.sequence.max)
         raise ArtifactError(f"no TensorRT profile range for dynamic dim '{dim}' (known: batch, sequence, "
-                            "past_sequence, total_sequence)")
+                            "past_sequence, total_sequence, encoder_sequence, instruction)")
 
 
 def stage_profile(stage: dict, ranges: ProfileRanges) -> dict[str, tuple[tuple, tuple, tuple]]:
