@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from calibration.sources import ImageSource, Progress
 from runtime.atomic_file import replace_file
 from runtime.backends.onnxrt import OrtRunner

@@ -14,7 +14,6 @@ import textwrap
 import warnings
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from runtime import synthetic
