@@ -29,6 +29,8 @@ COMMANDS = {
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
     "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),
     "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
+    "index": ("runtime.index.cli", "embed a photo folder into a searchable index (only new or changed files)"),
+    "search": ("runtime.index.cli", "find the indexed photos that best match a text"),
 }
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `cat` or `grep` cut off by `head`
 ESCAPE = "blip2edge.escape"
