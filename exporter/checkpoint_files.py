@@ -72,6 +72,29 @@ def build_t5_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
+def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A WordPiece tokenizer laid out like bert-base-uncased (the Q-Former's): lower-cased,
+    [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, "[CLS] text [SEP]", right padding. Its last
+    token is the BLIP-2 image placeholder (the processor puts it before retrieval texts)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - 1, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return fast
+
+
 def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
     """Saves model weights (safetensors), tokenizer and processor files into `out_dir`."""
     from transformers import Blip2Processor, BlipImageProcessor

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
+    p.add_argument("--arch", choices=("generation", "retrieval"), default="generation",
+                   help="generation (default): Blip2ForConditionalGeneration with --llm; retrieval: "
+                        "Blip2ForImageTextRetrieval (ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5"), default="opt", help="language model family (default: opt)")
     p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied"), default="default",
                    help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied")
@@ -79,6 +82,12 @@ def run_make_model(args) -> int:
 
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
+    if args.arch == "retrieval":
+        from exporter.random_models import make_retrieval_model
+
+        make_retrieval_model(args.size, args.out_dir, seed=args.seed)
+        print(f"wrote a random-weight '{args.size}' BLIP-2 retrieval (ITC/ITM) checkpoint to {args.out_dir}")
+        return 0
     try:
         make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm)
     except ValueError as exc:  # a variant of the other family

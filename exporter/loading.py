@@ -79,8 +79,9 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
         )
     from exporter.families import export_family
 
-    export_family(config, model).check(config, model, dtype)
-    if config.image_token_index is None:
+    family = export_family(config, model)
+    family.check(config, model, dtype)
+    if family.runtime.task == "generation" and config.image_token_index is None:
         raise Blip2EdgeError(
             f"'{model}': config has no image_token_index; checkpoints from before transformers 4.47 need "
             "updating (re-save with a current Blip2Processor)"
@@ -103,7 +104,9 @@ def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
     from safetensors import SafetensorError
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor
+
+    from exporter.families import export_family
 
     path = Path(model).expanduser()
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):
@@ -117,8 +120,11 @@ def load_model(model: str, opts: LoadOptions):
         check_safetensors(sorted(path.glob("*.safetensors")))
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
     common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
+    family = export_family(config, model)
+    retrieval = family.runtime.task == "retrieval"
+    model_class = Blip2ForImageTextRetrieval if retrieval else Blip2ForConditionalGeneration
     try:
-        hf_model = Blip2ForConditionalGeneration.from_pretrained(
+        hf_model = model_class.from_pretrained(
             model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
             low_cpu_mem_usage=True, attn_implementation="eager", **common,
         )
@@ -127,12 +133,11 @@ def load_model(model: str, opts: LoadOptions):
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
         raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
-    if processor.num_query_tokens is None:
+    # Retrieval without image_token_index takes text ids alone (the model adds the queries' mask).
+    if processor.num_query_tokens is None and not (retrieval and config.image_token_index is None):
         processor.num_query_tokens = config.num_query_tokens
     # Batched prompts are padded as the family lays them out (OPT: left, after the query tokens;
-    # T5: right, its tokenizer's own side).
-    from exporter.families import export_family
-
-    processor.tokenizer.padding_side = export_family(config).runtime.padding_side
+    # T5: right, its tokenizer's own side; retrieval: BERT's right).
+    processor.tokenizer.padding_side = family.runtime.padding_side
     hf_model.eval()
     return hf_model, processor

@@ -5,6 +5,10 @@
     full   Salesforce/blip2-opt-2.7b shapes (ViT-g/14 + OPT-2.7b), about 15 GB in fp32, or
            Salesforce/blip2-flan-t5-xl shapes (ViT-g/14 + Flan-T5-XL), about 16 GB in fp32
 
+Retrieval checkpoints (Blip2ForImageTextRetrieval: ITC/ITM heads, no LLM) come from
+make_retrieval_model: tiny, bench (ViT-B/16 + the 12-layer Q-Former), full (Salesforce/blip2-itm-vit-g
+shapes: ViT-g/14 + BERT-base Q-Former, 256-d embeddings, about 4.6 GB in fp32).
+
 `llm` picks the family: "opt" or "t5". Variants cover the config space real checkpoints use:
 OPT post-layer-norm (opt-350m style) and no biases / no final layer norm; T5 "default" is
 Flan-T5 (gated-GELU feed-forward, untied embeddings), "relu" the original T5's feed-forward,
@@ -132,6 +136,53 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
         model.query_tokens.data = model.query_tokens.data.float()
     # transformers initialises query tokens to zero; random ones make the queries distinct.
     with torch.no_grad():
+        model.query_tokens.normal_(0, 0.02)
+    model.eval()
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)
+    return out_dir
+
+
+# Blip2ForImageTextRetrieval: the Q-Former gets its BERT text path (vocabulary, positions) and
+# the ITC projections' width (image_text_hidden_size).
+_RETRIEVAL = {
+    "tiny": dict(vocab_size=None, max_position_embeddings=64, embed_dim=16),
+    "bench": dict(vocab_size=30522, max_position_embeddings=512, embed_dim=256),
+    "full": dict(vocab_size=30523, max_position_embeddings=512, embed_dim=256),  # blip2-itm-vit-g's
+}
+
+
+def build_retrieval_config(size: str, vocab_size: int, image_token_index: int | None):
+    from transformers import Blip2Config
+
+    if size not in SIZES:
+        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
+    r = _RETRIEVAL[size]
+    qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=r["vocab_size"] or vocab_size,
+                   max_position_embeddings=r["max_position_embeddings"], use_qformer_text_input=True,
+                   **_QFORMER[size])
+    config = Blip2Config(vision_config=dict(initializer_range=0.02, **_VISION[size]), qformer_config=qformer,
+                         num_query_tokens=_QUERIES[size], image_text_hidden_size=r["embed_dim"],
+                         image_token_index=image_token_index)
+    config.architectures = ["Blip2ForImageTextRetrieval"]
+    return config
+
+
+def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Writes a random-weight Blip2ForImageTextRetrieval checkpoint (safetensors, BERT-style
+    tokenizer, processor) to `out_dir`."""
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    from exporter.checkpoint_files import IMAGE_TOKEN, build_bert_tokenizer, save_checkpoint
+
+    out_dir = Path(out_dir)
+    tokenizer = build_bert_tokenizer(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
+    # The processor puts num_query_tokens image placeholders before each text; the model drops
+    # them again (image_token_index set), as in the hub's blip2-itm-vit-g.
+    config = build_retrieval_config(size, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():  # transformers initialises query tokens to zero; random ones make the queries distinct
         model.query_tokens.normal_(0, 0.02)
     model.eval()
     save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)

@@ -68,6 +68,21 @@ class ExportFamily:
 
         return torch.ones(*shape, dtype=torch.long)
 
+    def manifest_header(self, hf_model) -> dict:
+        """The manifest's architecture and llm_family."""
+        return {"architecture": hf_model.config.model_type, "llm_family": self.name}
+
+    def manifest_sections(self, hf_model, processor, float_dtype: str, tmp) -> tuple[dict, list[str]]:
+        """The LLM's manifest sections (embedding table, prompts, generation) and the files they
+        write into `tmp`."""
+        import numpy as np
+
+        table = hf_model.get_input_embeddings().weight.detach().numpy()
+        np.save(tmp / "embed_tokens.npy", table.astype(float_dtype))
+        sections = {"embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
+                    "prompts": dict(self.runtime.prompts), "generation": self.generation_defaults(hf_model)}
+        return sections, ["embed_tokens.npy"]
+
     def generation_defaults(self, hf_model) -> dict:
         gc, tc = hf_model.generation_config, hf_model.config.text_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else tc.eos_token_id

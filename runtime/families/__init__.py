@@ -16,7 +16,10 @@ from __future__ import annotations
 from runtime.errors import ArtifactError
 from runtime.families.base import Family, LLMInputs
 
-ARCHITECTURES = ("blip-2",)
+ARCHITECTURES = ("blip-2", "blip-2-retrieval")
+# Architectures that are one family whatever `llm_family` says (they have no LLM; the manifest
+# leaves llm_family out). The others take their family from llm_family.
+FIXED_FAMILIES = {"blip-2-retrieval": "retrieval"}
 _FAMILIES: dict[str, Family] = {}
 
 
@@ -36,9 +39,8 @@ def get_family(llm_family: str) -> Family:
     try:
         return _FAMILIES[llm_family]
     except KeyError:
-        raise ArtifactError(
-            f"unknown LLM family '{llm_family}' (known: {', '.join(known_families())})"
-        ) from None
+        llms = [f for f in known_families() if f not in FIXED_FAMILIES.values()]
+        raise ArtifactError(f"unknown LLM family '{llm_family}' (known: {', '.join(llms)})") from None
 
 
 def family_for(manifest: dict) -> Family:
@@ -46,12 +48,12 @@ def family_for(manifest: dict) -> Family:
     arch = manifest.get("architecture")
     if arch not in ARCHITECTURES:
         raise ArtifactError(f"manifest: unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
-    return get_family(manifest.get("llm_family"))
+    return get_family(FIXED_FAMILIES.get(arch) or manifest.get("llm_family"))
 
 
 def _load_builtin() -> None:
     # Always both (imports are cached): one family module imported directly must not hide the other.
-    from runtime.families import opt, t5  # noqa: F401  (each registers itself)
+    from runtime.families import opt, retrieval, t5  # noqa: F401  (each registers itself)
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]
