@@ -85,3 +85,25 @@ def t5_tiny_artifacts(tmp_path_factory, t5_tiny_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("art") / "t5-tiny"
     export(str(t5_tiny_checkpoint), out, log=lambda s: None)
     return out
+
+
+def _export_retrieval(tmp_path_factory, name: str, seed: int) -> Path:
+    from exporter.export import export
+    from exporter.random_models import make_retrieval_model
+
+    ckpt = make_retrieval_model("tiny", tmp_path_factory.mktemp("ckpt") / name, seed=seed)
+    out = tmp_path_factory.mktemp("art") / name
+    export(str(ckpt), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def retrieval_tiny_artifacts(tmp_path_factory) -> Path:
+    """A tiny random-weight Blip2ForImageTextRetrieval, exported (the photo-index tests use it)."""
+    return _export_retrieval(tmp_path_factory, "retrieval-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def retrieval_tiny_other_artifacts(tmp_path_factory) -> Path:
+    """Another tiny retrieval model (other weights): vectors that must never be mixed with the first's."""
+    return _export_retrieval(tmp_path_factory, "retrieval-tiny-other", seed=1)

@@ -50,13 +50,8 @@ class IndexReport:
 
 
 def model_record(retriever, location: str | os.PathLike) -> ModelRecord:
-    shape = getattr(retriever, "embedding_shape", None)
-    if shape is None:  # ask the model itself: one blank image
-        from PIL import Image
-
-        shape = np.asarray(retriever.embed_images([Image.new("RGB", (8, 8))])).shape[1:]
-    q, d = (int(x) for x in shape)
-    return ModelRecord(retriever.artifact_sha256, os.path.abspath(location), q, d)
+    return ModelRecord(retriever.artifact_sha256, os.path.abspath(location), int(retriever.num_query_tokens),
+                       int(retriever.embed_dim))
 
 
 class _Pending:
@@ -127,9 +122,8 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
                 exists = db.conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha,)).fetchone()
             if exists is None and sha not in pending.images:
                 image = load_image(path, max_pixels)
-                resize = getattr(getattr(retriever, "preprocessing", None), "resize", None)
                 # keep only the model-sized image while the batch fills (a 12 Mpx photo is 36 MB decoded)
-                pending.images[sha] = resize(image) if resize else image
+                pending.images[sha] = retriever.preprocessing.resize(image)
                 report.embedded += 1
             else:
                 report.relinked += 1
