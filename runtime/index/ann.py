@@ -85,7 +85,7 @@ def load(db: IndexDb, expansion_search: int):
     if row is None or row[0] != db.generation() or row[1] != KIND:
         return None
     graph = _usearch().Index.restore(bytes(row[2]))
-    if graph is None:
+    if graph is None or len(graph) != db.count_images():  # not the graph of these vectors: stay exact
         return None
     graph.expansion_search = expansion_search
     return graph

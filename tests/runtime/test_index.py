@@ -210,3 +210,12 @@ def test_open_refuses_a_fifo_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(IndexDbError, match="not a regular file"):
         IndexDb.open(fifo, create=True)
+
+
+def test_the_index_modules_load_no_torch_and_no_ann_library_until_needed():
+    code = ("import sys, runtime.index, runtime.index.cli, runtime.index.ann\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'onnx', 'exporter', 'calibration', 'usearch')]\n"
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
