@@ -144,10 +144,14 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
 
 # Blip2ForImageTextRetrieval: the Q-Former gets its BERT text path (vocabulary, positions) and
 # the ITC projections' width (image_text_hidden_size).
+# tiny: weights drawn 15x wider than transformers' 0.02 (and query tokens from N(0, 1)), so that
+# scores differ between images and texts by tenths, not by 1e-3: the parity tests then see a
+# dropped mask or a wrong query count.
 _RETRIEVAL = {
-    "tiny": dict(vocab_size=None, max_position_embeddings=64, embed_dim=16),
-    "bench": dict(vocab_size=30522, max_position_embeddings=512, embed_dim=256),
-    "full": dict(vocab_size=30523, max_position_embeddings=512, embed_dim=256),  # blip2-itm-vit-g's
+    "tiny": dict(vocab_size=None, max_position_embeddings=64, embed_dim=16, init=0.3, query_std=1.0),
+    "bench": dict(vocab_size=30522, max_position_embeddings=512, embed_dim=256, init=0.02, query_std=0.02),
+    "full": dict(vocab_size=30523, max_position_embeddings=512, embed_dim=256, init=0.02,  # blip2-itm-vit-g's
+                 query_std=0.02),
 }
 
 
@@ -159,10 +163,10 @@ def build_retrieval_config(size: str, vocab_size: int, image_token_index: int | 
     r = _RETRIEVAL[size]
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=r["vocab_size"] or vocab_size,
                    max_position_embeddings=r["max_position_embeddings"], use_qformer_text_input=True,
-                   **_QFORMER[size])
+                   initializer_range=r["init"], **_QFORMER[size])
     config = Blip2Config(vision_config=dict(initializer_range=0.02, **_VISION[size]), qformer_config=qformer,
                          num_query_tokens=_QUERIES[size], image_text_hidden_size=r["embed_dim"],
-                         image_token_index=image_token_index)
+                         image_token_index=image_token_index, initializer_range=r["init"])
     config.architectures = ["Blip2ForImageTextRetrieval"]
     return config
 
@@ -183,7 +187,7 @@ def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config)
     with torch.no_grad():  # transformers initialises query tokens to zero; random ones make the queries distinct
-        model.query_tokens.normal_(0, 0.02)
+        model.query_tokens.normal_(0, _RETRIEVAL[size]["query_std"])
     model.eval()
     save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)
     return out_dir

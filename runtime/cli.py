@@ -23,6 +23,7 @@ from runtime.errors import Blip2EdgeError
 COMMANDS = {
     "caption": ("runtime.cli_generate", "caption images"),
     "ask": ("runtime.cli_generate", "answer a question about images"),
+    "match": ("runtime.cli_match", "ITM match probabilities (and ITC scores) of texts for an image"),
     "profile": ("runtime.profiling.cli", "per-stage latency of one or more artifact directories, side by side"),
     "build-engines": ("runtime.backends.tensorrt.cli", "build TensorRT engines on this device"),
     "export": ("exporter.cli", "BLIP-2 checkpoint -> validated ONNX artifact directory"),
