@@ -99,22 +99,25 @@ class PhotoSearch:
 
     def _rerank(self, hits: list[Hit], text: str, batch: int = 16) -> list[Hit]:
         """ITM probabilities for the hits whose file still holds the indexed content; a file
-        changed or gone since indexing is kept with its similarity but ranked after the others."""
-        readable = []
-        for hit in hits:
-            try:
-                if hit.path and any(_unchanged(*f) for f in self.db.paths_of(hit.image_id) if f[0] == hit.path):
-                    readable.append((hit, load_image(hit.path, self.max_pixels)))
-                    continue
-                warnings.warn(f"{hit.path or 'image ' + str(hit.image_id)}: changed or gone since it was indexed; "
-                              "not reranked (run blip2-edge index again)")
-            except Blip2EdgeError as exc:
-                warnings.warn(f"not reranked: {exc}")
-        for start in range(0, len(readable), batch):
-            part = readable[start:start + batch]
-            probs = np.asarray(self.retriever.itm([im for _, im in part], [text]), dtype=np.float64)[:, 0]
-            for (hit, _), p in zip(part, probs):
-                hit.itm = float(p)
+        changed or gone since indexing is kept with its similarity but ranked after the others.
+        Images are decoded a batch at a time and kept at model size (K photos of 12 Mpx would be
+        36 MB each)."""
+        for start in range(0, len(hits), batch):
+            readable = []
+            for hit in hits[start:start + batch]:
+                try:
+                    if hit.path and any(_unchanged(*f) for f in self.db.paths_of(hit.image_id) if f[0] == hit.path):
+                        image = load_image(hit.path, self.max_pixels)
+                        readable.append((hit, self.retriever.preprocessing.resize(image)))
+                        continue
+                    warnings.warn(f"{hit.path or 'image ' + str(hit.image_id)}: changed or gone since it was "
+                                  "indexed; not reranked (run blip2-edge index again)")
+                except Blip2EdgeError as exc:
+                    warnings.warn(f"not reranked: {exc}")
+            if readable:
+                probs = np.asarray(self.retriever.itm([im for _, im in readable], [text]), dtype=np.float64)[:, 0]
+                for (hit, _), p in zip(readable, probs):
+                    hit.itm = float(p)
         return sorted(hits, key=lambda h: (h.itm is None, -(h.itm or 0.0), -h.score, h.image_id))
 
 
