@@ -219,3 +219,15 @@ def test_the_index_modules_load_no_torch_and_no_ann_library_until_needed():
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_images_over_the_pixel_limit_are_listed_not_decoded(retriever, retrieval_tiny_artifacts, tmp_path):
+    photos = tmp_path / "photos"
+    small = write_photos(photos, 2, size=8)
+    big = write_photos(photos / "big", 1, size=300)[0]
+    db = IndexDb.open(tmp_path / "p.db", create=True)
+    r = _index(db, retriever, photos, retrieval_tiny_artifacts, max_pixels=100)
+    assert r.embedded == 2 and [p for p, _ in r.unreadable] == [str(big)]
+    assert "over the limit" in r.unreadable[0][1]
+    assert indexed_paths(db) == {str(p) for p in small}
+    db.close()
