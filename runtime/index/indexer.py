@@ -120,14 +120,20 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
             sha = _content_hash(path)
             with db.errors():
                 exists = db.conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha,)).fetchone()
+            image = None
             if exists is None and sha not in pending.images:
-                image = load_image(path, max_pixels)
                 # keep only the model-sized image while the batch fills (a 12 Mpx photo is 36 MB decoded)
-                pending.images[sha] = retriever.preprocessing.resize(image)
-                report.embedded += 1
+                image = retriever.preprocessing.resize(load_image(path, max_pixels))
+            if _identity(os.stat(path)) != _identity(st):
+                # written to between the walk and now: the hash and the pixels may be of two versions
+                report.unreadable.append((path, "changed while being indexed; run index again"))
             else:
-                report.relinked += 1
-            pending.files.append((key, st.st_size, st.st_mtime_ns, sha))
+                if image is not None:
+                    pending.images[sha] = image
+                    report.embedded += 1
+                else:
+                    report.relinked += 1
+                pending.files.append((key, st.st_size, st.st_mtime_ns, sha))
         except IndexDbError:
             raise
         except Blip2EdgeError as exc:  # ImageError, or ArtifactError from open_regular
@@ -148,6 +154,11 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
     report.images = db.count_images()
     report.ann = ann.rebuild_if_needed(db, record, ann_threshold)
     return report
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What changes when a file is written to or replaced (ctime moves even when mtime is set back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _reason(exc: Exception, path: str) -> str:
