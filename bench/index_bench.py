@@ -1,6 +1,6 @@
 """Photo-index search at scale: query latency, memory per image, recall of the approximate index.
 
-    flock /tmp/blip2-heavy.lock python bench/index_bench.py                  # 10k and 100k images
+    flock /tmp/blip2-heavy.lock python bench/index_bench.py --out bench/INDEX_RESULTS.md   # 10k and 100k
     flock /tmp/blip2-heavy.lock python bench/index_bench.py --sizes 10000 --queries 50
 
 Synthetic vectors at blip2-itm-vit-g shapes (Q = 32 query vectors of D = 256 per image), written
@@ -175,6 +175,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per latency (median)")
     ap.add_argument("--candidates", type=int, nargs="+", default=[100, 400, 1000, 4000])
     ap.add_argument("--kinds", nargs="+", default=["scene", "concept"], choices=["scene", "concept"])
+    ap.add_argument("--out", help="also write the table to this markdown file (e.g. bench/INDEX_RESULTS.md)")
     ap.add_argument("--tmp", default=None, help="where the temporary index files go")
     args = ap.parse_args(argv)
     rows = ["| images | vectors | search | query latency (ms, median) | recall@10 vs exact | memory per image |",
@@ -182,8 +183,12 @@ def main(argv=None) -> None:
     for n in args.sizes:
         for kind in args.kinds:
             bench_size(n, kind, args, rows)
-    print(f"Machine: {machine()}; Q={Q}, D={D}, float16 storage; {args.queries} queries for recall")
-    print("\n".join(rows))
+    text = "\n".join([f"Machine: {machine()}; Q={Q}, D={D}, float16 storage; {args.queries} queries for recall; "
+                      f"`python bench/index_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+                      *rows])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(f"# Photo-index search (bench/index_bench.py)\n\n{text}\n")
 
 
 if __name__ == "__main__":
