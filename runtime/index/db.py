@@ -182,10 +182,13 @@ class IndexDb:
             if sha is None:
                 return None
             try:
-                return ModelRecord(sha, self.meta("model_location") or "", int(self.meta("num_query_tokens")),
-                                   int(self.meta("dim")))
+                record = ModelRecord(sha, self.meta("model_location") or "", int(self.meta("num_query_tokens")),
+                                     int(self.meta("dim")))
             except (TypeError, ValueError):
-                raise IndexDbError(f"{self.path}: damaged model record; {_fix(self.path)}") from None
+                record = None
+            if record is None or not (0 < record.num_query_tokens <= 4096 and 0 < record.dim <= 65536):
+                raise IndexDbError(f"{self.path}: damaged model record; {_fix(self.path)}")
+            return record
 
     def bind_model(self, record: ModelRecord) -> None:
         """Records the model of a new index, or checks that it is the one already recorded."""
@@ -269,4 +272,9 @@ class IndexDb:
         with self.errors():
             rows = self.conn.execute("SELECT path, size, mtime_ns FROM files WHERE image_id = ? ORDER BY path",
                                      (int(image_id),)).fetchall()
-        return [(os.fsdecode(bytes(p)), s, m) for p, s, m in rows]
+        return [(os.fsdecode(path_bytes(p)), s, m) for p, s, m in rows]
+
+
+def path_bytes(value) -> bytes:
+    """A stored path as bytes (paths are stored as BLOBs: any byte string a file system allows)."""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")

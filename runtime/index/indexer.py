@@ -23,7 +23,7 @@ import numpy as np
 from runtime.errors import Blip2EdgeError, OptionError
 from runtime.images import image_files
 from runtime.index import ann
-from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord
+from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from runtime.verified_files import open_regular, sha256_fd
 
@@ -87,9 +87,8 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
     report = IndexReport(str(root), str(db.path))
     prefix = os.fsencode(root) + b"/"
     with db.errors():
-        known = {bytes(p): (s, m, i) for p, s, m, i in
-                 db.conn.execute("SELECT path, size, mtime_ns, image_id FROM files").fetchall()
-                 if bytes(p).startswith(prefix)}
+        rows = db.conn.execute("SELECT path, size, mtime_ns, image_id FROM files").fetchall()
+    known = {path_bytes(p): (s, m, i) for p, s, m, i in rows if path_bytes(p).startswith(prefix)}
 
     todo = []  # (path, stat) of files whose size or mtime changed, or that are new
     seen = set()
