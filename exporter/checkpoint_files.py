@@ -95,8 +95,10 @@ def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
-    """Saves model weights (safetensors), tokenizer and processor files into `out_dir`."""
+def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, image_tokens: bool = True) -> None:
+    """Saves model weights (safetensors), tokenizer and processor files into `out_dir`.
+    image_tokens=False: a processor that puts no query placeholders before the text (retrieval
+    checkpoints without image_token_index)."""
     from transformers import Blip2Processor, BlipImageProcessor
 
     out_dir = Path(out_dir)
@@ -109,6 +111,6 @@ def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int) -> None:
     processor = Blip2Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_query_tokens=model.config.num_query_tokens,
+        num_query_tokens=model.config.num_query_tokens if image_tokens else None,
     )
     processor.save_pretrained(out_dir)

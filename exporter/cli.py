@@ -8,6 +8,7 @@ from runtime.errors import require
 
 TOY = "toy"  # the embedded default model (OPT decoder)
 TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
+TOY_RETRIEVAL = "toy-retrieval"  # the embedded toy retrieval model (ITC/ITM heads, no LLM)
 
 
 def _need_export_extra(what: str) -> None:
@@ -17,9 +18,10 @@ def _need_export_extra(what: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
-                       description="Export a BLIP-2 checkpoint (OPT or Flan-T5) to ONNX graphs, validated against PyTorch.")
-    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' for the embedded "
-                                 "toy models (OPT / Flan-T5)")
+                       description="Export a BLIP-2 checkpoint (OPT or Flan-T5, or a Blip2ForImageTextRetrieval "
+                                   "such as Salesforce/blip2-itm-vit-g) to ONNX graphs, validated against PyTorch.")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' / '{TOY_RETRIEVAL}' "
+                                 "for the embedded toy models (OPT / Flan-T5 / retrieval)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
@@ -54,6 +56,10 @@ def register(sub) -> None:
 
 
 def resolve_model(model: str) -> str:
+    if model == TOY_RETRIEVAL:
+        from exporter.toy import CHECKPOINT_RETRIEVAL_DIR
+
+        return str(CHECKPOINT_RETRIEVAL_DIR)
     if model in (TOY, TOY_T5):
         from exporter.toy import CHECKPOINTS
 

@@ -171,9 +171,10 @@ def build_retrieval_config(size: str, vocab_size: int, image_token_index: int | 
     return config
 
 
-def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0) -> Path:
+def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0, image_tokens: bool = True) -> Path:
     """Writes a random-weight Blip2ForImageTextRetrieval checkpoint (safetensors, BERT-style
-    tokenizer, processor) to `out_dir`."""
+    tokenizer, processor) to `out_dir`. image_tokens=False: no image_token_index, and a processor
+    that gives the text ids alone (transformers' other input layout for this model)."""
     import torch
     from transformers import Blip2ForImageTextRetrieval
 
@@ -183,11 +184,12 @@ def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_bert_tokenizer(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
     # The processor puts num_query_tokens image placeholders before each text; the model drops
     # them again (image_token_index set), as in the hub's blip2-itm-vit-g.
-    config = build_retrieval_config(size, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config = build_retrieval_config(size, len(tokenizer),
+                                    tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if image_tokens else None)
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config)
     with torch.no_grad():  # transformers initialises query tokens to zero; random ones make the queries distinct
         model.query_tokens.normal_(0, _RETRIEVAL[size]["query_std"])
     model.eval()
-    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size)
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, image_tokens=image_tokens)
     return out_dir

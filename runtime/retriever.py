@@ -170,8 +170,8 @@ class Blip2Retriever:
                 raise OptionError(f"text {i}: {len(ids)} tokens; the model takes at most {limit} (with [CLS] and "
                                   "[SEP]); shorten it")
             if ids and max(ids) >= vocab:
-                raise OptionError(f"text {i}: contains a special token ({self.tokenizer._tok.id_to_token(max(ids))}) "
-                                  "outside the model's vocabulary")
+                token = self.tokenizer.token_text(max(ids))
+                raise OptionError(f"text {i}: contains a token ({token!r}) outside the model's vocabulary of {vocab} ids")
             out.append(ids)
         return out
 
