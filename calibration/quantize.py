@@ -20,10 +20,10 @@ import numpy as np
 from calibration import gates as gates_mod
 from calibration.fidelity import fidelity_report, report_lines
 from calibration.kept_report import keep_report
-from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.llm import LLMOptions, quantize_decoder
+from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
-from calibration.visual import RangeCache, VisualOptions, quantize_stage, write_trt_calibration_table
+from calibration.visual import RangeCache, VisualOptions, quantize_stage
 from runtime.artifact_dir import atomic_directory
 from runtime.backends.onnxrt import OrtRunner
 from runtime.confinement import confined_path
@@ -87,19 +87,15 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
     cache = RangeCache(opts.calibration_cache, source.calibration_identity())
 
     family = family_for(data)
-    (tmp / "calibration").mkdir()
     for stage in family.visual_stages:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
         settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, source_vision,
                                   float_dtype, opts.visual, cache)
-        table = f"calibration/{stage}.trt.cache"
-        write_trt_calibration_table(cache.amax(stage), tmp / table)
         files = _stage_files(tmp, name)
         stages[stage].update(precision="int8", external_data=files[1:],
-                             quantization={"format": "QDQ", **opts.visual.describe(), "trt_calibration_table": table,
-                                           **settings})
-        produced.update(files + [table])
+                             quantization={"format": "QDQ", **opts.visual.describe(), **settings})
+        produced.update(files)
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
             f"{', ranges from cache' if stage in cache.reused else ''})")
 

@@ -21,13 +21,10 @@ import fnmatch
 import json
 import logging
 import os
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 from calibration.sources import ImageSource
 from runtime.atomic_file import replace_file
@@ -246,25 +243,3 @@ class RangeCache:
         if self.path:  # written whole and renamed: a reader never sees half a file
             self.path.parent.mkdir(parents=True, exist_ok=True)
             replace_file(self.path, json.dumps(self.data).encode())
-
-    def amax(self, stage: str) -> dict[str, float]:
-        """Symmetric range per tensor: max(|lowest|, |highest|), read with ONNX Runtime's own
-        loader for its cache format."""
-        from onnxruntime.quantization.calibrate import load_tensors_data
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "ranges.json"
-            path.write_text(json.dumps(self.data[stage]["ranges"]))
-            tensors = load_tensors_data(path)
-        return {name: float(np.max(np.abs(np.concatenate([np.ravel(v) for v in r.range_value]))))
-                for name, r in tensors.data.items()}
-
-
-def write_trt_calibration_table(amax: dict[str, float], path: Path, trt_version: str = "8600") -> None:
-    """TensorRT's implicit-INT8 calibration cache: a header, then `tensor: <scale>` with the
-    scale (amax / 127) as the big-endian hex of its float32 bits."""
-    lines = [f"TRT-{trt_version}-EntropyCalibration2"]
-    for name in sorted(amax):
-        scale = amax[name] / 127.0 if amax[name] > 0 else 1.0 / 127.0
-        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
-    path.write_text("\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ COMMANDS = {
     "match": ("runtime.cli_match", "ITM match probabilities (and ITC scores) of texts for an image"),
     "profile": ("runtime.profiling.cli", "per-stage latency of one or more artifact directories, side by side"),
     "build-engines": ("runtime.backends.tensorrt.cli", "build TensorRT engines on this device"),
+    "doctor": ("runtime.doctor", "report what this machine can run, and check it on an artifact directory"),
     "export": ("exporter.cli", "BLIP-2 checkpoint -> validated ONNX artifact directory"),
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
     "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),

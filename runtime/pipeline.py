@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.artifact_checks import check_runner_io, load_embeddings
-from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, stage_runner
+from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
 from runtime.errors import ArtifactError, ImageError, OptionError
 from runtime.families import LLMInputs, family_for
 from runtime.manifest import Manifest, load_manifest
@@ -130,24 +130,40 @@ class Blip2Pipeline:
                  threads: ThreadSettings) -> dict:
         if backend == "onnxruntime":
             providers = providers_for(device)
-            return {s: stage_runner(manifest.stage_file(s), providers, s, threads) for s in stage_names}
+            # --device cuda must really run on CUDA (a missing cuDNN makes ONNX Runtime fall back).
+            return {s: stage_runner(manifest.stage_file(s), providers, s, threads, required_provider(device))
+                    for s in stage_names}
         from runtime.backends.tensorrt.engines import require_tensorrt_readable
 
         require_tensorrt_readable(manifest, VISUAL_STAGES)
         if backend == "onnxruntime-trt":
             int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
             fp16 = manifest.stages["decoder"]["precision"] == "fp16"
-            providers = gpu_providers(manifest.root, fp16=fp16, int8=int8)
-            return {s: stage_runner(manifest.stage_file(s), providers, s, threads) for s in stage_names}
+            from runtime.backends.tensorrt.profiles import pipeline_ranges
+
+            # One provider list per stage: each has its own explicit TensorRT profile shapes.
+            model = manifest.data["model"]
+            ranges = pipeline_ranges(model, family_for(manifest.data).position_limit(model))
+            return {s: stage_runner(manifest.stage_file(s),
+                                    gpu_providers(manifest.root, manifest.stages[s], fp16, int8, ranges),
+                                    s, threads, required_provider(device, backend)) for s in stage_names}
         from runtime.backends.tensorrt.engines import find_engine
         from runtime.backends.tensorrt.runner import TrtRunner, device_info
 
         gpu = device_info()  # names the 'tensorrt' extra when it is missing
-        runners = {s: TrtRunner(find_engine(manifest, s, gpu)) for s in VISUAL_STAGES}
+        runners = {s: TrtRunner(find_engine(manifest, s, gpu), manifest.stages[s]) for s in VISUAL_STAGES}
         # The LLM stages run on ONNX Runtime CUDA (KV cache on the device with I/O binding).
-        runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda"), s, threads)
+        runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda"), s, threads,
+                                        required_provider("cuda", backend))
                         for s in stage_names if s not in VISUAL_STAGES})
         return runners
+
+    def close(self) -> None:
+        """Frees what the runners hold on the device (TensorRT contexts, streams, buffers)."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",

@@ -24,6 +24,7 @@ from typing import Generator, Iterator, Protocol, Sequence
 import numpy as np
 
 from runtime import logits as lp
+from runtime.id_history import IdHistory
 from runtime.options import GenerationOptions
 from runtime.stopping import StopStrings
 
@@ -104,27 +105,34 @@ def greedy_or_sample(
     out: Rows = [[] for _ in range(b)]
     done = np.zeros(b, dtype=bool)
     scores_in = first_logits
+    history = _history(history, opts, stops)
     for t in range(opts.max_new_tokens):
-        scores = lp.process(scores_in.astype(np.float32), history, t, opts, eos_ids)
+        scores = lp.process(scores_in.astype(np.float32), history.ids(), t, opts, eos_ids)
         if opts.do_sample:
             probs = lp.softmax(lp.warp(scores, opts).astype(np.float64))
             tokens = np.array([rng.choice(probs.shape[1], p=row / row.sum()) for row in probs])
         else:
             tokens = scores.argmax(axis=-1)
         tokens = np.where(done, pad_id, tokens)  # finished rows are padded, as transformers does
-        history = np.concatenate([history, tokens[:, None]], axis=1)
+        history.append(tokens)
         live = np.flatnonzero(~done)
         for i in live:
             out[i].append(int(tokens[i]))
         # Stop strings are checked on the ids (prompt included), the last few tokens of a row.
         done[live] = np.isin(tokens[live], eos_ids)
-        if stops:  # only the last `window` ids can complete a stop string: copy those alone
-            done[live] |= stops.hits(history[:, -stops.window:][live])
+        if stops:  # only the last `window` ids can complete a stop string
+            done[live] |= stops.hits(history.tail(stops.window)[live])
         yield [Prefix(row, len(row)) for row in out] if settle else None
         if done.all() or t == opts.max_new_tokens - 1:
             break
         scores_in = decoder.step(tokens.astype(np.int64))
     return out
+
+
+def _history(prompt_ids: np.ndarray, opts: GenerationOptions, stops: StopStrings) -> IdHistory:
+    # Only the repetition penalty reads the whole history; stop strings read `window` ids.
+    return IdHistory(prompt_ids, opts.max_new_tokens, keep_all=opts.repetition_penalty != 1.0,
+                     window=stops.window)
 
 
 def _common_prefix(seqs: list[list[int]]) -> list[int]:
@@ -158,7 +166,7 @@ def beam_search(
     expand = np.repeat(np.arange(b), nb)
     decoder.select(expand)
     logits = first_logits[expand]
-    history = history[expand]  # (B*nb, L)
+    history = _history(history[expand], opts, stops)  # (B*nb, L)
 
     run_seq = np.full((b, nb, max_new), pad_id, dtype=np.int64)
     run_scores = np.zeros((b, nb), dtype=np.float32)
@@ -171,7 +179,7 @@ def beam_search(
 
     for t in range(max_new):
         logp = lp.log_softmax(logits.astype(np.float32))
-        logp = lp.process(logp, history, t, opts, eos_ids)
+        logp = lp.process(logp, history.ids(), t, opts, eos_ids)
         logp = (logp.reshape(b, nb, vocab) + run_scores[:, :, None]).reshape(b, nb * vocab)
         idx = np.argsort(-logp, axis=-1, kind="stable")[:, :keep]
         topk_logp = np.take_along_axis(logp, idx, axis=-1)
@@ -180,7 +188,7 @@ def beam_search(
         topk_seq[:, :, t] = tokens
         hits = np.isin(tokens, eos) | (t + 1 >= max_new)
         if stops:  # on each continuation's ids: its source beam's history plus the new token
-            recent = history[:, max(0, history.shape[1] - stops.window + 1):].reshape(b, nb, -1)
+            recent = history.tail(stops.window - 1).reshape(b, nb, -1)
             recent = np.take_along_axis(recent, src_beam[:, :, None], axis=1)  # (B, keep, window - 1)
             tails = np.concatenate([recent, tokens[:, :, None]], axis=-1)
             hits = hits | stops.hits(tails.reshape(b * keep, -1)).reshape(b, keep)
@@ -223,7 +231,8 @@ def beam_search(
             break
         rows = (run_src + np.arange(b)[:, None] * nb).reshape(-1)
         step_tokens = run_seq[:, :, t].reshape(-1)
-        history = np.concatenate([history[rows], step_tokens[:, None]], axis=1)
+        history.select(rows)
+        history.append(step_tokens)
         decoder.select(rows)
         logits = decoder.step(step_tokens)
 

@@ -61,7 +61,28 @@ class ThreadSettings:
                 "allow_spinning": {s: self.allow_spinning(s) for s in stages}}
 
 
-def providers_for(device: str) -> list[str]:
+# ONNX Runtime's CUDA arena grows by powers of two by default; on a Jetson it shares the unified
+# memory with TensorRT's contexts, so it grows only by what is asked for.
+CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+PROVIDER_HINTS = {
+    "CUDAExecutionProvider": "ONNX Runtime could not load CUDA or cuDNN: pip install 'blip2-edge[gpu]' (onnxruntime-gpu "
+                             "with CUDA 12 and cuDNN 9), or use --device auto to fall back to the CPU",
+    "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT's libraries (libnvinfer): install TensorRT "
+                                 "(pip install 'blip2-edge[tensorrt]', or JetPack's) and put its lib directory on "
+                                 "LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
+}
+
+
+def cuda_provider(gpu_mem_limit_mb: int = 0) -> tuple[str, dict]:
+    """ONNX Runtime's CUDA provider; gpu_mem_limit_mb > 0 caps its arena (Jetson: leave room
+    for TensorRT and the rest of the system in the shared memory)."""
+    options = dict(CUDA_OPTIONS)
+    if gpu_mem_limit_mb > 0:
+        options["gpu_mem_limit"] = gpu_mem_limit_mb << 20
+    return ("CUDAExecutionProvider", options)
+
+
+def providers_for(device: str, gpu_mem_limit_mb: int = 0) -> list:
     """Execution providers for a device name; `auto` falls back to the CPU with a warning."""
     import onnxruntime as ort
 
@@ -71,46 +92,78 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [cuda_provider(gpu_mem_limit_mb), "CPUExecutionProvider"]
     if device == "cuda":
         raise Blip2EdgeError(
             "--device cuda: ONNX Runtime has no CUDA provider here; install 'blip2-edge[gpu]' "
-            "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device cpu"
+            "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device auto"
         )
     log.warning("no CUDA execution provider available; running on the CPU")
     return ["CPUExecutionProvider"]
 
 
-def tensorrt_provider(cache_dir: Path, fp16: bool, int8: bool) -> tuple[str, dict]:
-    """ONNX Runtime's TensorRT execution provider, with its engine and timing caches in
-    `cache_dir` (keyed by onnxruntime, TensorRT and GPU: engines.ort_trt_cache_dir)."""
+def required_provider(device: str, backend: str = "onnxruntime") -> str | None:
+    """The provider a session must really have got: `auto` alone may fall back."""
+    if backend in ("onnxruntime-trt",):
+        return "TensorrtExecutionProvider"
+    if backend == "tensorrt" or device == "cuda":
+        return "CUDAExecutionProvider"
+    return None
+
+
+def profile_option(shapes: dict[str, tuple[tuple, tuple, tuple]], which: int) -> str:
+    """trt_profile_{min,opt,max}_shapes: 'name:1x3x224x224,other:1x32' (which: 0 min, 1 opt, 2 max)."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in ranges[which])}" for name, ranges in shapes.items())
+
+
+def tensorrt_provider(cache_dir: Path, shapes: dict, fp16: bool, int8: bool) -> tuple[str, dict]:
+    """ONNX Runtime's TensorRT execution provider for one stage: explicit optimization profiles
+    from the stage's specs (`shapes`: profiles.stage_profile), so its engine is built once for
+    the whole range instead of again whenever the decoder's past length leaves the range seen
+    so far; engine and timing caches in `cache_dir` (keyed by onnxruntime, TensorRT and GPU:
+    engines.ort_trt_cache_dir). fp16/int8 follow the graph (an FP16 export, QDQ stages)."""
     return ("TensorrtExecutionProvider", {
         "trt_fp16_enable": fp16, "trt_int8_enable": int8,
         "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
         "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": profile_option(shapes, 0),
+        "trt_profile_opt_shapes": profile_option(shapes, 1),
+        "trt_profile_max_shapes": profile_option(shapes, 2),
     })
 
 
-def gpu_providers(artifacts: Path, fp16: bool, int8: bool) -> list:
-    """TensorRT EP first, then CUDA, then CPU for whatever neither takes."""
+def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=None) -> list:
+    """TensorRT EP first (with `stage`'s profile from `ranges`, default ProfileRanges()), then
+    CUDA, then CPU for whatever neither takes."""
     import onnxruntime as ort
 
     from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
+    from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         raise Blip2EdgeError("backend 'onnxruntime-trt' needs onnxruntime-gpu with its TensorRT provider and "
                              "TensorRT's libraries: pip install 'blip2-edge[gpu]' on a machine with an NVIDIA GPU")
     cache = ort_trt_cache_dir(artifacts, ort.__version__, nvidia_device())
     cache.mkdir(parents=True, exist_ok=True)
-    return [tensorrt_provider(cache, fp16, int8), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    shapes = stage_profile(stage, ranges or ProfileRanges())
+    return [tensorrt_provider(cache, shapes, fp16, int8), cuda_provider(), "CPUExecutionProvider"]
+
+
+def check_provider(got: list[str], wanted: str | None, path: Path) -> None:
+    """A session whose first provider is not the one asked for fell back silently (missing
+    libraries): a one-line error instead of running elsewhere without a word."""
+    if wanted is not None and (not got or got[0] != wanted):
+        raise Blip2EdgeError(f"{path}: asked for {wanted} but ONNX Runtime gave {', '.join(got) or 'nothing'}; "
+                             f"{PROVIDER_HINTS.get(wanted, 'check the installation')}")
 
 
 class OrtRunner:
     """Runs one graph. InferenceSession.run is thread-safe, so one runner serves all threads."""
 
-    def __init__(self, path: Path, providers: list[str], intra_op_threads: int = 0,
-                 allow_spinning: bool | None = None):
-        """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings."""
+    def __init__(self, path: Path, providers: list, intra_op_threads: int = 0,
+                 allow_spinning: bool | None = None, require_provider: str | None = None):
+        """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings.
+        require_provider: the provider the session must really have got (else a one-line error)."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -125,6 +178,7 @@ class OrtRunner:
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             raise Blip2EdgeError(f"{path}: ONNX Runtime cannot load this graph ({' '.join(str(exc).split())[:300]})") from None
         self.path = Path(path)
+        check_provider(self.session.get_providers(), require_provider, self.path)
         self.allow_spinning = allow_spinning
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -159,6 +213,7 @@ class OrtRunner:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
 
-def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSettings) -> OrtRunner:
+def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSettings,
+                 require_provider: str | None = None) -> OrtRunner:
     """A stage's runner with its thread settings."""
-    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage))
+    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider)

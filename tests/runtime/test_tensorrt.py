@@ -38,9 +38,15 @@ def with_engine(tmp_path, tiny_artifacts):
     return add_vision_engine(shutil.copytree(tiny_artifacts, tmp_path / "art"))
 
 
-def test_current_engine_is_found(with_engine):
-    assert find_engine(with_engine, "vision", ORIN).name == "vision.engine"
+def test_current_engine_is_found_with_the_bytes_it_verified(with_engine):
+    found = find_engine(with_engine, "vision", ORIN)
+    assert found.path.name == "vision.engine" and found.data == b"serialized engine bytes"
     assert engine_dir(with_engine.root, ORIN).name == "trt10.3.0-sm87"
+    # The runner deserialises found.data: a file swapped after the check is never what runs.
+    found.path.write_bytes(b"swapped in after the hash was checked")
+    assert found.data == b"serialized engine bytes"
+    with pytest.raises(StaleEngineError, match="sha256 mismatch"):
+        find_engine(with_engine, "vision", ORIN)
 
 
 @pytest.mark.parametrize("device, why", [
@@ -127,7 +133,7 @@ def test_build_keeps_current_entries_and_replaces_what_is_not_an_engine_manifest
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message when TensorRT is missing")
 def test_build_engines_without_tensorrt_names_the_extra(tiny_artifacts):
-    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--fp16"), "blip2-edge[tensorrt]")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts), "blip2-edge[tensorrt]")
 
 
 def test_build_engines_argument_errors(tiny_artifacts, tmp_path):
@@ -136,7 +142,26 @@ def test_build_engines_argument_errors(tiny_artifacts, tmp_path):
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--min-batch", "4", "--max-batch", "2"),
                           "--min/opt/max-batch: need 0 <= min <= opt <= max, got 4/1/2")
     assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--builder-optimization-level", "9"), "0-5")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--contexts", "0"), "--contexts must be 1-8")
     assert_one_line_error(run_cli("build-engines", tmp_path / "nope"), "not an artifact directory")
+    # Strongly typed engines: precision is the graph's. An FP32 export asked for FP16 names the export to run.
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--fp16"), "stage 'vision'", "float32 graph",
+                          "--dtype fp16")
+
+
+@pytest.mark.parametrize("stages", [("decoder",), ("vision", "decoder"), ("encoder",)])
+def test_llm_stage_engines_are_refused(tiny_artifacts, stages):
+    """The tensorrt backend loads engines for vision and qformer only: an LLM stage's engine
+    would never run (and a MatMulNBits decoder would not parse)."""
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts, "--stages", *stages),
+                          "runs only vision and qformer", "MatMulNBits", "--backend onnxruntime-trt")
+
+
+@pytest.mark.parametrize("option", [("--version-compatible",), ("--hardware-compatibility", "same-cc"),
+                                    ("--max-past", "512")])
+def test_options_that_could_not_work_are_gone(tiny_artifacts, option):
+    proc = run_cli("build-engines", tiny_artifacts, *option)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
 
 
 def test_cpu_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
@@ -149,7 +174,7 @@ def test_cpu_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
     out = tmp_path / "q"
     quantize(toy_artifacts, out, QuantizeOptions(num_calib=8, held_out=10, gate=False), log=lambda s: None)
     command = "blip2-edge quantize SRC OUT --target gpu"
-    for flags in (("--int8",), ("--fp16",)):
+    for flags in ((), ("--int8",), ("--fp16",)):
         assert_one_line_error(run_cli("build-engines", out, *flags), "uint8 activations", command)
     assert_one_line_error(run_cli("build-engines", out, "--stages", "qformer"), "'qformer'", command)
     for backend in ("tensorrt", "onnxruntime-trt"):
@@ -159,12 +184,12 @@ def test_cpu_quantized_graphs_are_refused_for_tensorrt(toy_artifacts, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and an NVIDIA GPU")
-def test_fp16_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_path):
+def test_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_path):
     from runtime import synthetic
     from runtime.pipeline import Blip2Pipeline
 
     art = shutil.copytree(toy_artifacts, tmp_path / "art")
-    proc = run_cli("build-engines", art, "--fp16")
+    proc = run_cli("build-engines", art)  # the toy export is FP32: an FP32 strongly typed engine
     assert proc.returncode == 0, proc.stderr
     cpu = Blip2Pipeline.from_artifacts(art)
     trt = Blip2Pipeline.from_artifacts(art, backend="tensorrt")

@@ -1,7 +1,17 @@
-"""Building TensorRT engines from the artifact graphs with TensorRT 10's Python API.
+"""Building TensorRT engines from the artifact graphs: strongly typed networks only.
 
-Not run on this project's machines (no GPU with TensorRT): kept small, written against the
-documented API (Builder, OnnxParser, IBuilderConfig, IOptimizationProfile, IProgressMonitor).
+Precision comes from the graph's own types, never from builder flags: an FP16 export gives an
+FP16 engine, a QDQ graph from `blip2-edge quantize --target gpu` gives explicit INT8 where its
+Q/DQ pairs are, FP32 elsewhere. That is the one mode TensorRT 11 has (it removed
+BuilderFlag.FP16/INT8, OBEY_PRECISION_CONSTRAINTS, layer.precision and set_output_type) and the
+STRONGLY_TYPED flag gives the same on TensorRT 10. Nothing is pinned to FP32 by the builder:
+INormalizationLayer accumulates in FP32 already, and pinning adds reformat layers.
+
+Written against the Python bindings of TensorRT 10.3 and 11.0 (python/src/infer/pyCore.cpp):
+Builder.create_network, OnnxParser.parse_from_file, IBuilderConfig.set_memory_pool_limit /
+builder_optimization_level / progress_monitor / create_timing_cache / set_timing_cache (returns
+a bool) / get_timing_cache (may be None), IOptimizationProfile.set_shape,
+Builder.build_serialized_network (None on failure). Not run on this project's machines.
 """
 
 from __future__ import annotations
@@ -11,35 +21,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
-from runtime.errors import Blip2EdgeError, OptionError, require
+from runtime.backends.tensorrt.versions import import_tensorrt, tensorrt_major
+from runtime.errors import Blip2EdgeError, OptionError
 
-HARDWARE_COMPATIBILITY = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+MAX_CONTEXTS = 8
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    fp16: bool = False
-    int8: bool = False  # explicit quantization: the QDQ graphs written by `blip2-edge quantize`
     workspace_mb: int = 2048
     ranges: ProfileRanges = ProfileRanges()
     timing_cache: Path | None = None
     optimization_level: int = 3
-    version_compatible: bool = False
-    hardware_compatibility: str = "none"
+    # Identical optimization profiles, one per execution context the runner may use at once
+    # (TensorRT requires a profile per concurrently used context).
+    contexts: int = 1
 
     def __post_init__(self) -> None:
-        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise OptionError(f"unknown --hardware-compatibility '{self.hardware_compatibility}'; "
-                              f"valid: {', '.join(HARDWARE_COMPATIBILITY)}")
         if not 0 <= self.optimization_level <= 5:
             raise OptionError(f"--builder-optimization-level must be 0-5, got {self.optimization_level}")
         if self.workspace_mb < 64:
             raise OptionError(f"--workspace must be >= 64 MB, got {self.workspace_mb}")
+        if not 1 <= self.contexts <= MAX_CONTEXTS:
+            raise OptionError(f"--contexts must be 1-{MAX_CONTEXTS}, got {self.contexts}")
 
     def flags(self) -> dict:
-        return {"fp16": self.fp16, "int8": self.int8, "workspace_mb": self.workspace_mb,
-                "optimization_level": self.optimization_level, "version_compatible": self.version_compatible,
-                "hardware_compatibility": self.hardware_compatibility}
+        return {"strongly_typed": True, "workspace_mb": self.workspace_mb,
+                "optimization_level": self.optimization_level, "contexts": self.contexts}
+
+
+def network_flags(trt) -> int:
+    """Strongly typed: TensorRT 11 always is (its STRONGLY_TYPED flag is deprecated and
+    ignored); TensorRT 10 needs the flag (and without it, 10.x means explicit batch)."""
+    if tensorrt_major(trt) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _progress_monitor(trt):
@@ -61,12 +81,48 @@ def _progress_monitor(trt):
     return Progress()
 
 
-def build_engine(onnx_path: Path, stage: dict, opts: BuildOptions) -> bytes:
-    """Parses the graph and returns the serialized engine."""
-    trt = require("tensorrt", "tensorrt", "blip2-edge build-engines")
+def attach_timing_cache(config, cache_bytes: bytes, where: Path | None, warn=_stderr) -> None:
+    """Gives the builder the timing cache read from `where` (empty: a new one). A cache that
+    TensorRT refuses (another TensorRT version or GPU: set_timing_cache returns False, or
+    create_timing_cache returns None for a damaged file) is replaced by a new, empty one with a
+    warning: the build goes on, only slower."""
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if cache_bytes:
+        warn(f"warning: timing cache {where} was written by another TensorRT or GPU (or is damaged); "
+             "starting a new one")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise Blip2EdgeError("TensorRT refused a new, empty timing cache")
+
+
+def serialized_timing_cache(config, warn=_stderr) -> bytes | None:
+    """The timing cache after a build, or None with a warning: never an exception, so a
+    finished engine is never lost to its cache."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        warn("warning: TensorRT returned no timing cache after the build; the engine is kept, the cache is not saved")
+        return None
+    try:
+        return bytes(cache.serialize())
+    except Exception as exc:  # noqa: BLE001  (any binding error: the engine matters more)
+        warn(f"warning: the timing cache could not be serialised ({exc}); the engine is kept")
+        return None
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    engine: bytes
+    timing_cache: bytes | None  # to save after the engine, when a cache file was asked for
+
+
+def build_engine(onnx_path: Path, stage: dict, opts: BuildOptions) -> BuiltEngine:
+    """Parses the graph and returns the serialized engine (and the updated timing cache)."""
+    trt = import_tensorrt("blip2-edge build-engines")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves <graph>.onnx.data beside the file
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
@@ -75,36 +131,21 @@ def build_engine(onnx_path: Path, stage: dict, opts: BuildOptions) -> bytes:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     config.builder_optimization_level = opts.optimization_level
-    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
-                                                  HARDWARE_COMPATIBILITY[opts.hardware_compatibility])
-    if opts.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if opts.int8:
-        config.set_flag(trt.BuilderFlag.INT8)  # with Q/DQ in the graph, scales come from the graph
-    if opts.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        # LayerNorm and Softmax overflow in FP16 on ViTs: pin them (and their outputs) to FP32.
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
     config.progress_monitor = _progress_monitor(trt)
+    shapes = stage_profile(stage, opts.ranges)
+    for _ in range(opts.contexts):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
 
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in stage_profile(stage, opts.ranges).items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-
-    cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_bytes = b""
+    if opts.timing_cache and opts.timing_cache.is_file():
+        cache_bytes = opts.timing_cache.read_bytes()
+    attach_timing_cache(config, cache_bytes, opts.timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise Blip2EdgeError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
-    if opts.timing_cache:
-        opts.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+    engine = bytes(serialized)
+    return BuiltEngine(engine, serialized_timing_cache(config) if opts.timing_cache else None)

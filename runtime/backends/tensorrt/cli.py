@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError, require
+from runtime.errors import Blip2EdgeError
 
 STAGES = ("vision", "qformer", "encoder", "cross_kv", "decoder")  # every family's; a manifest has some
+# The stages the tensorrt backend runs as engines (runtime.pipeline.VISUAL_STAGES).
+ENGINE_STAGES = ("vision", "qformer")
 
 
 def register(sub) -> None:
@@ -16,20 +19,26 @@ def register(sub) -> None:
                        description="Build TensorRT engines from an artifact directory's graphs, on the device that "
                                    "will run them (never copy engines between machines).")
     p.add_argument("artifacts", type=Path)
-    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels (LayerNorm/Softmax stay FP32)")
-    p.add_argument("--int8", action="store_true", help="explicit INT8 from the QDQ graphs of 'blip2-edge quantize'")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=["vision", "qformer"],
-                   help="default: the visual stages (the decoder runs well on ONNX Runtime CUDA)")
-    # encoder-seq: an encoder-decoder's input length (queries + prompt), for Flan-T5's LLM stages.
-    for dim, (lo, opt, hi) in (("batch", (1, 1, 4)), ("seq", (1, 1, 64)), ("past", (0, 64, 256)),
-                               ("encoder-seq", (1, 40, 128))):
-        for kind, value in (("min", lo), ("opt", opt), ("max", hi)):
-            p.add_argument(f"--{kind}-{dim}", type=int, default=value)
+    p.add_argument("--fp16", action="store_true",
+                   help="require FP16 graphs (engines are strongly typed: they run in the graph's own types; "
+                        "export with --dtype fp16)")
+    p.add_argument("--int8", action="store_true", help="require the QDQ graphs of 'blip2-edge quantize --target gpu' "
+                                                       "(explicit INT8)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(ENGINE_STAGES),
+                   help="the visual stages (the only ones the tensorrt backend runs as engines; the LLM stages run "
+                        "on ONNX Runtime CUDA, or TensorRT through --backend onnxruntime-trt)")
+    # The visual stages' one dynamic dim (the LLM stages' ranges are the ORT TensorRT EP's, from
+    # profiles.ProfileRanges).
+    for kind, value in (("min", 1), ("opt", 1), ("max", 4)):
+        p.add_argument(f"--{kind}-batch", type=int, default=value,
+                       help="larger batches are split into batches of --max-batch" if kind == "max" else None)
     p.add_argument("--workspace", type=int, default=2048, metavar="MB", help="builder workspace (Orin Nano: 1024)")
-    p.add_argument("--timing-cache", type=Path, metavar="FILE")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE",
+                   help="read and update this timing cache (one written by another TensorRT or GPU is replaced)")
     p.add_argument("--builder-optimization-level", type=int, default=3)
-    p.add_argument("--version-compatible", action="store_true")
-    p.add_argument("--hardware-compatibility", choices=("none", "ampere+", "same-cc"), default="none")
+    p.add_argument("--contexts", type=int, default=1,
+                   help="execution contexts the runner may use at once (one optimization profile each); threads "
+                        "beyond this wait their turn")
     p.add_argument("--rebuild-stale", action="store_true", help="keep current engines, rebuild only stale ones")
     p.set_defaults(run=run)
 
@@ -38,26 +47,45 @@ def build_options(args):
     from runtime.backends.tensorrt.builder import BuildOptions
     from runtime.backends.tensorrt.profiles import ProfileRanges, Range
 
-    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"),
-                           sequence=Range(args.min_seq, args.opt_seq, args.max_seq, "--min/opt/max-seq"),
-                           past=Range(args.min_past, args.opt_past, args.max_past, "--min/opt/max-past"),
-                           encoder=Range(args.min_encoder_seq, args.opt_encoder_seq, args.max_encoder_seq,
-                                         "--min/opt/max-encoder-seq"))
-    return BuildOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace, ranges=ranges,
-                        timing_cache=args.timing_cache, optimization_level=args.builder_optimization_level,
-                        version_compatible=args.version_compatible, hardware_compatibility=args.hardware_compatibility)
+    ranges = ProfileRanges(batch=Range(args.min_batch, args.opt_batch, args.max_batch, "--min/opt/max-batch"))
+    return BuildOptions(workspace_mb=args.workspace, ranges=ranges, timing_cache=args.timing_cache,
+                        optimization_level=args.builder_optimization_level, contexts=args.contexts)
 
 
-def check_int8_graphs(manifest, stages, int8: bool) -> None:
+def check_stages(manifest, stages, fp16: bool, int8: bool) -> None:
+    """Refuses, before TensorRT is needed, what would build an engine nothing loads or a graph
+    TensorRT cannot read, and graphs whose types are not the precision asked for."""
     from runtime.backends.tensorrt.engines import GPU_READY_COMMAND, require_tensorrt_readable
 
+    others = [s for s in stages if s not in ENGINE_STAGES]
+    if others:
+        raise Blip2EdgeError(
+            f"--stages {' '.join(others)}: the tensorrt backend runs only {' and '.join(ENGINE_STAGES)} as engines "
+            "(an LLM stage's engine would never be loaded, and a weight-only quantized decoder's MatMulNBits is an "
+            "ONNX Runtime operator TensorRT cannot parse); for TensorRT in the LLM stages use --backend onnxruntime-trt")
     for stage in stages:
-        manifest.stage_file(stage)  # a stage this family lacks (OPT has no encoder) is an ArtifactError
-        q = manifest.stages[stage].get("quantization") or {}
-        if int8 and stage in ("vision", "qformer") and q.get("format") != "QDQ":
+        manifest.stage_file(stage)  # a stage this family lacks is an ArtifactError
+    require_tensorrt_readable(manifest, stages)  # CPU-quantized graphs: the command that makes GPU ones
+    for stage in stages:
+        spec = manifest.stages[stage]
+        q = spec.get("quantization") or {}
+        if int8 and q.get("format") != "QDQ":
             raise Blip2EdgeError(f"--int8 needs QDQ graphs: stage '{stage}' of {manifest.root} is not quantized; "
-                                 f"run '{GPU_READY_COMMAND}' first (the implicit INT8 calibrators are deprecated)")
-    require_tensorrt_readable(manifest, stages)
+                                 f"run '{GPU_READY_COMMAND}' first (TensorRT reads INT8 from the graph's Q/DQ pairs)")
+        floats = {t["dtype"] for t in spec["inputs"] if t["dtype"].startswith("float")}
+        if fp16 and floats != {"float16"}:
+            raise Blip2EdgeError(
+                f"--fp16: stage '{stage}' of {manifest.root} is a {'/'.join(sorted(floats)) or 'non-float'} graph, and "
+                "TensorRT engines are strongly typed (they run in the graph's own types): export an FP16 artifact "
+                "with 'blip2-edge export MODEL OUT --dtype fp16' and build from that")
+
+
+def graph_precision(spec: dict) -> str:
+    """What an engine built from this stage's graph computes in, for engines.json and the log."""
+    floats = sorted({t["dtype"] for t in spec["inputs"] if t["dtype"].startswith("float")})
+    base = {"float16": "fp16", "float32": "fp32"}.get(floats[0], floats[0]) if len(floats) == 1 else "mixed"
+    q = spec.get("quantization") or {}
+    return f"int8-qdq+{base}" if q.get("format") == "QDQ" else base
 
 
 def current_entries(directory: Path) -> dict:
@@ -80,8 +108,10 @@ def run(args) -> int:
     from runtime.manifest import load_manifest
 
     manifest = load_manifest(args.artifacts)
-    check_int8_graphs(manifest, args.stages, args.int8)
-    require("tensorrt", "tensorrt", "blip2-edge build-engines")
+    check_stages(manifest, args.stages, args.fp16, args.int8)
+    from runtime.backends.tensorrt.versions import import_tensorrt
+
+    import_tensorrt("blip2-edge build-engines")  # missing or unsupported: one line naming what to install
     from runtime.backends.tensorrt.builder import build_engine
     from runtime.backends.tensorrt.profiles import stage_profile
     from runtime.atomic_file import replace_file
@@ -105,14 +135,28 @@ def run(args) -> int:
             except StaleEngineError as exc:
                 print(f"  {stage}: rebuilding ({exc})")
         engine_file = f"{stage}.engine"
-        data = build_engine(manifest.stage_file(stage), manifest.stages[stage], opts)
+        spec = manifest.stages[stage]
+        built = build_engine(manifest.stage_file(stage), spec, opts)
+        data = built.engine
+        # The engine first: a timing cache that cannot be written never costs the build.
         replace_file(directory / engine_file, data)
         entries[stage] = {"engine": engine_file, "engine_sha256": hashlib.sha256(data).hexdigest(),
-                          "source_graph": manifest.stages[stage]["file"],
-                          "source_graph_sha256": source_graph_sha(manifest, stage),
-                          "flags": opts.flags(),
-                          "profile": {k: [list(s) for s in v]
-                                      for k, v in stage_profile(manifest.stages[stage], opts.ranges).items()}}
+                          "source_graph": spec["file"], "source_graph_sha256": source_graph_sha(manifest, stage),
+                          "precision": graph_precision(spec), "flags": opts.flags(),
+                          "profile": {k: [list(s) for s in v] for k, v in stage_profile(spec, opts.ranges).items()}}
         write_engine_manifest(directory, device, entries)
-        print(f"  {stage}: {directory / engine_file} ({len(data) / 1e6:.1f} MB)")
+        print(f"  {stage}: {directory / engine_file} ({len(data) / 1e6:.1f} MB, {graph_precision(spec)})")
+        save_timing_cache(opts.timing_cache, built.timing_cache)
     return 0
+
+
+def save_timing_cache(path: Path | None, data: bytes | None) -> None:
+    """Writes the builder's timing cache; a failure is a warning (the engine is written already)."""
+    from runtime.atomic_file import replace_file
+
+    if path is None or data is None:
+        return
+    try:
+        replace_file(path, data)
+    except OSError as exc:
+        print(f"warning: timing cache {path} not saved ({exc.strerror}); the engine is kept", file=sys.stderr)

@@ -9,11 +9,13 @@ version, this GPU and the artifact's current graph, is ever deserialised.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.atomic_file import replace_file
@@ -21,7 +23,7 @@ from runtime.confinement import confined_path
 from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.manifest import Manifest, graph_digest
 from runtime.manifest_schema import Obj, Str, check_rule
-from runtime.verified_files import HASHES, read_bounded
+from runtime.verified_files import open_regular, read_bounded
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1
@@ -92,9 +94,9 @@ def source_graph_sha(manifest: Manifest, stage: str) -> str:
     return graph_digest(manifest.stage_file(stage))
 
 
-def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
+def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> "VerifiedEngine":
     """The engine to run for `stage` on `device`, or a StaleEngineError that says why not and to
-    rebuild. Never returns a file whose hash differs from the engine manifest's."""
+    rebuild. Returns the bytes whose sha256 matched the engine manifest, never a path to read again."""
     rebuild = f"run 'blip2-edge build-engines {manifest.root}' on this device"
     directory = engine_dir(manifest.root, device)
     # The engine directory and its engines stay inside the artifact directory (an engine is code).
@@ -118,14 +120,38 @@ def find_engine(manifest: Manifest, stage: str, device: DeviceInfo) -> Path:
     if entry["source_graph_sha256"] != source_graph_sha(manifest, stage):
         raise StaleEngineError(f"{path}: built from an older {entry['source_graph']}; {rebuild}")
     try:
-        digest = HASHES.digest(path)  # a regular file only; keyed on inode and ctime, not mtime alone
+        data = read_regular_file(path)
     except ArtifactError:
-        digest = None
-    if digest != entry["engine_sha256"]:
+        data = None
+    # The bytes hashed are the bytes returned, and the runner deserialises exactly those: the
+    # file is never read again by path (it could be swapped in between).
+    if data is None or hashlib.sha256(data).hexdigest() != entry["engine_sha256"]:
         # An engine is code: a file that is not the one the manifest recorded is never loaded.
         raise StaleEngineError(f"{path}: missing or not the engine recorded in {ENGINE_MANIFEST} (sha256 mismatch); "
                                f"refusing to deserialise it; {rebuild}")
-    return path
+    return VerifiedEngine(path, data)
+
+
+@dataclass(frozen=True)
+class VerifiedEngine:
+    """An engine file and the bytes of it whose sha256 matched engines.json."""
+
+    path: Path
+    data: bytes = field(repr=False)
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The whole of a regular file, read through one descriptor (never a FIFO or a device)."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        chunks, offset = [], 0
+        while block := os.pread(fd, max(1 << 20, size - offset), offset):
+            chunks.append(block)
+            offset += len(block)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_engine_manifest(mpath: Path) -> dict:

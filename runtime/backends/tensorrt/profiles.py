@@ -62,3 +62,23 @@ def stage_profile(stage: dict, ranges: ProfileRanges) -> dict[str, tuple[tuple, 
                     s.append(v)
         out[tensor["name"]] = tuple(tuple(s) for s in shapes)
     return out
+
+
+# The ORT TensorRT EP's profiles for a whole pipeline: a prompt of up to this many tokens after
+# the query tokens at prefill, batches up to ORT_MAX_BATCH rows (images x beams).
+PROMPT_TOKENS = 64
+ORT_MAX_BATCH = 16
+DEFAULT_POSITION_LIMIT = 512  # a family with no position limit (T5's relative positions)
+
+
+def pipeline_ranges(model: dict, position_limit: int | None) -> ProfileRanges:
+    """Ranges that cover every call one pipeline makes: prefill (queries + prompt) and each
+    decode step up to the model's position limit, so the ORT TensorRT EP never meets a shape
+    outside its profile and never builds a second engine for a stage."""
+    limit = int(position_limit or DEFAULT_POSITION_LIMIT)
+    queries = int(model["num_query_tokens"])
+    prefill = min(limit, queries + PROMPT_TOKENS)
+    return ProfileRanges(batch=Range(1, 1, ORT_MAX_BATCH, "ORT TensorRT batch"),
+                         sequence=Range(1, 1, prefill, "ORT TensorRT sequence"),
+                         past=Range(0, min(limit, queries + 16), limit, "ORT TensorRT past"),
+                         encoder=Range(1, min(prefill, queries + 8), prefill, "ORT TensorRT encoder"))

@@ -1,0 +1,130 @@
+"""Which TensorRT, cuda-python and CUDA driver the TensorRT backend runs with, checked once
+with a one-line error that names what to install.
+
+Supported: TensorRT 10.3 (JetPack 6.1/6.2) through 11.x. The backend builds strongly typed
+networks only: TensorRT 10.x has them behind NetworkDefinitionCreationFlag.STRONGLY_TYPED,
+TensorRT 11 has nothing else (it removed BuilderFlag.FP16/INT8 and layer precisions).
+TensorRT 8.x (JetPack 5, JetPack 6.0) has no IProgressMonitor and reads create_network(0)
+as an implicit-batch network, so it is refused here rather than failing mid-build.
+cuda-python must be 12.x: 13.x links the CUDA 13 runtime, which a CUDA 12 driver (JetPack 6)
+cannot load. The functions here take version strings, so they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+from runtime.errors import Blip2EdgeError, require
+
+MIN_TENSORRT = (10, 3)
+MAX_TENSORRT_MAJOR = 11  # the newest major this code is written and checked against
+CUDA_PYTHON_MAJOR = 12
+JETSON_HINT = ("on a Jetson use JetPack 6.1 or newer and its own TensorRT (a venv made with "
+               "--system-site-packages), elsewhere pip install 'blip2-edge[tensorrt]'")
+
+
+class UnsupportedVersionError(Blip2EdgeError):
+    """An installed TensorRT, cuda-python or CUDA driver that the backend cannot use."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.3.0.30' -> (10, 3, 0, 30); a suffix such as '.post1' or 'rc1' is ignored."""
+    numbers = []
+    for part in str(text).split("."):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        numbers.append(int(match.group()))
+    if not numbers:
+        raise UnsupportedVersionError(f"cannot read the version '{text}'")
+    return tuple(numbers)
+
+
+def check_tensorrt_version(version: str) -> tuple[int, ...]:
+    v = parse_version(version)
+    if v[:2] < MIN_TENSORRT:
+        raise UnsupportedVersionError(
+            f"TensorRT {version} is too old: the TensorRT backend needs TensorRT "
+            f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} to {MAX_TENSORRT_MAJOR}.x (strongly typed networks); {JETSON_HINT}")
+    if v[0] > MAX_TENSORRT_MAJOR:
+        raise UnsupportedVersionError(
+            f"TensorRT {version} is newer than this blip2-edge supports (TensorRT {MIN_TENSORRT[0]}."
+            f"{MIN_TENSORRT[1]} to {MAX_TENSORRT_MAJOR}.x): pip install 'tensorrt-cu12<{MAX_TENSORRT_MAJOR + 1}'")
+    return v
+
+
+def check_cuda_python_version(version: str) -> None:
+    if parse_version(version)[0] != CUDA_PYTHON_MAJOR:
+        raise UnsupportedVersionError(
+            f"cuda-python {version} is installed; the TensorRT backend needs cuda-python 12.x (13.x links the "
+            f"CUDA 13 runtime, which CUDA 12 drivers and JetPack 6 cannot load): pip install 'cuda-python>=12.3,<13'")
+
+
+def cuda_version_text(number: int) -> str:
+    """CUDA's integer versions: 12060 -> '12.6'."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def check_driver(driver: int, runtime: int) -> None:
+    """driver: cudaDriverGetVersion (0 without a driver); runtime: cudaRuntimeGetVersion."""
+    if driver == 0:
+        raise UnsupportedVersionError("no NVIDIA driver found: the TensorRT backend needs an NVIDIA GPU and its driver")
+    if driver < runtime:
+        raise UnsupportedVersionError(
+            f"the CUDA driver supports CUDA {cuda_version_text(driver)} but cuda-python links the CUDA "
+            f"{cuda_version_text(runtime)} runtime: pip install 'cuda-python=={cuda_version_text(driver)}.*' "
+            f"(or update the driver)")
+
+
+def installed_version(*distributions: str) -> str | None:
+    """The version of the first of `distributions` that is installed (pip metadata), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def import_tensorrt(what: str):
+    """The tensorrt module, or a one-line error naming what to install."""
+    trt = require("tensorrt", "tensorrt", what)
+    check_tensorrt_version(trt.__version__)
+    return trt
+
+
+def tensorrt_major(trt) -> int:
+    return parse_version(trt.__version__)[0]
+
+
+def _runtime_module(what: str):
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6.1 (cuda.cudart is its old name)
+
+        return cudart
+    except ImportError:
+        return require("cuda.cudart", "tensorrt", what)
+
+
+_CHECKED: dict[str, object] = {}
+
+
+def import_cudart(what: str):
+    """cuda-python's runtime module, after checking its major version and that the driver can
+    run the CUDA runtime it links (else the first call fails with 'insufficient driver')."""
+    if "cudart" in _CHECKED:
+        return _CHECKED["cudart"]
+    cudart = _runtime_module(what)
+    version = installed_version("cuda-python", "cuda-bindings")
+    if version is not None:  # JetPack's or a source build may carry no pip metadata
+        check_cuda_python_version(version)
+    err, driver = cudart.cudaDriverGetVersion()
+    err2, runtime = cudart.cudaRuntimeGetVersion()
+    if int(err) != 0 or int(err2) != 0:
+        raise UnsupportedVersionError(f"CUDA cannot report its driver and runtime versions (error {int(err) or int(err2)}); "
+                                      "is the NVIDIA driver installed?")
+    check_driver(int(driver), int(runtime))
+    _CHECKED["cudart"] = cudart
+    return cudart

@@ -1,0 +1,161 @@
+"""What `blip2-edge doctor` reports about the machine: versions and devices, probed without
+importing anything that could fail to load (a missing library is a finding, not a crash)."""
+
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+# L4T release -> JetPack (NVIDIA's release notes); TensorRT 10.3 arrived with L4T 36.4.
+JETPACK = {"35": "5.x (TensorRT 8.5)", "36.2": "6.0 DP (TensorRT 8.6)", "36.3": "6.0 (TensorRT 8.6)",
+           "36.4": "6.1/6.2 (TensorRT 10.3)"}
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | skip
+    detail: str
+
+
+@dataclass
+class Environment:
+    python: str
+    platform: str
+    onnxruntime: str | None
+    providers: list[str]
+    tensorrt: str | None
+    cuda_python: str | None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    driver: str | None = None
+    cuda_driver: str | None = None
+    cuda_runtime: str | None = None
+    jetson: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def jetson_release(path: Path = TEGRA_RELEASE) -> dict | None:
+    """{'l4t': '36.4.0', 'jetpack': '6.1/6.2 (TensorRT 10.3)'} from /etc/nv_tegra_release
+    ('# R36 (release), REVISION: 4.0, ...'), or None off a Jetson."""
+    try:
+        first = path.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
+    if not m:
+        return {"l4t": first.strip()[:80], "jetpack": "unknown"}
+    major, revision = m.group(1), m.group(2)
+    l4t = f"{major}.{revision}"
+    minor = revision.split(".")[0]
+    jetpack = JETPACK.get(f"{major}.{minor}") or JETPACK.get(major) or "unknown"
+    return {"l4t": l4t, "jetpack": jetpack}
+
+
+def _cuda_versions(env: Environment) -> None:
+    """The CUDA driver and runtime versions through cuda-python, when it loads."""
+    from runtime.backends.tensorrt.versions import cuda_version_text
+
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+        err, driver = cudart.cudaDriverGetVersion()
+        err2, runtime = cudart.cudaRuntimeGetVersion()
+    except Exception as exc:  # noqa: BLE001  (a broken install is reported, not raised)
+        env.notes.append(f"cuda-python does not load: {' '.join(str(exc).split())[:200]}")
+        return
+    if int(getattr(err, "value", err)) == 0:
+        env.cuda_driver = cuda_version_text(int(driver)) if int(driver) else "none"
+    if int(getattr(err2, "value", err2)) == 0:
+        env.cuda_runtime = cuda_version_text(int(runtime))
+
+
+def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
+    from runtime.backends.tensorrt.engines import nvidia_smi
+    from runtime.backends.tensorrt.versions import installed_version
+    from runtime.profiling.environment import _nvpmodel
+
+    try:
+        import onnxruntime as ort
+
+        ort_version, providers = ort.__version__, list(ort.get_available_providers())
+    except ImportError:
+        ort_version, providers = None, []
+    env = Environment(python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
+                      onnxruntime=ort_version, providers=providers,
+                      tensorrt=installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13") or _module_version(),
+                      cuda_python=installed_version("cuda-python", "cuda-bindings"))
+    row = nvidia_smi("name", "compute_cap", "driver_version")
+    if row:
+        env.gpu, env.compute_capability, env.driver = row
+    if env.cuda_python:
+        _cuda_versions(env)
+    jetson = jetson_release(tegra_release)
+    if jetson is not None:
+        jetson["power_mode"] = _nvpmodel()
+        env.jetson = jetson
+    return env
+
+
+def _module_version() -> str | None:
+    """JetPack's TensorRT has no pip metadata: its module's version, if it imports."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception:  # noqa: BLE001  (a TensorRT whose libraries do not load)
+        return "unloadable"
+
+
+def environment_checks(env: Environment) -> list[Check]:
+    """What the machine can do, as checks: a skip says what to install."""
+    from runtime.backends.tensorrt.versions import (UnsupportedVersionError, check_cuda_python_version, check_driver,
+                                                    check_tensorrt_version)
+
+    checks = []
+    if env.gpu:
+        checks.append(Check("gpu", PASS, f"{env.gpu}, compute capability {env.compute_capability}, driver {env.driver}"))
+    elif env.jetson:
+        checks.append(Check("gpu", PASS, f"Jetson, L4T {env.jetson['l4t']} (JetPack {env.jetson['jetpack']})"))
+    else:
+        checks.append(Check("gpu", SKIP, "no NVIDIA GPU found (nvidia-smi absent or reports none): CPU only"))
+    if env.tensorrt is None:
+        checks.append(Check("tensorrt", SKIP, "not installed: pip install 'blip2-edge[tensorrt]' (on a Jetson: "
+                                              "JetPack's python3-libnvinfer in a --system-site-packages venv)"))
+    else:
+        try:
+            check_tensorrt_version(env.tensorrt)
+            checks.append(Check("tensorrt", PASS, f"TensorRT {env.tensorrt}"))
+        except UnsupportedVersionError as exc:
+            checks.append(Check("tensorrt", FAIL, str(exc)))
+    if env.cuda_python is None:
+        checks.append(Check("cuda-python", SKIP, "not installed: pip install 'cuda-python>=12.3,<13' "
+                                                 "(the tensorrt extra brings it)"))
+    else:
+        try:
+            check_cuda_python_version(env.cuda_python)
+            if env.cuda_driver is not None and env.cuda_runtime is not None and env.cuda_driver != "none":
+                check_driver(_cuda_int(env.cuda_driver), _cuda_int(env.cuda_runtime))
+            checks.append(Check("cuda-python", PASS, f"cuda-python {env.cuda_python}, CUDA driver "
+                                                     f"{env.cuda_driver or '?'}, runtime {env.cuda_runtime or '?'}"))
+        except UnsupportedVersionError as exc:
+            checks.append(Check("cuda-python", FAIL, str(exc)))
+    return checks
+
+
+def _cuda_int(text: str) -> int:
+    major, minor = text.split(".")
+    return int(major) * 1000 + int(minor) * 10

@@ -1,0 +1,186 @@
+"""The checks `blip2-edge doctor DIR` runs on an artifact directory: the CPU pipeline, then each
+GPU backend the machine allows, each compared with the CPU (stage outputs by cosine, captions
+token for token, two threads at once against one after the other). Every check is pass, fail
+or skip-with-reason; a backend asked for by name that cannot run is a failure, not a skip."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from runtime.doctor_env import FAIL, PASS, SKIP, Check, Environment
+from runtime.errors import Blip2EdgeError
+
+BACKENDS = ("cpu", "cuda", "tensorrt", "onnxruntime-trt")
+MAX_NEW_TOKENS = 12
+MIN_COSINE = 0.99
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def sample_images(n: int = 2):
+    from runtime import synthetic
+
+    return [image for _, image in synthetic.make_scenes(n, seed=7)]
+
+
+def caption_tokens(pipe, images) -> list[list[int]]:
+    return [r.tokens for r in pipe.caption(images, max_new_tokens=MAX_NEW_TOKENS)]
+
+
+def threads_match(pipe, images, expected) -> Check | None:
+    """Two threads captioning at once give what one caption after the other gave."""
+    results, errors = [None] * len(images), []
+
+    def one(i):
+        try:
+            results[i] = caption_tokens(pipe, [images[i]])[0]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors or any(t.is_alive() for t in threads):
+        return f"two threads at once failed: {_one_line(errors[0]) if errors else 'timed out'}"
+    if results != expected:
+        return "two threads at once gave other tokens than one caption after the other"
+    return None
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine similarity between matching rows (last axis) of a and b."""
+    a = a.astype(np.float64).reshape(-1, a.shape[-1])
+    b = b.astype(np.float64).reshape(-1, b.shape[-1])
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)))
+
+
+def stage_cosines(reference, other, images, batches=(1,)) -> dict[str, float]:
+    """The visual stages of `other` against `reference` on the same inputs, per batch size."""
+    out = {}
+    for batch in batches:
+        pixels = reference.preprocessing.batch([images[i % len(images)] for i in range(batch)])
+        embeds = reference.runners["vision"].infer({"pixel_values": pixels})
+        for stage, feed in (("vision", {"pixel_values": pixels}), ("qformer", embeds)):
+            feed = {k: v for k, v in feed.items() if k in reference.runners[stage].input_names}
+            a = next(iter(reference.runners[stage].infer(feed).values()))
+            b = next(iter(other.runners[stage].infer(feed).values()))
+            if a.shape != b.shape:
+                raise Blip2EdgeError(f"{stage} at batch {batch}: shape {b.shape}, the CPU gives {a.shape}")
+            out[f"{stage}@{batch}"] = round(cosine(a, b), 5)
+    return out
+
+
+class ArtifactRun:
+    """Runs the checks for one artifact directory; `cpu_tokens` is the reference."""
+
+    def __init__(self, artifacts: Path, env: Environment, requested: tuple[str, ...]):
+        self.artifacts, self.env, self.requested = Path(artifacts), env, requested
+        self.images = sample_images()
+        self.cpu = None
+        self.cpu_tokens = None
+
+    def unavailable(self, backend: str, reason: str) -> Check:
+        """Asked for by name: a failure; otherwise a skip that says what to install."""
+        return Check(backend, FAIL if backend in self.requested else SKIP, reason)
+
+    def run(self) -> list[Check]:
+        from runtime.manifest import load_manifest
+        from runtime.pipeline import Blip2Pipeline
+
+        try:
+            manifest = load_manifest(self.artifacts, verify=True)
+        except Blip2EdgeError as exc:
+            return [Check("artifact", FAIL, _one_line(exc))]
+        checks = [Check("artifact", PASS, f"{manifest.data['architecture']} / {manifest.data['llm_family']}, stages "
+                                          f"{', '.join(manifest.stages)}, every file verified")]
+        try:
+            self.cpu = Blip2Pipeline.from_artifacts(self.artifacts, verify=False)
+            results = self.cpu.caption(self.images, max_new_tokens=MAX_NEW_TOKENS)
+            self.cpu_tokens, text = [r.tokens for r in results], results[0].text
+            problem = threads_match(self.cpu, self.images, self.cpu_tokens)
+            checks.append(Check("cpu", FAIL, problem) if problem else
+                          Check("cpu", PASS, f"caption {text!r}; two threads at once equal one after the other"))
+        except Exception as exc:  # noqa: BLE001  (a doctor reports; --debug shows the traceback)
+            return checks + [Check("cpu", FAIL, _one_line(exc))]
+        for backend, method in (("cuda", self.cuda), ("tensorrt", self.tensorrt),
+                                ("onnxruntime-trt", self.onnxruntime_trt)):
+            if self.requested and backend not in self.requested:
+                continue
+            try:
+                checks.append(method())
+            except Exception as exc:  # noqa: BLE001
+                checks.append(Check(backend, FAIL, _one_line(exc)))
+        return checks
+
+    def compare(self, backend: str, pipe, cosines: dict | None = None) -> Check:
+        tokens = caption_tokens(pipe, self.images)
+        low = {k: v for k, v in (cosines or {}).items() if v < MIN_COSINE}
+        if low:
+            return Check(backend, FAIL, f"stage outputs differ from the CPU's: cosine {low}")
+        if tokens != self.cpu_tokens:
+            return Check(backend, FAIL, f"captions differ from the CPU's: {tokens} vs {self.cpu_tokens}")
+        problem = threads_match(pipe, self.images, tokens)
+        if problem:
+            return Check(backend, FAIL, problem)
+        detail = "tokens equal to the CPU's; two threads at once equal one after the other"
+        return Check(backend, PASS, detail + (f"; cosine {cosines}" if cosines else ""))
+
+    def cuda(self) -> Check:
+        from runtime.pipeline import Blip2Pipeline
+
+        if "CUDAExecutionProvider" not in self.env.providers:
+            return self.unavailable("cuda", "ONNX Runtime has no CUDA provider: pip install 'blip2-edge[gpu]' "
+                                            "(onnxruntime-gpu; on a Jetson NVIDIA's wheel for your JetPack)")
+        pipe = Blip2Pipeline.from_artifacts(self.artifacts, device="cuda", verify=False)
+        return self.compare("cuda", pipe, stage_cosines(self.cpu, pipe, self.images))
+
+    def tensorrt(self) -> Check:
+        from runtime.backends.tensorrt.engines import StaleEngineError
+        from runtime.pipeline import Blip2Pipeline
+
+        if self.env.tensorrt is None or self.env.cuda_python is None or not (self.env.gpu or self.env.jetson):
+            missing = [n for n, v in (("an NVIDIA GPU", self.env.gpu or self.env.jetson),
+                                      ("TensorRT", self.env.tensorrt), ("cuda-python", self.env.cuda_python)) if not v]
+            return self.unavailable("tensorrt", f"needs {', '.join(missing)}: pip install 'blip2-edge[tensorrt]' "
+                                                "(on a Jetson: JetPack's TensorRT, see the README)")
+        if "CUDAExecutionProvider" not in self.env.providers:
+            return self.unavailable("tensorrt", "its LLM stages run on ONNX Runtime CUDA: pip install 'blip2-edge[gpu]'")
+        try:
+            pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="tensorrt", verify=False)
+        except StaleEngineError as exc:
+            return self.unavailable("tensorrt", f"{_one_line(exc)} (or doctor --build-engines)")
+        try:
+            batches = (1, pipe.runners["vision"].max_batch or 1, (pipe.runners["vision"].max_batch or 1) + 1)
+            return self.compare("tensorrt", pipe, stage_cosines(self.cpu, pipe, self.images, batches))
+        finally:
+            pipe.close()
+
+    def onnxruntime_trt(self) -> Check:
+        from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
+        from runtime.pipeline import Blip2Pipeline
+
+        if "TensorrtExecutionProvider" not in self.env.providers:
+            return self.unavailable("onnxruntime-trt", "ONNX Runtime has no TensorRT provider: pip install "
+                                                       "'blip2-edge[gpu]' and TensorRT's libraries")
+        # The pipeline refuses a session that fell back from TensorRT (a one-line error).
+        pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="onnxruntime-trt", verify=False)
+        import onnxruntime as ort
+
+        cache = ort_trt_cache_dir(self.artifacts, ort.__version__, nvidia_device())
+        check = self.compare("onnxruntime-trt", pipe)
+        before = sorted(p.name for p in cache.glob("*.engine"))
+        pipe.caption(self.images[:1], max_new_tokens=MAX_NEW_TOKENS * 2)  # longer: new past lengths
+        after = sorted(p.name for p in cache.glob("*.engine"))
+        if check.status == PASS and after != before:
+            return Check("onnxruntime-trt", FAIL, f"the TensorRT provider built new engines for new decoder lengths "
+                                                  f"({len(before)} -> {len(after)} in {cache}): its profile is too small")
+        return check
