@@ -186,3 +186,32 @@ def test_index_and_search_commands(retriever, retrieval_tiny_artifacts, tmp_path
     assert proc.returncode == 2 and "--model" in proc.stderr and proc.stderr.count("\n") == 1
     proc = run_cli("search", db, TEXTS[1], "--model", moved, "--top", "2")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_toy_library_finds_each_scene_by_its_caption(retrieval_toy_artifacts, tmp_path):
+    """The trained toy retrieval model through the whole index: a held-out gallery with one image
+    per distinct caption; searching each caption must rank its own image first (>= 90%), before
+    and after ITM reranking."""
+    from exporter.toy.train import RENDER_SIZE
+    from exporter.toy.train_retrieval import all_scenes
+    from runtime import Blip2Retriever, synthetic
+
+    rng = np.random.default_rng(2024)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    scenes = all_scenes()
+    for i, scene in enumerate(scenes):
+        synthetic.render(scene, rng, RENDER_SIZE).save(photos / f"scene{i:03d}.png")
+    toy = Blip2Retriever.from_artifacts(retrieval_toy_artifacts)
+    db = IndexDb.open(tmp_path / "photos.db", create=True)
+    assert update_index(db, toy, photos, retrieval_toy_artifacts).embedded == len(scenes)
+    s = PhotoSearch(db, toy, retrieval_toy_artifacts)
+    own = [os.path.basename(s.search(scene.caption, top=1)[0].path) == f"scene{i:03d}.png"
+           for i, scene in enumerate(scenes)]
+    assert np.mean(own) >= 0.90, np.mean(own)
+    some = range(0, len(scenes), 4)
+    reranked = [os.path.basename(s.search(scenes[i].caption, top=1, rerank=5)[0].path) == f"scene{i:03d}.png"
+                for i in some]
+    assert np.mean(reranked) >= 0.90, np.mean(reranked)
+    print(f"toy top-1: {np.mean(own):.3f} exact, {np.mean(reranked):.3f} reranked")
+    db.close()
