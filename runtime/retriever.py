@@ -198,6 +198,9 @@ class Blip2Retriever:
 
     # ---- scores -----------------------------------------------------------------------------------
 
+    # itc() from stored embeddings: image_embeds (N, Q, D) and text_embeds (M, D) -> (N, M).
+    itc_from_embeds = staticmethod(similarity)
+
     def itc(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
         """(N, M) ITC scores: transformers' logits_per_image with use_image_text_matching_head=False."""
         texts = _text_batch(texts)

@@ -45,6 +45,8 @@ def test_scores_from_precomputed_features_equal_the_direct_ones(retriever):
     embeds = retriever.embed_images_from_vision(vision)
     assert np.array_equal(embeds, retriever.embed_images(images))
     assert np.allclose(similarity(embeds, retriever.embed_texts(TEXTS)), retriever.itc(images, TEXTS), atol=1e-6)
+    assert np.array_equal(retriever.itc_from_embeds(embeds, retriever.embed_texts(TEXTS)),
+                          similarity(embeds, retriever.embed_texts(TEXTS)))
     assert np.allclose(retriever.itm_from_vision(vision[3:], TEXTS), retriever.itm(images[3:], TEXTS), atol=1e-6)
 
 
