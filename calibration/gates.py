@@ -18,6 +18,11 @@ class Gates:
     visual_cosine_worst_1pct: float = 0.97
     accuracy_drop_int8: float = 0.01  # INT8 visual (+ INT8 LLM): within 1 point of FP32
     accuracy_drop_int4: float = 0.03  # with an INT4 LLM: within 3 points
+    # Retrieval artifacts: gates on retrieval itself (calibration/retrieval_fidelity.py).
+    embedding_cosine_mean: float = 0.99  # ITC image embeddings, end to end
+    recall_at_1_vs_fp32: float = 0.90  # FP32's top-1 is the quantized model's top 1 ...
+    recall_at_5_vs_fp32: float = 0.98  # ... or within its top 5, both directions
+    recall_drop: float = 0.02  # recall@1 against ground truth (synthetic scenes), both directions
 
 
 def evaluate(report: dict, gates: Gates, llm_precision: str) -> list[dict]:
@@ -37,6 +42,29 @@ def evaluate(report: dict, gates: Gates, llm_precision: str) -> list[dict]:
         # Rounded: 1.0 - 0.99 is 0.010000000000000009 in floats, and "within 1 point" allows 1 point.
         drop = round(e["fp32_accuracy"] - e["quantized_accuracy"], 9)
         gate("accuracy drop vs FP32 (points/100)", drop, "<=", bar)
+    return results
+
+
+def evaluate_retrieval(report: dict, gates: Gates) -> list[dict]:
+    results = []
+
+    def gate(name, value, op, bar):
+        passed = value >= bar if op == ">=" else value <= bar
+        results.append({"name": name, "value": value, "op": op, "bar": bar, "passed": bool(passed)})
+
+    for stage, s in report["stages"].items():
+        gate(f"{stage} cosine mean", s["cosine_mean"], ">=", gates.visual_cosine_mean)
+        gate(f"{stage} cosine worst 1%", s["cosine_worst_1pct"], ">=", gates.visual_cosine_worst_1pct)
+    gate("image embeddings cosine mean", report["embeddings"]["cosine_mean"], ">=", gates.embedding_cosine_mean)
+    for direction, r in report["recall_vs_fp32"].items():
+        name = direction.replace("_", " ")
+        gate(f"{name} recall@1 vs FP32", r["recall_at_1"], ">=", gates.recall_at_1_vs_fp32)
+        gate(f"{name} recall@5 vs FP32", r["recall_at_5"], ">=", gates.recall_at_5_vs_fp32)
+    if "ground_truth" in report:
+        g = report["ground_truth"]
+        for key in ("text_to_image_recall_at_1", "image_to_text_recall_at_1"):
+            drop = round(g["fp32"][key] - g["quantized"][key], 9)  # rounded as in evaluate()
+            gate(f"{key.replace('_', ' ')} drop vs FP32", drop, "<=", gates.recall_drop)
     return results
 
 

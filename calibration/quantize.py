@@ -21,6 +21,7 @@ from calibration import gates as gates_mod
 from calibration.fidelity import fidelity_report, report_lines
 from calibration.kept_report import keep_report
 from calibration.llm import LLMOptions, quantize_decoder
+from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage
 from runtime.artifact_dir import atomic_directory
@@ -29,7 +30,7 @@ from runtime.confinement import confined_path
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
 from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
-from runtime.pipeline import VISUAL_STAGES, Blip2Pipeline
+from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
 
 
@@ -108,7 +109,8 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
     cache = RangeCache(opts.calibration_cache, source.calibration_identity())
     qformer_feeds = instruction_feeds(src)
 
-    for stage in VISUAL_STAGES:
+    family = family_for(data)
+    for stage in family.visual_stages:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
         settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, source_vision,
@@ -120,7 +122,6 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
             f"{', ranges from cache' if stage in cache.reused else ''})")
 
-    family = family_for(data)
     for stage in family.weight_only_stages if opts.llm.precision != "none" else ():
         t0 = time.perf_counter()
         name = stages[stage]["file"]
@@ -132,8 +133,8 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
         produced.update(files)
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s)")
 
-    emb = data["embeddings"]
-    if opts.llm.embed_fp16 and emb["dtype"] != "float16":
+    emb = data.get("embeddings")  # retrieval artifacts have no LLM embedding table
+    if emb is not None and opts.llm.embed_fp16 and emb["dtype"] != "float16":
         np.save(tmp / emb["file"], np.load(src.path(emb["file"]), mmap_mode="r").astype(np.float16))
         emb["dtype"] = "float16"
         produced.add(emb["file"])
@@ -166,6 +167,9 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     """Quantizes `artifacts` into `out_dir`; returns the fidelity report (with gate results)."""
     opts = opts or QuantizeOptions()
     src = load_manifest(artifacts)
+    family = family_for(src.data)
+    if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
+        raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
     if src.data.get("quantization") and not opts.allow_requantize:
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")
@@ -179,11 +183,19 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         # The fidelity report reads the new manifest from memory: on disk it is written last, so a
         # directory left by a killed run, or one below a gate, is never loadable.
         staged = Manifest(tmp, checksummed(tmp, write_quantized(src, tmp, source, opts, log)))
-        reference = Blip2Pipeline(src)  # verified by load_manifest above
-        quant = Blip2Pipeline(staged)
-        report = fidelity_report(reference, quant, source, llm_quantized=opts.llm.precision != "none")
-        report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
-        for line in report_lines(report):
+        if family.task == "retrieval":  # gated on retrieval itself: recall vs FP32, embedding cosine
+            from runtime.retriever import Blip2Retriever
+
+            report = retrieval_fidelity_report(Blip2Retriever(src), Blip2Retriever(staged), source)
+            report["gates"] = gates_mod.evaluate_retrieval(report, opts.gates)
+            lines = retrieval_report_lines(report)
+        else:
+            reference = Blip2Pipeline(src)  # verified by load_manifest above
+            quant = Blip2Pipeline(staged)
+            report = fidelity_report(reference, quant, source, llm_quantized=opts.llm.precision != "none")
+            report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
+            lines = report_lines(report)
+        for line in lines:
             log(line)
         (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
         failed = gates_mod.failures(report["gates"])

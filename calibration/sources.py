@@ -7,7 +7,6 @@ The held-out images used by the fidelity report are never among the calibration 
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,26 +20,6 @@ from runtime.images import IMAGE_SUFFIXES, image_files
 from runtime.preprocess import load_image
 
 MIN_HELD_OUT = 8
-
-
-class Progress:
-    """A one-line progress bar on stderr (no dependency). Redrawn in place on a terminal; into a
-    log or a pipe, where carriage returns pile up on one line, only the finished line is written."""
-
-    def __init__(self, label: str, total: int, stream=sys.stderr):
-        self.label, self.total, self.done, self.stream = label, total, 0, stream
-        self.live = bool(getattr(stream, "isatty", lambda: False)())
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if not self.live and self.done < self.total:
-            return
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        self.stream.write(f"\r  {self.label:<22} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 @dataclass

@@ -28,12 +28,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from calibration.sources import ImageSource, Progress
+from calibration.sources import ImageSource
 from runtime.atomic_file import replace_file
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError, OptionError
 from runtime.manifest import graph_digest
 from runtime.preprocess import Preprocessing
+from runtime.progress import Progress
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")

@@ -77,9 +77,11 @@ def build_t5_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
-def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """A WordPiece tokenizer laid out like the BERT one InstructBLIP's Q-Former reads:
-    lower-casing, [PAD]=0, [CLS] text [SEP], right padding."""
+def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int, image_token: bool = False):
+    """A WordPiece tokenizer laid out like bert-base-uncased (the Q-Former's): lower-cased,
+    [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, "[CLS] text [SEP]", right padding.
+    image_token: its last token is the BLIP-2 image placeholder (the processor puts it before
+    retrieval texts), within `vocab_size`; InstructBLIP's Q-Former tokenizer has none."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,14 +89,17 @@ def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS,
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - int(image_token), special_tokens=BERT_SPECIAL_TOKENS,
                                         show_progress=False)
     tok.train_from_iterator(list(corpus), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+    if image_token:
+        fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return fast
 
 
 def build_llama_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -133,9 +138,12 @@ def build_llama_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, qformer_tokenizer=None) -> None:
+def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, qformer_tokenizer=None,
+                    image_tokens: bool = True) -> None:
     """Saves model weights (safetensors), tokenizer and processor files into `out_dir`; with
-    `qformer_tokenizer`, an InstructBLIP processor (the Q-Former's tokenizer in its subfolder)."""
+    `qformer_tokenizer`, an InstructBLIP processor (the Q-Former's tokenizer in its subfolder).
+    image_tokens=False: a processor that puts no query placeholders before the text (retrieval
+    checkpoints without image_token_index)."""
     from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     out_dir = Path(out_dir)
@@ -151,5 +159,5 @@ def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, qformer_to
                                           num_query_tokens=model.config.num_query_tokens)
     else:
         processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                   num_query_tokens=model.config.num_query_tokens)
+                                   num_query_tokens=model.config.num_query_tokens if image_tokens else None)
     processor.save_pretrained(out_dir)

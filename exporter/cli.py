@@ -9,6 +9,7 @@ from runtime.errors import require
 TOY = "toy"  # the embedded default model (OPT decoder)
 TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
 TOY_INSTRUCTBLIP = "toy-instructblip"  # the embedded toy InstructBLIP with a Vicuna-style LLaMA decoder
+TOY_RETRIEVAL = "toy-retrieval"  # the embedded toy retrieval model (ITC/ITM heads, no LLM)
 
 
 def _need_export_extra(what: str) -> None:
@@ -18,9 +19,12 @@ def _need_export_extra(what: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="BLIP-2 checkpoint -> validated ONNX artifact directory",
-                       description="Export a BLIP-2 checkpoint (OPT or Flan-T5) to ONNX graphs, validated against PyTorch.")
-    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' / '{TOY_INSTRUCTBLIP}' "
-                                 "for the embedded toy models (OPT / Flan-T5 / InstructBLIP with LLaMA)")
+                       description="Export a BLIP-2 or InstructBLIP checkpoint (OPT, Flan-T5 or LLaMA/Vicuna), or a "
+                                   "Blip2ForImageTextRetrieval such as Salesforce/blip2-itm-vit-g, to ONNX graphs, "
+                                   "validated against PyTorch.")
+    p.add_argument("model", help=f"hub id, local checkpoint directory, or '{TOY}' / '{TOY_T5}' / '{TOY_INSTRUCTBLIP}' / "
+                                 f"'{TOY_RETRIEVAL}' for the embedded toy models (OPT / Flan-T5 / InstructBLIP with "
+                                 "LLaMA / retrieval)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
@@ -39,9 +43,10 @@ def register(sub) -> None:
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
     p.add_argument("size", choices=("tiny", "bench", "full"))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--arch", choices=("blip-2", "instructblip"), default="blip-2",
+    p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default="blip-2",
                    help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
-                        "--llm t5, instructblip-vicuna-7b with --llm llama)")
+                        "--llm t5, instructblip-vicuna-7b with --llm llama); retrieval: Blip2ForImageTextRetrieval "
+                        "(ITC/ITM heads, no LLM, --llm ignored; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
     p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
                    help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
@@ -60,6 +65,10 @@ def resolve_model(model: str) -> str:
         from exporter.toy import INSTRUCTBLIP_CHECKPOINT
 
         return str(INSTRUCTBLIP_CHECKPOINT)
+    if model == TOY_RETRIEVAL:
+        from exporter.toy import CHECKPOINT_RETRIEVAL_DIR
+
+        return str(CHECKPOINT_RETRIEVAL_DIR)
     if model in (TOY, TOY_T5):
         from exporter.toy import CHECKPOINTS
 
@@ -88,6 +97,12 @@ def run_make_model(args) -> int:
 
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
+    if args.arch == "retrieval":
+        from exporter.random_models import make_retrieval_model
+
+        make_retrieval_model(args.size, args.out_dir, seed=args.seed)
+        print(f"wrote a random-weight '{args.size}' BLIP-2 retrieval (ITC/ITM) checkpoint to {args.out_dir}")
+        return 0
     try:
         make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm, arch=args.arch)
     except ValueError as exc:  # a variant of the other family

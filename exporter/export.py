@@ -82,8 +82,6 @@ def tool_versions(opset: int) -> dict:
 def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
     """Writes graphs, embedding table and tokenizer/processor files into `tmp`; returns the manifest
     (with its `files` list), which the caller writes last, once the directory has passed validation."""
-    import numpy as np
-
     from exporter.families import export_family
 
     family = export_family(hf_model.config)
@@ -102,29 +100,26 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
                         "external_data": written[1:]}
         log(f"  exported {name:<8} -> {', '.join(written)}  ({time.perf_counter() - t0:.1f}s)")
 
-    table = hf_model.get_input_embeddings().weight.detach().numpy()
-    np.save(tmp / "embed_tokens.npy", table.astype(float_dtype))
-    files.append("embed_tokens.npy")
+    sections, written = family.manifest_sections(hf_model, processor, float_dtype, tmp)
+    files += written
     processor.save_pretrained(tmp)
-    hf_model.generation_config.save_pretrained(tmp)
+    if hf_model.generation_config is not None:  # retrieval models have none
+        hf_model.generation_config.save_pretrained(tmp)
     files += sorted(p.name for p in tmp.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
-    sections, extra_files = family.manifest_sections(processor, tmp)
+    extra_sections, extra_files = family.architecture_sections(processor, tmp)
     files += extra_files
 
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "source": source,
-        "architecture": hf_model.config.model_type,
-        "llm_family": family.name,
+        **family.manifest_header(hf_model),
         "model": dims,
         "stages": stages,
-        "embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
+        **sections,
         "preprocessing": preprocessing_of(processor.image_processor).to_manifest(),
         "tokenizer": tokenizer_spec(processor.tokenizer),
-        **sections,
-        "prompts": dict(family.runtime.prompts),
-        "generation": family.generation_defaults(hf_model, processor.tokenizer),
+        **extra_sections,
         "quantization": None,
         "tools": tool_versions(opts.opset),
         "files": sorted(set(files)),

@@ -13,6 +13,8 @@ from runtime.errors import Blip2EdgeError
 # config.model_type -> (model class, processor class) in transformers
 SUPPORTED_ARCHITECTURES = {"blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
                            "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
+# A "blip-2" config whose architectures name Blip2ForImageTextRetrieval (exporter/families/retrieval.py).
+RETRIEVAL_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2Processor")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -82,8 +84,9 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
         )
     from exporter.families import export_family
 
-    export_family(config, model).check(config, model, dtype)
-    if config.image_token_index is None:
+    family = export_family(config, model)
+    family.check(config, model, dtype)
+    if family.runtime.task == "generation" and config.image_token_index is None:
         raise Blip2EdgeError(
             f"'{model}': config has no image_token_index; checkpoints from before transformers 4.47 need "
             "updating (re-save with a current Blip2Processor)"
@@ -108,6 +111,8 @@ def load_model(model: str, opts: LoadOptions):
     import transformers
     from safetensors import SafetensorError
 
+    from exporter.families import export_family
+
     path = Path(model).expanduser()
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):
         raise Blip2EdgeError(f"{model}: no such directory")
@@ -120,7 +125,10 @@ def load_model(model: str, opts: LoadOptions):
         check_safetensors(sorted(path.glob("*.safetensors")))
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
     common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
-    model_class, processor_class = (getattr(transformers, name) for name in SUPPORTED_ARCHITECTURES[config.model_type])
+    family = export_family(config, model)
+    retrieval = family.runtime.task == "retrieval"
+    names = RETRIEVAL_CLASSES if retrieval else SUPPORTED_ARCHITECTURES[config.model_type]
+    model_class, processor_class = (getattr(transformers, name) for name in names)
     try:
         hf_model = model_class.from_pretrained(
             model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
@@ -131,12 +139,11 @@ def load_model(model: str, opts: LoadOptions):
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
         raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
-    if processor.num_query_tokens is None:
+    # Retrieval without image_token_index takes text ids alone (the model adds the queries' mask).
+    if processor.num_query_tokens is None and not (retrieval and config.image_token_index is None):
         processor.num_query_tokens = config.num_query_tokens
     # Batched prompts are padded as the family lays them out (OPT: left, after the query tokens;
-    # T5: right, its tokenizer's own side).
-    from exporter.families import export_family
-
-    processor.tokenizer.padding_side = export_family(config).runtime.padding_side
+    # T5: right, its tokenizer's own side; retrieval: BERT's right).
+    processor.tokenizer.padding_side = family.runtime.padding_side
     hf_model.eval()
     return hf_model, processor

@@ -7,6 +7,10 @@
            Salesforce/instructblip-vicuna-7b's vision and LLaMA shapes (ViT-g/14 + Vicuna-7b),
            about 16 GB in fp16
 
+Retrieval checkpoints (Blip2ForImageTextRetrieval: ITC/ITM heads, no LLM) come from
+make_retrieval_model: tiny, bench (ViT-B/16 + the 12-layer Q-Former), full (Salesforce/blip2-itm-vit-g
+shapes: ViT-g/14 + BERT-base Q-Former, 256-d embeddings, about 4.6 GB in fp32).
+
 `arch` picks BLIP-2 or InstructBLIP (whose Q-Former reads the instruction through its own BERT
 tokenizer; `full` = Salesforce/instructblip-flan-t5-xl or -vicuna-7b shapes), `llm` the family:
 "opt", "t5" or "llama" (LLaMA under BLIP-2, as transformers' Blip2ForConditionalGeneration accepts
@@ -180,4 +184,57 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
         model.query_tokens.normal_(0, 0.02)
     model.eval()
     save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, qformer_tokenizer)
+    return out_dir
+
+
+# Blip2ForImageTextRetrieval: the Q-Former gets its BERT text path (vocabulary, positions) and
+# the ITC projections' width (image_text_hidden_size).
+# tiny: weights drawn 15x wider than transformers' 0.02 (and query tokens from N(0, 1)), so that
+# scores differ between images and texts by tenths, not by 1e-3: the parity tests then see a
+# dropped mask or a wrong query count.
+_RETRIEVAL = {
+    "tiny": dict(vocab_size=None, max_position_embeddings=64, embed_dim=16, init=0.3, query_std=1.0),
+    "bench": dict(vocab_size=30522, max_position_embeddings=512, embed_dim=256, init=0.02, query_std=0.02),
+    "full": dict(vocab_size=30523, max_position_embeddings=512, embed_dim=256, init=0.02,  # blip2-itm-vit-g's
+                 query_std=0.02),
+}
+
+
+def build_retrieval_config(size: str, vocab_size: int, image_token_index: int | None):
+    from transformers import Blip2Config
+
+    if size not in SIZES:
+        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
+    r = _RETRIEVAL[size]
+    qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=r["vocab_size"] or vocab_size,
+                   max_position_embeddings=r["max_position_embeddings"], use_qformer_text_input=True,
+                   initializer_range=r["init"], **_QFORMER[size])
+    config = Blip2Config(vision_config=dict(initializer_range=0.02, **_VISION[size]), qformer_config=qformer,
+                         num_query_tokens=_QUERIES[size], image_text_hidden_size=r["embed_dim"],
+                         image_token_index=image_token_index, initializer_range=r["init"])
+    config.architectures = ["Blip2ForImageTextRetrieval"]
+    return config
+
+
+def make_retrieval_model(size: str, out_dir: str | Path, seed: int = 0, image_tokens: bool = True) -> Path:
+    """Writes a random-weight Blip2ForImageTextRetrieval checkpoint (safetensors, BERT-style
+    tokenizer, processor) to `out_dir`. image_tokens=False: no image_token_index, and a processor
+    that gives the text ids alone (transformers' other input layout for this model)."""
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    from exporter.checkpoint_files import IMAGE_TOKEN, build_bert_tokenizer, save_checkpoint
+
+    out_dir = Path(out_dir)
+    tokenizer = build_bert_tokenizer(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size], image_token=True)
+    # The processor puts num_query_tokens image placeholders before each text; the model drops
+    # them again (image_token_index set), as in the hub's blip2-itm-vit-g.
+    config = build_retrieval_config(size, len(tokenizer),
+                                    tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if image_tokens else None)
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():  # transformers initialises query tokens to zero; random ones make the queries distinct
+        model.query_tokens.normal_(0, _RETRIEVAL[size]["query_std"])
+    model.eval()
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, image_tokens=image_tokens)
     return out_dir

@@ -141,6 +141,11 @@ def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
 
 def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
     """`artifacts`: a directory, or a Manifest held in memory."""
+    from exporter.families import export_family
+
+    family = export_family(hf_model.config)
+    if family.runtime.task == "retrieval":  # its own stages and end-to-end scores, no generation
+        return family.validate(hf_model, processor, _staged(artifacts), atol)
     stages = validate_stages(hf_model, processor, artifacts, atol)
     report = {"atol": atol, "stages": stages}
     if check_generation:
@@ -159,6 +164,10 @@ def summary_lines(report: dict) -> list[str]:
         n = sum(c["match"] for c in g["cases"])
         lines.append(f"  generate greedy token ids identical to transformers: {n}/{len(g['cases'])} prompts  "
                      f"{'ok' if g['ok'] else 'FAILED'}")
+    if "retrieval" in report:
+        r = report["retrieval"]
+        lines.append(f"  itc/itm/embeddings vs transformers' Blip2ForImageTextRetrieval: max abs diff "
+                     f"{r['max_abs_diff']:.2e} ({r['worst_output']})  atol {r['atol']:.0e}  {'ok' if r['ok'] else 'FAILED'}")
     return lines
 
 
@@ -169,6 +178,10 @@ def failure_message(report: dict) -> str:
             o = max(bad, key=lambda o: o["max_abs_diff"])
             return (f"validation failed: stage '{s['stage']}' output '{o['name']}' differs from PyTorch by "
                     f"{o['max_abs_diff']:.3e} (allowed {o['tolerance']:.1e}: atol {s['atol']:.0e} x max(1, max |output|))")
+    r = report.get("retrieval")
+    if r and not r["ok"]:
+        return (f"validation failed: the runtime's {r['worst_output']} differ from transformers' by "
+                f"{r['max_abs_diff']:.3e} (allowed {r['atol']:.1e})")
     g = report.get("generation")
     if g and not g["ok"]:
         c = next(c for c in g["cases"] if not c["match"])

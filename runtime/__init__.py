@@ -1,16 +1,17 @@
 """The torch-free runtime: artifact directory in, captions and answers out.
 
-Public API: Blip2Pipeline, GenerationOptions, ThreadSettings, Result, the error types and ImageWarning (an image
+Public API: Blip2Pipeline, Blip2Retriever (ITC/ITM retrieval), GenerationOptions, ThreadSettings, Result, the error types and ImageWarning (an image
 processed as transformers does, but probably not as its owner meant). Imported lazily so that `runtime.errors` or
 `runtime.synthetic` do not load ONNX Runtime.
 """
 
-__all__ = ["Blip2Pipeline", "GenerationOptions", "ThreadSettings", "Result", "Blip2EdgeError", "ArtifactError", "ImageError",
+__all__ = ["Blip2Pipeline", "Blip2Retriever", "GenerationOptions", "ThreadSettings", "Result", "Blip2EdgeError", "ArtifactError", "ImageError",
            "OptionError", "ImageWarning"]
 
 _WHERE = {
     "Blip2Pipeline": "runtime.pipeline",
     "Result": "runtime.pipeline",
+    "Blip2Retriever": "runtime.retriever",
     "GenerationOptions": "runtime.options",
     "ThreadSettings": "runtime.backends.onnxrt",
     "Blip2EdgeError": "runtime.errors",

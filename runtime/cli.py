@@ -23,6 +23,7 @@ from runtime.errors import Blip2EdgeError
 COMMANDS = {
     "caption": ("runtime.cli_generate", "caption images"),
     "ask": ("runtime.cli_generate", "answer a question about images"),
+    "match": ("runtime.cli_match", "ITM match probabilities (and ITC scores) of texts for an image"),
     "profile": ("runtime.profiling.cli", "per-stage latency of one or more artifact directories, side by side"),
     "build-engines": ("runtime.backends.tensorrt.cli", "build TensorRT engines on this device"),
     "doctor": ("runtime.doctor", "report what this machine can run, and check it on an artifact directory"),
@@ -30,6 +31,8 @@ COMMANDS = {
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
     "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),
     "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
+    "index": ("runtime.index.cli", "embed a photo folder into a searchable index (only new or changed files)"),
+    "search": ("runtime.index.cli", "find the indexed photos that best match a text"),
 }
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `cat` or `grep` cut off by `head`
 ESCAPE = "blip2edge.escape"

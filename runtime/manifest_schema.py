@@ -19,7 +19,7 @@ from typing import Callable
 from runtime.confinement import path_problem
 from runtime.errors import ArtifactError
 from runtime.families import ARCHITECTURES as RUNTIME_ARCHITECTURES
-from runtime.families import get_family
+from runtime.families import FIXED_FAMILIES, get_family
 from runtime.stages import DYNAMIC_DIMS, StageSpec
 
 FLOAT_DTYPES = ("float16", "float32")
@@ -229,7 +229,7 @@ STAGE = Obj(required={"file": RelPath(), "inputs": ListOf(TENSOR, 1), "outputs":
             optional={"external_data": ListOf(RelPath(), max_len=1024),
                       "quantization": Nullable(Obj(optional={"trt_calibration_table": RelPath()}))})
 
-# Keys every family has; family tables add theirs.
+# Keys every family has; family tables add theirs (LLM_SECTIONS for the families with an LLM).
 COMMON = {
     "embeddings": Obj({"file": RelPath(), "dtype": Str(choices=FLOAT_DTYPES), "shape": ListOf(Int(1), 2, 2)}),
     "preprocessing": Obj(required={"size": ListOf(Int(1, MAX_IMAGE_SIDE), 2, 2), "resample": Str(choices=RESAMPLES),
@@ -245,6 +245,7 @@ COMMON = {
                       optional={"max_new_tokens": Int(1, 1 << 20), "decoder_start_token_id": TOKEN_ID}),
     "files": Files(),
 }
+LLM_SECTIONS = ("embeddings", "prompts", "generation")  # of COMMON: only the families with an LLM have these
 OPTIONAL = {"source": Nullable(Obj()), "tools": Nullable(Obj()), "quantization": Nullable(Obj())}
 
 
@@ -259,6 +260,7 @@ class FamilySchema:
     model: dict[str, Rule]
     stage_specs: Callable[[dict], dict[str, StageSpec]]
     checks: tuple[Callable[[dict], None], ...] = field(default=())
+    sections: tuple[str, ...] = LLM_SECTIONS  # which of LLM_SECTIONS its manifests carry
 
 
 def _heads_times_dim(m: dict) -> None:
@@ -266,6 +268,16 @@ def _heads_times_dim(m: dict) -> None:
     if model["num_heads"] * model["head_dim"] != model["text_hidden"]:
         raise Invalid("model.head_dim", f"text_hidden / num_heads = {model['text_hidden']} / {model['num_heads']}",
                       model["head_dim"])
+
+
+def _check_llm_sections(m: dict) -> None:
+    """The LLM families' image placeholder and embedding table against their model dims
+    (image_token_id, vocab_size and text_hidden are required model keys, checked present by then)."""
+    model = m["model"]
+    TOKEN_ID.check(model["image_token_id"], "model.image_token_id", Context(m))
+    want = [model["vocab_size"], model["text_hidden"]]
+    if m["embeddings"]["shape"] != want:
+        raise Invalid("embeddings.shape", f"[model.vocab_size, model.text_hidden] = {want}", m["embeddings"]["shape"])
 
 
 VISION_DIMS = {"image_size": Int(1, MAX_IMAGE_SIDE), "num_patches": Int(1, 1 << 20), "vision_hidden": Int(1, 1 << 16),
@@ -283,7 +295,7 @@ MODEL_KEYS: dict[str, dict[str, Rule]] = {
 }
 FAMILIES: dict[str, FamilySchema] = {
     name: FamilySchema(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
-                 checks=(_heads_times_dim,))
+                 checks=(_heads_times_dim, _check_llm_sections))
     for name, keys in MODEL_KEYS.items()
 }
 
@@ -295,7 +307,14 @@ def _kv_heads_group_heads(m: dict) -> None:
 
 
 FAMILIES["llama"] = FamilySchema(model=MODEL_KEYS["llama"], stage_specs=FAMILIES["llama"].stage_specs,
-                                 checks=(_heads_times_dim, _kv_heads_group_heads))
+                                 checks=(_heads_times_dim, _check_llm_sections, _kv_heads_group_heads))
+# Retrieval (ITC/ITM, no LLM): the Q-Former's own dims; vocab_size is its BERT vocabulary, text
+# ids beyond max_text_tokens have no position embedding.
+RETRIEVAL_DIMS = {**{k: VISION_DIMS[k] for k in ("image_size", "num_patches", "vision_hidden", "num_query_tokens")},
+                  "qformer_hidden": Int(1, 1 << 16), "embed_dim": Int(1, 1 << 16), "vocab_size": Int(1, 1 << 22),
+                  "max_text_tokens": Int(2, 1 << 16)}
+FAMILIES["retrieval"] = FamilySchema(model=RETRIEVAL_DIMS, stage_specs=lambda model: get_family("retrieval").stage_specs(model),
+                                     sections=())
 # The `architecture` values this runtime runs.
 ARCHITECTURES: set[str] = set(RUNTIME_ARCHITECTURES)
 
@@ -308,11 +327,13 @@ QFORMER_TOKEN_ID = Int(0, _qformer_vocab)
 # What an architecture adds to its llm_family's manifest: model keys, and top-level sections.
 ARCHITECTURE_MODEL_KEYS: dict[str, dict[str, Rule]] = {
     "blip-2": {},
+    "blip-2-retrieval": {},
     # InstructBLIP's Q-Former embeds the instruction: its BERT vocabulary and learned positions.
     "instructblip": {"qformer_vocab_size": Int(1, 1 << 22), "qformer_max_positions": Int(1, 1 << 16)},
 }
 ARCHITECTURE_SECTIONS: dict[str, dict[str, Rule]] = {
     "blip-2": {},
+    "blip-2-retrieval": {},
     "instructblip": {"qformer_tokenizer": Obj(required={
         "file": RelPath(), "prefix_ids": ListOf(QFORMER_TOKEN_ID, max_len=MAX_IDS),
         "suffix_ids": ListOf(QFORMER_TOKEN_ID, max_len=MAX_IDS), "pad_token_id": QFORMER_TOKEN_ID,
@@ -353,13 +374,9 @@ def _check_stages(m: dict, specs: dict[str, StageSpec]) -> None:
 
 
 def _check_shared(m: dict) -> None:
-    """Checks across sections every family shares (image_token_id and image_size are required
-    model keys, checked present by then)."""
+    """Checks across sections every family shares (image_size is a required model key, checked
+    present by then)."""
     model = m["model"]
-    TOKEN_ID.check(model["image_token_id"], "model.image_token_id", Context(m))
-    want = [model["vocab_size"], model["text_hidden"]]
-    if m["embeddings"]["shape"] != want:
-        raise Invalid("embeddings.shape", f"[model.vocab_size, model.text_hidden] = {want}", m["embeddings"]["shape"])
     side = model["image_size"]
     if m["preprocessing"]["size"] != [side, side]:
         raise Invalid("preprocessing.size", f"[{side}, {side}] (model.image_size)", m["preprocessing"]["size"])
@@ -371,10 +388,17 @@ def validate(m) -> list[tuple[str, str]]:
     if not isinstance(m, dict):
         raise Invalid("(top level)", "an object", m)
     ctx = Context(m)
-    Obj({"architecture": Str(choices=ARCHITECTURES), "llm_family": Str(choices=FAMILIES)}).check(m, "", ctx)
-    family, arch = FAMILIES[m["llm_family"]], m["architecture"]
+    Obj({"architecture": Str(choices=ARCHITECTURES)}).check(m, "", ctx)
+    arch = m["architecture"]
+    fixed = FIXED_FAMILIES.get(arch)
+    if fixed is None:
+        llm = [name for name in FAMILIES if name not in FIXED_FAMILIES.values()]
+        Obj({"llm_family": Str(choices=llm)}).check(m, "", ctx)
+    elif m.get("llm_family") is not None:
+        raise Invalid("llm_family", f"null or absent (architecture {arch!r} has no LLM)", m["llm_family"])
+    family = FAMILIES[fixed or m["llm_family"]]
     stage_specs = family.stage_specs
-    if arch != "blip-2":  # another architecture around the LLM family: its own stages (InstructBLIP's Q-Former)
+    if arch != "blip-2" and not fixed:  # another architecture around the LLM family: its own stages (InstructBLIP's Q-Former)
         try:
             stage_specs = get_family(m["llm_family"], arch).stage_specs
         except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
@@ -383,13 +407,14 @@ def validate(m) -> list[tuple[str, str]]:
     specs = stage_specs(m["model"])
     for name in m["stages"]:
         if name not in specs:
-            raise Invalid(f"stages.{name}", f"only the stages of llm_family {m['llm_family']!r}: {', '.join(specs)}",
-                          show_value=False)
+            what = f"architecture {m['architecture']!r}" if fixed else f"llm_family {m['llm_family']!r}"
+            raise Invalid(f"stages.{name}", f"only the stages of {what}: {', '.join(specs)}", show_value=False)
     for name in specs:
         if name not in m["stages"]:
             raise Invalid(f"stages.{name}", "a value (required stage is missing)", show_value=False)
         STAGE.check(m["stages"][name], f"stages.{name}", ctx)
-    Obj({**COMMON, **ARCHITECTURE_SECTIONS[arch]}, OPTIONAL).check(m, "", ctx)
+    sections = {k: r for k, r in COMMON.items() if k not in LLM_SECTIONS or k in family.sections}
+    Obj({**sections, **ARCHITECTURE_SECTIONS[arch]}, OPTIONAL).check(m, "", ctx)
     for check in family.checks:  # the model's own dims first: the stage shapes are read against them
         check(m)
     _check_shared(m)

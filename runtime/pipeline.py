@@ -19,7 +19,7 @@ from PIL import Image
 
 from runtime.artifact_checks import check_runner_io, load_embeddings
 from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
-from runtime.errors import ImageError, OptionError
+from runtime.errors import ArtifactError, ImageError, OptionError
 from runtime.families import LLMInputs, family_for
 from runtime.manifest import Manifest, load_manifest
 from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
@@ -96,6 +96,9 @@ class Blip2Pipeline:
         m = manifest.data
         self.model = m["model"]
         self.family = family_for(m)
+        if self.family.task != "generation":
+            raise ArtifactError(f"{manifest.where}: a {m['architecture']} artifact has no language model to caption "
+                                "or answer with; use Blip2Retriever or `blip2-edge match`")
         self.stage_names = self.family.stage_names(self.model)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
         self.threads = threads or ThreadSettings()

@@ -75,6 +75,11 @@ ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 QFORMER_INPUT_IDS = "qformer_input_ids"
 QFORMER_ATTENTION_MASK = "qformer_attention_mask"
+# Retrieval (ITC / ITM): the Q-Former's text input and the three heads' outputs.
+INPUT_IDS = "input_ids"
+ITC_IMAGE_EMBEDS = "itc_image_embeds"
+ITC_TEXT_EMBEDS = "itc_text_embeds"
+ITM_LOGITS = "itm_logits"
 
 VISION = StageSpec(
     name="vision",

@@ -106,6 +106,44 @@ def llama_tiny_artifacts(tmp_path_factory, llama_tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def retrieval_tiny_checkpoint(tmp_path_factory) -> Path:
+    from exporter.random_models import make_retrieval_model
+
+    return make_retrieval_model("tiny", tmp_path_factory.mktemp("ckpt") / "retrieval-tiny", seed=5)
+
+
+@pytest.fixture(scope="session")
+def retrieval_tiny_artifacts(tmp_path_factory, retrieval_tiny_checkpoint) -> Path:
+    from exporter.export import export
+
+    out = tmp_path_factory.mktemp("art") / "retrieval-tiny"
+    export(str(retrieval_tiny_checkpoint), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def retrieval_toy_artifacts(tmp_path_factory) -> Path:
+    from exporter.export import export
+    from exporter.toy import CHECKPOINT_RETRIEVAL_DIR
+
+    out = tmp_path_factory.mktemp("art") / "retrieval-toy"
+    export(str(CHECKPOINT_RETRIEVAL_DIR), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def retrieval_tiny_other_artifacts(tmp_path_factory) -> Path:
+    """Another tiny retrieval model (other weights): vectors that must never be mixed with the first's."""
+    from exporter.export import export
+    from exporter.random_models import make_retrieval_model
+
+    ckpt = make_retrieval_model("tiny", tmp_path_factory.mktemp("ckpt") / "retrieval-tiny-other", seed=6)
+    out = tmp_path_factory.mktemp("art") / "retrieval-tiny-other"
+    export(str(ckpt), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
     from exporter.export import export
     from exporter.random_models import make_model

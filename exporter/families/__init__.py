@@ -20,7 +20,12 @@ def supported_llms() -> tuple[str, ...]:
 
 def export_family(config, model: str = "the checkpoint"):
     """The export family of a BLIP-2 or InstructBLIP config (by its model_type and its
-    text_config's); an unsupported LLM is one line naming the supported."""
+    text_config's); an unsupported LLM is one line naming the supported. A
+    Blip2ForImageTextRetrieval checkpoint is the retrieval family, whatever its (unused) text_config."""
+    from exporter.families.retrieval import is_retrieval
+
+    if is_retrieval(config):
+        return import_module("exporter.families.retrieval").FAMILY
     llm = config.text_config.model_type
     if llm not in _MODULES:
         raise Blip2EdgeError(f"'{model}' uses a '{llm}' language model, which is not supported "

@@ -69,6 +69,22 @@ class ExportFamily:
 
         return torch.ones(*shape, dtype=torch.long)
 
+    def manifest_header(self, hf_model) -> dict:
+        """The manifest's architecture and llm_family."""
+        return {"architecture": hf_model.config.model_type, "llm_family": self.name}
+
+    def manifest_sections(self, hf_model, processor, float_dtype: str, tmp) -> tuple[dict, list[str]]:
+        """The LLM's manifest sections (embedding table, prompts, generation) and the files they
+        write into `tmp`."""
+        import numpy as np
+
+        table = hf_model.get_input_embeddings().weight.detach().numpy()
+        np.save(tmp / "embed_tokens.npy", table.astype(float_dtype))
+        sections = {"embeddings": {"file": "embed_tokens.npy", "dtype": float_dtype, "shape": list(table.shape)},
+                    "prompts": dict(self.runtime.prompts),
+                    "generation": self.generation_defaults(hf_model, processor.tokenizer)}
+        return sections, ["embed_tokens.npy"]
+
     def generation_defaults(self, hf_model, tokenizer=None) -> dict:
         """eos/pad/stop-string defaults; `tokenizer`: the checkpoint's (families that need its ids)."""
         gc, tc = hf_model.generation_config, hf_model.config.text_config
@@ -78,7 +94,7 @@ class ExportFamily:
         return {"eos_token_ids": eos, "pad_token_id": pad, "stop_strings": list(self.runtime.stop_strings),
                 "max_new_tokens": 30}
 
-    def manifest_sections(self, processor, out) -> tuple[dict, list[str]]:
+    def architecture_sections(self, processor, out) -> tuple[dict, list[str]]:
         """Manifest sections this architecture adds, and the files (relative to `out`, where the
         processor was saved) they name; InstructBLIP: its Q-Former tokenizer."""
         return {}, []

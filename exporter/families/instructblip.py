@@ -86,7 +86,7 @@ class InstructBlipExport(ExportFamily):
     def modules(self, hf_model) -> dict:
         return {**super().modules(hf_model), "qformer": InstructQFormerStage(hf_model)}
 
-    def manifest_sections(self, processor, out: Path) -> tuple[dict, list[str]]:
+    def architecture_sections(self, processor, out: Path) -> tuple[dict, list[str]]:
         files = sorted(str(p.relative_to(out)) for p in (out / QFORMER_TOKENIZER_DIR).iterdir() if p.is_file())
         return {"qformer_tokenizer": qformer_tokenizer_spec(processor)}, files
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 from runtime.errors import ArtifactError
 from runtime.families.base import Family, LLMInputs
 
-ARCHITECTURES = ("blip-2", "instructblip")
-_FAMILIES: dict[str, Family] = {}  # llm_family -> its BLIP-2 family
+ARCHITECTURES = ("blip-2", "instructblip", "blip-2-retrieval")
+# Architectures that are one family whatever `llm_family` says (they have no LLM; the manifest
+# leaves llm_family out). The others take their family from llm_family.
+FIXED_FAMILIES = {"blip-2-retrieval": "retrieval"}
+_FAMILIES: dict[str, Family] = {}  # llm_family (or fixed family) -> its BLIP-2 family
 _BY_ARCHITECTURE: dict[tuple[str, str], Family] = {}  # (architecture, llm_family) -> family
 
 
@@ -38,10 +41,9 @@ def get_family(llm_family: str, architecture: str = "blip-2") -> Family:
     try:
         base = _FAMILIES[llm_family]
     except KeyError:
-        raise ArtifactError(
-            f"unknown LLM family '{llm_family}' (known: {', '.join(known_families())})"
-        ) from None
-    if architecture == "blip-2":
+        llms = [f for f in known_families() if f not in FIXED_FAMILIES.values()]
+        raise ArtifactError(f"unknown LLM family '{llm_family}' (known: {', '.join(llms)})") from None
+    if architecture == "blip-2" or architecture in FIXED_FAMILIES:
         return base
     if architecture == "instructblip":
         key = (architecture, llm_family)
@@ -58,13 +60,12 @@ def family_for(manifest: dict) -> Family:
     arch = manifest.get("architecture")
     if arch not in ARCHITECTURES:
         raise ArtifactError(f"manifest: unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
-    return get_family(manifest.get("llm_family"), arch)
+    return get_family(FIXED_FAMILIES.get(arch) or manifest.get("llm_family"), arch)
 
 
 def _load_builtin() -> None:
     # Always all (imports are cached): one family module imported directly must not hide the others.
-    from runtime.families import opt, t5  # noqa: F401  (each registers itself)
-    from runtime.families import llama  # noqa: F401
+    from runtime.families import llama, opt, retrieval, t5  # noqa: F401  (each registers itself)
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]

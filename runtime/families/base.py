@@ -23,6 +23,11 @@ class Family:
 
     name: str = ""  # the manifest's llm_family
     architecture: str = "blip-2"
+    # What the artifacts are for: "generation" (Blip2Pipeline: captions, answers) or "retrieval"
+    # (Blip2Retriever: embeddings and match scores; no LLM).
+    task: str = "generation"
+    # Stages fed by images alone, in run order: INT8-calibrated on images by `quantize`.
+    visual_stages: tuple[str, ...] = ("vision", "qformer")
     llm_stages: tuple[str, ...] = ()  # stages after the Q-Former, in run order: llm_specs' keys
     # Stages quantized weight-only by `quantize --llm` (MatMulNBits); the one producing logits
     # is the `logits_stage` (its lm_head has its own --lm-head precision).
