@@ -29,6 +29,8 @@ COMMANDS = {
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
     "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),
     "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
+    "serve": ("runtime.serving.cli", "serve artifact directories on Triton Inference Server"),
+    "triton-repo": ("runtime.serving.cli", "write a Triton model repository for artifact directories"),
 }
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `cat` or `grep` cut off by `head`
 ESCAPE = "blip2edge.escape"

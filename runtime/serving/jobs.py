@@ -1,0 +1,167 @@
+"""One inference request -> a checked job for the pipeline, or a client error; a dynamic batch
+of jobs -> one result (or error) per job, each what that request would get alone.
+
+Free of Triton: requests come in as {input name: numpy array or None}, so the rules are tested
+without a server (tests/runtime/test_serving_jobs.py) and the Python-backend model only converts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import Blip2EdgeError
+from runtime.options import GenerationOptions
+from runtime.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+# Generation options a request may set: input name -> Triton data type. The names and meanings
+# are GenerationOptions' (transformers'); their checks are GenerationOptions' own.
+OPTION_INPUTS = {
+    "max_new_tokens": "TYPE_INT32",
+    "min_new_tokens": "TYPE_INT32",
+    "num_beams": "TYPE_INT32",
+    "length_penalty": "TYPE_FP32",
+    "early_stopping": "TYPE_STRING",  # "true", "false" or "never"
+    "do_sample": "TYPE_BOOL",
+    "temperature": "TYPE_FP32",
+    "top_k": "TYPE_INT32",
+    "top_p": "TYPE_FP32",
+    "seed": "TYPE_INT64",
+    "repetition_penalty": "TYPE_FP32",
+}
+TEXT_INPUTS = ("prompt", "question")  # prompt: the LLM's text as generate takes it; question: the VQA template
+# A request's text is refused above this many UTF-8 bytes, before it is tokenized; the model's
+# position limit (OPT) is checked after, per request.
+MAX_PROMPT_BYTES = 4096
+# Encoded image bytes above this are refused before Pillow sees them (the pixel limit then
+# refuses small files that decode to huge images).
+MAX_IMAGE_BYTES = 32 << 20
+EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+
+
+class RequestError(Blip2EdgeError):
+    """A request is malformed (an input missing, of the wrong shape, or not text): a client error."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, checked: its image shrunk to the model's size, the prompt text, and the
+    generation options it gets alone (a default max_new_tokens already fitted to its prompt)."""
+
+    image: Image.Image
+    prompt: str
+    options: GenerationOptions
+    kwargs: dict  # the options as the request gave them (what Blip2Pipeline.generate takes)
+
+
+def _one(inputs: dict, name: str):
+    """The single value of input `name` (shape [1] or [1, 1]), or None when it is absent."""
+    array = inputs.get(name)
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.size != 1:
+        raise RequestError(f"input '{name}': one value per request expected (shape [1, 1]), got shape "
+                           f"{list(array.shape)}; send one image per request, Triton batches requests itself")
+    return array.reshape(-1)[0]
+
+
+def _text(inputs: dict, name: str) -> str | None:
+    value = _one(inputs, name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise RequestError(f"input '{name}': BYTES (UTF-8 text) expected, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_BYTES:
+        raise RequestError(f"input '{name}': {len(value)} bytes is over the limit of {MAX_PROMPT_BYTES}")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"input '{name}': not valid UTF-8 text") from None
+
+
+def _option(inputs: dict, name: str):
+    value = _one(inputs, name)
+    if value is None:
+        return None
+    if name == "early_stopping":
+        text = _text(inputs, name).strip().lower()
+        if text not in EARLY_STOPPING:
+            raise RequestError(f"input 'early_stopping' must be one of true, false, never; got {text!r}")
+        return EARLY_STOPPING[text]
+    return value.item() if isinstance(value, np.generic) else value  # numpy scalar -> int / float / bool
+
+
+def image_bytes(inputs: dict) -> bytes:
+    value = _one(inputs, "image")
+    if value is None:
+        raise RequestError("input 'image' is missing: send the encoded image file (BYTES, shape [1, 1])")
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise RequestError(f"input 'image': BYTES (an encoded image file) expected, got {type(value).__name__}")
+    if len(value) > MAX_IMAGE_BYTES:
+        raise RequestError(f"input 'image': {len(value)} bytes is over the limit of {MAX_IMAGE_BYTES}")
+    return bytes(value)
+
+
+def parse(pipe, inputs: dict) -> Job:
+    """Checks one request against `pipe` (a Blip2Pipeline). Raises a Blip2EdgeError (ImageError,
+    OptionError, RequestError), whose message goes back to the client, for anything wrong."""
+    kwargs = {name: v for name in OPTION_INPUTS if (v := _option(inputs, name)) is not None}
+    options = pipe.options(**kwargs)  # GenerationOptionError names the option
+    prompt, question = (_text(inputs, name) for name in TEXT_INPUTS)
+    if prompt and question:
+        raise RequestError("send either 'prompt' or 'question', not both")
+    text = pipe.vqa_prompt(question) if question else (prompt or pipe.caption_prompt(None))
+    options = _fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
+    with warnings.catch_warnings():
+        # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = pipe.preprocessing.resize(load_image(image_bytes(inputs), pipe.max_image_pixels, name="image"))
+    return Job(image=image, prompt=text, options=options, kwargs=kwargs)
+
+
+def _fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:
+    """The options this prompt gets when it runs alone: with learned positions (OPT) a default
+    max_new_tokens shrinks to what the prompt leaves, an explicit one that does not fit (or a
+    prompt that fills every position) is an error. Fitting per request, not per batch, keeps a
+    long prompt in the batch from shortening the answers of the others."""
+    q, d = pipe.model["num_query_tokens"], pipe.embed_table.shape[1]
+    length = pipe.layout(np.zeros((1, q, d), pipe.float_dtype), [prompt]).embeds.shape[1]
+    return pipe.fit_to_positions(options, length, explicit=explicit)
+
+
+def group_key(index: int, job: Job):
+    """Jobs with equal keys run as one batch. Sampling runs alone: its random draws depend on
+    the rows beside it, so a sampled answer would change with the traffic around it."""
+    return (job.options, index if job.options.do_sample else None)
+
+
+def run_batch(pipe, jobs: Sequence[Job | BaseException]) -> list:
+    """Runs the checked jobs of one dynamic batch, grouped by options (one pipeline batch per
+    group, mixed prompts within it). Returns, per position, a runtime Result or the exception
+    for that job: an error in one group fails that group only, never the others."""
+    out: list = list(jobs)
+    groups: dict = {}
+    for i, job in enumerate(jobs):
+        if isinstance(job, Job):
+            groups.setdefault(group_key(i, job), []).append(i)
+    for (options, _), members in groups.items():
+        try:
+            # Fitted per request already (see _fit_alone): pass them as explicit options.
+            results = pipe.generate([jobs[i].image for i in members], [jobs[i].prompt for i in members],
+                                    **asdict(options))
+        except Exception as exc:  # noqa: BLE001 - reported to these requests, never the server's end
+            log.exception("batch of %d failed", len(members))
+            results = [exc] * len(members)
+        for i, result in zip(members, results):
+            out[i] = result
+    return out
