@@ -21,23 +21,13 @@ from runtime.preprocess import load_image
 
 log = logging.getLogger(__name__)
 
-# Generation options a request may set: input name -> Triton data type. The names and meanings
-# are GenerationOptions' (transformers'); their checks are GenerationOptions' own.
-OPTION_INPUTS = {
-    "max_new_tokens": "TYPE_INT32",
-    "min_new_tokens": "TYPE_INT32",
-    "num_beams": "TYPE_INT32",
-    "length_penalty": "TYPE_FP32",
-    "early_stopping": "TYPE_STRING",  # "true", "false" or "never"
-    "do_sample": "TYPE_BOOL",
-    "temperature": "TYPE_FP32",
-    "top_k": "TYPE_INT32",
-    "top_p": "TYPE_FP32",
-    "seed": "TYPE_INT64",
-    "repetition_penalty": "TYPE_FP32",
-}
-TEXT_INPUTS = ("prompt", "question")  # prompt: the LLM's text as generate takes it; question: the VQA template
-# A request's text is refused above this many UTF-8 bytes, before it is tokenized; the model's
+# Generation options a request may set, as KServe v2 request parameters (JSON scalars), not as
+# input tensors: Triton's dynamic batcher only batches requests with the same set of inputs, so
+# options as optional inputs would split the batch whenever two requests set different ones.
+# The names and meanings are GenerationOptions' (transformers'); so are the checks.
+OPTION_PARAMETERS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
+                     "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
+# A request's prompt is refused above this many UTF-8 bytes, before it is tokenized; the model's
 # position limit (OPT) is checked after, per request.
 MAX_PROMPT_BYTES = 4096
 # Encoded image bytes above this are refused before Pillow sees them (the pixel limit then
@@ -89,16 +79,21 @@ def _text(inputs: dict, name: str) -> str | None:
         raise RequestError(f"input '{name}': not valid UTF-8 text") from None
 
 
-def _option(inputs: dict, name: str):
-    value = _one(inputs, name)
-    if value is None:
-        return None
-    if name == "early_stopping":
-        text = _text(inputs, name).strip().lower()
-        if text not in EARLY_STOPPING:
-            raise RequestError(f"input 'early_stopping' must be one of true, false, never; got {text!r}")
-        return EARLY_STOPPING[text]
-    return value.item() if isinstance(value, np.generic) else value  # numpy scalar -> int / float / bool
+def options_from(parameters: dict) -> dict:
+    """The generation options among a request's parameters; any other name is refused, so a
+    misspelt option is not silently ignored. early_stopping may be a bool or "never" / "true" /
+    "false"; the other values reach GenerationOptions as sent (it checks them)."""
+    unknown = sorted(k for k in parameters if k not in OPTION_PARAMETERS)
+    if unknown:
+        raise RequestError(f"unknown request parameter(s) {', '.join(unknown)}; generation options: "
+                           f"{', '.join(OPTION_PARAMETERS)}")
+    kwargs = dict(parameters)
+    stop = kwargs.get("early_stopping")
+    if isinstance(stop, str):
+        if stop.strip().lower() not in EARLY_STOPPING:
+            raise RequestError(f"parameter early_stopping must be true, false or never; got {stop!r}")
+        kwargs["early_stopping"] = EARLY_STOPPING[stop.strip().lower()]
+    return kwargs
 
 
 def image_bytes(inputs: dict) -> bytes:
@@ -112,15 +107,14 @@ def image_bytes(inputs: dict) -> bytes:
     return bytes(value)
 
 
-def parse(pipe, inputs: dict) -> Job:
-    """Checks one request against `pipe` (a Blip2Pipeline). Raises a Blip2EdgeError (ImageError,
-    OptionError, RequestError), whose message goes back to the client, for anything wrong."""
-    kwargs = {name: v for name in OPTION_INPUTS if (v := _option(inputs, name)) is not None}
+def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
+    """Checks one request (its input tensors and its parameters) against `pipe`, a
+    Blip2Pipeline. Raises a Blip2EdgeError (ImageError, OptionError, RequestError), whose message
+    goes back to the client, for anything wrong. The prompt is the LLM's text as `generate`
+    takes it; empty or absent: the manifest's caption prompt."""
+    kwargs = options_from(parameters or {})
     options = pipe.options(**kwargs)  # GenerationOptionError names the option
-    prompt, question = (_text(inputs, name) for name in TEXT_INPUTS)
-    if prompt and question:
-        raise RequestError("send either 'prompt' or 'question', not both")
-    text = pipe.vqa_prompt(question) if question else (prompt or pipe.caption_prompt(None))
+    text = _text(inputs, "prompt") or pipe.caption_prompt(None)
     options = _fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
     with warnings.catch_warnings():
         # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.

@@ -1,8 +1,8 @@
 """config.pbtxt of a blip2-edge model for Triton's Python backend (protobuf text format).
 
 Every input is per request of dims [1] under max_batch_size, so a client sends shape [1, 1] (a
-batch of one) and Triton's dynamic batcher stacks requests into one execute() call. Only
-`image` is required; `prompt`, `question` and the generation options are optional inputs.
+batch of one) and Triton's dynamic batcher stacks requests into one execute() call. `image` is
+required, `prompt` optional; generation options travel as request parameters (runtime.serving.jobs).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 
 from runtime.errors import OptionError
-from runtime.serving.jobs import OPTION_INPUTS, TEXT_INPUTS
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,7 @@ def _tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
 def python_model_config(name: str, batching: BatchingSettings, params: dict[str, str]) -> str:
     """The config.pbtxt text of one Python-backend blip2-edge model."""
     inputs = [_tensor("image", "TYPE_STRING", "1")]
-    inputs += [_tensor(n, "TYPE_STRING", "1", optional=True) for n in TEXT_INPUTS]
-    inputs += [_tensor(n, t, "1", optional=True) for n, t in OPTION_INPUTS.items()]
+    inputs += [_tensor("prompt", "TYPE_STRING", "1", optional=True)]
     outputs = [_tensor("text", "TYPE_STRING", "1"), _tensor("tokens", "TYPE_INT64", "-1")]
     if batching.dynamic:
         delay_us = int(round(batching.max_queue_delay_ms * 1000))

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import Blip2EdgeError
-from runtime.serving.jobs import OPTION_INPUTS, TEXT_INPUTS, parse, run_batch
+from runtime.serving.jobs import RequestError, parse, run_batch
 
 log = logging.getLogger(__name__)
-INPUTS = ("image", *TEXT_INPUTS, *OPTION_INPUTS)
+INPUTS = ("image", "prompt")
 
 
 def parameters(model_config: dict) -> dict:
@@ -60,6 +60,16 @@ class Blip2Model:
             out[name] = None if tensor is None else tensor.as_numpy()
         return out
 
+    @staticmethod
+    def _parameters(request) -> dict:
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except ValueError:
+            raise RequestError("request parameters are not valid JSON") from None
+        if not isinstance(params, dict):
+            raise RequestError("request parameters must be a JSON object")
+        return params
+
     def _response(self, result):
         pb = self.pb
         if isinstance(result, Blip2EdgeError):
@@ -76,7 +86,7 @@ class Blip2Model:
         jobs = []
         for request in requests:
             try:
-                jobs.append(parse(self.pipe, self._inputs(request)))
+                jobs.append(parse(self.pipe, self._inputs(request), self._parameters(request)))
             except Exception as exc:  # noqa: BLE001 - a bad request is answered, never raised
                 if not isinstance(exc, Blip2EdgeError):
                     log.exception("%s: request could not be read", self.name)
