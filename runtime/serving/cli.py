@@ -56,6 +56,9 @@ def register(sub) -> None:
                                    "for 'tritonserver --model-repository OUT'. Triton's Python needs blip2-edge.")
     _add_model_options(r)
     r.add_argument("out", help="the repository directory to write (must not exist)")
+    r.add_argument("--code-root", type=Path, default=None, metavar="DIR",
+                   help="put DIR (a blip2-edge checkout) first on the model's Python path instead of using the "
+                        "blip2-edge installed in Triton's Python")
     r.add_argument("--ensemble", action="store_true",
                    help="GPU variant: vision and Q-Former on Triton's ONNX Runtime (or TensorRT) backend, the "
                         "LLM in Python, wired as an ensemble (unverified: no GPU here)")
@@ -95,7 +98,7 @@ def run_triton_repo(args) -> int:
         writer = write_fleet_repo
     with atomic_directory(Path(args.out), overwrite=False) as tmp:
         writer(tmp, manifests, names, batching, device=args.device, max_image_pixels=args.max_image_pixels,
-               intra_op_threads=args.intra_op_threads)
+               intra_op_threads=args.intra_op_threads, root=args.code_root and str(args.code_root.absolute()))
     print(f"{args.out}: Triton model repository with {', '.join(names)}; "
           f"serve it with: tritonserver --model-repository {args.out}")
     return 0

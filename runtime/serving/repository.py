@@ -87,12 +87,14 @@ def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[s
 
 
 def serving_params(artifacts: str, device: str, max_image_pixels: int | None, intra_op_threads: int,
-                   with_code_root: bool) -> dict[str, str]:
+                   root: str | None) -> dict[str, str]:
+    """The config's parameters that triton_model.load_pipeline reads; `root`: a directory put
+    first on the model's Python path (a blip2-edge checkout), None for the installed package."""
     params = {"artifacts": artifacts, "device": device, "intra_op_threads": str(intra_op_threads)}
     if max_image_pixels:
         params["max_image_pixels"] = str(max_image_pixels)
-    if with_code_root:
-        params["code_root"] = code_root()
+    if root:
+        params["code_root"] = str(root)
     return params
 
 
@@ -102,14 +104,15 @@ def write_serving_repo(out: Path, manifests: Sequence[Manifest], names: Sequence
     this process's copy of the runtime (the stub then runs the same code as the command)."""
     for m, name in zip(manifests, names):
         write_model(out, name, batching, serving_params(str(Path(m.root).resolve()), device, max_image_pixels,
-                                                        intra_op_threads, with_code_root=True))
+                                                        intra_op_threads, code_root()))
 
 
 def write_fleet_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
-                     device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0) -> None:
+                     device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0,
+                     root: str | None = None) -> None:
     """triton-repo's self-contained repository (written into the atomic temporary `tmp`): the
-    artifacts beside each model; Triton's Python must have blip2-edge installed."""
+    artifacts beside each model; Triton's Python must have blip2-edge installed (or `root`)."""
     for m, name in zip(manifests, names):
         model = write_model(tmp, name, batching, serving_params(ARTIFACTS, device, max_image_pixels,
-                                                                intra_op_threads, with_code_root=False))
+                                                                intra_op_threads, root))
         copy_artifacts(m, model / ARTIFACTS)

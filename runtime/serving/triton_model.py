@@ -111,13 +111,24 @@ class TritonPythonModel:
         root = (params.get("code_root") or {}).get("string_value")
         if root and root not in sys.path:
             sys.path.insert(0, root)
-        from runtime.serving.triton_model import Blip2Model
+        from runtime.serving.triton_model import model_for
 
-        self.model = Blip2Model(args, pb_utils)
+        self.model = model_for(args, pb_utils)
 
     def execute(self, requests):
         return self.model.execute(requests)
 '''
+
+
+def model_for(args: dict, pb_utils):
+    """The model a repository's model.py runs: the whole pipeline, or (`role` parameter) one
+    Python step of the GPU ensemble (runtime.serving.ensemble)."""
+    role = parameters(json.loads(args["model_config"])).get("role") or "pipeline"
+    if role == "pipeline":
+        return Blip2Model(args, pb_utils)
+    from runtime.serving import ensemble
+
+    return ensemble.ROLES[role](args, pb_utils)
 
 
 def code_root() -> str:
