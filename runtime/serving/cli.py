@@ -135,17 +135,15 @@ def run_serve(args) -> int:
 
     _check_ports(args)
     batching = _batching(args)
-    python_env = (args.python_env or Path(sys.prefix)).absolute()
-    server.pytriton_dist()  # names the 'serve' extra when nvidia-pytriton is missing
-    server.check_python_env(python_env)
-    env = server.server_env(python_env)
+    model_env = server.check_model_env((args.python_env or Path(sys.prefix)).absolute())
+    env = server.server_env(model_env)
     manifests, names = _models(args)
     with tempfile.TemporaryDirectory(prefix="blip2-serve-") as work:
         repo = Path(work) / "models"
         repo.mkdir()
         write_serving_repo(repo, manifests, names, batching, device=args.device,
                            max_image_pixels=args.max_image_pixels, intra_op_threads=args.intra_op_threads)
-        cmd = server.server_command(repo, server.backend_home(Path(work) / "home"), args.http_port,
+        cmd = server.server_command(model_env, repo, server.backend_home(model_env, Path(work) / "home"), args.http_port,
                                     args.grpc_port, args.metrics_port, args.address, args.exit_timeout,
                                     log_verbose=bool(getattr(args, "debug", False)))
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=server.die_with_parent)

@@ -27,19 +27,18 @@ REQUEST_TIMEOUT_S = 120
 
 
 def serve_python_env() -> Path:
-    """The environment the model runs in under Triton: $BLIP2_SERVE_PYTHON_ENV, else this one if
-    it qualifies. The bundled Python backend (Triton 2.51) needs numpy<2, and nvidia-pytriton."""
-    pytest.importorskip("tritonclient.http", reason="needs the 'serve' extra (tritonclient)")
-    import importlib.util
-
-    if importlib.util.find_spec("pytriton") is None:
-        pytest.skip("needs the 'serve' extra (nvidia-pytriton)")
+    """The environment the model runs in under Triton: $BLIP2_SERVE_PYTHON_ENV (a venv made from
+    .ci/requirements-serve.txt), else this one if it qualifies. Triton 2.51's Python backend,
+    bundled with nvidia-pytriton, needs numpy<2 there."""
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient (the 'serve' extra)")
     env = os.environ.get("BLIP2_SERVE_PYTHON_ENV")
     if env:
         return Path(env)
-    if int(np.__version__.split(".")[0]) >= 2:
-        pytest.skip("Triton 2.51's Python backend needs numpy<2 in the model's environment: set "
-                    "BLIP2_SERVE_PYTHON_ENV to one (see .ci/requirements-serve.txt)")
+    import importlib.util
+
+    if importlib.util.find_spec("pytriton") is None or int(np.__version__.split(".")[0]) >= 2:
+        pytest.skip("needs nvidia-pytriton with numpy<2 in the model's environment: set BLIP2_SERVE_PYTHON_ENV "
+                    "to a venv made from .ci/requirements-serve.txt")
     return Path(sys.prefix)
 
 

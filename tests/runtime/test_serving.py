@@ -232,8 +232,8 @@ def test_sigterm_drains_requests_in_flight(toy_artifacts, python_env, images, pi
 
 
 def test_serve_refuses_a_numpy2_environment_in_one_line(toy_artifacts, tmp_path):
-    """Without a usable model environment the command says why in one line, before any server
-    starts (the main test environment has numpy 2, which Triton 2.51's Python backend cannot use)."""
+    """A model environment with numpy 2 (which Triton 2.51's Python backend cannot use): one line
+    saying why, exit 2, before any server starts."""
     import importlib.util
 
     import numpy as np

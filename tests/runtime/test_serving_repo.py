@@ -65,12 +65,13 @@ def test_served_by_the_bundled_tritonserver(toy_artifacts, tmp_path):
     r = run_cli("triton-repo", toy_artifacts, out, "--name", "toy", "--code-root", REPO)
     assert r.returncode == 0, r.stderr
     ports = free_ports(3)
-    cmd = server.server_command(out, server.backend_home(tmp_path / "home"), *ports, "127.0.0.1", 10)
+    env = server.check_model_env(python_env)
+    cmd = server.server_command(env, out, server.backend_home(env, tmp_path / "home"), *ports, "127.0.0.1", 10)
     import tritonclient.http as httpclient
 
     pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
     image = png_bytes(make_scenes(1, seed=5)[0][1])
-    with running(cmd, ports, tmp_path / "tritonserver.log", env=server.server_env(python_env)) as s:
+    with running(cmd, ports, tmp_path / "tritonserver.log", env=server.server_env(env)) as s:
         client = s.http()
         try:
             res = client.infer("toy", inputs(httpclient, image, "a photo of"), parameters={"num_beams": 2},
@@ -101,11 +102,10 @@ def test_ensemble_variant_is_written(toy_artifacts, tmp_path):
 
 
 def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
-    """Where nvidia-pytriton is missing, serve says which extra to install, in one line."""
-    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
-            "importlib.util.find_spec = lambda n, *a: None if n == 'pytriton' else real(n, *a)\n"
-            "from runtime.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "serve", str(toy_artifacts)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
-    assert proc.returncode == 2, proc.stderr
-    assert "blip2-edge[serve]" in proc.stderr and proc.stderr.count("\n") == 1
+    """A model environment without nvidia-pytriton: serve says which extra to install, in one
+    line, before any server starts."""
+    bare = tmp_path / "bare-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    r = run_cli("serve", toy_artifacts, "--python-env", bare)
+    assert r.returncode == 2, r.stderr
+    assert "blip2-edge[serve]" in r.stderr and r.stderr.count("\n") == 1
