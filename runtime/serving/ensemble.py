@@ -27,9 +27,9 @@ from PIL import Image
 
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import Manifest
-from runtime.serving.jobs import Job, _fit_alone, _text, image_bytes, options_from, run_batch
-from runtime.serving.model_config import BatchingSettings, _quote, python_model_config
-from runtime.serving.repository import ARTIFACTS, _link_or_copy, copy_artifacts, serving_params, write_model
+from runtime.serving.jobs import Job, fit_alone, image_bytes, options_from, run_batch, text_input
+from runtime.serving.model_config import BatchingSettings, python_model_config, quote
+from runtime.serving.repository import ARTIFACTS, copy_artifacts, link_or_copy, serving_params, write_model
 from runtime.serving.triton_model import Blip2Model, load_pipeline, parameters
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8"}
@@ -40,15 +40,15 @@ def _dims(shape: list) -> str:
 
 
 def _tensors(specs: list[dict]) -> str:
-    return ",\n".join(f"  {{ name: {_quote(t['name'])} data_type: {TRITON_TYPES[t['dtype']]} dims: [ {_dims(t['shape'])} ] }}"
+    return ",\n".join(f"  {{ name: {quote(t['name'])} data_type: {TRITON_TYPES[t['dtype']]} dims: [ {_dims(t['shape'])} ] }}"
                       for t in specs)
 
 
 def onnx_stage_config(name: str, stage: dict, batching: BatchingSettings) -> str:
     delay_us = int(round(batching.max_queue_delay_ms * 1000))
-    return (f"name: {_quote(name)}\n"
+    return (f"name: {quote(name)}\n"
             'platform: "onnxruntime_onnx"\n'
-            f"default_model_filename: {_quote(Path(stage['file']).name)}\n"
+            f"default_model_filename: {quote(Path(stage['file']).name)}\n"
             f"max_batch_size: {batching.max_batch}\n"
             f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
             f"input [\n{_tensors(stage['inputs'])}\n]\n"
@@ -63,16 +63,16 @@ def ensemble_config(name: str, manifest: Manifest, batching: BatchingSettings) -
     query = manifest.stages["qformer"]["outputs"][0]
 
     def step(model: str, inputs: dict, outputs: dict) -> str:
-        maps = [f"input_map {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in inputs.items()]
-        maps += [f"output_map {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in outputs.items()]
-        return f"  {{ model_name: {_quote(model)} model_version: -1 {' '.join(maps)} }}"
+        maps = [f"input_map {{ key: {quote(k)} value: {quote(v)} }}" for k, v in inputs.items()]
+        maps += [f"output_map {{ key: {quote(k)} value: {quote(v)} }}" for k, v in outputs.items()]
+        return f"  {{ model_name: {quote(model)} model_version: -1 {' '.join(maps)} }}"
 
     steps = [step(f"{name}_preprocess", {"image": "image"}, {pixels["name"]: "pixel_values"}),
              step(f"{name}_vision", {pixels["name"]: "pixel_values"}, {embeds["name"]: "image_embeds"}),
              step(f"{name}_qformer", {embeds["name"]: "image_embeds"}, {query["name"]: "query_embeds"}),
              step(f"{name}_llm", {"query_embeds": "query_embeds", "prompt": "prompt"},
                   {"text": "text", "tokens": "tokens"})]
-    return (f"name: {_quote(name)}\n"
+    return (f"name: {quote(name)}\n"
             'platform: "ensemble"\n'
             f"max_batch_size: {batching.max_batch}\n"
             'input [\n  { name: "image" data_type: TYPE_STRING dims: [ 1 ] },\n'
@@ -101,7 +101,7 @@ def write_ensemble_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequenc
             graph = m.stages[stage]["file"]
             for relative in m.data["files"]:  # the graph and its external data, under their own names
                 if relative == graph or relative.startswith(graph + "."):
-                    _link_or_copy(m.path(relative, f"files[{relative!r}]"), model / "1" / Path(relative).name)
+                    link_or_copy(m.path(relative, f"files[{relative!r}]"), model / "1" / Path(relative).name)
         pixels, query = m.stages["vision"]["inputs"][0], m.stages["qformer"]["outputs"][0]
         llm_device = "cuda" if device == "cpu" else device
         params = serving_params(ARTIFACTS, llm_device, max_image_pixels, intra_op_threads, root)
@@ -114,7 +114,7 @@ def write_ensemble_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequenc
         pre_params = {**params, "artifacts": f"../{name}_llm/{ARTIFACTS}"}
         _python_step(tmp, f"{name}_preprocess", "preprocess", batching, pre_params, (
             'input [\n  { name: "image" data_type: TYPE_STRING dims: [ 1 ] }\n]\n',
-            f"output [\n  {{ name: {_quote(pixels['name'])} data_type: {TRITON_TYPES[pixels['dtype']]} "
+            f"output [\n  {{ name: {quote(pixels['name'])} data_type: {TRITON_TYPES[pixels['dtype']]} "
             f"dims: [ {_dims(pixels['shape'])} ] }}\n]\n"))
         (tmp / name / "1").mkdir(parents=True)
         (tmp / name / "config.pbtxt").write_text(ensemble_config(name, m, batching))
@@ -172,9 +172,9 @@ class LLMModel(Blip2Model):
         tensor = self.pb.get_input_tensor_by_name(request, "query_embeds")
         query = tensor.as_numpy()[0].astype(self.pipe.float_dtype)
         kwargs = options_from(self._parameters(request))
-        text = _text({"prompt": self.pb.get_input_tensor_by_name(request, "prompt").as_numpy()}, "prompt") \
+        text = text_input({"prompt": self.pb.get_input_tensor_by_name(request, "prompt").as_numpy()}, "prompt") \
             or self.pipe.caption_prompt(None)
-        options = _fit_alone(self.pipe, self.pipe.options(**kwargs), text, explicit="max_new_tokens" in kwargs)
+        options = fit_alone(self.pipe, self.pipe.options(**kwargs), text, explicit="max_new_tokens" in kwargs)
         return Job(image=query, prompt=text, options=options, kwargs=kwargs)
 
     def execute(self, requests) -> list:

@@ -63,7 +63,7 @@ def _one(inputs: dict, name: str):
     return array.reshape(-1)[0]
 
 
-def _text(inputs: dict, name: str) -> str | None:
+def text_input(inputs: dict, name: str) -> str | None:
     value = _one(inputs, name)
     if value is None:
         return None
@@ -114,8 +114,8 @@ def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
     takes it; empty or absent: the manifest's caption prompt."""
     kwargs = options_from(parameters or {})
     options = pipe.options(**kwargs)  # GenerationOptionError names the option
-    text = _text(inputs, "prompt") or pipe.caption_prompt(None)
-    options = _fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
+    text = text_input(inputs, "prompt") or pipe.caption_prompt(None)
+    options = fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
     with warnings.catch_warnings():
         # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -123,7 +123,7 @@ def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
     return Job(image=image, prompt=text, options=options, kwargs=kwargs)
 
 
-def _fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:
+def fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:
     """The options this prompt gets when it runs alone: with learned positions (OPT) a default
     max_new_tokens shrinks to what the prompt leaves, an explicit one that does not fit (or a
     prompt that fills every position) is an error. Fitting per request, not per batch, keeps a
@@ -150,7 +150,7 @@ def run_batch(pipe, jobs: Sequence[Job | BaseException]) -> list:
             groups.setdefault(group_key(i, job), []).append(i)
     for (options, _), members in groups.items():
         try:
-            # Fitted per request already (see _fit_alone): pass them as explicit options.
+            # Fitted per request already (see fit_alone): pass them as explicit options.
             results = pipe.generate([jobs[i].image for i in members], [jobs[i].prompt for i in members],
                                     **asdict(options))
         except Exception as exc:  # noqa: BLE001 - reported to these requests, never the server's end

@@ -29,13 +29,13 @@ class BatchingSettings:
             raise OptionError(f"--instances must be an integer in [1, 64], got {self.instances!r}")
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid protobuf text-format string literal
 
 
 def _tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
     extra = " optional: true" if optional else ""
-    return f"  {{ name: {_quote(name)} data_type: {dtype} dims: [ {dims} ]{extra} }}"
+    return f"  {{ name: {quote(name)} data_type: {dtype} dims: [ {dims} ]{extra} }}"
 
 
 def python_model_config(name: str, batching: BatchingSettings, params: dict[str, str]) -> str:
@@ -50,9 +50,9 @@ def python_model_config(name: str, batching: BatchingSettings, params: dict[str,
     else:
         # Batching off: each execute() gets one request (the shape contract stays [1, 1]).
         batch = "max_batch_size: 1\n"
-    param_lines = ",\n".join(f"  {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}"
+    param_lines = ",\n".join(f"  {{ key: {quote(k)} value: {{ string_value: {quote(v)} }} }}"
                             for k, v in sorted(params.items()))
-    return (f"name: {_quote(name)}\n"
+    return (f"name: {quote(name)}\n"
             'backend: "python"\n'
             f"{batch}"
             "input [\n" + ",\n".join(inputs) + "\n]\n"

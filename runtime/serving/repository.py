@@ -58,7 +58,7 @@ def load_checked(dirs: Sequence[os.PathLike]) -> list[Manifest]:
     return manifests
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link where the filesystem allows it (artifacts are large), else a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -73,9 +73,9 @@ def copy_artifacts(manifest: Manifest, dst: Path) -> None:
     """The manifest and exactly the files it lists (confined paths; nothing else of the
     directory, links included, is followed). The runtime verifies them again when it loads."""
     dst.mkdir(parents=True)
-    _link_or_copy(manifest.where, dst / MANIFEST)
+    link_or_copy(manifest.where, dst / MANIFEST)
     for relative in manifest.data["files"]:
-        _link_or_copy(manifest.path(relative, f"files[{relative!r}]"), dst / relative)
+        link_or_copy(manifest.path(relative, f"files[{relative!r}]"), dst / relative)
 
 
 def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[str, str]) -> Path:

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 INPUTS = ("image", "prompt")
 
 
+class Cancelled(Exception):
+    """A request its client cancelled before it ran."""
+
+
 def parameters(model_config: dict) -> dict:
     """The model's config.pbtxt parameters as {key: string}."""
     return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
@@ -72,6 +76,8 @@ class Blip2Model:
 
     def _response(self, result):
         pb = self.pb
+        if isinstance(result, Cancelled):
+            return pb.InferenceResponse(error=pb.TritonError(str(result), pb.TritonError.CANCELLED))
         if isinstance(result, Blip2EdgeError):
             return pb.InferenceResponse(error=pb.TritonError(" ".join(str(result).split()), pb.TritonError.INVALID_ARG))
         if isinstance(result, BaseException):
@@ -85,6 +91,10 @@ class Blip2Model:
     def execute(self, requests) -> list:
         jobs = []
         for request in requests:
+            if getattr(request, "is_cancelled", None) and request.is_cancelled():
+                # The client went away (gRPC cancels on disconnect) while it queued: no work for it.
+                jobs.append(Cancelled("request cancelled by the client"))
+                continue
             try:
                 jobs.append(parse(self.pipe, self._inputs(request), self._parameters(request)))
             except Exception as exc:  # noqa: BLE001 - a bad request is answered, never raised

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from runtime.synthetic import make_scenes
