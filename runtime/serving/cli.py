@@ -25,6 +25,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long Triton's dynamic batcher waits to fill a batch (default 5)")
     p.add_argument("--no-dynamic-batching", action="store_true", help="run every request alone")
+    p.add_argument("--stream", action="store_true",
+                   help="also a '<name>_stream' model per directory: decoupled, text pieces as they are generated "
+                        "(gRPC streaming)")
     p.add_argument("--instances", type=_integer, default=1, help="model instances per model (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
@@ -97,8 +100,9 @@ def run_triton_repo(args) -> int:
     else:
         writer = write_fleet_repo
     with atomic_directory(Path(args.out), overwrite=False) as tmp:
+        extra = {} if args.ensemble else {"stream": args.stream}
         writer(tmp, manifests, names, batching, device=args.device, max_image_pixels=args.max_image_pixels,
-               intra_op_threads=args.intra_op_threads, root=args.code_root and str(args.code_root.absolute()))
+               intra_op_threads=args.intra_op_threads, root=args.code_root and str(args.code_root.absolute()), **extra)
     print(f"{args.out}: Triton model repository with {', '.join(names)}; "
           f"serve it with: tritonserver --model-repository {args.out}")
     return 0
@@ -142,7 +146,8 @@ def run_serve(args) -> int:
         repo = Path(work) / "models"
         repo.mkdir()
         write_serving_repo(repo, manifests, names, batching, device=args.device,
-                           max_image_pixels=args.max_image_pixels, intra_op_threads=args.intra_op_threads)
+                           max_image_pixels=args.max_image_pixels, intra_op_threads=args.intra_op_threads,
+                           stream=args.stream)
         cmd = server.server_command(model_env, repo, server.backend_home(model_env, Path(work) / "home"), args.http_port,
                                     args.grpc_port, args.metrics_port, args.address, args.exit_timeout,
                                     log_verbose=bool(getattr(args, "debug", False)))

@@ -83,6 +83,7 @@ def options_from(parameters: dict) -> dict:
     """The generation options among a request's parameters; any other name is refused, so a
     misspelt option is not silently ignored. early_stopping may be a bool or "never" / "true" /
     "false"; the other values reach GenerationOptions as sent (it checks them)."""
+    parameters = {k: v for k, v in parameters.items() if not k.startswith("triton_")}  # Triton's own
     unknown = sorted(k for k in parameters if k not in OPTION_PARAMETERS)
     if unknown:
         raise RequestError(f"unknown request parameter(s) {', '.join(unknown)}; generation options: "

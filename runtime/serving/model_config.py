@@ -38,11 +38,16 @@ def _tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
     return f"  {{ name: {quote(name)} data_type: {dtype} dims: [ {dims} ]{extra} }}"
 
 
-def python_model_config(name: str, batching: BatchingSettings, params: dict[str, str]) -> str:
-    """The config.pbtxt text of one Python-backend blip2-edge model."""
+def python_model_config(name: str, batching: BatchingSettings, params: dict[str, str], stream: bool = False) -> str:
+    """The config.pbtxt text of one Python-backend blip2-edge model; `stream`: the decoupled
+    streaming variant (text pieces, one request per execute)."""
     inputs = [_tensor("image", "TYPE_STRING", "1")]
     inputs += [_tensor("prompt", "TYPE_STRING", "1", optional=True)]
-    outputs = [_tensor("text", "TYPE_STRING", "1"), _tensor("tokens", "TYPE_INT64", "-1")]
+    outputs = [_tensor("text", "TYPE_STRING", "1")]
+    if stream:
+        batching = BatchingSettings(max_batch=1, instances=batching.instances, dynamic=False)
+    else:
+        outputs.append(_tensor("tokens", "TYPE_INT64", "-1"))
     if batching.dynamic:
         delay_us = int(round(batching.max_queue_delay_ms * 1000))
         batch = (f"max_batch_size: {batching.max_batch}\n"
@@ -58,4 +63,5 @@ def python_model_config(name: str, batching: BatchingSettings, params: dict[str,
             "input [\n" + ",\n".join(inputs) + "\n]\n"
             "output [\n" + ",\n".join(outputs) + "\n]\n"
             f"instance_group [ {{ count: {batching.instances} kind: KIND_CPU }} ]\n"
+            + ("model_transaction_policy { decoupled: true }\n" if stream else "") +
             "parameters [\n" + param_lines + "\n]\n")

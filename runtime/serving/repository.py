@@ -78,10 +78,13 @@ def copy_artifacts(manifest: Manifest, dst: Path) -> None:
         link_or_copy(manifest.path(relative, f"files[{relative!r}]"), dst / relative)
 
 
-def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[str, str]) -> Path:
+def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[str, str], stream: bool = False) -> Path:
+    """One Python-backend model; `stream`: its decoupled streaming twin (runtime.serving.streaming)."""
     model = out / name
     (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(python_model_config(name, batching, params))
+    if stream:
+        params = {**params, "role": "stream"}
+    (model / "config.pbtxt").write_text(python_model_config(name, batching, params, stream=stream))
     (model / "1" / "model.py").write_text(model_file_source())
     return model
 
@@ -99,20 +102,27 @@ def serving_params(artifacts: str, device: str, max_image_pixels: int | None, in
 
 
 def write_serving_repo(out: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
-                       device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0) -> None:
+                       device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0,
+                       stream: bool = False) -> None:
     """serve's private repository: models point at the artifact directories in place, and at
-    this process's copy of the runtime (the stub then runs the same code as the command)."""
+    this process's copy of the runtime (the stub then runs the same code as the command).
+    `stream`: a `<name>_stream` decoupled model beside each."""
     for m, name in zip(manifests, names):
-        write_model(out, name, batching, serving_params(str(Path(m.root).resolve()), device, max_image_pixels,
-                                                        intra_op_threads, code_root()))
+        params = serving_params(str(Path(m.root).resolve()), device, max_image_pixels, intra_op_threads, code_root())
+        write_model(out, name, batching, params)
+        if stream:
+            write_model(out, f"{name}_stream", batching, params, stream=True)
 
 
 def write_fleet_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
                      device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0,
-                     root: str | None = None) -> None:
+                     root: str | None = None, stream: bool = False) -> None:
     """triton-repo's self-contained repository (written into the atomic temporary `tmp`): the
-    artifacts beside each model; Triton's Python must have blip2-edge installed (or `root`)."""
+    artifacts beside each model; Triton's Python must have blip2-edge installed (or `root`).
+    `stream`: a `<name>_stream` decoupled model beside each, reading the same artifacts."""
     for m, name in zip(manifests, names):
-        model = write_model(tmp, name, batching, serving_params(ARTIFACTS, device, max_image_pixels,
-                                                                intra_op_threads, root))
+        params = serving_params(ARTIFACTS, device, max_image_pixels, intra_op_threads, root)
+        model = write_model(tmp, name, batching, params)
         copy_artifacts(m, model / ARTIFACTS)
+        if stream:
+            write_model(tmp, f"{name}_stream", batching, {**params, "artifacts": f"../{name}/{ARTIFACTS}"}, stream=True)

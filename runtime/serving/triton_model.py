@@ -131,11 +131,15 @@ class TritonPythonModel:
 
 
 def model_for(args: dict, pb_utils):
-    """The model a repository's model.py runs: the whole pipeline, or (`role` parameter) one
-    Python step of the GPU ensemble (runtime.serving.ensemble)."""
+    """The model a repository's model.py runs: the whole pipeline, its streaming twin, or
+    (`role` parameter) one Python step of the GPU ensemble (runtime.serving.ensemble)."""
     role = parameters(json.loads(args["model_config"])).get("role") or "pipeline"
     if role == "pipeline":
         return Blip2Model(args, pb_utils)
+    if role == "stream":
+        from runtime.serving.streaming import StreamModel
+
+        return StreamModel(args, pb_utils)
     from runtime.serving import ensemble
 
     return ensemble.ROLES[role](args, pb_utils)

@@ -44,7 +44,7 @@ def server(toy_artifacts, python_env, tmp_path_factory):
     ports = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # A long queue delay, so that concurrent requests meet in one dynamic batch.
-    cmd = serve_command(toy_artifacts, ports, python_env, "--max-batch", "8", "--max-queue-delay-ms", "300")
+    cmd = serve_command(toy_artifacts, ports, python_env, "--max-batch", "8", "--max-queue-delay-ms", "300", "--stream")
     with running(cmd, ports, log) as s:
         yield s
 
@@ -182,6 +182,46 @@ def test_bad_requests_in_a_batch_do_not_fail_the_good_ones(server, pipe, images)
             assert answer == expected(pipe, **request)
     after = stats(server)
     assert after["execution_count"] - before["execution_count"] < len(mixed), "no two requests shared a batch"
+
+
+def stream(server, image, prompt, **options):
+    """The text pieces of one gRPC streaming request to blip2_stream, or the error it got."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    responses = queue.Queue()
+    client = server.grpc()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    pieces = []
+    try:
+        client.async_stream_infer("blip2_stream", inputs(grpcclient, image, prompt), parameters=options or None,
+                                  enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=REQUEST_TIMEOUT_S)
+            if error is not None:
+                return error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return pieces
+            pieces.append(result.as_numpy("text")[0, 0].decode("utf-8"))
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize("prompt, options", [("", {"max_new_tokens": 12}), ("a photo of", {"num_beams": 2})])
+def test_grpc_streaming_pieces_join_to_the_pipelines_text(server, pipe, images, prompt, options):
+    pieces = stream(server, images[2], prompt, **options)
+    assert isinstance(pieces, list), pieces
+    assert "".join(pieces) == expected(pipe, images[2], prompt, **options)[0]
+    assert len(pieces) >= 1
+
+
+def test_grpc_streaming_bad_request_is_an_error_response(server, images):
+    error = stream(server, b"not an image", "")
+    assert not isinstance(error, list) and "not an image" in str(error)
+    error = stream(server, images[0], "", num_beams=0)
+    assert not isinstance(error, list) and "num_beams must be an integer >= 1" in str(error)
 
 
 def test_metrics_endpoint_counts_requests(server):
