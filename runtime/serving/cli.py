@@ -137,8 +137,11 @@ def run_serve(args) -> int:
     from runtime.serving import server
     from runtime.serving.repository import write_serving_repo
 
+    from runtime.serving.repository import model_names
+
     _check_ports(args)
     batching = _batching(args)
+    model_names(args.artifacts, args.name)  # the cheap checks first, then the environment, then the artifacts
     model_env = server.check_model_env((args.python_env or Path(sys.prefix)).absolute())
     env = server.server_env(model_env)
     manifests, names = _models(args)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from runtime.synthetic import make_scenes
@@ -108,3 +109,15 @@ def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
     r = run_cli("serve", toy_artifacts, "--python-env", bare)
     assert r.returncode == 2, r.stderr
     assert "blip2-edge[serve]" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--http-port", "9000", "--grpc-port", "9000"], "must differ"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms"),
+    (["--name", "a/b"], "model name"),
+    (["--name", "x", "--name", "y"], "--name given 2 times"),
+])
+def test_serve_option_errors_are_one_line(toy_artifacts, args, words):
+    r = run_cli("serve", toy_artifacts, *args)
+    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
