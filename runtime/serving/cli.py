@@ -154,7 +154,10 @@ def run_serve(args) -> int:
         cmd = server.server_command(model_env, repo, server.backend_home(model_env, Path(work) / "home"), args.http_port,
                                     args.grpc_port, args.metrics_port, args.address, args.exit_timeout,
                                     log_verbose=bool(getattr(args, "debug", False)))
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=server.die_with_parent)
+        # Its own session: a terminal's Ctrl-C reaches this process only, which forwards one SIGTERM
+        # (a second signal, forwarded too, makes Triton stop at once).
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=server.die_with_parent,
+                                start_new_session=True)
         stopping = []
 
         def forward(signum, frame):
