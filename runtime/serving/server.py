@@ -82,8 +82,8 @@ def check_model_env(prefix: Path) -> ModelEnv:
     if env.pytriton == Path():
         raise MissingExtraError("nvidia-pytriton", "serve", f"serving on Triton (in {prefix})")
     if not (env.dist / "bin" / "tritonserver").is_file():
-        raise ServingSetupError(f"{env.dist}: nvidia-pytriton has no bundled tritonserver here (its wheels ship "
-                                "it for Linux x86-64 and aarch64); install Triton and use 'blip2-edge triton-repo'")
+        raise ServingSetupError(f"{env.dist}: this nvidia-pytriton has no bundled tritonserver; install Triton "
+                                "itself and serve a 'blip2-edge triton-repo' repository with it")
     own = "%d.%d" % sys.version_info[:2]
     if env.python != own:
         raise ServingSetupError(f"{prefix}: Python {env.python}, but the stub must load this interpreter's "
