@@ -121,3 +121,18 @@ def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
 def test_serve_option_errors_are_one_line(toy_artifacts, args, words):
     r = run_cli("serve", toy_artifacts, *args)
     assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_several_directories_are_several_models(toy_artifacts, tmp_path):
+    from runtime.serving.repository import model_names
+
+    assert model_names([tmp_path / "fp32"]) == ["blip2"]
+    assert model_names([tmp_path / "fp32", tmp_path / "int8"]) == ["fp32", "int8"]
+    out = tmp_path / "repo"
+    r = run_cli("triton-repo", toy_artifacts, toy_artifacts, out, "--name", "fp32", "--name", "int8")
+    assert r.returncode == 0, r.stderr
+    for name in ("fp32", "int8"):
+        assert f'name: "{name}"' in (out / name / "config.pbtxt").read_text()
+        assert (out / name / "artifacts" / "manifest.json").is_file()
+    r = run_cli("triton-repo", toy_artifacts, toy_artifacts, tmp_path / "repo2")
+    assert r.returncode == 2 and "named alike" in r.stderr
