@@ -5,6 +5,7 @@ float32, normalise in float32, channels first.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -101,17 +102,24 @@ def warn_if_wide(image: Image.Image, name: str) -> None:
             "(convert it to 8-bit RGB first)", ImageWarning, stacklevel=3)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Opens and decodes an image file, or raises an ImageError naming it.
+def load_image(path: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Opens and decodes an image file, or the encoded bytes of one (a server's request), or
+    raises an ImageError naming it (`name`, else the path).
 
     Images over `max_pixels` are refused from their header, before any pixel is decoded.
     Warns (ImageWarning) when the image has more than 8 bits per channel.
     """
     max_pixels = check_max_pixels(max_pixels)
+    encoded = isinstance(path, (bytes, bytearray, memoryview))
+    source = io.BytesIO(path) if encoded else path
+    if name is None:
+        name = "image bytes" if encoded else str(path)
+    path = name  # the messages below name it
     try:
-        if os.path.getsize(path) == 0:
+        if (len(source.getbuffer()) if encoded else os.path.getsize(source)) == 0:
             raise ImageError(f"{path}: empty file")
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(source) as im:  # reads the header only
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{path}: refused, {w}x{h} ({w * h / 1e6:.1f} Mpx) is over the limit of "
@@ -125,7 +133,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{path}: cannot decode image ({' '.join(str(exc).split())})") from None
-    warn_if_wide(im, str(path))
+    warn_if_wide(im, name)
     return im
 
 

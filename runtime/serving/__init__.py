@@ -1,0 +1,11 @@
+"""Serving: the runtime behind Triton Inference Server, and a writer of Triton model repositories.
+
+    blip2-edge serve out/toy --http-port 8000           # tritonserver (bundled with nvidia-pytriton)
+    blip2-edge triton-repo out/toy repo/                # a repository the stock tritonserver serves
+
+The serving model is a thin layer over Blip2Pipeline: `jobs` turns one request's tensors into a
+checked job (or a client error) and runs a dynamic batch grouped by generation options;
+`triton_model` is what Triton's Python backend runs; `model_config` and `repository` write the
+model repository; `server` finds and starts the tritonserver binary. Nothing here is imported by
+the rest of the runtime, and nvidia-pytriton is only located (never imported) by `server`.
+"""

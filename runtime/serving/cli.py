@@ -1,0 +1,185 @@
+"""`blip2-edge serve` (the runtime behind Triton) and `blip2-edge triton-repo` (a model repository)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from runtime.cli_generate import _integer
+from runtime.errors import Blip2EdgeError, OptionError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifacts", nargs="+", help="artifact directories, one model each")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="model name, once per directory in order (default: 'blip2' for one directory, else the "
+                        "directory names)")
+    p.add_argument("--max-batch", type=_integer, default=8, help="requests per batch at most (default 8)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                   help="how long Triton's dynamic batcher waits to fill a batch (default 5)")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="run every request alone")
+    p.add_argument("--stream", action="store_true",
+                   help="also a '<name>_stream' model per directory: decoupled, text pieces as they are generated "
+                        "(gRPC streaming)")
+    p.add_argument("--instances", type=_integer, default=1, help="model instances per model (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
+                   help="ONNX Runtime threads per stage session (default 0: one per physical core)")
+    p.add_argument("--max-image-pixels", type=_integer, metavar="N", default=None,
+                   help="refuse images over N pixels before decoding them (default: 8192x8192)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve artifact directories on Triton Inference Server",
+                       description="Serve artifact directories on Triton Inference Server (KServe v2 over HTTP "
+                                   "and gRPC, dynamic batching, Prometheus metrics), with the tritonserver that "
+                                   "nvidia-pytriton ships ('blip2-edge[serve]').")
+    _add_model_options(p)
+    p.add_argument("--http-port", type=_integer, default=8000)
+    p.add_argument("--grpc-port", type=_integer, default=8001)
+    p.add_argument("--metrics-port", type=_integer, default=8002)
+    p.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1: "
+                                                        "this machine only)")
+    p.add_argument("--exit-timeout", type=_integer, default=30, metavar="S",
+                   help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    p.add_argument("--python-env", type=Path, default=None, metavar="DIR",
+                   help="the Python environment Triton runs the model in (default: this one); it needs "
+                        "blip2-edge's runtime dependencies and numpy<2")
+    p.set_defaults(run=run_serve)
+
+    r = sub.add_parser("triton-repo", help="write a Triton model repository for artifact directories",
+                       description="Write a standard Triton model repository (Python backend, dynamic batching) "
+                                   "for 'tritonserver --model-repository OUT'. Triton's Python needs blip2-edge.")
+    _add_model_options(r)
+    r.add_argument("out", help="the repository directory to write (must not exist)")
+    r.add_argument("--code-root", type=Path, default=None, metavar="DIR",
+                   help="put DIR (a blip2-edge checkout) first on the model's Python path instead of using the "
+                        "blip2-edge installed in Triton's Python")
+    r.add_argument("--ensemble", action="store_true",
+                   help="GPU variant: vision and Q-Former on Triton's ONNX Runtime (or TensorRT) backend, the "
+                        "LLM in Python, wired as an ensemble (unverified: no GPU here)")
+    r.set_defaults(run=run_triton_repo)
+
+
+def _batching(args):
+    from runtime.serving.model_config import BatchingSettings
+
+    return BatchingSettings(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
+                            instances=args.instances, dynamic=not args.no_dynamic_batching)
+
+
+def _models(args):
+    from runtime.preprocess import check_max_pixels
+    from runtime.serving.repository import load_checked, model_names
+
+    if args.max_image_pixels is not None:
+        check_max_pixels(args.max_image_pixels, "--max-image-pixels")
+    if args.intra_op_threads < 0:
+        raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
+    names = model_names(args.artifacts, args.name)
+    return load_checked(args.artifacts), names
+
+
+def run_triton_repo(args) -> int:
+    from runtime.artifact_dir import atomic_directory
+    from runtime.serving.repository import write_fleet_repo
+
+    batching = _batching(args)
+    manifests, names = _models(args)
+    if args.ensemble:
+        from runtime.serving.ensemble import write_ensemble_repo
+
+        writer = write_ensemble_repo
+    else:
+        writer = write_fleet_repo
+    with atomic_directory(Path(args.out), overwrite=False) as tmp:
+        extra = {} if args.ensemble else {"stream": args.stream}
+        writer(tmp, manifests, names, batching, device=args.device, max_image_pixels=args.max_image_pixels,
+               intra_op_threads=args.intra_op_threads, root=args.code_root and str(args.code_root.absolute()), **extra)
+    print(f"{args.out}: Triton model repository with {', '.join(names)}; "
+          f"serve it with: tritonserver --model-repository {args.out}")
+    return 0
+
+
+def _check_ports(args) -> None:
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise OptionError(f"{flag} must be in [1, 65535], got {port}")
+    if len(set(ports.values())) != 3:
+        raise OptionError("--http-port, --grpc-port and --metrics-port must differ")
+    if args.exit_timeout < 0:
+        raise OptionError(f"--exit-timeout must be >= 0, got {args.exit_timeout}")
+
+
+def _announce_when_ready(url: str, names: list[str], proc: subprocess.Popen) -> None:
+    """Prints one line once Triton reports every model ready (a thread; quiet if it never is)."""
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    print(f"ready: {', '.join(names)} at {url} (KServe v2; gRPC and metrics ports as given)",
+                          file=sys.stderr, flush=True)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def run_serve(args) -> int:
+    from runtime.serving import server
+    from runtime.serving.repository import write_serving_repo
+
+    from runtime.serving.repository import model_names
+
+    _check_ports(args)
+    batching = _batching(args)
+    model_names(args.artifacts, args.name)  # the cheap checks first, then the environment, then the artifacts
+    model_env = server.check_model_env((args.python_env or Path(sys.prefix)).absolute())
+    env = server.server_env(model_env)
+    manifests, names = _models(args)
+    with tempfile.TemporaryDirectory(prefix="blip2-serve-") as work:
+        repo = Path(work) / "models"
+        repo.mkdir()
+        write_serving_repo(repo, manifests, names, batching, device=args.device,
+                           max_image_pixels=args.max_image_pixels, intra_op_threads=args.intra_op_threads,
+                           stream=args.stream)
+        cmd = server.server_command(model_env, repo, server.backend_home(model_env, Path(work) / "home"), args.http_port,
+                                    args.grpc_port, args.metrics_port, args.address, args.exit_timeout,
+                                    log_verbose=bool(getattr(args, "debug", False)))
+        # Its own session: a terminal's Ctrl-C reaches this process only, which forwards one SIGTERM
+        # (a second signal, forwarded too, makes Triton stop at once).
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=server.die_with_parent,
+                                start_new_session=True)
+        stopping = []
+
+        def forward(signum, frame):
+            # Triton drains on SIGTERM: new requests are refused, in-flight ones finish (up to
+            # --exit-timeout), models unload. A second signal is forwarded too.
+            stopping.append(signum)
+            proc.send_signal(signal.SIGTERM)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            host = "127.0.0.1" if args.address in ("0.0.0.0", "::", "") else args.address
+            threading.Thread(target=_announce_when_ready, args=(f"http://{host}:{args.http_port}", names, proc),
+                             daemon=True).start()
+            status = proc.wait()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            if proc.poll() is None:  # an exception here: never leave the server behind
+                proc.kill()
+                proc.wait()
+    if status != 0:
+        what = "after SIGTERM" if stopping else "while serving"
+        raise Blip2EdgeError(f"tritonserver exited with status {status} {what} (its log above says why)")
+    print("stopped: in-flight requests drained", file=sys.stderr)
+    return 0

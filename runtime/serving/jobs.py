@@ -1,0 +1,162 @@
+"""One inference request -> a checked job for the pipeline, or a client error; a dynamic batch
+of jobs -> one result (or error) per job, each what that request would get alone.
+
+Free of Triton: requests come in as {input name: numpy array or None}, so the rules are tested
+without a server (tests/runtime/test_serving_jobs.py) and the Python-backend model only converts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import Blip2EdgeError
+from runtime.options import GenerationOptions
+from runtime.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+# Generation options a request may set, as KServe v2 request parameters (JSON scalars), not as
+# input tensors: Triton's dynamic batcher only batches requests with the same set of inputs, so
+# options as optional inputs would split the batch whenever two requests set different ones.
+# The names and meanings are GenerationOptions' (transformers'); so are the checks.
+OPTION_PARAMETERS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
+                     "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
+# A request's prompt is refused above this many UTF-8 bytes, before it is tokenized; the model's
+# position limit (OPT) is checked after, per request.
+MAX_PROMPT_BYTES = 4096
+# Encoded image bytes above this are refused before Pillow sees them (the pixel limit then
+# refuses small files that decode to huge images).
+MAX_IMAGE_BYTES = 32 << 20
+EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+
+
+class RequestError(Blip2EdgeError):
+    """A request is malformed (an input missing, of the wrong shape, or not text): a client error."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, checked: its image shrunk to the model's size, the prompt text, and the
+    generation options it gets alone (a default max_new_tokens already fitted to its prompt)."""
+
+    image: Image.Image
+    prompt: str
+    options: GenerationOptions
+    kwargs: dict  # the options as the request gave them (what Blip2Pipeline.generate takes)
+
+
+def _one(inputs: dict, name: str):
+    """The single value of input `name` (shape [1] or [1, 1]), or None when it is absent."""
+    array = inputs.get(name)
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.size != 1:
+        raise RequestError(f"input '{name}': one value per request expected (shape [1, 1]), got shape "
+                           f"{list(array.shape)}; send one image per request, Triton batches requests itself")
+    return array.reshape(-1)[0]
+
+
+def text_input(inputs: dict, name: str) -> str | None:
+    value = _one(inputs, name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise RequestError(f"input '{name}': BYTES (UTF-8 text) expected, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_BYTES:
+        raise RequestError(f"input '{name}': {len(value)} bytes is over the limit of {MAX_PROMPT_BYTES}")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"input '{name}': not valid UTF-8 text") from None
+
+
+def options_from(parameters: dict) -> dict:
+    """The generation options among a request's parameters; any other name is refused, so a
+    misspelt option is not silently ignored. early_stopping may be a bool or "never" / "true" /
+    "false"; the other values reach GenerationOptions as sent (it checks them)."""
+    parameters = {k: v for k, v in parameters.items() if not k.startswith("triton_")}  # Triton's own
+    unknown = sorted(k for k in parameters if k not in OPTION_PARAMETERS)
+    if unknown:
+        raise RequestError(f"unknown request parameter(s) {', '.join(unknown)}; generation options: "
+                           f"{', '.join(OPTION_PARAMETERS)}")
+    kwargs = dict(parameters)
+    stop = kwargs.get("early_stopping")
+    if isinstance(stop, str):
+        if stop.strip().lower() not in EARLY_STOPPING:
+            raise RequestError(f"parameter early_stopping must be true, false or never; got {stop!r}")
+        kwargs["early_stopping"] = EARLY_STOPPING[stop.strip().lower()]
+    return kwargs
+
+
+def image_bytes(inputs: dict) -> bytes:
+    value = _one(inputs, "image")
+    if value is None:
+        raise RequestError("input 'image' is missing: send the encoded image file (BYTES, shape [1, 1])")
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise RequestError(f"input 'image': BYTES (an encoded image file) expected, got {type(value).__name__}")
+    if len(value) > MAX_IMAGE_BYTES:
+        raise RequestError(f"input 'image': {len(value)} bytes is over the limit of {MAX_IMAGE_BYTES}")
+    return bytes(value)
+
+
+def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
+    """Checks one request (its input tensors and its parameters) against `pipe`, a
+    Blip2Pipeline. Raises a Blip2EdgeError (ImageError, OptionError, RequestError), whose message
+    goes back to the client, for anything wrong. The prompt is the LLM's text as `generate`
+    takes it; empty or absent: the manifest's caption prompt."""
+    kwargs = options_from(parameters or {})
+    options = pipe.options(**kwargs)  # GenerationOptionError names the option
+    text = text_input(inputs, "prompt") or pipe.caption_prompt(None)
+    options = fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
+    with warnings.catch_warnings():
+        # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = pipe.preprocessing.resize(load_image(image_bytes(inputs), pipe.max_image_pixels, name="image"))
+    return Job(image=image, prompt=text, options=options, kwargs=kwargs)
+
+
+def fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:
+    """The options this prompt gets when it runs alone: with learned positions (OPT) a default
+    max_new_tokens shrinks to what the prompt leaves, an explicit one that does not fit (or a
+    prompt that fills every position) is an error. Fitting per request, not per batch, keeps a
+    long prompt in the batch from shortening the answers of the others."""
+    q, d = pipe.model["num_query_tokens"], pipe.embed_table.shape[1]
+    length = pipe.layout(np.zeros((1, q, d), pipe.float_dtype), [prompt]).embeds.shape[1]
+    return pipe.fit_to_positions(options, length, explicit=explicit)
+
+
+def group_key(index: int, job: Job):
+    """Jobs with equal keys run as one batch. Sampling runs alone: its random draws depend on
+    the rows beside it, so a sampled answer would change with the traffic around it."""
+    return (job.options, index if job.options.do_sample else None)
+
+
+def run_batch(pipe, jobs: Sequence[Job | BaseException]) -> list:
+    """Runs the checked jobs of one dynamic batch, grouped by options (one pipeline batch per
+    group, mixed prompts within it). Returns, per position, a runtime Result or the exception
+    for that job: an error in one group fails that group only, never the others."""
+    out: list = list(jobs)
+    groups: dict = {}
+    for i, job in enumerate(jobs):
+        if isinstance(job, Job):
+            groups.setdefault(group_key(i, job), []).append(i)
+    for (options, _), members in groups.items():
+        try:
+            # Fitted per request already (see fit_alone): pass them as explicit options.
+            results = pipe.generate([jobs[i].image for i in members], [jobs[i].prompt for i in members],
+                                    **asdict(options))
+        except Exception as exc:  # noqa: BLE001 - reported to these requests, never the server's end
+            log.exception("batch of %d failed", len(members))
+            results = [exc] * len(members)
+        for i, result in zip(members, results):
+            out[i] = result
+    return out

@@ -1,0 +1,96 @@
+"""runtime.serving.jobs without a server: the per-request checks and the grouping of a dynamic
+batch, on the toy model's real pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.errors import Blip2EdgeError, ImageError, OptionError
+from runtime.serving.jobs import Job, RequestError, group_key, parse, run_batch
+from runtime.synthetic import make_scenes
+from tests.runtime.serving_support import png_bytes
+
+
+@pytest.fixture(scope="module")
+def pipe(toy_artifacts):
+    from runtime.pipeline import Blip2Pipeline
+
+    return Blip2Pipeline.from_artifacts(toy_artifacts)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [im for _, im in make_scenes(3, seed=21)]
+
+
+def request(image: Image.Image | bytes, prompt: str | None = None) -> dict:
+    data = png_bytes(image) if isinstance(image, Image.Image) else image
+    out = {"image": np.array([[data]], dtype=np.object_)}
+    if prompt is not None:
+        out["prompt"] = np.array([[prompt.encode()]], dtype=np.object_)
+    return out
+
+
+def test_a_mixed_batch_equals_each_request_alone(pipe, scenes):
+    """Different prompts and options in one dynamic batch: each answer is the pipeline's for that
+    request alone; requests with equal options shared one pipeline batch."""
+    reqs = [(request(scenes[0]), {}), (request(scenes[1], "a photo of"), {}), (request(scenes[2]), {"num_beams": 2}),
+            (request(scenes[0], "Question: what colour is it? Answer:"), {"num_beams": 2, "max_new_tokens": 6})]
+    jobs = [parse(pipe, r, p) for r, p in reqs]
+    assert len({group_key(i, j) for i, j in enumerate(jobs)}) == 3
+    results = run_batch(pipe, jobs)
+    for job, (r, params), result in zip(jobs, reqs, results):
+        alone = pipe.generate([job.image], [job.prompt], **params)[0]
+        assert (result.text, result.tokens) == (alone.text, alone.tokens)
+
+
+def test_sampling_requests_run_alone(pipe, scenes):
+    """A sampled answer must not depend on the traffic beside it: sampled jobs never share."""
+    jobs = [parse(pipe, request(scenes[0]), {"do_sample": True, "seed": 3}) for _ in range(3)]
+    assert len({group_key(i, j) for i, j in enumerate(jobs)}) == 3
+    texts = [r.text for r in run_batch(pipe, jobs)]
+    alone = pipe.generate([jobs[0].image], [jobs[0].prompt], do_sample=True, seed=3)[0].text
+    assert texts == [alone] * 3
+
+
+def test_a_default_max_new_tokens_is_fitted_per_request(pipe, scenes):
+    """A long prompt shrinks only its own default max_new_tokens, not its batch neighbours'."""
+    limit = pipe.family.position_limit(pipe.model)
+    long_prompt = "red"
+    while pipe.model["num_query_tokens"] + len(pipe.tokenizer.encode(long_prompt + " red")) < limit - 4:
+        long_prompt += " red"
+    short, long = parse(pipe, request(scenes[0]), {}), parse(pipe, request(scenes[1], long_prompt), {})
+    assert short.options.max_new_tokens == pipe.defaults.max_new_tokens
+    assert long.options.max_new_tokens < short.options.max_new_tokens
+
+
+@pytest.mark.parametrize("inputs, params, error, words", [
+    ({"prompt": np.array([[b"x"]], dtype=object)}, {}, RequestError, "'image' is missing"),
+    ({"image": np.array([[b"a"], [b"b"]], dtype=object)}, {}, RequestError, "one value per request"),
+    ({"image": np.array([[b"GIF89a broken"]], dtype=object)}, {}, ImageError, "image"),
+    ({"image": np.array([[5]], dtype=np.int32)}, {}, RequestError, "BYTES"),
+    (None, {"num_beams": 0}, OptionError, "num_beams"),
+    (None, {"temperature": "hot"}, OptionError, "temperature"),
+    (None, {"early_stopping": "sometimes"}, RequestError, "early_stopping"),
+    (None, {"max_tokens": 3}, RequestError, "max_tokens"),
+    ("prompt", {}, RequestError, "not valid UTF-8"),
+])
+def test_bad_requests_raise_user_errors_naming_the_fault(pipe, scenes, inputs, params, error, words):
+    if inputs is None:
+        inputs = request(scenes[0])
+    elif inputs == "prompt":
+        inputs = {**request(scenes[0]), "prompt": np.array([[b"\xff\xfe"]], dtype=object)}
+    with pytest.raises(error) as info:
+        parse(pipe, inputs, params)
+    assert isinstance(info.value, Blip2EdgeError) and words in str(info.value)
+
+
+def test_a_failing_group_fails_only_its_own_requests(pipe, scenes):
+    good = parse(pipe, request(scenes[0]), {})
+    broken = Job(image=Image.new("RGB", (0, 0)), prompt="", options=pipe.options(num_beams=3), kwargs={})
+    refused = RequestError("bad")
+    results = run_batch(pipe, [good, broken, refused])
+    assert results[0].text == pipe.generate([good.image], [good.prompt])[0].text
+    assert isinstance(results[1], Exception) and results[2] is refused
