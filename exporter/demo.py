@@ -1,6 +1,7 @@
 """The README's demo: export the embedded toy model, quantize it (INT8 visual stages, INT8
 weight-only LLM), then caption and question synthetic images with the torch-free runtime on
-both, beside the ground truth."""
+both, beside the ground truth; then index the same images with the toy retrieval model and
+search them by text."""
 
 from __future__ import annotations
 
@@ -70,4 +71,44 @@ def demo(out: Path, n_images: int) -> int:
               f"{len(t['decode_steps'])} decode steps {t['decode'] * 1e3:.1f} ms, total {t['total'] * 1e3:.1f} ms")
     vqa_right = sum(answers[a][i].text == s.answer(a) for a in synthetic.QUESTIONS for i, (s, _) in enumerate(scenes))
     print(f"int8 answers: {vqa_right}/{total * len(synthetic.QUESTIONS)} correct")
+    search_demo(out, scenes, pipes["int8"])
     return 0
+
+
+def search_demo(out: Path, scenes, captioner) -> None:
+    """Writes the scenes as PNG files, indexes them with the toy retrieval model (a SQLite file,
+    updated incrementally on a rerun) and finds each of three captions among them."""
+    from exporter.export import ExportOptions, export
+    from exporter.toy import CHECKPOINT_RETRIEVAL_DIR
+    from runtime import Blip2Retriever
+    from runtime.index import IndexDb, PhotoSearch, update_index
+
+    art, photos, db_path = (out.with_name(out.name + suffix) for suffix in ("-retrieval", "-photos", "-photos.db"))
+    if _intact(art):
+        print(f"\nusing {art}")
+    else:
+        print()
+        export(str(CHECKPOINT_RETRIEVAL_DIR), art, ExportOptions(overwrite=True))
+    photos.mkdir(exist_ok=True)
+    truth = {}
+    for i, (scene, image) in enumerate(scenes):
+        path = photos / f"scene{i:03d}.png"
+        if not path.exists():
+            image.save(path)
+        truth[path.name] = scene.caption
+    retriever = Blip2Retriever.from_artifacts(art)
+    db = IndexDb.open(db_path, create=True)
+    try:
+        report = update_index(db, retriever, photos, art)
+        print(f"indexed {photos} into {db_path}: {report.embedded} embedded, {report.unchanged} unchanged")
+        search = PhotoSearch(db, retriever, art)
+        for query in [scene.caption for scene, _ in scenes[:3]]:
+            hits = search.search(query, top=3, rerank=8)
+            print(f"search {query!r}:")
+            top_caption = captioner.caption([hits[0].path])[0].text if hits else ""
+            for rank, hit in enumerate(hits):
+                name = Path(hit.path).name
+                seen = f", captioned '{top_caption}'" if rank == 0 else ""
+                print(f"  {rank + 1}. {name}  itc {hit.score:.3f}  itm {hit.itm:.3f}  (truth: '{truth.get(name)}'{seen})")
+    finally:
+        db.close()

@@ -29,7 +29,7 @@ COMMANDS = {
     "doctor": ("runtime.doctor", "report what this machine can run, and check it on an artifact directory"),
     "export": ("exporter.cli", "BLIP-2 checkpoint -> validated ONNX artifact directory"),
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
-    "demo": ("exporter.cli", "export and quantize the embedded toy model, then caption synthetic images on the CPU"),
+    "demo": ("exporter.cli", "export and quantize the embedded toy model, caption synthetic images on the CPU, then search them"),
     "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
     "index": ("runtime.index.cli", "embed a photo folder into a searchable index (only new or changed files)"),
     "search": ("runtime.index.cli", "find the indexed photos that best match a text"),
