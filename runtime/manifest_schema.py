@@ -415,6 +415,11 @@ def validate(m) -> list[tuple[str, str]]:
         STAGE.check(m["stages"][name], f"stages.{name}", ctx)
     sections = {k: r for k, r in COMMON.items() if k not in LLM_SECTIONS or k in family.sections}
     Obj({**sections, **ARCHITECTURE_SECTIONS[arch]}, OPTIONAL).check(m, "", ctx)
+    # Another architecture's section would be read by code that checks only for its presence
+    # (a BLIP-2 manifest naming a Q-Former tokenizer that is never verified): refused.
+    for other in {k for sec in ARCHITECTURE_SECTIONS.values() for k in sec} - set(ARCHITECTURE_SECTIONS[arch]):
+        if other in m:
+            raise Invalid(other, f"absent (architecture {arch!r} has no {other})", show_value=False)
     for check in family.checks:  # the model's own dims first: the stage shapes are read against them
         check(m)
     _check_shared(m)

@@ -326,6 +326,7 @@ class Blip2Pipeline:
         if not images:
             return []
         opts = opts if opts is not None else self.options(**generation)
+        self.family.check_instructions(prompts, self.qformer_tokenizer, self.model)  # before any stage runs
         t_start = time.perf_counter()
         timings: dict = {}
         query = self.encode_images(images, timings, prompts)

@@ -38,12 +38,14 @@ def get_family(llm_family: str, architecture: str = "blip-2") -> Family:
     """The family for a manifest's (or a checkpoint's) `architecture` and `llm_family` values:
     a BLIP-2 LLM family, or that LLM family inside another architecture (InstructBLIP)."""
     _load_builtin()
+    if architecture in FIXED_FAMILIES:  # no LLM: llm_family means nothing there
+        return _FAMILIES[FIXED_FAMILIES[architecture]]
     try:
         base = _FAMILIES[llm_family]
     except KeyError:
         llms = [f for f in known_families() if f not in FIXED_FAMILIES.values()]
         raise ArtifactError(f"unknown LLM family '{llm_family}' (known: {', '.join(llms)})") from None
-    if architecture == "blip-2" or architecture in FIXED_FAMILIES:
+    if architecture == "blip-2":
         return base
     if architecture == "instructblip":
         key = (architecture, llm_family)

@@ -64,6 +64,10 @@ class Family:
         and `prefill_times` (the `prefill_stages` timings of the last prefill)."""
         raise NotImplementedError
 
+    def check_instructions(self, prompts, tokenizer, model: dict):
+        """Raises PromptTooLongError for a prompt the architecture's own text encoder cannot take
+        (InstructBLIP's Q-Former); BLIP-2's Q-Former reads no text."""
+
     def position_limit(self, model: dict) -> int | None:
         """Positions available to queries + prompt + new tokens; None when unbounded."""
         return None

@@ -34,13 +34,18 @@ class InstructBlipFamily(Family):
     def stage_specs(self, model: dict) -> dict[str, StageSpec]:
         return {**super().stage_specs(model), "qformer": INSTRUCT_QFORMER}  # same place in the run order
 
-    def qformer_feeds(self, image_embeds: np.ndarray, prompts, tokenizer, model: dict) -> dict:
+    def check_instructions(self, prompts, tokenizer, model: dict) -> list[list[int]]:
+        """The instructions in the Q-Former's tokens; PromptTooLongError for one past its positions."""
         ids = [tokenizer.encode(p) for p in prompts]
         limit = int(model["qformer_max_positions"])
-        longest = max(len(x) for x in ids)
+        longest = max((len(x) for x in ids), default=0)
         if longest > limit:  # the Q-Former's text positions are learned: no room past them
             raise PromptTooLongError(f"instruction too long for the Q-Former: {longest} tokens, it has {limit} "
                                      "positions")
+        return ids
+
+    def qformer_feeds(self, image_embeds: np.ndarray, prompts, tokenizer, model: dict) -> dict:
+        ids = self.check_instructions(prompts, tokenizer, model)
         padded, mask = pad_prompts(ids, tokenizer.pad_id, tokenizer.padding_side)
         return {IMAGE_EMBEDS: image_embeds, QFORMER_INPUT_IDS: padded, QFORMER_ATTENTION_MASK: mask}
 

@@ -27,7 +27,8 @@ from PIL import Image
 
 from runtime.errors import Blip2EdgeError
 from runtime.manifest import Manifest
-from runtime.serving.jobs import Job, fit_alone, image_bytes, options_from, run_batch, text_input
+from runtime.serving.jobs import (Job, capped_options, fit_alone, image_bytes, options_from, run_batch,
+                                  text_input)
 from runtime.serving.model_config import BatchingSettings, python_model_config, quote
 from runtime.serving.repository import ARTIFACTS, copy_artifacts, link_or_copy, serving_params, write_model
 from runtime.serving.triton_model import Blip2Model, load_pipeline, parameters
@@ -174,7 +175,7 @@ class LLMModel(Blip2Model):
         kwargs = options_from(self._parameters(request))
         text = text_input({"prompt": self.pb.get_input_tensor_by_name(request, "prompt").as_numpy()}, "prompt") \
             or self.pipe.caption_prompt(None)
-        options = fit_alone(self.pipe, self.pipe.options(**kwargs), text, explicit="max_new_tokens" in kwargs)
+        options = fit_alone(self.pipe, capped_options(self.pipe, kwargs), text, explicit="max_new_tokens" in kwargs)
         return Job(image=query, prompt=text, options=options, kwargs=kwargs)
 
     def execute(self, requests) -> list:

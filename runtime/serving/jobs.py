@@ -34,6 +34,9 @@ MAX_PROMPT_BYTES = 4096
 # refuses small files that decode to huge images).
 MAX_IMAGE_BYTES = 32 << 20
 EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+# What one request may ask of the shared process: beams multiply the rows (and the KV cache) of
+# every step, and T5 has no position limit to bound max_new_tokens.
+SERVER_CAPS = {"num_beams": 8, "max_new_tokens": 512, "min_new_tokens": 512}
 
 
 class RequestError(Blip2EdgeError):
@@ -114,14 +117,26 @@ def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
     goes back to the client, for anything wrong. The prompt is the LLM's text as `generate`
     takes it; empty or absent: the manifest's caption prompt."""
     kwargs = options_from(parameters or {})
-    options = pipe.options(**kwargs)  # GenerationOptionError names the option
+    options = capped_options(pipe, kwargs)
     text = text_input(inputs, "prompt") or pipe.caption_prompt(None)
+    # Each request's own limits, so that one over-long request cannot fail the batch it joins.
+    pipe.family.check_instructions([text], pipe.qformer_tokenizer, pipe.model)
     options = fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
     with warnings.catch_warnings():
         # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = pipe.preprocessing.resize(load_image(image_bytes(inputs), pipe.max_image_pixels, name="image"))
     return Job(image=image, prompt=text, options=options, kwargs=kwargs)
+
+
+def capped_options(pipe, kwargs: dict) -> GenerationOptions:
+    """The request's generation options, checked (GenerationOptionError names the option) and
+    within SERVER_CAPS."""
+    options = pipe.options(**kwargs)
+    for name, cap in SERVER_CAPS.items():
+        if getattr(options, name) > cap:
+            raise RequestError(f"parameter {name}={getattr(options, name)} is over this server's limit of {cap}")
+    return options
 
 
 def fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from runtime.errors import OptionError
+from runtime.errors import ArtifactError, OptionError
 from runtime.manifest import MANIFEST, Manifest, load_manifest
 from runtime.serving.model_config import BatchingSettings, python_model_config
 from runtime.serving.triton_model import code_root, model_file_source
@@ -50,9 +50,14 @@ def model_names(dirs: Sequence[os.PathLike], names: Sequence[str] | None = None)
 
 def load_checked(dirs: Sequence[os.PathLike]) -> list[Manifest]:
     """Each directory's manifest, validated and every file hashed, before any server starts."""
+    from runtime.families import family_for
+
     manifests = []
     for d in dirs:
         m = load_manifest(Path(d), verify=True)
+        if family_for(m.data).task != "generation":
+            raise ArtifactError(f"{d}: a {m.data['architecture']} artifact; serving runs captioning and question "
+                                "answering models only (retrieval has no Triton model yet)")
         m.ensure_verified()
         manifests.append(m)
     return manifests

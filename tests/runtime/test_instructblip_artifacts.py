@@ -70,6 +70,9 @@ def test_a_blip2_manifest_with_the_instructblip_qformer_is_refused(manifest_data
 
     data = copy.deepcopy(manifest_data)
     data["architecture"] = "blip-2"
+    with pytest.raises(Invalid, match="qformer_tokenizer: expected absent"):
+        validate(copy.deepcopy(data))
+    del data["qformer_tokenizer"]
     with pytest.raises(Invalid, match="stages.qformer.inputs: expected tensors named image_embeds, got"):
         validate(data)
 

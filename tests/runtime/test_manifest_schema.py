@@ -88,6 +88,8 @@ MALFORMED = [
     ("prompts.caption", ["a"], "prompts.caption: expected a string"),
     ("files", ["vision.onnx"], "files: expected an object mapping relative paths to sha256 digests"),
     ("files.vision\\.onnx", "abc", "files['vision.onnx']: expected a sha256 digest"),
+    # InstructBLIP's section in a BLIP-2 manifest: its file would be read, never verified.
+    ("qformer_tokenizer", {"file": "unlisted.json"}, "qformer_tokenizer: expected absent (architecture 'blip-2'"),
 ]
 
 

@@ -76,6 +76,8 @@ def test_a_default_max_new_tokens_is_fitted_per_request(pipe, scenes):
     (None, {"early_stopping": "sometimes"}, RequestError, "early_stopping"),
     (None, {"max_tokens": 3}, RequestError, "max_tokens"),
     ("prompt", {}, RequestError, "not valid UTF-8"),
+    (None, {"num_beams": 200000}, RequestError, "num_beams=200000 is over this server's limit"),
+    (None, {"max_new_tokens": 100000}, RequestError, "max_new_tokens=100000 is over this server's limit"),
 ])
 def test_bad_requests_raise_user_errors_naming_the_fault(pipe, scenes, inputs, params, error, words):
     if inputs is None:
@@ -94,3 +96,17 @@ def test_a_failing_group_fails_only_its_own_requests(pipe, scenes):
     results = run_batch(pipe, [good, broken, refused])
     assert results[0].text == pipe.generate([good.image], [good.prompt])[0].text
     assert isinstance(results[1], Exception) and results[2] is refused
+
+
+def test_an_instruction_too_long_for_the_qformer_is_refused_alone(instructblip_t5_tiny_artifacts, scenes):
+    """InstructBLIP: the Q-Former's positions are checked per request, so an over-long
+    instruction never reaches (and fails) the batch it would have joined."""
+    from runtime.options import PromptTooLongError
+    from runtime.pipeline import Blip2Pipeline
+
+    ib = Blip2Pipeline.from_artifacts(instructblip_t5_tiny_artifacts)
+    good = parse(ib, request(scenes[0], "what colour is it?"), {"max_new_tokens": 3})
+    long_text = "red " * (ib.model["qformer_max_positions"] + 1)
+    with pytest.raises(PromptTooLongError, match="instruction too long for the Q-Former"):
+        parse(ib, request(scenes[1], long_text), {"max_new_tokens": 3})
+    assert run_batch(ib, [good])[0].text == ib.generate([good.image], [good.prompt], max_new_tokens=3)[0].text
