@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -273,16 +274,20 @@ def test_sigterm_drains_requests_in_flight(toy_artifacts, python_env, images, pi
 
 def test_serve_refuses_a_numpy2_environment_in_one_line(toy_artifacts, tmp_path):
     """A model environment with numpy 2 (which Triton 2.51's Python backend cannot use): one line
-    saying why, exit 2, before any server starts."""
-    import importlib.util
+    saying why, exit 2, before any server starts. The environment: a bare venv that sees this
+    interpreter's packages (numpy 2) first and the serving environment's nvidia-pytriton after."""
+    import sysconfig
 
-    import numpy as np
-
-    if importlib.util.find_spec("pytriton") is None or int(np.__version__.split(".")[0]) < 2:
-        pytest.skip("needs nvidia-pytriton and numpy 2 in this environment")
+    serve_env = serve_python_env()
+    env = tmp_path / "numpy2-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    serve_site = Path(sysconfig.get_path("purelib", vars={"base": str(serve_env), "platbase": str(serve_env)}))
+    here = Path(sysconfig.get_path("purelib"))
+    (site / "layers.pth").write_text(f"{here}\n{serve_site}\n")
     ports = free_ports(3)
     cmd = [sys.executable, "-m", "runtime.cli", "serve", str(toy_artifacts), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--python-env", sys.prefix]
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--python-env", str(env)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "numpy<2" in proc.stderr and "Traceback" not in proc.stderr
