@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default="blip-2",
                    help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
                         "--llm t5, instructblip-vicuna-7b with --llm llama); retrieval: Blip2ForImageTextRetrieval "
-                        "(ITC/ITM heads, no LLM, --llm ignored; full = Salesforce/blip2-itm-vit-g shapes)")
+                        "(ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
     p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
                    help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
@@ -99,6 +99,9 @@ def run_make_model(args) -> int:
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
     if args.arch == "retrieval":
         from exporter.random_models import make_retrieval_model
+
+        if args.llm != "opt" or args.variant != "default":  # the parser's defaults: not given
+            raise Blip2EdgeError("--arch retrieval has no language model: --llm and --variant do not apply")
 
         make_retrieval_model(args.size, args.out_dir, seed=args.seed)
         print(f"wrote a random-weight '{args.size}' BLIP-2 retrieval (ITC/ITM) checkpoint to {args.out_dir}")

@@ -100,8 +100,13 @@ class ArtifactRun:
             manifest = load_manifest(self.artifacts, verify=True)
         except Blip2EdgeError as exc:
             return [Check("artifact", FAIL, _one_line(exc))]
-        checks = [Check("artifact", PASS, f"{manifest.data['architecture']} / {manifest.data['llm_family']}, stages "
+        family = manifest.data.get("llm_family") or "no LLM"
+        checks = [Check("artifact", PASS, f"{manifest.data['architecture']} / {family}, stages "
                                           f"{', '.join(manifest.stages)}, every file verified")]
+        from runtime.families import family_for
+
+        if family_for(manifest.data).task != "generation":  # retrieval: the runs below caption
+            return checks + [Check("cpu", SKIP, "a retrieval artifact: check it with 'blip2-edge match'")]
         try:
             self.cpu = Blip2Pipeline.from_artifacts(self.artifacts, verify=False)
             results = self.cpu.caption(self.images, max_new_tokens=MAX_NEW_TOKENS)

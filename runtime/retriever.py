@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.artifact_checks import check_runner_io
-from runtime.backends.onnxrt import ThreadSettings, providers_for, stage_runner
+from runtime.backends.onnxrt import ThreadSettings, providers_for, required_provider, stage_runner
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import family_for
 from runtime.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
@@ -100,7 +100,10 @@ class Blip2Retriever:
         self.threads = threads or ThreadSettings()
         providers = providers_for(device)
         self.stage_names = self.family.stage_names(self.model)
-        self.runners = {s: stage_runner(manifest.stage_file(s), providers, s, self.threads) for s in self.stage_names}
+        # A device asked for must be the one each session got (a CUDA provider that fails to load
+        # would otherwise fall back to the CPU without a word), as the pipeline checks.
+        self.runners = {s: stage_runner(manifest.stage_file(s), providers, s, self.threads, required_provider(device))
+                        for s in self.stage_names}
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         self.float_dtype = np.dtype(m["stages"]["vision"]["inputs"][0]["dtype"])

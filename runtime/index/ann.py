@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.errors import require
+from runtime.index import graph_seal
 from runtime.index.db import IndexDb, ModelRecord
 
 KIND = "usearch-hnsw-mean-f16"
@@ -71,14 +72,27 @@ def rebuild_if_needed(db: IndexDb, record: ModelRecord, threshold: int, chunk: i
                 c.execute("DELETE FROM ann")
             return "dropped"
         return "none"
-    if row is not None and row[0] == generation and row[1] == KIND:
+    if row is not None and row[0] == generation and row[1] == KIND and _sealed_graph(db) is not None:
         return "current"
     data = bytes(build(db.iter_embeddings(record, chunk), record.dim).save())
     with db.transaction() as c:
         if db.generation() != generation:  # another writer committed meanwhile: its run rebuilds
             return "stale"
         c.execute("INSERT OR REPLACE INTO ann VALUES (1, ?, ?, ?)", (generation, KIND, data))
+        db.set_meta(c, SEAL_KEY, graph_seal.seal(data))
     return "built"
+
+
+SEAL_KEY = "ann_seal"  # meta key: the graph's HMAC (runtime/index/graph_seal.py)
+
+
+def _sealed_graph(db: IndexDb) -> bytes | None:
+    """The stored graph's bytes if this user's key sealed them, else None (never restored)."""
+    with db.errors():
+        row = db.conn.execute("SELECT data FROM ann WHERE id = 1").fetchone()
+    if row is None or not isinstance(row[0], bytes):
+        return None
+    return row[0] if graph_seal.is_sealed(row[0], db.meta(SEAL_KEY)) else None
 
 
 def load(db: IndexDb, expansion_search: int):
@@ -87,7 +101,13 @@ def load(db: IndexDb, expansion_search: int):
         row = db.conn.execute("SELECT generation, kind, data FROM ann WHERE id = 1").fetchone()
     if row is None or row[0] != db.generation() or row[1] != KIND:
         return None
-    graph = _usearch().Index.restore(bytes(row[2]))
+    data = _sealed_graph(db)
+    if data is None:  # not built by this user (a crafted blob can crash usearch): stay exact
+        return None
+    try:
+        graph = _usearch().Index.restore(data)
+    except (ValueError, RuntimeError):
+        return None
     if graph is None or len(graph) != db.count_images():  # not the graph of these vectors: stay exact
         return None
     graph.expansion_search = expansion_search

@@ -171,7 +171,12 @@ class IndexDb:
     def generation(self) -> int:
         """Bumped by every transaction that adds or removes embeddings: a stored approximate
         index is valid only for the generation it was built at."""
-        return int(self.meta("generation") or 0)
+        value = self.meta("generation") or 0
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise IndexDbError(f"{self.path}: damaged index (meta.generation is {str(value)[:40]!r}, not a number); "
+                               "delete the file and index again") from None
 
     def bump_generation(self, conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")

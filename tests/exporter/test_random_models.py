@@ -89,3 +89,12 @@ def test_instructblip_vicuna_full_is_instructblip_vicuna_7b_shaped():
             t.vocab_size, t.tie_word_embeddings) == (4096, 32, 32, 32, 11008, 32001, False)
     assert cfg.use_decoder_only_language_model and cfg.qformer_config.vocab_size == 30523
     assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.num_query_tokens) == (1408, 39, 32)
+
+
+@pytest.mark.parametrize("extra", [["--llm", "llama"], ["--variant", "mha"]])
+def test_retrieval_refuses_language_model_options(tmp_path, extra):
+    from tests.conftest import run_cli
+
+    proc = run_cli("make-model", "tiny", tmp_path / "r", "--arch", "retrieval", *extra)
+    assert proc.returncode == 2 and "--arch retrieval has no language model" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()

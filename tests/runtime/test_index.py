@@ -114,7 +114,7 @@ def test_a_db_made_by_another_artifact_is_refused(retriever, retrieval_tiny_arti
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "header overwritten", "truncated", "foreign sqlite",
-                                    "newer schema", "directory", "model record", "embedding size"])
+                                    "newer schema", "directory", "model record", "embedding size", "generation"])
 def test_a_damaged_or_foreign_db_is_one_line_exit_2(retrieval_tiny_artifacts, tmp_path, damage):
     photos = tmp_path / "photos"
     write_photos(photos, 4)
@@ -135,9 +135,11 @@ def test_a_damaged_or_foreign_db_is_one_line_exit_2(retrieval_tiny_artifacts, tm
         c.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
         c.commit()
         c.close()
-    elif damage in ("model record", "embedding size"):
+    elif damage in ("model record", "embedding size", "generation"):
         c = sqlite3.connect(db)
-        if damage == "model record":
+        if damage == "generation":
+            c.execute("UPDATE meta SET value = 'x1' WHERE key = 'generation'")
+        elif damage == "model record":
             c.execute("UPDATE meta SET value = '0' WHERE key = 'num_query_tokens'")
         else:
             c.execute("UPDATE images SET embedding = x'00' WHERE id = (SELECT min(id) FROM images)")
@@ -149,6 +151,8 @@ def test_a_damaged_or_foreign_db_is_one_line_exit_2(retrieval_tiny_artifacts, tm
     commands = [("search", db, "a red square"), ("index", retrieval_tiny_artifacts, photos, "--db", db)]
     if damage == "embedding size":  # an index run reads no stored vector (below the --ann-threshold)
         commands.pop()
+    if damage == "generation":  # only an index run (or an approximate search) reads it
+        commands.pop(0)
     for args in commands:
         proc = run_cli(*args)
         assert proc.returncode == 2, (damage, args[0], proc.stdout, proc.stderr)

@@ -152,6 +152,28 @@ def test_approximate_index_is_built_used_and_dropped_when_stale(retriever, retri
     db.close()
 
 
+def test_a_graph_this_user_did_not_seal_is_never_restored(retriever, retrieval_tiny_artifacts, tmp_path,
+                                                          monkeypatch):
+    """usearch cannot validate a graph blob (a crafted one can crash the process): a tampered
+    graph, or one from another user's key, is ignored (exact search) until the next index run."""
+    photos = tmp_path / "photos"
+    write_photos(photos, 12, seed=4)
+    db = IndexDb.open(tmp_path / "p.db", create=True)
+    assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann == "built"
+    assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "approximate"
+    blob = bytearray(db.conn.execute("SELECT data FROM ann").fetchone()[0])
+    blob[len(blob) // 2] ^= 0xFF  # what a crafted or damaged file holds
+    with db.transaction() as c:
+        c.execute("UPDATE ann SET data = ?", (bytes(blob),))
+    search = PhotoSearch(db, retriever, retrieval_tiny_artifacts)
+    assert search.mode == "exact" and len(search.search(TEXTS[0], top=3)) == 3
+    assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann == "built"
+    assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "approximate"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-user"))  # the same db, another key
+    assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "exact"
+    db.close()
+
+
 def test_index_and_search_commands(retriever, retrieval_tiny_artifacts, tmp_path):
     art = shutil.copytree(retrieval_tiny_artifacts, tmp_path / "model")  # moved away below
     photos = tmp_path / "photos"
