@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import Blip2EdgeError, OptionError
+from runtime.errors import ArtifactError, Blip2EdgeError, OptionError
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda", "auto")
@@ -186,7 +186,16 @@ class OrtRunner:
         self.device = "cuda" if self.session.get_providers()[0] in gpu else "cpu"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, feeds)
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as exc:
+            # ONNX Runtime's own errors (its pybind module's classes): the graph refused inputs the
+            # manifest promised it would take (a position table shorter than the manifest says).
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{self.path.name}: ONNX Runtime could not run it on these inputs ({first}); "
+                                "the graph does not match its manifest") from None
         return dict(zip(self.output_names, outputs))
 
     def infer_bound(self, feeds: dict, host_outputs: set[str]) -> dict:
