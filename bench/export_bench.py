@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import OUT, REPO, dir_size, machine, timed  # noqa: E402
+from bench.common import OUT, dir_size, machine, timed  # noqa: E402
 
 RUNS = {"bench": ("fp32", True), "full": ("fp16", False)}
 

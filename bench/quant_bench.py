@@ -52,8 +52,6 @@ def quantize_variants(fp32: Path, num_calib: int) -> dict:
 
 
 def main() -> int:
-    import torch
-
     from exporter.loading import LoadOptions, load_model
     from runtime.pipeline import Blip2Pipeline
 
