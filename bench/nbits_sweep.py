@@ -30,9 +30,9 @@ from bench.common import ensure_fp32_artifacts, graph_weight_bytes, machine, rea
 DIMS = {"batch": 1, "sequence": 1}
 
 
-def step_inputs(session, past: int, rng: np.random.Generator) -> dict:
+def step_inputs(session, past: int, rng: np.random.Generator, batch: int = 1) -> dict:
     """One decode step's feed from the graph's own input metadata."""
-    dims = {**DIMS, "past_sequence": past, "total_sequence": past + 1}
+    dims = {**DIMS, "batch": batch, "past_sequence": past, "total_sequence": past + 1}
     feed = {}
     for i in session.get_inputs():
         shape = [dims[d] if isinstance(d, str) else d for d in i.shape]

@@ -9,6 +9,7 @@ from runtime.errors import require
 
 
 def register(sub) -> None:
+    from calibration.llm import DEFAULT_BLOCK_SIZE
     from calibration.visual import ACTIVATIONS, TARGETS
 
     p = sub.add_parser(
@@ -42,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                    help="keep nodes whose names match these glob patterns in float")
     p.add_argument("--llm", choices=("none", "int8", "int4"), default="none", help="weight-only LLM precision")
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"weights per MatMulNBits scale (default {DEFAULT_BLOCK_SIZE}; bench/NBITS_RESULTS.md)")
     p.add_argument("--accuracy-level", type=int, default=4)
     p.add_argument("--lm-head", choices=("int8", "float", "same"), default="int8")
     p.add_argument("--embed-fp16", action="store_true", help="store the token embedding table in fp16")

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VISUAL = ("vision", "qformer")
-BLOCK = 32  # calibration.llm.LLMOptions.block_size
+BLOCK = 128  # calibration.llm.DEFAULT_BLOCK_SIZE
 
 
 @contextmanager
@@ -109,7 +109,10 @@ def _param_bytes(numel: int, kind: str, fp32_kept: bool, precision: str, visual:
     if visual:  # QDQ int8 per channel
         return numel + 5 * out_channels  # int8 weights, fp32 scale + int8 zero point per channel
     bits = 8 if kind == "lm_head" or precision == "int8" else 4
-    return numel * bits / 8 + numel / BLOCK * 4
+    # MatMulNBits pads each input row (K = numel / out_channels) up to whole blocks, one fp32
+    # scale per block: a matrix narrower than a block costs a full block per output channel.
+    blocks = out_channels * -(-(numel // out_channels) // BLOCK)
+    return blocks * BLOCK * bits / 8 + blocks * 4
 
 
 def estimate(params: dict, precision: str) -> dict:
