@@ -10,6 +10,8 @@ FP32 and, where the images have ground truth (synthetic scenes), accuracy agains
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from calibration.sources import ImageSource
@@ -34,16 +36,25 @@ def cosine_summary(cos: list[np.ndarray], max_abs: float) -> dict:
 
 
 def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
-    cos = {"vision": [], "qformer": []}
-    worst = {"vision": 0.0, "qformer": 0.0}
+    # InstructBLIP's Q-Former also reads the caption instruction (qformer_feeds adds it).
+    return stage_pair_fidelity(fp32, quant, images, "qformer", fp32.qformer_feeds, QUERY_EMBEDS)
+
+
+def stage_pair_fidelity(fp32, quant, images, second: str, feeds: Callable[[np.ndarray], dict], output: str) -> dict:
+    """Per-token cosine and worst error of the quantized vision stage and of the stage after it
+    (`second`, fed `feeds(vision output)`, read at `output`), both against FP32. The second stage
+    reads FP32's vision output in both runs, so each stage's own error is what is measured.
+    `fp32` and `quant` are any two loaded artifacts of one model (pipeline or retriever)."""
+    cos = {"vision": [], second: []}
+    worst = {"vision": 0.0, second: 0.0}
     for start in range(0, len(images), BATCH):
         pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
         ref_v = fp32.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        feeds = fp32.qformer_feeds(ref_v)  # InstructBLIP's also read the caption instruction
-        ref_q = fp32.runners["qformer"].infer(feeds)[QUERY_EMBEDS]
-        got_q = quant.runners["qformer"].infer(feeds)[QUERY_EMBEDS]
-        for stage, ref, got in (("vision", ref_v, got_v), ("qformer", ref_q, got_q)):
+        second_feeds = feeds(ref_v)
+        ref_s = fp32.runners[second].infer(second_feeds)[output]
+        got_s = quant.runners[second].infer(second_feeds)[output]
+        for stage, ref, got in (("vision", ref_v, got_v), (second, ref_s, got_s)):
             cos[stage].append(token_cosines(ref, got))
             worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
     return {stage: cosine_summary(cos[stage], worst[stage]) for stage in cos}

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.fidelity import cosine_summary, token_cosines
+from calibration.fidelity import cosine_summary, stage_pair_fidelity, token_cosines
 from calibration.sources import ImageSource
 from runtime import synthetic
 from runtime.retriever import Blip2Retriever, similarity
-from runtime.stages import IMAGE_EMBEDS, ITC_IMAGE_EMBEDS, PIXEL_VALUES
+from runtime.stages import IMAGE_EMBEDS, ITC_IMAGE_EMBEDS
 
-BATCH = 16
 KS = (1, 5)
 
 
@@ -31,21 +30,6 @@ def probe_texts(source: ImageSource) -> list[str]:
         return sorted({s.caption for s in source.scenes})
     rng = np.random.default_rng(0)
     return sorted({synthetic.random_scene(rng).caption for _ in range(400)})
-
-
-def stage_fidelity(fp32: Blip2Retriever, quant: Blip2Retriever, images) -> dict:
-    cos = {"vision": [], "image_embed": []}
-    worst = {"vision": 0.0, "image_embed": 0.0}
-    for start in range(0, len(images), BATCH):
-        pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
-        ref_v = fp32.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        ref_e = fp32.runners["image_embed"].infer({IMAGE_EMBEDS: ref_v})[ITC_IMAGE_EMBEDS]
-        got_e = quant.runners["image_embed"].infer({IMAGE_EMBEDS: ref_v})[ITC_IMAGE_EMBEDS]
-        for stage, ref, got in (("vision", ref_v, got_v), ("image_embed", ref_e, got_e)):
-            cos[stage].append(token_cosines(ref, got))
-            worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
-    return {stage: cosine_summary(cos[stage], worst[stage]) for stage in cos}
 
 
 def recall_vs_reference(ref: np.ndarray, got: np.ndarray, axis: int) -> dict:
@@ -70,7 +54,8 @@ def ground_truth_recall(scores: np.ndarray, image_captions: list[str], texts: li
 def retrieval_fidelity_report(fp32: Blip2Retriever, quant: Blip2Retriever, source: ImageSource) -> dict:
     images = source.held_out_images()
     texts = probe_texts(source)
-    report = {"held_out_images": len(images), "texts": len(texts), "stages": stage_fidelity(fp32, quant, images)}
+    report = {"held_out_images": len(images), "texts": len(texts), "stages": stage_pair_fidelity(
+        fp32, quant, images, "image_embed", lambda v: {IMAGE_EMBEDS: v}, ITC_IMAGE_EMBEDS)}
     ref_e, got_e = fp32.embed_images(images), quant.embed_images(images)
     report["embeddings"] = cosine_summary([token_cosines(ref_e, got_e)],
                                           float(np.abs(ref_e.astype(np.float64) - got_e).max()))
