@@ -106,7 +106,8 @@ class ArtifactRun:
         from runtime.families import family_for
 
         if family_for(manifest.data).task != "generation":  # retrieval: the runs below caption
-            return checks + [Check("cpu", SKIP, "a retrieval artifact: check it with 'blip2-edge match'")]
+            return checks + [Check("cpu", SKIP, "a retrieval artifact: check it with 'blip2-edge match'")] + [
+                Check(b, FAIL, "doctor does not check retrieval artifacts on this backend yet") for b in self.requested]
         try:
             self.cpu = Blip2Pipeline.from_artifacts(self.artifacts, verify=False)
             results = self.cpu.caption(self.images, max_new_tokens=MAX_NEW_TOKENS)

@@ -209,7 +209,13 @@ def validate(m) -> list[tuple[str, str]]:
             stage_specs = get_family(m["llm_family"], arch).stage_specs
         except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
             raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
-    Obj({"model": Obj({**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}), "stages": Obj()}).check(m, "", ctx)
+    model_keys = {**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}
+    Obj({"model": Obj(model_keys), "stages": Obj()}).check(m, "", ctx)
+    # Another family's model key would be read by shared code without this family's bounds
+    # (num_kv_heads by the KV cache shapes): refused, as other architectures' sections are.
+    known = {k for f in FAMILIES.values() for k in f.model} | {k for a in ARCHITECTURE_MODEL_KEYS.values() for k in a}
+    for key in sorted(set(m["model"]) & known - set(model_keys)):
+        raise Invalid(f"model.{key}", f"absent (not a model key of this {arch} artifact)", show_value=False)
     specs = stage_specs(m["model"])
     for name in m["stages"]:
         if name not in specs:

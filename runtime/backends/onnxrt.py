@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -186,17 +187,23 @@ class OrtRunner:
         self.device = "cuda" if self.session.get_providers()[0] in gpu else "cpu"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
+        with self._invalid_inputs_named():
             outputs = self.session.run(self.output_names, feeds)
-        except Exception as exc:
-            # ONNX Runtime's own errors (its pybind module's classes): the graph refused inputs the
-            # manifest promised it would take (a position table shorter than the manifest says).
-            if not type(exc).__module__.startswith("onnxruntime"):
-                raise
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{self.path.name}: ONNX Runtime could not run it on these inputs ({first}); "
-                                "the graph does not match its manifest") from None
         return dict(zip(self.output_names, outputs))
+
+    @contextmanager
+    def _invalid_inputs_named(self):
+        """ONNX Runtime's InvalidArgument (the graph refused inputs the manifest promised it would
+        take: a position table shorter than the manifest says) as an ArtifactError naming the
+        graph. Its other failures (out of memory, a provider's error) stay internal errors."""
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        try:
+            yield
+        except InvalidArgument as exc:
+            first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{self.path.name}: ONNX Runtime refused these inputs ({first}); the graph does "
+                                "not match its manifest") from exc
 
     def infer_bound(self, feeds: dict, host_outputs: set[str]) -> dict:
         """Runs with I/O binding: inputs may be numpy arrays or OrtValues already on the device;
@@ -212,7 +219,8 @@ class OrtRunner:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
             binding.bind_output(name, "cpu" if name in host_outputs else self.device)
-        self.session.run_with_iobinding(binding)
+        with self._invalid_inputs_named():
+            self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return {n: (v.numpy() if n in host_outputs else v) for n, v in zip(self.output_names, values)}
 

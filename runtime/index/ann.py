@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import require
+from runtime.errors import ArtifactError, require
 from runtime.index import graph_seal
 from runtime.index.db import IndexDb, ModelRecord
 
@@ -74,6 +74,10 @@ def rebuild_if_needed(db: IndexDb, record: ModelRecord, threshold: int, chunk: i
         return "none"
     if row is not None and row[0] == generation and row[1] == KIND and _sealed_graph(db) is not None:
         return "current"
+    try:
+        graph_seal.key()
+    except (ArtifactError, OSError):  # no usable cache directory: an unsealed graph would never be used
+        return "none (no key: search stays exact)"
     data = bytes(build(db.iter_embeddings(record, chunk), record.dim).save())
     with db.transaction() as c:
         if db.generation() != generation:  # another writer committed meanwhile: its run rebuilds
@@ -92,7 +96,11 @@ def _sealed_graph(db: IndexDb) -> bytes | None:
         row = db.conn.execute("SELECT data FROM ann WHERE id = 1").fetchone()
     if row is None or not isinstance(row[0], bytes):
         return None
-    return row[0] if graph_seal.is_sealed(row[0], db.meta(SEAL_KEY)) else None
+    try:
+        sealed = graph_seal.is_sealed(row[0], db.meta(SEAL_KEY))
+    except (ArtifactError, OSError):  # no usable key: nothing is trusted, search stays exact
+        return None
+    return row[0] if sealed else None
 
 
 def load(db: IndexDb, expansion_search: int):

@@ -27,27 +27,34 @@ def _key_path() -> Path:
 
 def key() -> bytes:
     """This user's key, made on first use (mode 0600). Two processes making it at once: the
-    first link wins and both read that one."""
+    first link wins and both read that one. A key file that is not a regular file of the right
+    size is replaced. Raises OSError or ArtifactError when there is no usable cache directory
+    (callers then keep search exact)."""
     path = _key_path()
-    try:
-        data = read_bounded(path, KEY_BYTES)
-        if len(data) == KEY_BYTES:
-            return data
-    except ArtifactError:
-        pass
+    existing = _read_key(path)
+    if existing:
+        return existing
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = write_temp(path.parent, ".index-graph.key.", os.urandom(KEY_BYTES), mode=0o600)
     try:
         try:
             os.link(tmp, path)
         except FileExistsError:  # another process's key, or a bad one: replace only a bad one
-            data = read_bounded(path, KEY_BYTES)
-            if len(data) == KEY_BYTES:
-                return data
+            existing = _read_key(path)
+            if existing:
+                return existing
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return read_bounded(path, KEY_BYTES)
+
+
+def _read_key(path: Path) -> bytes | None:
+    try:
+        data = read_bounded(path, KEY_BYTES)
+    except (ArtifactError, OSError):
+        return None
+    return data if len(data) == KEY_BYTES else None
 
 
 def seal(data: bytes) -> str:

@@ -96,11 +96,6 @@ def run_triton_repo(args) -> int:
     if args.ensemble:
         from runtime.serving.ensemble import write_ensemble_repo
 
-        if any(m.data["architecture"] == "instructblip" for m in manifests):
-            # Its Q-Former reads the instruction, which the ensemble's qformer step is not given.
-            raise OptionError("--ensemble does not support InstructBLIP artifacts yet; write the repository "
-                              "without --ensemble")
-
         writer = write_ensemble_repo
     else:
         writer = write_fleet_repo

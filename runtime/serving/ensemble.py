@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, OptionError
 from runtime.manifest import Manifest
 from runtime.serving.jobs import (Job, capped_options, fit_alone, image_bytes, options_from, run_batch,
                                   text_input)
@@ -94,6 +94,10 @@ def _python_step(out: Path, name: str, role: str, batching: BatchingSettings, pa
 def write_ensemble_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
                         device: str = "cuda", max_image_pixels: int | None = None, intra_op_threads: int = 0,
                         root: str | None = None) -> None:
+    if any(m.data["architecture"] == "instructblip" for m in manifests):
+        # Its Q-Former reads the instruction, which the ensemble's qformer step is not given.
+        raise OptionError("--ensemble does not support InstructBLIP artifacts yet; write the repository "
+                          "without --ensemble")
     for m, name in zip(manifests, names):
         for stage in ("vision", "qformer"):
             model = tmp / f"{name}_{stage}"

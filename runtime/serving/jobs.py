@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -131,11 +131,15 @@ def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
 
 def capped_options(pipe, kwargs: dict) -> GenerationOptions:
     """The request's generation options, checked (GenerationOptionError names the option) and
-    within SERVER_CAPS."""
+    within SERVER_CAPS: a value the request sent over a cap is refused, a manifest default over it
+    is lowered to it (the client never named it)."""
     options = pipe.options(**kwargs)
     for name, cap in SERVER_CAPS.items():
-        if getattr(options, name) > cap:
+        if getattr(options, name) <= cap:
+            continue
+        if name in kwargs:
             raise RequestError(f"parameter {name}={getattr(options, name)} is over this server's limit of {cap}")
+        options = replace(options, **{name: cap})
     return options
 
 

@@ -97,6 +97,16 @@ def test_a_backend_asked_for_that_cannot_run_fails_with_one_line_each(toy_artifa
     assert "onnxruntime-trt" not in proc.stdout  # not asked for, not run
 
 
+def test_a_retrieval_artifact_is_verified_and_a_backend_asked_for_fails(retrieval_tiny_artifacts):
+    """doctor checks captioning models; on a retrieval artifact it verifies the files, says how to
+    check the model, and fails a backend asked for by name instead of passing silently."""
+    plain = run_cli("doctor", retrieval_tiny_artifacts)
+    assert plain.returncode == 0 and "blip2-edge match" in plain.stdout, plain.stdout + plain.stderr
+    asked = run_cli("doctor", retrieval_tiny_artifacts, "--backend", "cuda")
+    assert asked.returncode == 1 and "Traceback" not in asked.stderr
+    assert [p.split(":")[0:2] for p in asked.stderr.strip().splitlines()] == [["problem", " cuda"]]
+
+
 def test_a_tampered_artifact_fails_naming_the_file(toy_artifacts, tmp_path):
     art = shutil.copytree(toy_artifacts, tmp_path / "art")
     with open(art / "qformer.onnx", "ab") as f:

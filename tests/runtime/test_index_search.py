@@ -171,6 +171,11 @@ def test_a_graph_this_user_did_not_seal_is_never_restored(retriever, retrieval_t
     assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "approximate"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-user"))  # the same db, another key
     assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "exact"
+    (tmp_path / "no-key" / "blip2-edge" / "index-graph.key").mkdir(parents=True)  # no usable key at all
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-key"))
+    assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "exact"
+    write_photos(photos / "more", 1, seed=9)
+    assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann.startswith("none")
     db.close()
 
 

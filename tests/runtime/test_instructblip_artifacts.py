@@ -70,6 +70,10 @@ def test_a_blip2_manifest_with_the_instructblip_qformer_is_refused(manifest_data
 
     data = copy.deepcopy(manifest_data)
     data["architecture"] = "blip-2"
+    with pytest.raises(Invalid, match="model.qformer_max_positions: expected absent"):
+        validate(copy.deepcopy(data))
+    for key in ("qformer_vocab_size", "qformer_max_positions"):
+        del data["model"][key]
     with pytest.raises(Invalid, match="qformer_tokenizer: expected absent"):
         validate(copy.deepcopy(data))
     del data["qformer_tokenizer"]

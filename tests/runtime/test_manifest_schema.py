@@ -90,6 +90,7 @@ MALFORMED = [
     ("files.vision\\.onnx", "abc", "files['vision.onnx']: expected a sha256 digest"),
     # InstructBLIP's section in a BLIP-2 manifest: its file would be read, never verified.
     ("qformer_tokenizer", {"file": "unlisted.json"}, "qformer_tokenizer: expected absent (architecture 'blip-2'"),
+    ("model.num_kv_heads", -1, "model.num_kv_heads: expected absent (not a model key of this blip-2 artifact)"),
 ]
 
 

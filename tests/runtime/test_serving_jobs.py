@@ -110,3 +110,22 @@ def test_an_instruction_too_long_for_the_qformer_is_refused_alone(instructblip_t
     with pytest.raises(PromptTooLongError, match="instruction too long for the Q-Former"):
         parse(ib, request(scenes[1], long_text), {"max_new_tokens": 3})
     assert run_batch(ib, [good])[0].text == ib.generate([good.image], [good.prompt], max_new_tokens=3)[0].text
+
+
+def test_a_manifest_default_over_a_cap_is_lowered_not_refused(toy_artifacts, scenes, tmp_path):
+    """The client never sent max_new_tokens: the manifest's large default is not its fault."""
+    import json
+    import shutil
+
+    from runtime.pipeline import Blip2Pipeline
+    from runtime.serving.jobs import SERVER_CAPS
+
+    art = shutil.copytree(toy_artifacts, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["generation"]["max_new_tokens"] = 4 * SERVER_CAPS["max_new_tokens"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    big = Blip2Pipeline.from_artifacts(art)
+    job = parse(big, request(scenes[0]), {})
+    assert job.options.max_new_tokens <= SERVER_CAPS["max_new_tokens"]
+    with pytest.raises(RequestError, match="over this server's limit"):
+        parse(big, request(scenes[0]), {"max_new_tokens": 4 * SERVER_CAPS["max_new_tokens"]})
