@@ -232,7 +232,10 @@ def main() -> int:
     bw_after = read_bandwidth()
 
     n = args.new_tokens
-    lines = [f"machine: {machine()}",
+    flags = set(open("/proc/cpuinfo").read().split())
+    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
+    lines = [f"machine: {machine()}; {simd}; torch threads, ORT, OpenVINO, CTranslate2 on every core; "
+             f"other processes share this machine",
              f"bench model, CPU, batch 1, {n} forced new tokens, {args.rounds} interleaved rounds (rotating order, "
              f"{args.pause:g} s pause after each run), medians; read bandwidth {bw_before / 1e9:.1f} GB/s before, "
              f"{bw_after / 1e9:.1f} GB/s after (floor = decoder weight bytes / the first)", ""]
