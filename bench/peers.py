@@ -50,7 +50,7 @@ class Worker:
 
     def __init__(self, label: str, name: str, args):
         argv = [sys.executable, __file__, "--worker", name, "--new-tokens", str(args.new_tokens),
-                "--stage-reps", str(args.stage_reps)]
+                "--stage-reps", str(args.stage_reps), "--stage-pause", str(args.stage_pause)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.label = label
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -200,6 +200,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--stage-reps", type=int, default=5, help="runs of each stage per round (their median)")
+    ap.add_argument("--stage-pause", type=float, default=0.3, help="seconds of idle before each stage's runs")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of idle after each engine's run")
     ap.add_argument("--compile-timeout", type=float, default=300, help="seconds allowed to load + warm up phase 1")
     ap.add_argument("--num-calib", type=int, default=64)

@@ -147,6 +147,9 @@ def stages(args, engine: str):
     def run():
         out = {}
         for key, fn in runners.items():
+            # idle first: the previous session's ORT threads spin for a while after its runs and
+            # would slow this one (the repeats then run back to back, as decode steps do)
+            time.sleep(args.stage_pause)
             times = []
             for _ in range(args.stage_reps):
                 t0 = time.perf_counter()
