@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import OUT, REPO, ensure_fp32_artifacts, graph_weight_bytes, machine, read_bandwidth, timed  # noqa: E402
-from bench.peers_workers import VARIANT_DIRS, artifact, prepare_ct2, serve  # noqa: E402
+from bench.peers_workers import VARIANT_DIRS, artifact, serve  # noqa: E402
 from bench.quant_bench import VARIANTS  # noqa: E402
 
 OURS = {"ours FP32": "fp32", "ours uint8 visual + INT8 LLM": "uint8+int8", "ours uint8 visual + INT4 LLM": "uint8+int4"}
