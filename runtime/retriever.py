@@ -32,6 +32,7 @@ from runtime.artifact_checks import check_runner_io
 from runtime.backends.onnxrt import ThreadSettings, providers_for, required_provider, stage_runner
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import family_for
+from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
 from runtime.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
 from runtime.pipeline import ImageInput, _as_image, _image_batch
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
@@ -178,23 +179,12 @@ class Blip2Retriever:
             out.append(ids)
         return out
 
-    @staticmethod
-    def _pad(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-padded ids and their mask, as BERT's tokenizer pads (masked ids are never read)."""
-        longest = max(len(x) for x in ids)
-        arr = np.zeros((len(ids), longest), np.int64)
-        mask = np.zeros((len(ids), longest), np.int64)
-        for i, x in enumerate(ids):
-            arr[i, :len(x)] = x
-            mask[i, :len(x)] = 1
-        return arr, mask
-
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(M, D) float32, L2-normalised: transformers' ITC text_embeds."""
         ids = self.encode_texts(texts)
         out = [np.zeros((0, self.embed_dim), np.float32)]
         for start in range(0, len(ids), self.batch_size):
-            arr, mask = self._pad(ids[start:start + self.batch_size])
+            arr, mask = pad_prompts(ids[start:start + self.batch_size], 0, "right")
             feeds = {INPUT_IDS: arr, ATTENTION_MASK: mask}
             out.append(self.runners["text_embed"].infer(feeds)[ITC_TEXT_EMBEDS].astype(np.float32))
         return np.concatenate(out)
@@ -224,7 +214,7 @@ class Blip2Retriever:
         probs = np.zeros(n * m, np.float32)
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
-            arr, mask = self._pad([ids[j] for _, j in chunk])
+            arr, mask = pad_prompts([ids[j] for _, j in chunk], 0, "right")
             feeds = {IMAGE_EMBEDS: vision[[i for i, _ in chunk]], INPUT_IDS: arr, ATTENTION_MASK: mask}
             logits = self.runners["itm"].infer(feeds)[ITM_LOGITS]
             probs[start:start + len(chunk)] = match_probability(logits)

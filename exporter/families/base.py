@@ -21,14 +21,18 @@ class ExportFamily:
         raise NotImplementedError
 
     def model_dims(self, config) -> dict:
+        return {**self.vision_dims(config), "image_token_id": config.image_token_index,
+                **self.llm_dims(config.text_config)}
+
+    @staticmethod
+    def vision_dims(config) -> dict:
+        """The ViT's and the query tokens' dims, which every BLIP-2 family shares."""
         v = config.vision_config
         return {
             "image_size": v.image_size,
             "num_patches": (v.image_size // v.patch_size) ** 2 + 1,
             "vision_hidden": v.hidden_size,
             "num_query_tokens": config.num_query_tokens,
-            "image_token_id": config.image_token_index,
-            **self.llm_dims(config.text_config),
         }
 
     def modules(self, hf_model) -> dict:

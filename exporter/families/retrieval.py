@@ -103,12 +103,9 @@ class RetrievalExport(ExportFamily):
                                  f"'{q.position_embedding_type}' is not supported (only 'absolute')")
 
     def model_dims(self, config) -> dict:
-        v, q = config.vision_config, config.qformer_config
+        q = config.qformer_config
         return {
-            "image_size": v.image_size,
-            "num_patches": (v.image_size // v.patch_size) ** 2 + 1,
-            "vision_hidden": v.hidden_size,
-            "num_query_tokens": config.num_query_tokens,
+            **self.vision_dims(config),
             "qformer_hidden": q.hidden_size,
             "embed_dim": config.image_text_hidden_size,
             "vocab_size": q.vocab_size,
