@@ -33,6 +33,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--atol", type=float, help="max abs diff allowed per stage output, times the output's largest "
                    "magnitude where that exceeds 1 (default 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--kv-cache", choices=("auto", "shared", "concat"), default="auto",
+                   help="how the OPT/LLaMA decoder keeps its KV cache: shared = preallocated buffers that ONNX "
+                        "Runtime's GroupQueryAttention updates in place (CPU; CUDA in fp16), concat = concatenated "
+                        "each step (every provider, TensorRT's included); auto (default): shared for fp32, concat "
+                        "for fp16. Flan-T5 always concatenates")
     p.add_argument("--no-validate", dest="validate", action="store_false")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
@@ -82,7 +87,7 @@ def run_export(args) -> int:
     from exporter.loading import LoadOptions
 
     opts = ExportOptions(
-        opset=args.opset, atol=args.atol, validate=args.validate, overwrite=args.overwrite,
+        opset=args.opset, atol=args.atol, validate=args.validate, overwrite=args.overwrite, kv_cache=args.kv_cache,
         load=LoadOptions(revision=args.revision, local_files_only=args.local_files_only,
                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype),
     )

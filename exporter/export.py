@@ -27,6 +27,8 @@ class ExportOptions:
     overwrite: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     load: LoadOptions = field(default_factory=LoadOptions)
+    # The decoder's KV cache form (ExportFamily.resolve_kv_cache): auto, concat or shared.
+    kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
         check_opset(self.opset)  # torch's and onnxruntime's range, before anything is loaded
@@ -86,9 +88,12 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
 
     family = export_family(hf_model.config)
     dims = family.model_dims(hf_model.config)
+    kv_cache = family.resolve_kv_cache(opts.kv_cache, opts.load.dtype)
+    if kv_cache is not None:
+        dims["kv_cache"] = kv_cache
     float_dtype = {"fp32": "float32", "fp16": "float16"}[opts.load.dtype]
     specs = family.runtime.stage_specs(dims)
-    modules = family.modules(hf_model)
+    modules = family.modules(hf_model, kv_cache)
     examples = family.example_inputs(hf_model, dims)
     files, stages = [], {}
     for name, spec in specs.items():

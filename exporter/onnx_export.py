@@ -117,6 +117,14 @@ def consolidate_external_data(model, source_dir: Path, data_path: Path) -> None:
             out.write(b"\0" * pad)
 
 
+def contrib_opsets(module) -> dict | None:
+    """ONNX Runtime's contrib-op domain for modules that emit its ops (the shared KV cache's
+    GroupQueryAttention: exporter.families.gqa), else nothing (torch warns of an unused domain)."""
+    from exporter.families.gqa import CONTRIB_OPSETS
+
+    return CONTRIB_OPSETS if getattr(module, "uses_contrib_ops", False) else None
+
+
 def export_stage(module, spec: StageSpec, example_inputs: tuple, path: Path, opset: int,
                  external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
     """Exports `module` to `path` with the spec's names and dynamic axes.
@@ -141,6 +149,7 @@ def export_stage(module, spec: StageSpec, example_inputs: tuple, path: Path, ops
                 module, example_inputs, str(raw), dynamo=False, opset_version=opset,
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+                custom_opsets=contrib_opsets(module),
             )
         model = onnx.load(str(raw), load_external_data=False)  # the graph only, not the weights
         files = [path.name]

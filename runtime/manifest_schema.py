@@ -19,7 +19,7 @@ from runtime.families import FIXED_FAMILIES, get_family
 from runtime.manifest_rules import (FLOAT_DTYPES, MAX_IDS, MAX_IMAGE_SIDE, RESAMPLES, TENSOR_DTYPES, Bool, Const,
                                     Context, Dim, Files, Int, Invalid, ListOf, Nullable, Num, Obj, RelPath, Rule, Str,
                                     Template)
-from runtime.stages import DYNAMIC_DIMS, StageSpec
+from runtime.stages import DYNAMIC_DIMS, KV_CACHE_FORMS, StageSpec
 
 
 def _vocab(ctx: Context) -> int:
@@ -66,6 +66,7 @@ class FamilySchema:
     stage_specs: Callable[[dict], dict[str, StageSpec]]
     checks: tuple[Callable[[dict], None], ...] = field(default=())
     sections: tuple[str, ...] = LLM_SECTIONS  # which of LLM_SECTIONS its manifests carry
+    optional_model: dict[str, Rule] = field(default_factory=dict)  # model keys older artifacts lack
 
 
 def _heads_times_dim(m: dict) -> None:
@@ -108,9 +109,12 @@ def _kv_heads_group_heads(m: dict) -> None:
 
 # Checks a family adds to those every LLM family has.
 EXTRA_CHECKS = {"llama": (_kv_heads_group_heads,)}
+# The decoder-only families' KV cache form (runtime.stages.KV_CACHE_FORMS); absent: "concat".
+OPTIONAL_MODEL_KEYS = {name: {"kv_cache": Str(choices=KV_CACHE_FORMS)} for name in ("opt", "llama")}
 FAMILIES: dict[str, FamilySchema] = {
     name: FamilySchema(model=keys, stage_specs=lambda model, name=name: get_family(name).stage_specs(model),
-                       checks=(_heads_times_dim, _check_llm_sections, *EXTRA_CHECKS.get(name, ())))
+                       checks=(_heads_times_dim, _check_llm_sections, *EXTRA_CHECKS.get(name, ())),
+                       optional_model=OPTIONAL_MODEL_KEYS.get(name, {}))
     for name, keys in MODEL_KEYS.items()
 }
 
@@ -210,11 +214,12 @@ def validate(m) -> list[tuple[str, str]]:
         except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
             raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
     model_keys = {**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}
-    Obj({"model": Obj(model_keys), "stages": Obj()}).check(m, "", ctx)
+    Obj({"model": Obj(model_keys, family.optional_model), "stages": Obj()}).check(m, "", ctx)
     # Another family's model key would be read by shared code without this family's bounds
     # (num_kv_heads by the KV cache shapes): refused, as other architectures' sections are.
-    known = {k for f in FAMILIES.values() for k in f.model} | {k for a in ARCHITECTURE_MODEL_KEYS.values() for k in a}
-    for key in sorted(set(m["model"]) & known - set(model_keys)):
+    known = {k for f in FAMILIES.values() for k in (*f.model, *f.optional_model)} | \
+        {k for a in ARCHITECTURE_MODEL_KEYS.values() for k in a}
+    for key in sorted(set(m["model"]) & known - set(model_keys) - set(family.optional_model)):
         raise Invalid(f"model.{key}", f"absent (not a model key of this {arch} artifact)", show_value=False)
     specs = stage_specs(m["model"])
     for name in m["stages"]:

@@ -106,12 +106,13 @@ class Blip2Pipeline:
         if unknown:  # a misspelt stage would otherwise be ignored silently
             raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
                               f"stages: {', '.join(self.stage_names)}")
+        self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
+        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
         self.runners = self._runners(manifest, device, backend, self.stage_names, self.threads)
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
-        self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
         self.embed_table = load_embeddings(manifest)  # dtype and shape checked against the manifest
         self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
         self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])

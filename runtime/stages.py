@@ -60,8 +60,9 @@ class StageSpec:
 # Dims that vary per call; every other symbolic dim is a model dimension fixed at export.
 # encoder_sequence: an encoder-decoder's input length (query tokens + prompt), fixed per request.
 # instruction: InstructBLIP's instruction length in the Q-Former's tokens, fixed per request.
+# cache_capacity: the positions a preallocated KV cache buffer holds (the "shared" KV cache form).
 DYNAMIC_DIMS = ("batch", "height", "width", "sequence", "past_sequence", "total_sequence", "encoder_sequence",
-                "instruction")
+                "instruction", "cache_capacity")
 
 # Tensor names shared by the stages of every family.
 PIXEL_VALUES = "pixel_values"
@@ -71,6 +72,10 @@ INPUTS_EMBEDS = "inputs_embeds"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# The shared KV cache form's (ONNX Runtime's GroupQueryAttention): each row's valid cache length
+# after this run minus one, and the longest row's length.
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 QFORMER_INPUT_IDS = "qformer_input_ids"
@@ -113,6 +118,17 @@ PRESENT_KV_SHAPE = ("batch", "num_heads", "total_sequence", "head_dim")
 # Grouped-query attention (LLaMA): the cache holds the key/value heads only (num_kv_heads <= num_heads).
 PAST_GQA_KV_SHAPE = ("batch", "num_kv_heads", "past_sequence", "head_dim")
 PRESENT_GQA_KV_SHAPE = ("batch", "num_kv_heads", "total_sequence", "head_dim")
+# The shared form: one preallocated buffer per entry, bound as both past_* and present_*, that the
+# graph writes the new positions into; its capacity is the runtime's choice.
+SHARED_KV_SHAPE = ("batch", "num_heads", "cache_capacity", "head_dim")
+SHARED_GQA_KV_SHAPE = ("batch", "num_kv_heads", "cache_capacity", "head_dim")
+
+# How a decoder graph keeps its self-attention KV cache (the manifest's model.kv_cache):
+# - "concat": past_* in, past + new concatenated out (every provider, TensorRT's included);
+# - "shared": ONNX Runtime's GroupQueryAttention over buffers updated in place (no copy of the
+#   cache per step); CPU, and CUDA in fp16 (its kernel has no fp32). Artifacts without the key
+#   are "concat", the only form before it existed.
+KV_CACHE_FORMS = ("concat", "shared")
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:

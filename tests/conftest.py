@@ -41,6 +41,16 @@ def tiny_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_concat_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint with the concat KV cache (fp32 exports default to the shared one)."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("art") / "tiny-concat"
+    export(str(tiny_checkpoint), out, ExportOptions(kv_cache="concat"), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_artifacts(tmp_path_factory) -> Path:
     from exporter.export import export
     from exporter.toy import CHECKPOINT_DIR

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from runtime.errors import OptionError
 from runtime.families import Family, get_family
+from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
 
 class ExportFamily:
     """Subclasses fill in the LLM side; vision and Q-Former are common to every BLIP-2."""
 
     name = ""
+    # The decoder KV cache forms the family exports (runtime.stages.KV_CACHE_FORMS); a family
+    # with more than one records its choice as the manifest's model.kv_cache.
+    kv_cache_forms: tuple[str, ...] = ("concat",)
+
+    def resolve_kv_cache(self, requested: str, dtype: str) -> str | None:
+        """--kv-cache auto|concat|shared -> the form written (None: the family has one form).
+        auto: shared for fp32 (the CPU's artifacts: no cache copy per step), concat for fp16
+        (the GPU's: TensorRT cannot build GroupQueryAttention, and it is unverified on CUDA here)."""
+        if requested not in ("auto", *KV_CACHE_FORMS):
+            raise OptionError(f"unknown --kv-cache '{requested}'; valid: auto, {', '.join(KV_CACHE_FORMS)}")
+        if requested not in ("auto", *self.kv_cache_forms):
+            raise OptionError(f"--kv-cache {requested}: the {self.name} decoder keeps its cache as "
+                              f"{' or '.join(self.kv_cache_forms)} only")
+        if len(self.kv_cache_forms) == 1:
+            return None
+        if requested == "auto":
+            return "shared" if dtype == "fp32" else "concat"
+        return requested
 
     @property
     def runtime(self) -> Family:
@@ -35,13 +55,15 @@ class ExportFamily:
             "num_query_tokens": config.num_query_tokens,
         }
 
-    def modules(self, hf_model) -> dict:
-        """stage name -> torch module, for every stage of the family's specs."""
+    def modules(self, hf_model, kv_cache: str | None = None) -> dict:
+        """stage name -> torch module, for every stage of the family's specs; `kv_cache`: the
+        decoder's form (resolve_kv_cache), None for families with one."""
         from exporter.torch_stages import QFormerStage, VisionStage
 
-        return {"vision": VisionStage(hf_model), "qformer": QFormerStage(hf_model), **self.llm_modules(hf_model)}
+        return {"vision": VisionStage(hf_model), "qformer": QFormerStage(hf_model),
+                **self.llm_modules(hf_model, kv_cache or "concat")}
 
-    def llm_modules(self, hf_model) -> dict:
+    def llm_modules(self, hf_model, kv_cache: str = "concat") -> dict:
         raise NotImplementedError
 
     def example_inputs(self, hf_model, dims: dict) -> dict:
@@ -54,7 +76,7 @@ class ExportFamily:
         specs = self.runtime.stage_specs(dims)
         # Small distinct sizes for the dynamic dims, so no two dims trace to the same value.
         sizes = {"batch": 2, "sequence": 3, "past_sequence": 4, "total_sequence": 7, "encoder_sequence": 5,
-                 "instruction": 6}
+                 "instruction": 6, "cache_capacity": 8}
         out = {}
         for name, spec in specs.items():
             tensors = []
@@ -62,6 +84,10 @@ class ExportFamily:
                 shape = [d if isinstance(d, int) else dims.get(d, sizes.get(d)) for d in t.shape]
                 if t.dtype == "int64":
                     tensors.append(self.example_int(t.name, shape))
+                elif t.name == SEQLENS_K:  # the shared cache's prefill: every row `sequence` long
+                    tensors.append(torch.full(shape, sizes["sequence"] - 1, dtype=torch.int32))
+                elif t.name == TOTAL_SEQUENCE_LENGTH:
+                    tensors.append(torch.tensor(sizes["sequence"], dtype=torch.int32))
                 else:
                     tensors.append(torch.randn(*shape, dtype=dtype))
             out[name] = tuple(tensors)
@@ -133,13 +159,16 @@ def causal_padding_bias(attention_mask, new: int, dtype):
 
 
 def validate_kv_decoder(dec, hf_model, processor, runners: dict, query, manifest, atol: float) -> dict:
-    """A decoder-only family's `decoder` stage (torch module `dec`) in ONNX Runtime vs PyTorch: a
-    left-padded prefill of [query][pad][prompt] on an empty cache, then one cached decode step."""
+    """A decoder-only family's `decoder` stage in ONNX Runtime vs PyTorch (`dec`: the family's
+    torch module of the concat form, the reference arithmetic): a left-padded prefill of
+    [query][pad][prompt] on an empty cache, then one cached decode step. A shared-cache graph
+    (model.kv_cache) runs through the runtime's own SharedKVCacheDecoder; its cache is compared
+    at each row's valid positions."""
     import numpy as np
     import torch
 
-    from exporter.validate import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
-    from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, kv_names
+    from exporter.validate import VALIDATION_PROMPTS, compare, merge_reports
+    from runtime.stages import LOGITS, kv_names
 
     dtype = query.dtype
     model = manifest.model
@@ -152,19 +181,62 @@ def validate_kv_decoder(dec, hf_model, processor, runners: dict, query, manifest
     b, heads, hd = embeds.shape[0], model.get("num_kv_heads", model["num_heads"]), model["head_dim"]
     empty = [torch.zeros(b, heads, 0, hd, dtype=dtype) for _ in range(2 * layers)]
     prefill = dec(embeds, mask, pos, *empty)
-    names = [LOGITS, *kv_names(layers, "present")]
-    feeds = {INPUTS_EMBEDS: embeds.numpy(), ATTENTION_MASK: mask.numpy(), POSITION_IDS: pos.numpy()}
-    feeds.update({n: e.numpy() for n, e in zip(kv_names(layers, "past"), empty)})
-    report = compare("decoder", {n: to_numpy(t) for n, t in zip(names, prefill)}, runners["decoder"].infer(feeds), atol)
-
     next_ids = prefill[0].argmax(-1)
     step_embeds = hf_model.get_input_embeddings()(next_ids)[:, None, :]
     step_mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
     step_pos = step_mask.sum(-1, keepdim=True) - 1
     step = dec(step_embeds, step_mask, step_pos, *prefill[1:])
+
+    names = [LOGITS, *kv_names(layers, "present")]
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
-    feeds = {INPUTS_EMBEDS: step_embeds.numpy(), ATTENTION_MASK: step_mask.numpy(), POSITION_IDS: step_pos.numpy()}
-    feeds.update({n: t.numpy().astype(np_dtype) for n, t in zip(kv_names(layers, "past"), prefill[1:])})
-    step_report = compare("decoder", {n: to_numpy(t) for n, t in zip(names, step)}, runners["decoder"].infer(feeds),
-                          atol)
-    return merge_reports(report, step_report, "step.")
+    run = _run_shared if model.get("kv_cache") == "shared" else _run_concat
+    refs, gots = run(runners["decoder"], names, model, np_dtype, hf_model,
+                     (embeds, mask, pos, prefill), (step_embeds, step_mask, step_pos, next_ids, step))
+    report = compare("decoder", refs[0], gots[0], atol)
+    return merge_reports(report, compare("decoder", refs[1], gots[1], atol), "step.")
+
+
+def _run_concat(runner, names, model, np_dtype, hf_model, first, second):
+    """The concat graph on the reference's own inputs: ([prefill, step] expected, [..] actual)."""
+    import numpy as np
+
+    from exporter.validate import to_numpy
+    from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, POSITION_IDS, kv_names
+
+    (embeds, mask, pos, prefill), (step_embeds, step_mask, step_pos, _, step) = first, second
+    past = kv_names(model["num_layers"], "past")
+    b, heads, hd = embeds.shape[0], model.get("num_kv_heads", model["num_heads"]), model["head_dim"]
+    feeds = {INPUTS_EMBEDS: embeds.numpy(), ATTENTION_MASK: mask.numpy(), POSITION_IDS: pos.numpy(),
+             **{n: np.zeros((b, heads, 0, hd), np_dtype) for n in past}}
+    got_prefill = runner.infer(feeds)
+    feeds = {INPUTS_EMBEDS: step_embeds.numpy(), ATTENTION_MASK: step_mask.numpy(), POSITION_IDS: step_pos.numpy(),
+             **{n: t.numpy().astype(np_dtype) for n, t in zip(past, prefill[1:])}}
+    refs = [{n: to_numpy(t) for n, t in zip(names, outs)} for outs in (prefill, step)]
+    return refs, [got_prefill, runner.infer(feeds)]
+
+
+def _run_shared(runner, names, model, np_dtype, hf_model, first, second):
+    """The shared-cache graph through the runtime's decoder; each cache entry compared as every
+    row's valid positions, in order (the reference's padded layout has them between padding)."""
+    import numpy as np
+
+    from exporter.validate import to_numpy
+    from runtime.shared_kv_decoder import SharedKVCacheDecoder
+
+    (embeds, mask, _, prefill), (_, step_mask, _, next_ids, step) = first, second
+    table = hf_model.get_input_embeddings().weight.detach().numpy().astype(np_dtype)
+    decoder = SharedKVCacheDecoder(runner, table, model, np_dtype)
+
+    def valid(entries, keep):  # (B, H, T, hd) per entry -> each row's kept positions, rows concatenated
+        return [np.concatenate([e[r][:, keep[r]] for r in range(len(keep))], axis=1) for e in entries]
+
+    def cache():  # the decoder's buffers at each row's valid positions
+        return valid(decoder._arrays(), [np.arange(decoder.capacity) < n for n in decoder.lengths])
+
+    refs, gots = [], []
+    for outs, keep, run in ((prefill, mask.numpy().astype(bool), lambda: decoder.prefill(embeds.numpy(), mask.numpy())),
+                            (step, step_mask.numpy().astype(bool), lambda: decoder.step(next_ids.numpy()))):
+        logits = run()
+        refs.append(dict(zip(names, [to_numpy(outs[0]), *valid([to_numpy(t) for t in outs[1:]], keep)])))
+        gots.append(dict(zip(names, [logits, *cache()])))
+    return refs, gots

@@ -83,8 +83,8 @@ class InstructBlipExport(ExportFamily):
         return {**super().model_dims(config), "qformer_vocab_size": q.vocab_size,
                 "qformer_max_positions": q.max_position_embeddings}
 
-    def modules(self, hf_model) -> dict:
-        return {**super().modules(hf_model), "qformer": InstructQFormerStage(hf_model)}
+    def modules(self, hf_model, kv_cache: str | None = None) -> dict:
+        return {**super().modules(hf_model, kv_cache), "qformer": InstructQFormerStage(hf_model)}
 
     def architecture_sections(self, processor, out: Path) -> tuple[dict, list[str]]:
         files = sorted(str(p.relative_to(out)) for p in (out / QFORMER_TOKENIZER_DIR).iterdir() if p.is_file())

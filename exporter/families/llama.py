@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from exporter.families.base import ExportFamily, causal_padding_bias, validate_kv_decoder
+from exporter.families.gqa import group_query_attention, last_positions
 from runtime.errors import Blip2EdgeError
 
 # Rotary types whose inv_freq depends on the sequence length at run time; the others are fixed
@@ -35,9 +36,11 @@ def _rotate_half(x):
 
 
 class LlamaDecoderStage(nn.Module):
-    """inputs_embeds + attention_mask + position_ids + past KV -> last-position logits + present KV."""
+    """inputs_embeds + position ids + past KV -> last-position logits + present KV. The concat
+    form also reads the attention mask; the shared form reads seqlens_k and the total length and
+    attends through GroupQueryAttention (which groups query heads onto KV heads itself)."""
 
-    def __init__(self, causal_lm):
+    def __init__(self, causal_lm, kv_cache: str = "concat"):
         super().__init__()
         body = causal_lm.model
         self.layers = body.layers
@@ -50,6 +53,7 @@ class LlamaDecoderStage(nn.Module):
         self.scaling = self.layers[0].self_attn.scaling
         self.register_buffer("inv_freq", body.rotary_emb.inv_freq.detach().float().clone(), persistent=False)
         self.attention_scaling = float(body.rotary_emb.attention_scaling)
+        self.shared = self.uses_contrib_ops = kv_cache == "shared"
 
     def _rotary(self, position_ids, dtype):
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
@@ -77,25 +81,48 @@ class LlamaDecoderStage(nn.Module):
         out = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, -1)
         return attn.o_proj(out), k, v
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        t = inputs_embeds.shape[1]
-        bias = causal_padding_bias(attention_mask, t, inputs_embeds.dtype)  # (B, 1, T, total)
-        cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
-        hidden = inputs_embeds
+    def _shared_attention(self, attn, hidden, cos, sin, seqlens_k, total, past_k, past_v):
+        b, t, _ = hidden.shape
+        q = attn.q_proj(hidden).view(b, t, self.num_heads, self.head_dim)  # (B, T, nh, hd): GQA's layout
+        k = attn.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+        q = (q * cos + _rotate_half(q) * sin).reshape(b, t, -1)
+        k = (k * cos + _rotate_half(k) * sin).reshape(b, t, -1)
+        out, k, v = group_query_attention(q, k, attn.v_proj(hidden), past_k, past_v, seqlens_k, total,
+                                          self.num_heads, self.num_kv_heads, self.scaling)
+        return attn.o_proj(out), k, v
+
+    def _layers(self, hidden, attend, past):
+        """The decoder body; attend(layer's self_attn, normed hidden, past k, past v) -> (out, k, v)."""
         presents = []
         for i, layer in enumerate(self.layers):
             residual = hidden
-            hidden, k, v = self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, bias,
-                                           past[2 * i], past[2 * i + 1])
+            hidden, k, v = attend(layer.self_attn, layer.input_layernorm(hidden), past[2 * i], past[2 * i + 1])
             presents += [k, v]
             hidden = residual + hidden
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, presents
+
+    def forward(self, inputs_embeds, *rest):
+        if self.shared:
+            position_ids, seqlens_k, total, *past = rest
+            cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
+            hidden, presents = self._layers(
+                inputs_embeds,
+                lambda attn, h, pk, pv: self._shared_attention(attn, h, cos, sin, seqlens_k, total, pk, pv), past)
+            return (self.lm_head(self.norm(last_positions(hidden, seqlens_k))), *presents)
+        attention_mask, position_ids, *past = rest
+        bias = causal_padding_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)  # (B, 1, T, total)
+        cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
+        hidden, presents = self._layers(
+            inputs_embeds, lambda attn, h, pk, pv: self._attention(attn, h, cos, sin, bias, pk, pv), past)
         last = self.norm(hidden[:, -1, :])  # (B, D): only the next token's logits leave the graph
         return (self.lm_head(last), *presents)
 
 
 class LlamaExport(ExportFamily):
     name = "llama"
+    kv_cache_forms = ("concat", "shared")
 
     def check(self, config, model: str, dtype: str) -> None:
         t = config.text_config
@@ -123,8 +150,8 @@ class LlamaExport(ExportFamily):
             "max_position_embeddings": t.max_position_embeddings,
         }
 
-    def llm_modules(self, hf_model) -> dict:
-        return {"decoder": LlamaDecoderStage(hf_model.language_model)}
+    def llm_modules(self, hf_model, kv_cache: str = "concat") -> dict:
+        return {"decoder": LlamaDecoderStage(hf_model.language_model, kv_cache)}
 
     def generation_defaults(self, hf_model, tokenizer=None) -> dict:
         """Vicuna's config often has no pad id (or -1): the prompt's padding is the tokenizer's,

@@ -112,7 +112,7 @@ class RetrievalExport(ExportFamily):
             "max_text_tokens": q.max_position_embeddings,
         }
 
-    def modules(self, hf_model) -> dict:
+    def modules(self, hf_model, kv_cache: str | None = None) -> dict:
         from exporter.torch_stages import VisionStage
 
         return {"vision": VisionStage(hf_model), "image_embed": ImageEmbedStage(hf_model),

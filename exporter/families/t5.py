@@ -162,7 +162,7 @@ class T5Export(ExportFamily):
             "vocab_size": t.vocab_size,
         }
 
-    def llm_modules(self, hf_model) -> dict:
+    def llm_modules(self, hf_model, kv_cache: str = "concat") -> dict:
         return {"encoder": T5EncoderStage(hf_model), "cross_kv": T5CrossKVStage(hf_model),
                 "decoder": T5DecoderStage(hf_model)}
 

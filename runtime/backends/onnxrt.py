@@ -224,6 +224,24 @@ class OrtRunner:
         values = binding.get_outputs()
         return {n: (v.numpy() if n in host_outputs else v) for n, v in zip(self.output_names, values)}
 
+    def infer_in_place(self, feeds: dict, buffers: dict, host_outputs: set[str]) -> dict:
+        """Runs with each of `buffers` (output name -> (input name, OrtValue)) bound as both that
+        input and that output: the graph updates them in place (the shared KV cache). Returns
+        the `host_outputs` as numpy arrays."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        fresh = [n for n in self.output_names if n not in buffers]
+        for name in fresh:  # bound first: get_outputs() lists outputs in the order they were bound
+            binding.bind_output(name, "cpu")
+        for out_name, (in_name, value) in buffers.items():
+            binding.bind_ortvalue_input(in_name, value)
+            binding.bind_ortvalue_output(out_name, value)
+        with self._invalid_inputs_named():
+            self.session.run_with_iobinding(binding)
+        values = dict(zip(fresh, binding.get_outputs()))
+        return {n: values[n].numpy() for n in host_outputs}
+
     def to_device(self, array: np.ndarray):
         import onnxruntime as ort
 

@@ -16,17 +16,15 @@ Nothing here depends on the architecture around the LLM: BLIP-2 and InstructBLIP
 from __future__ import annotations
 
 from runtime.families import register
-from runtime.families.decoder_only import DecoderOnlyFamily, decoder_spec
-from runtime.stages import PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, StageSpec
+from runtime.families.decoder_only import DecoderOnlyFamily
+from runtime.stages import PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE
 
 
 class LlamaFamily(DecoderOnlyFamily):
     name = "llama"
     prompts = {"caption": "A short image description:", "caption_prefix": "{}", "vqa": "{}"}
     stop_strings = ()
-
-    def llm_specs(self, model: dict) -> dict[str, StageSpec]:
-        return {"decoder": decoder_spec(model["num_layers"], PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE)}
+    kv_shapes = (PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE)
 
 
 LLAMA = register(LlamaFamily())

@@ -29,9 +29,17 @@ def test_tiny_export_validates(tiny_artifacts):
     assert all(c["reference"] == c["exported"] for c in report["generation"]["cases"])
 
 
-def test_manifest_contract(tiny_artifacts, tiny_hf):
+# The decoder's inputs in each KV cache form (exporter --kv-cache); fp32 exports default to shared.
+DECODER_INPUTS = {"shared": ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"],
+                  "concat": ["inputs_embeds", "attention_mask", "position_ids"]}
+
+
+@pytest.mark.parametrize("fixture, kv_cache", [("tiny_artifacts", "shared"), ("tiny_concat_artifacts", "concat")])
+def test_manifest_contract(request, fixture, kv_cache, tiny_hf):
+    tiny_artifacts = request.getfixturevalue(fixture)
     model, _ = tiny_hf
     m = json.loads((tiny_artifacts / MANIFEST).read_text())
+    assert m["model"]["kv_cache"] == kv_cache
     assert m["schema_version"] == SCHEMA_VERSION
     assert m["architecture"] == "blip-2" and m["llm_family"] == "opt"
     for rel, digest in m["files"].items():
@@ -40,14 +48,22 @@ def test_manifest_contract(tiny_artifacts, tiny_hf):
             "preprocessor_config.json", "generation_config.json"} <= set(m["files"])
     layers = model.config.text_config.num_hidden_layers
     dec = m["stages"]["decoder"]
-    assert [i["name"] for i in dec["inputs"]] == ["inputs_embeds", "attention_mask", "position_ids",
-                                                   *kv_names(layers, "past")]
+    first = DECODER_INPUTS[kv_cache]
+    assert [i["name"] for i in dec["inputs"]] == [*first, *kv_names(layers, "past")]
     assert dec["inputs"][0]["shape"] == ["batch", "sequence", model.config.text_config.hidden_size]
     assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", model.config.text_config.vocab_size]}
     # The graph's own dims match the manifest's (symbolic names included).
     graph = onnx.load(str(tiny_artifacts / "decoder.onnx"), load_external_data=False)
-    dims = [d.dim_param or d.dim_value for d in graph.graph.input[3].type.tensor_type.shape.dim]
-    assert dims == dec["inputs"][3]["shape"]
+    past = len(first)
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[past].type.tensor_type.shape.dim]
+    assert dims == dec["inputs"][past]["shape"]
+    assert dims[2] == ("cache_capacity" if kv_cache == "shared" else "past_sequence")
+    # Only the shared form holds ONNX Runtime's contrib op (and imports its domain).
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("GroupQueryAttention" in ops) == (kv_cache == "shared")
+    for stage in ("vision", "qformer"):
+        visual = onnx.load(str(tiny_artifacts / f"{stage}.onnx"), load_external_data=False)
+        assert {o.domain for o in visual.opset_import} <= {"", "ai.onnx"}
     assert m["preprocessing"]["size"] == [32, 32] and m["preprocessing"]["resample"] == "bicubic"
     assert m["prompts"]["vqa"] == "Question: {} Answer:"
     assert m["generation"]["eos_token_ids"] == [2] and m["generation"]["stop_strings"] == ["\n"]

@@ -66,7 +66,7 @@ MALFORMED = [
     ("stages.vision.inputs[0].shape", [1, 2, 3], "stages.vision.inputs[0].shape: expected 4 dims"),
     ("stages.decoder.inputs", [], "stages.decoder.inputs: expected a list of 1 to 4096 items"),
     ("stages.decoder.outputs[0].name", "probs", "stages.decoder.outputs: expected tensors named logits, present_key_0"),
-    ("stages.decoder.inputs[3].shape[1]", 5, "stages.decoder.inputs[3].shape[1]: expected 4 (model.num_heads)"),
+    ("stages.decoder.inputs[4].shape[1]", 5, "stages.decoder.inputs[4].shape[1]: expected 4 (model.num_heads)"),
     ("stages.qformer", DELETE, "stages.qformer: expected a value (required stage is missing)"),
     ("stages.encoder", {}, "stages.encoder: expected only the stages of llm_family 'opt'"),
     ("stages.vision.precision", None, "stages.vision.precision: expected a non-empty string"),
@@ -182,7 +182,7 @@ def test_a_family_declares_its_own_stages(monkeypatch, manifest_data):
 
     opt = FAMILIES["opt"]
     encoder = dataclasses.replace(QFORMER, name="encoder", file="encoder.onnx")
-    schema = FamilySchema(model=opt.model, checks=opt.checks,
+    schema = FamilySchema(model=opt.model, checks=opt.checks, optional_model=opt.optional_model,
                           stage_specs=lambda m: {**opt.stage_specs(m), "encoder": encoder})
     monkeypatch.setitem(FAMILIES, "toy-encoder", schema)
     data = copy.deepcopy(manifest_data)

@@ -45,9 +45,13 @@ CASES = [
 
 @pytest.mark.parametrize("kw", CASES)
 @pytest.mark.parametrize("batch", [1, 4])
-def test_tiny_token_identical(tiny_artifacts, tiny_hf, kw, batch):
+@pytest.mark.parametrize("kv_cache", ["shared", "concat"])
+def test_tiny_token_identical(request, tiny_hf, kw, batch, kv_cache):
+    """Both KV cache forms (exporter --kv-cache): the shared one moves each row's padding to the
+    right of its cache, so batch 4's mixed prompt lengths are the case that tells."""
+    artifacts = request.getfixturevalue("tiny_artifacts" if kv_cache == "shared" else "tiny_concat_artifacts")
     ims, prompts = images(batch), PROMPTS_MIXED[:batch]
-    got, pipe = ours(tiny_artifacts, ims, prompts, **kw)
+    got, pipe = ours(artifacts, ims, prompts, **kw)
     assert got == hf_generate(tiny_hf, ims, prompts, pipe.defaults.eos_token_ids, **kw)
 
 

@@ -15,16 +15,29 @@ from tests.runtime.test_parity import CASES, PROMPTS_MIXED, hf_generate, images
 from tests.runtime.test_streaming import check_stream, derive_stops
 
 
-@pytest.fixture(scope="module", params=["default", "mha"])
+@pytest.fixture(scope="module")
+def llama_concat_artifacts(tmp_path_factory, llama_tiny_checkpoint):
+    """The session's tiny GQA model exported with the concat KV cache (fp32 defaults to shared)."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("llamaart") / "concat"
+    assert export(str(llama_tiny_checkpoint), out, ExportOptions(kv_cache="concat"), log=lambda s: None)["ok"]
+    return out
+
+
+@pytest.fixture(scope="module", params=["default", "mha", "concat"])
 def llama(request, tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifacts):
-    """(artifacts, (hf model, processor)): "default" is the session's tiny GQA + untied model,
-    "mha" the same shapes with as many KV heads as query heads."""
+    """(artifacts, (hf model, processor)): "default" is the session's tiny GQA + untied model
+    (shared KV cache), "mha" the same shapes with as many KV heads as query heads, "concat" the
+    default model with the concat KV cache."""
     from exporter.export import export
     from exporter.loading import LoadOptions, load_model
     from exporter.random_models import make_model
 
     if request.param == "default":
         ckpt, out = llama_tiny_checkpoint, llama_tiny_artifacts
+    elif request.param == "concat":
+        ckpt, out = llama_tiny_checkpoint, request.getfixturevalue("llama_concat_artifacts")
     else:
         ckpt = make_model("tiny", tmp_path_factory.mktemp("llamackpt") / "mha", variant="mha", llm="llama", seed=6)
         out = tmp_path_factory.mktemp("llamaart") / "mha"
@@ -41,8 +54,8 @@ def test_tiny_llama_has_gqa_and_an_untied_lm_head(llama_tiny_artifacts, llama_ti
     assert not torch.equal(lm.lm_head.weight, lm.model.embed_tokens.weight)
     pipe = Blip2Pipeline.from_artifacts(llama_tiny_artifacts)
     assert pipe.family.name == "llama" and pipe.manifest.data["architecture"] == "blip-2"
-    past = pipe.manifest.stages["decoder"]["inputs"][3]
-    assert past["shape"] == ["batch", lm.config.num_key_value_heads, "past_sequence", 8]  # the KV heads only
+    past = next(i for i in pipe.manifest.stages["decoder"]["inputs"] if i["name"] == "past_key_0")
+    assert past["shape"] == ["batch", lm.config.num_key_value_heads, "cache_capacity", 8]  # the KV heads only
 
 
 @pytest.mark.parametrize("kw", CASES)
@@ -90,10 +103,11 @@ def test_llama_stop_strings_and_streaming(llama_tiny_artifacts, llama_tiny_check
 
 
 @pytest.mark.parametrize("kw", [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)], ids=["greedy", "beam3"])
-def test_llama_io_binding_path_gives_the_same_tokens(llama_tiny_artifacts, kw):
+def test_llama_io_binding_path_gives_the_same_tokens(llama_concat_artifacts, kw):
+    """The concat form's I/O binding (its cache kept as OrtValues); the shared form always binds."""
     ims, prompts = images(2), PROMPTS_MIXED[:2]
-    plain = Blip2Pipeline.from_artifacts(llama_tiny_artifacts, io_binding=False)
-    bound = Blip2Pipeline.from_artifacts(llama_tiny_artifacts, io_binding=True)
+    plain = Blip2Pipeline.from_artifacts(llama_concat_artifacts, io_binding=False)
+    bound = Blip2Pipeline.from_artifacts(llama_concat_artifacts, io_binding=True)
     assert [r.tokens for r in bound.generate(ims, prompts, **kw)] == \
         [r.tokens for r in plain.generate(ims, prompts, **kw)]
 

@@ -89,8 +89,8 @@ def test_ort_trt_cache_keys(tmp_path):
     assert ort_trt_cache_dir(tmp_path, "1.20.0", ORIN).name == "ort1.20.0-trt10.3.0-sm87"
 
 
-def test_profiles_from_manifest_shapes(tiny_artifacts):
-    m = load_manifest(tiny_artifacts)
+def test_profiles_from_manifest_shapes(tiny_concat_artifacts):
+    m = load_manifest(tiny_concat_artifacts)
     ranges = ProfileRanges(batch=Range(1, 2, 8), sequence=Range(1, 1, 40), past=Range(0, 30, 100))
     vision = stage_profile(m.stages["vision"], ranges)
     assert vision["pixel_values"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))

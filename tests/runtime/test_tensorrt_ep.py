@@ -24,8 +24,9 @@ def parse_profile(option: str) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("stage", ["vision", "qformer", "decoder"])
-def test_trt_ep_gets_every_input_of_the_stage_with_min_opt_max(tiny_artifacts, tmp_path, stage):
-    m = load_manifest(tiny_artifacts)
+def test_trt_ep_gets_every_input_of_the_stage_with_min_opt_max(tiny_concat_artifacts, tmp_path, stage):
+    """The concat KV cache form: the one the TensorRT provider runs (the shared one is refused)."""
+    m = load_manifest(tiny_concat_artifacts)
     ranges = ProfileRanges(batch=Range(1, 2, 4), past=Range(0, 40, 128))
     shapes = stage_profile(m.stages[stage], ranges)
     name, options = tensorrt_provider(tmp_path, shapes, fp16=False, int8=False)
@@ -91,7 +92,7 @@ def test_gpu_backends_without_a_gpu_fail_in_one_line(tiny_artifacts, tmp_path):
                           "onnxruntime-trt", "blip2-edge[gpu]")
 
 
-@pytest.mark.parametrize("fixture", ["tiny_artifacts", "t5_tiny_artifacts"])
+@pytest.mark.parametrize("fixture", ["tiny_concat_artifacts", "t5_tiny_artifacts"])
 def test_pipeline_ranges_cover_prefill_and_every_decode_step(request, fixture):
     """The ORT TensorRT EP's profile covers the queries plus a prompt at prefill, a decode step
     at every past length up to the model's position limit, and batches of images x beams."""
