@@ -37,10 +37,11 @@ def ensure_quantized(fp32: Path, num_calib: int) -> Path:
     return QUANTIZED
 
 
-def decoder_alone(fp32: Path, int4: Path, batches: list[int], past: int, rounds: int) -> None:
+def decoder_alone(fp32: Path, batches: list[int], past: int, rounds: int) -> None:
     """The decoder graph alone, one step at each batch (ONNX Runtime sessions, random feeds, no
     pipeline): FP32, INT8 and INT4 (the quantize defaults), rounds interleaved. Also each
-    batched row against the same row run alone: max |logit difference| and argmax changes."""
+    batched row against the same row run alone: max |logit difference| and argmax changes.
+    `fp32`: an export with the concat KV cache, whose inputs plain feeds fill."""
     import logging
     import tempfile
 
@@ -54,9 +55,9 @@ def decoder_alone(fp32: Path, int4: Path, batches: list[int], past: int, rounds:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory() as tmp:
-        int8 = Path(tmp) / "decoder.onnx"
-        quantize_decoder(fp32 / "decoder.onnx", int8, LLMOptions(precision="int8"))
-        paths = {"fp32": fp32 / "decoder.onnx", "int8": int8, "int4": int4 / "decoder.onnx"}
+        paths = {"fp32": fp32 / "decoder.onnx", "int8": Path(tmp) / "int8.onnx", "int4": Path(tmp) / "int4.onnx"}
+        for precision in ("int8", "int4"):
+            quantize_decoder(paths["fp32"], paths[precision], LLMOptions(precision=precision))
         sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     rng = np.random.default_rng(0)
     rows = [step_inputs(sessions["fp32"], past, rng) for _ in range(max(batches))]
@@ -135,7 +136,7 @@ def main() -> int:
         print(f"| {b} | {m['wall'] * 1e3:.0f} | {b / m['wall']:.2f} | {b * n / m['wall']:.1f} | {m['visual'] * 1e3:.0f} | "
               f"{m['prefill'] * 1e3:.0f} | {m['decode'] * 1e3:.0f} | {b * n / m['decode']:.1f} | {m['step'] * 1e3:.2f} | "
               f"x{m['step'] / base['step']:.2f} | {mismatched[b]}/{b * args.rounds} |")
-    decoder_alone(fp32, art, args.batches, args.past, args.rounds * 4)
+    decoder_alone(ensure_fp32_artifacts("bench", kv_cache="concat")[1], args.batches, args.past, args.rounds * 4)
     return 0
 
 

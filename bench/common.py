@@ -17,8 +17,12 @@ OUT = HERE / "out"
 sys.path.insert(0, str(REPO))
 
 
-def ensure_fp32_artifacts(size: str, llm: str = "opt") -> tuple[Path, Path]:
-    """A random-weight checkpoint and its validated FP32 export, built once under bench/out/."""
+def ensure_fp32_artifacts(size: str, llm: str = "opt", kv_cache: str = "auto") -> tuple[Path, Path]:
+    """A random-weight checkpoint and its validated FP32 export, built once under bench/out/.
+    kv_cache: the export's --kv-cache (auto: shared for OPT/LLaMA); an artifact of another form
+    (one written before the shared form existed) is exported again."""
+    import json
+
     from exporter.export import ExportOptions, export
     from exporter.random_models import make_model
 
@@ -26,9 +30,11 @@ def ensure_fp32_artifacts(size: str, llm: str = "opt") -> tuple[Path, Path]:
     ckpt = OUT / "models" / name
     if not (ckpt / "config.json").is_file():
         make_model(size, ckpt, llm=llm)
-    art = OUT / "artifacts" / f"{name}-fp32"
-    if not (art / "manifest.json").is_file():
-        export(str(ckpt), art, ExportOptions(overwrite=True))
+    art = OUT / "artifacts" / (f"{name}-fp32" if kv_cache == "auto" else f"{name}-fp32-{kv_cache}")
+    want = None if llm == "t5" else ("shared" if kv_cache == "auto" else kv_cache)
+    manifest = art / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["model"].get("kv_cache") != want:
+        export(str(ckpt), art, ExportOptions(overwrite=True, kv_cache=kv_cache))
     return ckpt, art
 
 

@@ -31,7 +31,8 @@ DIMS = {"batch": 1, "sequence": 1}
 
 
 def step_inputs(session, past: int, rng: np.random.Generator, batch: int = 1) -> dict:
-    """One decode step's feed from the graph's own input metadata."""
+    """One decode step's feed from the graph's own input metadata (a decoder of the concat KV
+    cache form: bench/kv_cache_bench.py measures the shared one through the runtime)."""
     dims = {**DIMS, "batch": batch, "past_sequence": past, "total_sequence": past + 1}
     feed = {}
     for i in session.get_inputs():
@@ -61,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
 
-    _, art = ensure_fp32_artifacts(args.size)
+    _, art = ensure_fp32_artifacts(args.size, kv_cache="concat")  # step_inputs fills the concat form's inputs
     src = art / "decoder.onnx"
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -130,7 +130,17 @@ def cosine(a: list, b: list) -> float:
 
 
 def ensure_artifacts(num_calib: int) -> None:
-    """FP32 export and the two uint8-visual variants, made as bench/quant_bench.py makes them."""
+    """FP32 export and the two uint8-visual variants, made as bench/quant_bench.py makes them;
+    the per-stage comparison's concat-form decoders (peers_workers.stage_file)."""
+    from bench.peers_workers import CONCAT_DECODERS, stage_file
+    from calibration.llm import LLMOptions, quantize_decoder
+
+    _, concat = ensure_fp32_artifacts("bench", kv_cache="concat")
+    for variant, precision in CONCAT_DECODERS.items():
+        target = stage_file(variant, "decoder")
+        if precision is not None and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            quantize_decoder(concat / "decoder.onnx", target, LLMOptions(precision=precision))
     _, fp32 = ensure_fp32_artifacts("bench")
     for label, (activations, llm) in VARIANTS.items():
         art = OUT / "artifacts" / f"bench-{activations}-{llm}"

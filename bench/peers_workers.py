@@ -21,8 +21,23 @@ PAST = 42  # decoder step measured alone: past length mid-way through 20 tokens 
 SAMPLE_STRIDE = 37  # outputs sent back for the cosine against ONNX Runtime: every 37th value
 
 
+# The per-stage comparison's decoder graphs: the concat KV cache form (OpenVINO cannot run ONNX
+# Runtime's GroupQueryAttention, which the artifacts' shared form holds), quantized as
+# `quantize --llm` quantizes (peers.ensure_artifacts writes them).
+CONCAT_DECODERS = {"fp32": None, "uint8+int8": "int8", "uint8+int4": "int4"}
+
+
 def artifact(variant: str) -> Path:
     return OUT / "artifacts" / VARIANT_DIRS[variant]
+
+
+def stage_file(variant: str, stage: str) -> Path:
+    if stage != "decoder":
+        return artifact(variant) / f"{stage}.onnx"
+    precision = CONCAT_DECODERS[variant]
+    if precision is None:
+        return OUT / "artifacts" / "bench-fp32-concat" / "decoder.onnx"
+    return OUT / "decoders" / f"concat-{precision}.onnx"
 
 
 def first_line(exc: BaseException) -> str:
@@ -87,7 +102,8 @@ def ours(args, variant: str):
 
 
 def stage_feeds(variant: str) -> dict:
-    """Seeded inputs, the same in every engine: pixels, image embeddings, one decode step."""
+    """Seeded inputs, the same in every engine: pixels, image embeddings, one decode step (of
+    the concat form's decoder: stage_file)."""
     import numpy as np
 
     manifest = json.loads((artifact(variant) / "manifest.json").read_text())
@@ -134,7 +150,7 @@ def stages(args, engine: str):
         for stage in STAGES:
             key = f"{variant} {stage}"
             try:
-                runners[key] = stage_runner(engine, artifact(variant) / f"{stage}.onnx")
+                runners[key] = stage_runner(engine, stage_file(variant, stage))
                 out = runners[key](vfeeds[stage])
                 samples[key] = np.asarray(out, np.float32).ravel()[::SAMPLE_STRIDE].tolist()
                 feeds[key] = vfeeds[stage]

@@ -53,10 +53,13 @@ def test_bad_artifact_directory_writes_nothing(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
-def test_artifacts_serving_cannot_run_are_refused(retrieval_tiny_artifacts, instructblip_t5_tiny_artifacts, tmp_path):
-    """A retrieval model has no Triton model yet; the ensemble's Q-Former step gets no instruction."""
+def test_artifacts_serving_cannot_run_are_refused(retrieval_tiny_artifacts, instructblip_t5_tiny_artifacts,
+                                                  toy_artifacts, tmp_path):
+    """A retrieval model has no Triton model yet; the ensemble's Q-Former step gets no instruction;
+    its decoder asked to run on CUDA cannot with an fp32 shared KV cache (ONNX Runtime's kernel is fp16)."""
     for args, words in (([retrieval_tiny_artifacts], "captioning and question answering models only"),
-                        ([instructblip_t5_tiny_artifacts, "--ensemble"], "--ensemble does not support InstructBLIP")):
+                        ([instructblip_t5_tiny_artifacts, "--ensemble"], "--ensemble does not support InstructBLIP"),
+                        ([toy_artifacts, "--ensemble", "--device", "cuda"], "--kv-cache concat")):
         out = tmp_path / "repo"
         r = run_cli("triton-repo", args[0], out, *args[1:])
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
