@@ -71,6 +71,8 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         # InstructBLIP's Q-Former reads the instruction too: its row is not BLIP-2's.
         "stage_inputs": {s: [t["name"] for t in manifest["stages"][s]["inputs"]] for s in ("vision", "qformer")},
         "precision": {s: manifest["stages"][s]["precision"] for s in pipe.stage_names},
+        # How the decoder keeps its KV cache (exporter --kv-cache): it changes the decode step's cost.
+        "kv_cache": pipe.model.get("kv_cache", "concat"),
         "stage_order": list(order),
         "stages": stages,
         "tokens_per_s": opts.batch_size * opts.new_tokens / mean_total,

@@ -62,6 +62,7 @@ def table(profiles: list[dict], reference: dict | None = None) -> str:
     lines.append(f"{'process peak MB':<16}" + "".join(f"{p['peak_rss_mb']:>{width}.0f}" for p in profiles))
     lines.append(f"{'weights MB':<16}" + "".join(f"{p['weights']['total'] / 1e6:>{width}.1f}" for p in profiles
                                                   if "weights" in p))
+    lines.append(f"{'KV cache':<16}" + "".join(f"{p.get('kv_cache', 'concat'):>{width}}" for p in profiles))
     if reference:
         ref = reference["end_to_end"]["mean"]
         lines.append(f"\nreference: transformers {reference['mode']} generate, end to end {_ms(ref)} ms "

@@ -54,6 +54,7 @@ def test_profile_is_consistent_with_its_raw_runs(toy_artifacts):
     assert prof["time_to_first_token"] == duration_stats(sum(r[s] for s in STAGES[:prefill]) for r in runs)
     assert prof["tokens_per_s"] / prof["images_per_s"] == pytest.approx(6)  # tokens per image
     assert prof["precision"] == {"vision": "fp32", "qformer": "fp32", "decoder": "fp32"}
+    assert prof["kv_cache"] == "shared"  # the fp32 export's default
 
 
 def test_outputs_match_the_json(toy_artifacts, tmp_path):
@@ -64,6 +65,7 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for stage in (*STAGES, "decode_step", "end_to_end", "tokens/s", "speedup vs 1st"):
         assert stage in proc.stdout
+    assert any(line.split() == ["KV", "cache", "shared", "shared"] for line in proc.stdout.splitlines())
 
     data = json.loads(files["json"].read_text())
     env = data["environment"]

@@ -68,20 +68,23 @@ def image_file(tmp_path_factory):
     return path
 
 
+def caption_with_kv_cache(artifacts, tmp_path, image_file, value):
+    """`caption` on a copy of `artifacts` whose manifest says model.kv_cache = value."""
+    copy = tmp_path / f"edited-{value}"
+    shutil.copytree(artifacts, copy)
+    m = json.loads((copy / MANIFEST).read_text())
+    m["model"]["kv_cache"] = value
+    (copy / MANIFEST).write_text(json.dumps(m))
+    return run_cli("caption", copy, image_file)
+
+
 def test_manifest_records_the_form_and_refuses_a_bad_one(tiny_artifacts, tmp_path, image_file):
     assert load_manifest(tiny_artifacts).data["model"]["kv_cache"] == "shared"
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_artifacts, bad)
-    m = json.loads((bad / MANIFEST).read_text())
-    m["model"]["kv_cache"] = "paged"
-    (bad / MANIFEST).write_text(json.dumps(m))
-    proc = run_cli("caption", bad, image_file)
+    proc = caption_with_kv_cache(tiny_artifacts, tmp_path, image_file, "paged")
     assert proc.returncode == 2
     assert "model.kv_cache" in proc.stderr and "Traceback" not in proc.stderr
     # The form must match the graph's declared inputs: "concat" over a shared graph is refused.
-    m["model"]["kv_cache"] = "concat"
-    (bad / MANIFEST).write_text(json.dumps(m))
-    proc = run_cli("caption", bad, image_file)
+    proc = caption_with_kv_cache(tiny_artifacts, tmp_path, image_file, "concat")
     assert proc.returncode == 2 and "stages.decoder.inputs" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -93,13 +96,8 @@ def test_t5_refuses_the_shared_form(t5_tiny_checkpoint, tmp_path):
 
 
 def test_t5_manifest_may_not_carry_the_key(t5_tiny_artifacts, tmp_path, image_file):
-    bad = tmp_path / "t5"
-    shutil.copytree(t5_tiny_artifacts, bad)
-    m = json.loads((bad / MANIFEST).read_text())
-    m["model"]["kv_cache"] = "shared"
-    (bad / MANIFEST).write_text(json.dumps(m))
-    proc = run_cli("caption", bad, image_file)
-    assert proc.returncode == 2 and "model.kv_cache" in proc.stderr
+    proc = caption_with_kv_cache(t5_tiny_artifacts, tmp_path, image_file, "shared")
+    assert proc.returncode == 2 and "model.kv_cache" in proc.stderr and "Traceback" not in proc.stderr
 
 
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
