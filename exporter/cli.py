@@ -53,7 +53,7 @@ def register(sub) -> None:
                         "--llm t5, instructblip-vicuna-7b with --llm llama); retrieval: Blip2ForImageTextRetrieval "
                         "(ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha"), default="default",
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha", "head16"), default="default",
                    help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
                         "llama: default (grouped-query attention in tiny), mha")
     p.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ from runtime.errors import OptionError
 SIZES = ("tiny", "bench", "full")
 ARCHITECTURES = ("blip-2", "instructblip")
 LLMS = ("opt", "t5", "llama")
-VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied"), "llama": ("default", "mha")}
+VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied"), "llama": ("default", "mha", "head16")}
 
 _VISION = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -95,6 +95,8 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_
                     pad_token_id=pad_token_id, rms_norm_eps=1e-6, tie_word_embeddings=False, **_LLAMA[size])
         if variant == "mha":  # no grouped-query attention
             text.update(num_key_value_heads=text["num_attention_heads"])
+        elif variant == "head16":  # heads of 16: GroupQueryAttention's own rotary (runtime.families.llama)
+            text.update(hidden_size=16 * text["num_attention_heads"], intermediate_size=32 * text["num_attention_heads"])
         return text
     if llm == "t5":
         text = dict(model_type="t5", vocab_size=vocab_size or _T5_VOCAB[size], pad_token_id=0, eos_token_id=1,

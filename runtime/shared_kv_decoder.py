@@ -59,6 +59,9 @@ class SharedKVCacheDecoder:
         layers = model["num_layers"]
         self.pairs = list(zip(kv_names(layers, "present"), kv_names(layers, "past")))
         self.entry = (model.get("num_kv_heads", model["num_heads"]), model["head_dim"])
+        # OPT's graph reads position ids; LLaMA's rotates in GroupQueryAttention at each token's
+        # cache position (the same number): shared_decoder_spec.
+        self.reads_positions = POSITION_IDS in runner.input_names
         self.lengths = np.zeros(0, np.int64)  # each row's valid cache positions
         self.host: list[np.ndarray] = []  # the CPU buffers (what the OrtValues wrap)
         self.values: list = []  # OrtValues, in self.pairs' order
@@ -101,8 +104,10 @@ class SharedKVCacheDecoder:
             self._fresh(len(self.lengths), max(positions, 2 * self.capacity), self._arrays())
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
-        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False), POSITION_IDS: positions.astype(np.int64),
-                 SEQLENS_K: seqlens_k.astype(np.int32), TOTAL_SEQUENCE_LENGTH: np.array(seqlens_k.max() + 1, np.int32)}
+        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False), SEQLENS_K: seqlens_k.astype(np.int32),
+                 TOTAL_SEQUENCE_LENGTH: np.array(seqlens_k.max() + 1, np.int32)}
+        if self.reads_positions:
+            feeds[POSITION_IDS] = positions.astype(np.int64)
         buffers = {out: (inp, value) for (out, inp), value in zip(self.pairs, self.values)}
         return self.runner.infer_in_place(feeds, buffers, host_outputs={LOGITS})[LOGITS]
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from exporter.families.base import ExportFamily, causal_padding_bias, validate_kv_decoder
 from exporter.families.gqa import group_query_attention, last_positions
+from runtime.families.llama import gqa_rotary
 from runtime.errors import Blip2EdgeError
 
 # Rotary types whose inv_freq depends on the sequence length at run time; the others are fixed
@@ -38,7 +39,9 @@ def _rotate_half(x):
 class LlamaDecoderStage(nn.Module):
     """inputs_embeds + position ids + past KV -> last-position logits + present KV. The concat
     form also reads the attention mask; the shared form reads seqlens_k and the total length and
-    attends through GroupQueryAttention (which groups query heads onto KV heads itself)."""
+    attends through GroupQueryAttention, which groups query heads onto KV heads and, for heads of
+    a multiple of 16 (gqa_rotary), applies the rotary embedding itself: that graph reads no
+    position ids."""
 
     def __init__(self, causal_lm, kv_cache: str = "concat"):
         super().__init__()
@@ -54,6 +57,13 @@ class LlamaDecoderStage(nn.Module):
         self.register_buffer("inv_freq", body.rotary_emb.inv_freq.detach().float().clone(), persistent=False)
         self.attention_scaling = float(body.rotary_emb.attention_scaling)
         self.shared = self.uses_contrib_ops = kv_cache == "shared"
+        # The shared form rotates inside GroupQueryAttention where its kernel can (gqa_rotary).
+        self.op_rotary = self.shared and gqa_rotary({"head_dim": self.head_dim})
+        if self.op_rotary:  # GroupQueryAttention's rotary tables: every position the model was trained on
+            freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * self.inv_freq[None, :]
+            dtype = self.lm_head.weight.dtype
+            self.register_buffer("cos_cache", (freqs.cos() * self.attention_scaling).to(dtype), persistent=False)
+            self.register_buffer("sin_cache", (freqs.sin() * self.attention_scaling).to(dtype), persistent=False)
 
     def _rotary(self, position_ids, dtype):
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
@@ -82,14 +92,18 @@ class LlamaDecoderStage(nn.Module):
         return attn.o_proj(out), k, v
 
     def _shared_attention(self, attn, hidden, cos, sin, seqlens_k, total, past_k, past_v):
-        b, t, _ = hidden.shape
-        q = attn.q_proj(hidden).view(b, t, self.num_heads, self.head_dim)  # (B, T, nh, hd): GQA's layout
-        k = attn.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim)
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
-        q = (q * cos + _rotate_half(q) * sin).reshape(b, t, -1)
-        k = (k * cos + _rotate_half(k) * sin).reshape(b, t, -1)
+        """cos/sin (B, 1, T, hd) from position ids, or None: GroupQueryAttention rotates itself."""
+        q, k = attn.q_proj(hidden), attn.k_proj(hidden)
+        if cos is not None:
+            b, t, _ = hidden.shape
+            q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, nh, hd): GQA's layout
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+            q = (q * cos + _rotate_half(q) * sin).reshape(b, t, -1)
+            k = (k * cos + _rotate_half(k) * sin).reshape(b, t, -1)
+        rotary = (self.cos_cache, self.sin_cache) if self.op_rotary else None
         out, k, v = group_query_attention(q, k, attn.v_proj(hidden), past_k, past_v, seqlens_k, total,
-                                          self.num_heads, self.num_kv_heads, self.scaling)
+                                          self.num_heads, self.num_kv_heads, self.scaling, rotary=rotary)
         return attn.o_proj(out), k, v
 
     def _layers(self, hidden, attend, past):
@@ -104,12 +118,15 @@ class LlamaDecoderStage(nn.Module):
         return hidden, presents
 
     def forward(self, inputs_embeds, *rest):
-        if self.shared:
-            position_ids, seqlens_k, total, *past = rest
-            cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
+        if self.shared:  # without position ids where GroupQueryAttention rotates at each token's cache position
+            if self.op_rotary:
+                (seqlens_k, total, *past), cos, sin = rest, None, None
+            else:
+                position_ids, seqlens_k, total, *past = rest
+                cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
             hidden, presents = self._layers(
-                inputs_embeds,
-                lambda attn, h, pk, pv: self._shared_attention(attn, h, cos, sin, seqlens_k, total, pk, pv), past)
+                inputs_embeds, lambda attn, h, pk, pv: self._shared_attention(attn, h, cos, sin, seqlens_k, total, pk, pv),
+                past)
             return (self.lm_head(self.norm(last_positions(hidden, seqlens_k))), *presents)
         attention_mask, position_ids, *past = rest
         bias = causal_padding_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)  # (B, 1, T, total)

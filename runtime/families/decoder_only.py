@@ -43,20 +43,22 @@ def decoder_spec(num_layers: int, past_shape: tuple = PAST_KV_SHAPE,
     )
 
 
-def shared_decoder_spec(num_layers: int, cache_shape: tuple = SHARED_KV_SHAPE) -> StageSpec:
+def shared_decoder_spec(num_layers: int, cache_shape: tuple = SHARED_KV_SHAPE, positions: bool = True) -> StageSpec:
     """The decoder-only LLM over a KV cache updated in place (ONNX Runtime's GroupQueryAttention).
 
     Each row's tokens sit at the front of its cache, padding at the right: no attention mask.
     Prefill (from an empty cache) feeds each row's tokens left-aligned, `seqlens_k` = its length
     - 1; a step feeds one token per row, `seqlens_k` = the row's cache length before it. The
     graph writes the new keys/values at those positions into the buffers bound as both past_*
-    and present_*, and returns each row's last logits (position min(seqlens_k, sequence - 1))."""
+    and present_*, and returns each row's last logits (position min(seqlens_k, sequence - 1)).
+    `positions`: the graph reads position ids (OPT's learned table); LLaMA's has none, its
+    GroupQueryAttention rotating each token at its cache position, which is the same number."""
     return StageSpec(
         name="decoder",
         file="decoder.onnx",
         inputs=(
             TensorSpec(INPUTS_EMBEDS, "float", ("batch", "sequence", "text_hidden")),
-            TensorSpec(POSITION_IDS, "int64", ("batch", "sequence")),
+            *((TensorSpec(POSITION_IDS, "int64", ("batch", "sequence")),) if positions else ()),
             TensorSpec(SEQLENS_K, "int32", ("batch",)),
             TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
             *(TensorSpec(n, "float", cache_shape) for n in kv_names(num_layers, "past")),
@@ -80,10 +82,14 @@ class DecoderOnlyFamily(Family):
     # The cache entries' shapes: concat's past and present, and the shared form's buffers.
     kv_shapes = (PAST_KV_SHAPE, PRESENT_KV_SHAPE, SHARED_KV_SHAPE)
 
+    def shared_reads_positions(self, model: dict) -> bool:
+        """Whether the shared form's graph takes position ids (shared_decoder_spec)."""
+        return True
+
     def llm_specs(self, model: dict) -> dict[str, StageSpec]:
         past, present, shared = self.kv_shapes
         if kv_cache_form(model) == "shared":
-            return {"decoder": shared_decoder_spec(model["num_layers"], shared)}
+            return {"decoder": shared_decoder_spec(model["num_layers"], shared, self.shared_reads_positions(model))}
         return {"decoder": decoder_spec(model["num_layers"], past, present)}
 
     def layout(self, query, prompt_ids, embed_table, model, generation, float_dtype) -> LLMInputs:

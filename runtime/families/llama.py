@@ -20,11 +20,26 @@ from runtime.families.decoder_only import DecoderOnlyFamily
 from runtime.stages import PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE
 
 
+# ONNX Runtime's GroupQueryAttention applies the rotary embedding itself (do_rotary) for head sizes
+# that are multiples of 16 only (its CPU kernel refuses others at run time).
+GQA_ROTARY_HEAD_MULTIPLE = 16
+
+
+def gqa_rotary(model: dict) -> bool:
+    """Whether the shared form's graph rotates q and k inside GroupQueryAttention, at each token's
+    cache position, and so reads no position ids; else it rotates them itself from position ids
+    (a dozen small nodes per layer: bench/KV_CACHE_RESULTS.md)."""
+    return model["head_dim"] % GQA_ROTARY_HEAD_MULTIPLE == 0
+
+
 class LlamaFamily(DecoderOnlyFamily):
     name = "llama"
     prompts = {"caption": "A short image description:", "caption_prefix": "{}", "vqa": "{}"}
     stop_strings = ()
     kv_shapes = (PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE)
+
+    def shared_reads_positions(self, model: dict) -> bool:
+        return not gqa_rotary(model)
 
 
 LLAMA = register(LlamaFamily())

@@ -25,11 +25,12 @@ def llama_concat_artifacts(tmp_path_factory, llama_tiny_checkpoint):
     return out
 
 
-@pytest.fixture(scope="module", params=["default", "mha", "concat"])
+@pytest.fixture(scope="module", params=["default", "mha", "concat", "head16"])
 def llama(request, tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifacts):
     """(artifacts, (hf model, processor)): "default" is the session's tiny GQA + untied model
-    (shared KV cache), "mha" the same shapes with as many KV heads as query heads, "concat" the
-    default model with the concat KV cache."""
+    (shared KV cache, heads of 8: rotary in the graph), "mha" the same shapes with as many KV
+    heads as query heads, "concat" the default model with the concat KV cache, "head16" heads of
+    16, which GroupQueryAttention rotates itself (its graph reads no position ids)."""
     from exporter.export import export
     from exporter.loading import LoadOptions, load_model
     from exporter.random_models import make_model
@@ -39,9 +40,12 @@ def llama(request, tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifacts
     elif request.param == "concat":
         ckpt, out = llama_tiny_checkpoint, request.getfixturevalue("llama_concat_artifacts")
     else:
-        ckpt = make_model("tiny", tmp_path_factory.mktemp("llamackpt") / "mha", variant="mha", llm="llama", seed=6)
-        out = tmp_path_factory.mktemp("llamaart") / "mha"
+        variant = request.param
+        ckpt = make_model("tiny", tmp_path_factory.mktemp("llamackpt") / variant, variant=variant, llm="llama", seed=6)
+        out = tmp_path_factory.mktemp("llamaart") / variant
         assert export(str(ckpt), out, log=lambda s: None)["ok"]
+        inputs = [t["name"] for t in Blip2Pipeline.from_artifacts(out).manifest.stages["decoder"]["inputs"]]
+        assert ("position_ids" in inputs) == (variant != "head16")
     return out, load_model(str(ckpt), LoadOptions())
 
 
