@@ -61,6 +61,17 @@ def toy_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_concat_artifacts(tmp_path_factory) -> Path:
+    """The toy with the concat KV cache: the form CUDA runs in fp32 and the TensorRT provider runs."""
+    from exporter.export import ExportOptions, export
+    from exporter.toy import CHECKPOINT_DIR
+
+    out = tmp_path_factory.mktemp("art") / "toy-concat"
+    export(str(CHECKPOINT_DIR), out, ExportOptions(kv_cache="concat"), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tiny_checkpoint):
     from exporter.loading import LoadOptions, load_model
 

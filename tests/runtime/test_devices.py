@@ -30,10 +30,32 @@ def test_cuda_without_provider_names_the_extra():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
-def test_cuda_tokens_match_cpu(toy_artifacts):
+def test_cuda_tokens_match_cpu(toy_concat_artifacts):
+    """fp32 on CUDA: the concat KV cache (the shared one's CUDA kernel is fp16 only)."""
     images = [im for _, im in synthetic.make_scenes(4, seed=8)]
-    cpu = Blip2Pipeline.from_artifacts(toy_artifacts, device="cpu")
-    gpu = Blip2Pipeline.from_artifacts(toy_artifacts, device="cuda")
+    cpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cpu")
+    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda")
     assert gpu.io_binding
     for kw in (dict(), dict(num_beams=3)):
         assert [r.tokens for r in gpu.caption(images, **kw)] == [r.tokens for r in cpu.caption(images, **kw)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
+def test_cuda_fp16_shared_cache_matches_the_concat_one(tmp_path):
+    """GroupQueryAttention's CUDA kernel (fp16) on the shared KV cache, against the concat form
+    of the same fp16 export on the same GPU: same tokens, greedy and beams."""
+    from exporter.export import ExportOptions, export
+    from exporter.loading import LoadOptions
+    from exporter.toy import CHECKPOINT_DIR
+
+    arts = {}
+    for form in ("shared", "concat"):
+        arts[form] = tmp_path / form
+        export(str(CHECKPOINT_DIR), arts[form], ExportOptions(kv_cache=form, load=LoadOptions(dtype="fp16")),
+               log=lambda s: None)
+    images = [im for _, im in synthetic.make_scenes(4, seed=8)]
+    pipes = {form: Blip2Pipeline.from_artifacts(a, device="cuda") for form, a in arts.items()}
+    for kw in (dict(), dict(num_beams=3)):
+        assert [r.tokens for r in pipes["shared"].caption(images, **kw)] == \
+            [r.tokens for r in pipes["concat"].caption(images, **kw)]

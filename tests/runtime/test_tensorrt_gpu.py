@@ -30,11 +30,11 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def built(toy_artifacts, tmp_path_factory):
+def built(toy_concat_artifacts, tmp_path_factory):
     """The toy (FP32) with engines for both visual stages, two contexts, max batch 3."""
     if not (HAS_TRT and HAS_GPU):
         pytest.skip("needs TensorRT and an NVIDIA GPU")
-    art = shutil.copytree(toy_artifacts, tmp_path_factory.mktemp("gpu") / "art")
+    art = shutil.copytree(toy_concat_artifacts, tmp_path_factory.mktemp("gpu") / "art")
     cache = art.parent / "timing.cache"
     proc = run_cli("build-engines", art, "--contexts", "2", "--max-batch", "3", "--timing-cache", cache)
     assert proc.returncode == 0, proc.stderr
@@ -114,8 +114,8 @@ def test_a_shape_outside_the_profile_is_refused_naming_the_flag(built):
 
 
 @needs_trt
-def test_a_timing_cache_from_elsewhere_is_replaced_and_the_engine_still_built(toy_artifacts, tmp_path):
-    art = shutil.copytree(toy_artifacts, tmp_path / "art")
+def test_a_timing_cache_from_elsewhere_is_replaced_and_the_engine_still_built(toy_concat_artifacts, tmp_path):
+    art = shutil.copytree(toy_concat_artifacts, tmp_path / "art")
     cache = tmp_path / "bad.cache"
     cache.write_bytes(b"not a timing cache at all" * 10)
     proc = run_cli("build-engines", art, "--stages", "qformer", "--timing-cache", cache)
@@ -125,13 +125,13 @@ def test_a_timing_cache_from_elsewhere_is_replaced_and_the_engine_still_built(to
 
 @needs_trt
 @needs_cuda_ep
-def test_int8_engines_from_gpu_qdq_graphs(toy_artifacts, tmp_path):
+def test_int8_engines_from_gpu_qdq_graphs(toy_concat_artifacts, tmp_path):
     from calibration.quantize import QuantizeOptions, quantize
     from calibration.visual import VisualOptions
     from runtime.pipeline import Blip2Pipeline
 
     out = tmp_path / "q"
-    quantize(toy_artifacts, out, QuantizeOptions(num_calib=16, held_out=8, gate=False,
+    quantize(toy_concat_artifacts, out, QuantizeOptions(num_calib=16, held_out=8, gate=False,
                                                  visual=VisualOptions(target="gpu")), log=lambda s: None)
     proc = run_cli("build-engines", out, "--int8")
     assert proc.returncode == 0, proc.stderr
@@ -146,24 +146,24 @@ def test_int8_engines_from_gpu_qdq_graphs(toy_artifacts, tmp_path):
 
 
 @needs_cuda_ep
-def test_cuda_device_captions_equal_cpu(toy_artifacts):
+def test_cuda_device_captions_equal_cpu(toy_concat_artifacts):
     from runtime.pipeline import Blip2Pipeline
 
     ims = images(2)
-    cpu = Blip2Pipeline.from_artifacts(toy_artifacts)
-    gpu = Blip2Pipeline.from_artifacts(toy_artifacts, device="cuda")
+    cpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts)
+    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda")
     assert gpu.runners["decoder"].session.get_providers()[0] == "CUDAExecutionProvider"
     assert [r.tokens for r in gpu.caption(ims, max_new_tokens=12)] == [r.tokens for r in cpu.caption(ims, max_new_tokens=12)]
 
 
 @pytest.mark.skipif("TensorrtExecutionProvider" not in _ort_providers(), reason="needs ONNX Runtime's TensorRT provider")
-def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_artifacts, tmp_path):
+def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_concat_artifacts, tmp_path):
     import onnxruntime as ort
 
     from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
     from runtime.pipeline import Blip2Pipeline
 
-    art = shutil.copytree(toy_artifacts, tmp_path / "art")
+    art = shutil.copytree(toy_concat_artifacts, tmp_path / "art")
     pipe = Blip2Pipeline.from_artifacts(art, backend="onnxruntime-trt")
     assert all(r.session.get_providers()[0] == "TensorrtExecutionProvider" for r in pipe.runners.values())
     ims = images(2)
