@@ -170,6 +170,11 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     family = family_for(src.data)
     if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
         raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
+    if opts.visual.target == "gpu" and src.model.get("kv_cache") == "shared" \
+            and src.stages["decoder"]["precision"] == "fp32":
+        # The GPU target's LLM runs on ONNX Runtime CUDA, whose GroupQueryAttention is fp16 only.
+        raise Blip2EdgeError(f"{artifacts}: --target gpu, but this fp32 export's decoder keeps a shared KV cache, "
+                             "which CUDA cannot run; export with --kv-cache concat (or --dtype fp16) for the GPU")
     if src.data.get("quantization") and not opts.allow_requantize:
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")

@@ -203,11 +203,13 @@ def test_default_target_is_the_cpu_with_uint8_activations(toy_artifacts, tmp_pat
 
 
 @pytest.mark.parametrize("target", ["gpu", "portable"])
-def test_gpu_and_portable_targets_give_int8_graphs(toy_artifacts, tmp_path, target):
+def test_gpu_and_portable_targets_give_int8_graphs(request, tmp_path, target):
+    """(The GPU target from a concat-cache export: CUDA cannot run an fp32 shared cache.)"""
     from onnx import TensorProto
 
     out = tmp_path / "q"
-    quantize(toy_artifacts, out, opts(num_calib=8, held_out=8, gate=False, visual=VisualOptions(target=target)),
+    source = request.getfixturevalue("toy_concat_artifacts" if target == "gpu" else "toy_artifacts")
+    quantize(source, out, opts(num_calib=8, held_out=8, gate=False, visual=VisualOptions(target=target)),
              **QUIET)
     m = load_manifest(out)
     assert m.data["quantization"]["target"] == target

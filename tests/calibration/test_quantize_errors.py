@@ -201,3 +201,12 @@ def test_contradicting_target_and_activations_exit_2_before_any_work(toy_artifac
     assert_one_line_error(run_cli("quantize", toy_artifacts, out, "--synthetic", "8", "--target", "gpu",
                                   "--activations", "uint8"), "--activations uint8 contradicts --target gpu")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gpu_target_refuses_an_fp32_shared_kv_cache_before_any_work(toy_artifacts, tmp_path):
+    """The GPU target's LLM runs on ONNX Runtime CUDA, whose GroupQueryAttention is fp16 only:
+    refused up front, naming the export that works, with nothing written."""
+    out = tmp_path / "q"
+    assert_one_line_error(run_cli("quantize", toy_artifacts, out, "--synthetic", "8", "--target", "gpu"),
+                          "--kv-cache concat")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
