@@ -32,6 +32,7 @@ from runtime.families import family_for
 from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
+from runtime.stages import kv_cache_form
 
 
 @dataclass
@@ -170,7 +171,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     family = family_for(src.data)
     if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
         raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
-    if opts.visual.target == "gpu" and src.model.get("kv_cache") == "shared" \
+    if opts.visual.target == "gpu" and kv_cache_form(src.model) == "shared" \
             and src.stages["decoder"]["precision"] == "fp32":
         # The GPU target's LLM runs on ONNX Runtime CUDA, whose GroupQueryAttention is fp16 only.
         raise Blip2EdgeError(f"{artifacts}: --target gpu, but this fp32 export's decoder keeps a shared KV cache, "

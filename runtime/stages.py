@@ -131,6 +131,11 @@ SHARED_GQA_KV_SHAPE = ("batch", "num_kv_heads", "cache_capacity", "head_dim")
 KV_CACHE_FORMS = ("concat", "shared")
 
 
+def kv_cache_form(model: dict) -> str:
+    """The manifest's model.kv_cache; artifacts written before the key existed concatenate."""
+    return model.get("kv_cache", "concat")
+
+
 def kv_names(num_layers: int, prefix: str) -> list[str]:
     """past_key_0, past_value_0, past_key_1, ... (or present_*, cross_*), in the graph's order."""
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]

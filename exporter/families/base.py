@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from runtime.errors import OptionError
 from runtime.families import Family, get_family
-from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, kv_cache_form
 
 
 class ExportFamily:
@@ -189,7 +189,7 @@ def validate_kv_decoder(dec, hf_model, processor, runners: dict, query, manifest
 
     names = [LOGITS, *kv_names(layers, "present")]
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
-    run = _run_shared if model.get("kv_cache") == "shared" else _run_concat
+    run = _run_shared if kv_cache_form(model) == "shared" else _run_concat
     refs, gots = run(runners["decoder"], names, model, np_dtype, hf_model,
                      (embeds, mask, pos, prefill), (step_embeds, step_mask, step_pos, next_ids, step))
     report = compare("decoder", refs[0], gots[0], atol)

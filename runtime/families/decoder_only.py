@@ -19,7 +19,8 @@ from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.kv_decoder import KVCacheDecoder
 from runtime.shared_kv_decoder import SharedKVCacheDecoder, check_placement
 from runtime.stages import (ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PAST_KV_SHAPE, POSITION_IDS, PRESENT_KV_SHAPE,
-                            SEQLENS_K, SHARED_KV_SHAPE, TOTAL_SEQUENCE_LENGTH, StageSpec, TensorSpec, kv_names)
+                            SEQLENS_K, SHARED_KV_SHAPE, TOTAL_SEQUENCE_LENGTH, StageSpec, TensorSpec, kv_cache_form,
+                            kv_names)
 
 
 def decoder_spec(num_layers: int, past_shape: tuple = PAST_KV_SHAPE,
@@ -68,11 +69,6 @@ def shared_decoder_spec(num_layers: int, cache_shape: tuple = SHARED_KV_SHAPE, p
             *(TensorSpec(n, "float", cache_shape) for n in kv_names(num_layers, "present")),
         ),
     )
-
-
-def kv_cache_form(model: dict) -> str:
-    """The manifest's model.kv_cache; artifacts written before the key existed concatenate."""
-    return model.get("kv_cache", "concat")
 
 
 class DecoderOnlyFamily(Family):
