@@ -172,7 +172,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
         raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
     if opts.visual.target == "gpu" and kv_cache_form(src.model) == "shared" \
-            and src.stages["decoder"]["precision"] == "fp32":
+            and src.stages["decoder"]["inputs"][0]["dtype"] == "float32":  # weight-only INT8/INT4 included
         # The GPU target's LLM runs on ONNX Runtime CUDA, whose GroupQueryAttention is fp16 only.
         raise Blip2EdgeError(f"{artifacts}: --target gpu, but this fp32 export's decoder keeps a shared KV cache, "
                              "which CUDA cannot run; export with --kv-cache concat (or --dtype fp16) for the GPU")

@@ -88,7 +88,7 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
 
     family = export_family(hf_model.config)
     dims = family.model_dims(hf_model.config)
-    kv_cache = family.resolve_kv_cache(opts.kv_cache, opts.load.dtype)
+    kv_cache = family.resolve_kv_cache(opts.kv_cache, opts.load.dtype, dims.get("head_dim"))
     if kv_cache is not None:
         dims["kv_cache"] = kv_cache
     float_dtype = {"fp32": "float32", "fp16": "float16"}[opts.load.dtype]

@@ -122,6 +122,15 @@ class ArtifactRun:
             if self.requested and backend not in self.requested:
                 continue
             try:
+                # A graph that cannot run there (an fp32 shared KV cache on CUDA): not a fault
+                # of this machine, so a skip that says which export would run, unless asked for.
+                family_for(manifest.data).check_placement(
+                    manifest.where, manifest.model, self.cpu.float_dtype, "cuda" if backend == "cuda" else "cpu",
+                    "onnxruntime" if backend == "cuda" else backend)
+            except Blip2EdgeError as exc:
+                checks.append(self.unavailable(backend, _one_line(exc)))
+                continue
+            try:
                 checks.append(method())
             except Exception as exc:  # noqa: BLE001
                 checks.append(Check(backend, FAIL, _one_line(exc)))

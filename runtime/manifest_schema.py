@@ -19,7 +19,7 @@ from runtime.families import FIXED_FAMILIES, get_family
 from runtime.manifest_rules import (FLOAT_DTYPES, MAX_IDS, MAX_IMAGE_SIDE, RESAMPLES, TENSOR_DTYPES, Bool, Const,
                                     Context, Dim, Files, Int, Invalid, ListOf, Nullable, Num, Obj, RelPath, Rule, Str,
                                     Template)
-from runtime.stages import DYNAMIC_DIMS, KV_CACHE_FORMS, StageSpec
+from runtime.stages import DYNAMIC_DIMS, KV_CACHE_FORMS, SHARED_HEAD_MULTIPLE, StageSpec, kv_cache_form
 
 
 def _vocab(ctx: Context) -> int:
@@ -107,8 +107,15 @@ def _kv_heads_group_heads(m: dict) -> None:
         raise Invalid("model.num_kv_heads", f"a divisor of model.num_heads ({model['num_heads']})", model["num_kv_heads"])
 
 
+def _shared_cache_heads(m: dict) -> None:
+    model = m["model"]
+    if kv_cache_form(model) == "shared" and model["head_dim"] % SHARED_HEAD_MULTIPLE:
+        raise Invalid("model.kv_cache", f"concat (GroupQueryAttention takes heads of a multiple of "
+                                        f"{SHARED_HEAD_MULTIPLE}; model.head_dim is {model['head_dim']})", "shared")
+
+
 # Checks a family adds to those every LLM family has.
-EXTRA_CHECKS = {"llama": (_kv_heads_group_heads,)}
+EXTRA_CHECKS = {"opt": (_shared_cache_heads,), "llama": (_kv_heads_group_heads, _shared_cache_heads)}
 # The decoder-only families' KV cache form (runtime.stages.KV_CACHE_FORMS); absent: "concat".
 OPTIONAL_MODEL_KEYS = {name: {"kv_cache": Str(choices=KV_CACHE_FORMS)} for name in ("opt", "llama")}
 FAMILIES: dict[str, FamilySchema] = {

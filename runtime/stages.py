@@ -129,6 +129,9 @@ SHARED_GQA_KV_SHAPE = ("batch", "num_kv_heads", "cache_capacity", "head_dim")
 #   cache per step); CPU, and CUDA in fp16 (its kernel has no fp32). Artifacts without the key
 #   are "concat", the only form before it existed.
 KV_CACHE_FORMS = ("concat", "shared")
+# GroupQueryAttention's kernels take head sizes of a multiple of 8 only (checked with ONNX Runtime
+# 1.18 to 1.32 on the CPU): the shared form needs them.
+SHARED_HEAD_MULTIPLE = 8
 
 
 def kv_cache_form(model: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from runtime.errors import OptionError
 from runtime.families import Family, get_family
-from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, kv_cache_form
+from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, SHARED_HEAD_MULTIPLE, TOTAL_SEQUENCE_LENGTH, kv_cache_form
 
 
 class ExportFamily:
@@ -15,10 +15,11 @@ class ExportFamily:
     # with more than one records its choice as the manifest's model.kv_cache.
     kv_cache_forms: tuple[str, ...] = ("concat",)
 
-    def resolve_kv_cache(self, requested: str, dtype: str) -> str | None:
+    def resolve_kv_cache(self, requested: str, dtype: str, head_dim: int | None) -> str | None:
         """--kv-cache auto|concat|shared -> the form written (None: the family has one form).
         auto: shared for fp32 (the CPU's artifacts: no cache copy per step), concat for fp16
-        (the GPU's: TensorRT cannot build GroupQueryAttention, and it is unverified on CUDA here)."""
+        (the GPU's: TensorRT cannot build GroupQueryAttention, and it is unverified on CUDA here)
+        and for heads GroupQueryAttention does not take (SHARED_HEAD_MULTIPLE)."""
         if requested not in ("auto", *KV_CACHE_FORMS):
             raise OptionError(f"unknown --kv-cache '{requested}'; valid: auto, {', '.join(KV_CACHE_FORMS)}")
         if requested not in ("auto", *self.kv_cache_forms):
@@ -26,8 +27,12 @@ class ExportFamily:
                               f"{' or '.join(self.kv_cache_forms)} only")
         if len(self.kv_cache_forms) == 1:
             return None
+        heads_fit = head_dim % SHARED_HEAD_MULTIPLE == 0
         if requested == "auto":
-            return "shared" if dtype == "fp32" else "concat"
+            return "shared" if dtype == "fp32" and heads_fit else "concat"
+        if requested == "shared" and not heads_fit:
+            raise OptionError(f"--kv-cache shared: GroupQueryAttention takes heads of a multiple of "
+                              f"{SHARED_HEAD_MULTIPLE}, this decoder's are {head_dim}; use --kv-cache concat")
         return requested
 
     @property

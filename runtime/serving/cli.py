@@ -77,14 +77,16 @@ def _batching(args):
 
 def _models(args):
     from runtime.preprocess import check_max_pixels
-    from runtime.serving.repository import load_checked, model_names
+    from runtime.serving.repository import check_placements, load_checked, model_names
 
     if args.max_image_pixels is not None:
         check_max_pixels(args.max_image_pixels, "--max-image-pixels")
     if args.intra_op_threads < 0:
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
     names = model_names(args.artifacts, args.name)
-    return load_checked(args.artifacts), names
+    manifests = load_checked(args.artifacts)
+    check_placements(manifests, args.device)
+    return manifests, names
 
 
 def run_triton_repo(args) -> int:

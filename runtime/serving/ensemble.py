@@ -32,8 +32,6 @@ from runtime.serving.jobs import (Job, capped_options, fit_alone, image_bytes, o
 from runtime.serving.model_config import BatchingSettings, python_model_config, quote
 from runtime.serving.repository import ARTIFACTS, copy_artifacts, link_or_copy, serving_params, write_model
 from runtime.serving.triton_model import Blip2Model, load_pipeline, parameters
-from runtime.shared_kv_decoder import check_placement
-from runtime.stages import kv_cache_form
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8"}
 
@@ -100,10 +98,6 @@ def write_ensemble_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequenc
         # Its Q-Former reads the instruction, which the ensemble's qformer step is not given.
         raise OptionError("--ensemble does not support InstructBLIP artifacts yet; write the repository "
                           "without --ensemble")
-    for m in manifests:  # its decoder runs on the serving GPU's CUDA, whatever this machine has
-        if kv_cache_form(m.model) == "shared":
-            check_placement(m.where, np.dtype(m.stages["decoder"]["inputs"][0]["dtype"]), device, "onnxruntime",
-                            available=("CUDAExecutionProvider",) if device != "cpu" else ())
     for m, name in zip(manifests, names):
         for stage in ("vision", "qformer"):
             model = tmp / f"{name}_{stage}"

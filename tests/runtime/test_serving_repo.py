@@ -59,7 +59,8 @@ def test_artifacts_serving_cannot_run_are_refused(retrieval_tiny_artifacts, inst
     its decoder asked to run on CUDA cannot with an fp32 shared KV cache (ONNX Runtime's kernel is fp16)."""
     for args, words in (([retrieval_tiny_artifacts], "captioning and question answering models only"),
                         ([instructblip_t5_tiny_artifacts, "--ensemble"], "--ensemble does not support InstructBLIP"),
-                        ([toy_artifacts, "--ensemble", "--device", "cuda"], "--kv-cache concat")):
+                        ([toy_artifacts, "--ensemble", "--device", "cuda"], "--kv-cache concat"),
+                        ([toy_artifacts, "--device", "cuda"], "--kv-cache concat")):
         out = tmp_path / "repo"
         r = run_cli("triton-repo", args[0], out, *args[1:])
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -120,3 +120,31 @@ def test_placement_is_checked_before_any_session(dtype, device, backend, availab
             shared_kv_decoder.check_placement("art", dtype, device, backend, available)
     else:
         shared_kv_decoder.check_placement("art", dtype, device, backend, available)
+
+
+@pytest.mark.parametrize("requested, dtype, head_dim, chosen", [
+    ("auto", "fp32", 64, "shared"), ("auto", "fp16", 64, "concat"),
+    ("auto", "fp32", 12, "concat"),  # GroupQueryAttention takes heads of a multiple of 8 only
+    ("concat", "fp32", 64, "concat"), ("shared", "fp16", 64, "shared"),
+])
+def test_export_picks_the_form(requested, dtype, head_dim, chosen):
+    from exporter.families.opt import FAMILY as OPT
+    from exporter.families.t5 import FAMILY as T5
+
+    assert OPT.resolve_kv_cache(requested, dtype, head_dim) == chosen
+    assert T5.resolve_kv_cache("auto" if requested == "shared" else requested, dtype, head_dim) is None
+
+
+def test_shared_form_refuses_heads_the_op_does_not_take(tiny_artifacts):
+    """Asked for at export, or written into a manifest: one clear error, not ONNX Runtime's."""
+    import copy
+
+    from exporter.families.opt import FAMILY as OPT
+    from runtime.manifest_schema import validate
+
+    with pytest.raises(OptionError, match="multiple of 8, this decoder's are 12"):
+        OPT.resolve_kv_cache("shared", "fp32", 12)
+    m = copy.deepcopy(load_manifest(tiny_artifacts).data)
+    m["model"].update(num_heads=8, head_dim=4)  # still num_heads x head_dim = text_hidden
+    with pytest.raises(Exception, match=r"model\.kv_cache: expected concat \(GroupQueryAttention takes heads"):
+        validate(m)

@@ -179,3 +179,15 @@ def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_concat_arti
 def test_doctor_on_the_device_has_no_failures(built):
     proc = run_cli("doctor", built)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_cuda_ep
+def test_doctor_skips_gpu_runs_an_fp32_shared_cache_cannot_make(toy_artifacts):
+    """The default fp32 export keeps the shared KV cache, which CUDA cannot run in fp32: the GPU
+    runs are skipped with the export that would run there, and doctor passes; asked for by
+    name, the run fails."""
+    proc = run_cli("doctor", toy_artifacts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--kv-cache concat" in proc.stdout
+    proc = run_cli("doctor", toy_artifacts, "--backend", "cuda")
+    assert proc.returncode != 0 and "--kv-cache concat" in proc.stdout + proc.stderr
