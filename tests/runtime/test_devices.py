@@ -44,7 +44,8 @@ def test_cuda_tokens_match_cpu(toy_concat_artifacts):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
 def test_cuda_fp16_shared_cache_matches_the_concat_one(tmp_path):
     """GroupQueryAttention's CUDA kernel (fp16) on the shared KV cache, against the concat form
-    of the same fp16 export on the same GPU: same tokens, greedy and beams."""
+    of the same fp16 export on the same GPU: same tokens, greedy and beams, prompts of different
+    lengths in one batch."""
     from exporter.export import ExportOptions, export
     from exporter.loading import LoadOptions
     from exporter.toy import CHECKPOINT_DIR
@@ -56,6 +57,8 @@ def test_cuda_fp16_shared_cache_matches_the_concat_one(tmp_path):
                log=lambda s: None)
     images = [im for _, im in synthetic.make_scenes(4, seed=8)]
     pipes = {form: Blip2Pipeline.from_artifacts(a, device="cuda") for form, a in arts.items()}
+    # Prompts of different lengths: the shared form's rows packed to the front, right-padded.
+    prompts = ["", "Question: what colour is it? Answer:", "a photo of", "Question: where is it? Answer:"]
     for kw in (dict(), dict(num_beams=3)):
-        assert [r.tokens for r in pipes["shared"].caption(images, **kw)] == \
-            [r.tokens for r in pipes["concat"].caption(images, **kw)]
+        assert [r.tokens for r in pipes["shared"].generate(images, prompts, **kw)] == \
+            [r.tokens for r in pipes["concat"].generate(images, prompts, **kw)]
