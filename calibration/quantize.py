@@ -32,7 +32,7 @@ from runtime.families import family_for
 from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
-from runtime.stages import kv_cache_form
+from runtime.shared_kv_decoder import check_artifact_placement
 
 
 @dataclass
@@ -171,11 +171,11 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     family = family_for(src.data)
     if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
         raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
-    if opts.visual.target == "gpu" and kv_cache_form(src.model) == "shared" \
-            and src.stages["decoder"]["inputs"][0]["dtype"] == "float32":  # weight-only INT8/INT4 included
-        # The GPU target's LLM runs on ONNX Runtime CUDA, whose GroupQueryAttention is fp16 only.
-        raise Blip2EdgeError(f"{artifacts}: --target gpu, but this fp32 export's decoder keeps a shared KV cache, "
-                             "which CUDA cannot run; export with --kv-cache concat (or --dtype fp16) for the GPU")
+    if opts.visual.target == "gpu":  # its LLM runs on ONNX Runtime CUDA
+        try:
+            check_artifact_placement(src, "cuda")
+        except Blip2EdgeError as exc:
+            raise Blip2EdgeError(f"--target gpu: {exc}") from None
     if src.data.get("quantization") and not opts.allow_requantize:
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")

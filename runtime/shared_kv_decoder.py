@@ -45,6 +45,16 @@ def check_placement(where, float_dtype: np.dtype, device: str, backend: str, ava
                           f"CUDA kernel is fp16/bf16 only; run it with --device cpu, {fix}, or export with --dtype fp16")
 
 
+def check_artifact_placement(manifest, device: str) -> None:
+    """check_placement for an artifact meant to run on `device` on another machine (a Triton
+    server, quantize's GPU target): any device but the CPU counts as having CUDA."""
+    from runtime.stages import kv_cache_form
+
+    if kv_cache_form(manifest.model) == "shared":
+        check_placement(manifest.where, np.dtype(manifest.stages["decoder"]["inputs"][0]["dtype"]), device,
+                        "onnxruntime", available=("CUDAExecutionProvider",) if device != "cpu" else ())
+
+
 class SharedKVCacheDecoder:
     """runtime.search.StepDecoder over a decoder graph of the shared form (shared_decoder_spec).
 

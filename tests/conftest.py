@@ -15,6 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def exported(tmp_path_factory, source, name: str, **options) -> Path:
+    """`source` (a checkpoint directory) exported quietly into a fresh temporary `name`, with
+    ExportOptions(**options)."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("art") / name
+    export(str(source), out, ExportOptions(**options), log=lambda s: None)
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
     """The runtime's sha256 cache lives under XDG_CACHE_HOME: point it at a temporary directory
@@ -33,42 +43,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
-    from exporter.export import export
 
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    export(str(tiny_checkpoint), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, tiny_checkpoint, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_concat_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint with the concat KV cache (fp32 exports default to the shared one)."""
-    from exporter.export import ExportOptions, export
 
-    out = tmp_path_factory.mktemp("art") / "tiny-concat"
-    export(str(tiny_checkpoint), out, ExportOptions(kv_cache="concat"), log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, tiny_checkpoint, "tiny-concat", kv_cache="concat")
 
 
 @pytest.fixture(scope="session")
 def toy_artifacts(tmp_path_factory) -> Path:
-    from exporter.export import export
     from exporter.toy import CHECKPOINT_DIR
 
-    out = tmp_path_factory.mktemp("art") / "toy"
-    export(str(CHECKPOINT_DIR), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, CHECKPOINT_DIR, "toy")
 
 
 @pytest.fixture(scope="session")
 def toy_concat_artifacts(tmp_path_factory) -> Path:
     """The toy with the concat KV cache: the form CUDA runs in fp32 and the TensorRT provider runs."""
-    from exporter.export import ExportOptions, export
     from exporter.toy import CHECKPOINT_DIR
 
-    out = tmp_path_factory.mktemp("art") / "toy-concat"
-    export(str(CHECKPOINT_DIR), out, ExportOptions(kv_cache="concat"), log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, CHECKPOINT_DIR, "toy-concat", kv_cache="concat")
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +99,8 @@ def t5_tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def t5_tiny_artifacts(tmp_path_factory, t5_tiny_checkpoint) -> Path:
-    from exporter.export import export
 
-    out = tmp_path_factory.mktemp("art") / "t5-tiny"
-    export(str(t5_tiny_checkpoint), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, t5_tiny_checkpoint, "t5-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -119,11 +114,8 @@ def llama_tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_tiny_artifacts(tmp_path_factory, llama_tiny_checkpoint) -> Path:
-    from exporter.export import export
 
-    out = tmp_path_factory.mktemp("art") / "llama-tiny"
-    export(str(llama_tiny_checkpoint), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, llama_tiny_checkpoint, "llama-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -135,41 +127,29 @@ def retrieval_tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def retrieval_tiny_artifacts(tmp_path_factory, retrieval_tiny_checkpoint) -> Path:
-    from exporter.export import export
 
-    out = tmp_path_factory.mktemp("art") / "retrieval-tiny"
-    export(str(retrieval_tiny_checkpoint), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, retrieval_tiny_checkpoint, "retrieval-tiny")
 
 
 @pytest.fixture(scope="session")
 def retrieval_toy_artifacts(tmp_path_factory) -> Path:
-    from exporter.export import export
     from exporter.toy import CHECKPOINT_RETRIEVAL_DIR
 
-    out = tmp_path_factory.mktemp("art") / "retrieval-toy"
-    export(str(CHECKPOINT_RETRIEVAL_DIR), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, CHECKPOINT_RETRIEVAL_DIR, "retrieval-toy")
 
 
 @pytest.fixture(scope="session")
 def retrieval_tiny_other_artifacts(tmp_path_factory) -> Path:
     """Another tiny retrieval model (other weights): vectors that must never be mixed with the first's."""
-    from exporter.export import export
     from exporter.random_models import make_retrieval_model
 
     ckpt = make_retrieval_model("tiny", tmp_path_factory.mktemp("ckpt") / "retrieval-tiny-other", seed=6)
-    out = tmp_path_factory.mktemp("art") / "retrieval-tiny-other"
-    export(str(ckpt), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, ckpt, "retrieval-tiny-other")
 
 
 @pytest.fixture(scope="session")
 def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
-    from exporter.export import export
     from exporter.random_models import make_model
 
     ckpt = make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
-    out = tmp_path_factory.mktemp("art") / "ib-t5-tiny"
-    export(str(ckpt), out, log=lambda s: None)
-    return out
+    return exported(tmp_path_factory, ckpt, "ib-t5-tiny")

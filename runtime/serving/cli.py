@@ -77,7 +77,8 @@ def _batching(args):
 
 def _models(args):
     from runtime.preprocess import check_max_pixels
-    from runtime.serving.repository import check_placements, load_checked, model_names
+    from runtime.serving.repository import load_checked, model_names
+    from runtime.shared_kv_decoder import check_artifact_placement
 
     if args.max_image_pixels is not None:
         check_max_pixels(args.max_image_pixels, "--max-image-pixels")
@@ -85,7 +86,8 @@ def _models(args):
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
     names = model_names(args.artifacts, args.name)
     manifests = load_checked(args.artifacts)
-    check_placements(manifests, args.device)
+    for m in manifests:  # before anything is written; the serving machine may not be this one
+        check_artifact_placement(m, args.device)
     return manifests, names
 
 

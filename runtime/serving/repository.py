@@ -63,21 +63,6 @@ def load_checked(dirs: Sequence[os.PathLike]) -> list[Manifest]:
     return manifests
 
 
-def check_placements(manifests: Sequence[Manifest], device: str) -> None:
-    """Refuses, before anything is written, a decoder the server could not run on `device`
-    (an fp32 shared KV cache on CUDA: runtime.shared_kv_decoder.check_placement). The serving
-    machine may not be this one, so --device cuda counts as having CUDA."""
-    import numpy as np
-
-    from runtime.shared_kv_decoder import check_placement
-    from runtime.stages import kv_cache_form
-
-    for m in manifests:
-        if kv_cache_form(m.model) == "shared":
-            check_placement(m.where, np.dtype(m.stages["decoder"]["inputs"][0]["dtype"]), device, "onnxruntime",
-                            available=("CUDAExecutionProvider",) if device != "cpu" else ())
-
-
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link where the filesystem allows it (artifacts are large), else a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)

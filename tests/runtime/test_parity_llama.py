@@ -11,6 +11,7 @@ import torch
 
 from runtime import synthetic
 from runtime.pipeline import Blip2Pipeline
+from tests.conftest import exported
 from tests.runtime.test_parity import CASES, PROMPTS_MIXED, hf_generate, images
 from tests.runtime.test_streaming import check_stream, derive_stops
 
@@ -18,11 +19,7 @@ from tests.runtime.test_streaming import check_stream, derive_stops
 @pytest.fixture(scope="module")
 def llama_concat_artifacts(tmp_path_factory, llama_tiny_checkpoint):
     """The session's tiny GQA model exported with the concat KV cache (fp32 defaults to shared)."""
-    from exporter.export import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("llamaart") / "concat"
-    assert export(str(llama_tiny_checkpoint), out, ExportOptions(kv_cache="concat"), log=lambda s: None)["ok"]
-    return out
+    return exported(tmp_path_factory, llama_tiny_checkpoint, "llama-concat", kv_cache="concat")
 
 
 @pytest.fixture(scope="module", params=["default", "mha", "concat", "head16"])
@@ -31,7 +28,6 @@ def llama(request, tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifacts
     (shared KV cache, heads of 8: rotary in the graph), "mha" the same shapes with as many KV
     heads as query heads, "concat" the default model with the concat KV cache, "head16" heads of
     16, which GroupQueryAttention rotates itself (its graph reads no position ids)."""
-    from exporter.export import export
     from exporter.loading import LoadOptions, load_model
     from exporter.random_models import make_model
 
@@ -42,8 +38,7 @@ def llama(request, tmp_path_factory, llama_tiny_checkpoint, llama_tiny_artifacts
     else:
         variant = request.param
         ckpt = make_model("tiny", tmp_path_factory.mktemp("llamackpt") / variant, variant=variant, llm="llama", seed=6)
-        out = tmp_path_factory.mktemp("llamaart") / variant
-        assert export(str(ckpt), out, log=lambda s: None)["ok"]
+        out = exported(tmp_path_factory, ckpt, f"llama-{variant}")  # export raises unless validation passed
         inputs = [t["name"] for t in Blip2Pipeline.from_artifacts(out).manifest.stages["decoder"]["inputs"]]
         assert ("position_ids" in inputs) == (variant != "head16")
     return out, load_model(str(ckpt), LoadOptions())

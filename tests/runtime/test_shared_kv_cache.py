@@ -48,12 +48,8 @@ def test_cache_grows_mid_generation_and_keeps_transformers_tokens(monkeypatch, t
     assert len(set(capacities)) >= 2  # it grew in the middle of the search
 
 
-def test_shared_and_concat_give_the_same_captions_on_the_toy(toy_artifacts, tmp_path):
-    from exporter.export import ExportOptions, export
-    from exporter.toy import CHECKPOINT_DIR
-
-    concat = tmp_path / "concat"
-    export(str(CHECKPOINT_DIR), concat, ExportOptions(kv_cache="concat"), log=lambda s: None)
+def test_shared_and_concat_give_the_same_captions_on_the_toy(toy_artifacts, toy_concat_artifacts):
+    concat = toy_concat_artifacts
     ims = [im for _, im in synthetic.make_scenes(12, seed=404)]
     shared_pipe, concat_pipe = Blip2Pipeline.from_artifacts(toy_artifacts), Blip2Pipeline.from_artifacts(concat)
     assert shared_pipe.model["kv_cache"] == "shared" and concat_pipe.model["kv_cache"] == "concat"
