@@ -51,8 +51,8 @@ def decoder_files(llm: str, precisions: list[str]) -> dict:
 
 def new_decoder(form: str, path: Path, art: Path):
     from runtime.backends.onnxrt import OrtRunner
-    from runtime.kv_decoder import KVCacheDecoder
-    from runtime.shared_kv_decoder import SharedKVCacheDecoder
+    from runtime.generation.kv_cache import KVCacheDecoder
+    from runtime.generation.shared_kv_cache import SharedKVCacheDecoder
 
     model = json.loads((art / "manifest.json").read_text())["model"]
     table = np.load(art / "embed_tokens.npy")

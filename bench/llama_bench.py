@@ -13,7 +13,7 @@ INT4 weight-only export, side by side.
 3. Prints per-stage medians and the per-token decode step against its floor: the bytes one step
    must read (the decoder graph's weights + the KV cache at the mean step's length) / this
    machine's measured read bandwidth; and each directory's weight memory from its files
-   (runtime.memory) next to the arithmetic estimate (exporter.memory_estimate).
+   (runtime.artifact.memory) next to the arithmetic estimate (exporter.memory_estimate).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main() -> int:
 
     from exporter.loading import LoadOptions, load_model
     from exporter.memory_estimate import estimate, stage_parameters
-    from runtime.manifest import load_manifest
-    from runtime.memory import artifact_weights, kv_cache_bytes
+    from runtime.artifact.manifest import load_manifest
+    from runtime.artifact.memory import artifact_weights, kv_cache_bytes
     from runtime.pipeline import Blip2Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,6 @@
 """Mutation testing for small modules: AST-level mutants, each run against the given tests.
 
-    python bench/mutation.py runtime/search.py runtime/logits.py --tests tests/runtime/test_search.py
+    python bench/mutation.py runtime/generation/search.py runtime/generation/logits.py --tests tests/runtime/test_search.py
 
 mutmut 3 copies the project into `mutants/` and needs its tests to import the trampolined copy;
 here the session fixtures export ONNX models and the CLI tests run subprocesses, so this script

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from calibration.sources import ImageSource
-from runtime.logits import log_softmax
+from runtime.generation.logits import log_softmax
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 

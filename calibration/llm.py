@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
+from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
 from runtime.errors import ArtifactError, OptionError
 from runtime.stages import LOGITS
 

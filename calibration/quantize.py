@@ -24,15 +24,15 @@ from calibration.llm import LLMOptions, quantize_decoder
 from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage
-from runtime.artifact_dir import atomic_directory
+from runtime.artifact.writer import atomic_directory
 from runtime.backends.onnxrt import OrtRunner
-from runtime.confinement import confined_path
+from runtime.artifact.confinement import confined_path
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
-from runtime.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
+from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
-from runtime.shared_kv_decoder import check_artifact_placement
+from runtime.generation.shared_kv_cache import check_artifact_placement
 
 
 @dataclass

@@ -29,12 +29,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from calibration.sources import ImageSource
-from runtime.atomic_file import replace_file
+from runtime.artifact.atomic_file import replace_file
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.manifest import graph_digest
+from runtime.artifact.manifest import graph_digest
 from runtime.preprocess import Preprocessing
-from runtime.progress import Progress
+from runtime.cli.progress import Progress
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")

@@ -14,7 +14,7 @@ DEMO_SEED = 2024  # not a training seed: these scenes were never seen in trainin
 
 def _intact(path: Path) -> bool:
     from runtime.errors import ArtifactError
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
 
     try:
         load_manifest(path)

@@ -11,9 +11,9 @@ from typing import Callable
 
 from exporter.loading import LoadOptions, load_model
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
-from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD, atomic_directory
+from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
+from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}

@@ -5,7 +5,7 @@ For checkpoints too large to export here (instructblip-vicuna-7b's LLaMA). The p
 counted on the stage wrappers the exporter traces (exporter/families), built on the meta device
 and run once on meta example inputs, so only parameters the graphs really read count (BLIP-2's
 Q-Former has a text feed-forward path that the query-only graph never uses). tests/exporter/
-test_memory_estimate.py checks the estimate against real artifacts' files (runtime.memory).
+test_memory_estimate.py checks the estimate against real artifacts' files (runtime.artifact.memory).
 
     python -m exporter.memory_estimate full --llm llama      # the README's table
 
@@ -116,7 +116,7 @@ def _param_bytes(numel: int, kind: str, fp32_kept: bool, precision: str, visual:
 
 
 def estimate(params: dict, precision: str) -> dict:
-    """Bytes per stage and the embedding table at `precision`, as runtime.memory reports them."""
+    """Bytes per stage and the embedding table at `precision`, as runtime.artifact.memory reports them."""
     stages = {}
     for name, rows in params.items():
         if name == "embeddings":

@@ -11,7 +11,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from runtime.artifact_dir import EXTERNAL_DATA_THRESHOLD
+from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
 from runtime.errors import OptionError
 from runtime.stages import StageSpec
 

@@ -78,7 +78,7 @@ def validation_images(n: int = 2):
 
 def _staged(artifacts):
     """A directory, or a Manifest held in memory (the exporter's, before it writes manifest.json)."""
-    from runtime.manifest import Manifest, load_manifest
+    from runtime.artifact.manifest import Manifest, load_manifest
 
     return artifacts if isinstance(artifacts, Manifest) else load_manifest(Path(artifacts), verify=False)
 

@@ -12,7 +12,7 @@ _WHERE = {
     "Blip2Pipeline": "runtime.pipeline",
     "Result": "runtime.pipeline",
     "Blip2Retriever": "runtime.retriever",
-    "GenerationOptions": "runtime.options",
+    "GenerationOptions": "runtime.generation.options",
     "ThreadSettings": "runtime.backends.onnxrt",
     "Blip2EdgeError": "runtime.errors",
     "ArtifactError": "runtime.errors",

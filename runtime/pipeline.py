@@ -17,17 +17,17 @@ from typing import Generator, Iterator, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from runtime.artifact_checks import check_runner_io, load_embeddings
+from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
 from runtime.errors import ArtifactError, ImageError, OptionError
 from runtime.families import LLMInputs, family_for
-from runtime.manifest import Manifest, load_manifest
-from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
+from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.generation.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.preprocess import (DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_from_array, load_image,
                                 warn_if_wide)
-from runtime.search import beam_search, greedy_or_sample, run
+from runtime.generation.search import beam_search, greedy_or_sample, run
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
-from runtime.stopping import StopStrings, clip, stable_prefix
+from runtime.generation.stopping import StopStrings, clip, stable_prefix
 from runtime.tokenizer import TextTokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 3) or (H, W) uint8
@@ -279,7 +279,7 @@ class Blip2Pipeline:
         return self.family.layout(query, ids, self.embed_table, self.model, self.generation, self.float_dtype)
 
     def new_decoder(self, io_binding: bool | None = None):
-        """A fresh step decoder (runtime.search.StepDecoder with `prefill(embeds, mask)`) for one
+        """A fresh step decoder (runtime.generation.search.StepDecoder with `prefill(embeds, mask)`) for one
         batch, from the family."""
         return self.family.new_decoder(self.runners, self.embed_table, self.model, self.generation, self.float_dtype,
                                        io_binding=self.io_binding if io_binding is None else io_binding)
@@ -320,7 +320,7 @@ class Blip2Pipeline:
                         opts: GenerationOptions | None = None,
                         **generation) -> Generator[list[Sequence[int]] | None, None, list[Result]]:
         """generate() one decoder step per next(): yields each row's settled token ids (see
-        runtime.search; None without `settle`), returns the Results. `opts`: the options
+        runtime.generation.search; None without `settle`), returns the Results. `opts`: the options
         `generation` gives, when the caller has them already."""
         if len(images) != len(prompts):
             raise OptionError(f"{len(images)} images but {len(prompts)} prompts")

@@ -28,18 +28,18 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.artifact_checks import check_runner_io
+from runtime.artifact.checks import check_runner_io
 from runtime.backends.onnxrt import ThreadSettings, providers_for, required_provider, stage_runner
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import family_for
 from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
-from runtime.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
+from runtime.artifact.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
 from runtime.pipeline import ImageInput, _as_image, _image_batch
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
                             PIXEL_VALUES)
 from runtime.tokenizer import TextTokenizer
-from runtime.verified_files import read_bounded
+from runtime.artifact.verified_files import read_bounded
 
 DEFAULT_BATCH = 16
 

@@ -226,7 +226,7 @@ def _run_shared(runner, names, model, np_dtype, hf_model, first, second):
     import numpy as np
 
     from exporter.validate import to_numpy
-    from runtime.shared_kv_decoder import SharedKVCacheDecoder
+    from runtime.generation.shared_kv_cache import SharedKVCacheDecoder
 
     (embeds, mask, _, prefill), (_, step_mask, _, next_ids, step) = first, second
     table = hf_model.get_input_embeddings().weight.detach().numpy().astype(np_dtype)

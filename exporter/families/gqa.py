@@ -1,5 +1,5 @@
 """ONNX Runtime's GroupQueryAttention (com.microsoft) in the decoder graphs of the "shared" KV
-cache form (runtime.stages.KV_CACHE_FORMS, runtime.shared_kv_decoder).
+cache form (runtime.stages.KV_CACHE_FORMS, runtime.generation.shared_kv_cache).
 
 The op takes the new positions' projected q/k/v (B, S, heads x head_dim), the cache buffers
 (B, kv_heads, capacity, head_dim), each row's `seqlens_k` and the longest row's total length; it

@@ -8,7 +8,7 @@ is adding a module here (and its torch wrappers in exporter/families/), not edit
     family = family_for(manifest.data)      # by architecture + llm_family
     family.stage_specs(manifest.model)      # name -> StageSpec, in run order
     family.layout(query, prompt_ids, ...)   # LLMInputs
-    family.new_decoder(...)                 # a runtime.search.StepDecoder with prefill()
+    family.new_decoder(...)                 # a runtime.generation.search.StepDecoder with prefill()
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class Family:
 
     def new_decoder(self, runners: dict, embed_table: np.ndarray, model: dict, generation: dict,
                     float_dtype: np.dtype, io_binding: bool = False):
-        """A runtime.search.StepDecoder with `prefill(embeds, mask) -> logits (B, V)`, `step_times`
+        """A runtime.generation.search.StepDecoder with `prefill(embeds, mask) -> logits (B, V)`, `step_times`
         and `prefill_times` (the `prefill_stages` timings of the last prefill)."""
         raise NotImplementedError
 

@@ -2,13 +2,13 @@
 serves prefill and every step, and the [query embeds][left padding][BOS + prompt] layout that
 Blip2Processor and InstructBlipProcessor build (image placeholders first, then the padded text).
 
-Positions are transformers' `generate` positions, cumsum(attention_mask) - 1 (runtime.kv_decoder):
+Positions are transformers' `generate` positions, cumsum(attention_mask) - 1 (runtime.generation.kv_cache):
 learned position embeddings (OPT) and rotary ones (LLaMA) read the same ids, so left padding in
 a batch gives each row the positions it would have alone.
 
 The graph keeps its KV cache in one of two forms (runtime.stages.KV_CACHE_FORMS, the manifest's
 model.kv_cache): concatenated each step (KVCacheDecoder), or preallocated buffers that ONNX
-Runtime's GroupQueryAttention updates in place (runtime.shared_kv_decoder).
+Runtime's GroupQueryAttention updates in place (runtime.generation.shared_kv_cache).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
-from runtime.kv_decoder import KVCacheDecoder
-from runtime.shared_kv_decoder import SharedKVCacheDecoder, check_placement
+from runtime.generation.kv_cache import KVCacheDecoder
+from runtime.generation.shared_kv_cache import SharedKVCacheDecoder, check_placement
 from runtime.stages import (ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PAST_KV_SHAPE, POSITION_IDS, PRESENT_KV_SHAPE,
                             SEQLENS_K, SHARED_KV_SHAPE, TOTAL_SEQUENCE_LENGTH, StageSpec, TensorSpec, kv_cache_form,
                             kv_names)

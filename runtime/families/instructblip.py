@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.errors import ArtifactError
 from runtime.families.base import Family, pad_prompts
-from runtime.options import PromptTooLongError
+from runtime.generation.options import PromptTooLongError
 from runtime.stages import IMAGE_EMBEDS, INSTRUCT_QFORMER, QFORMER_ATTENTION_MASK, QFORMER_INPUT_IDS, StageSpec
 
 # The LLMs InstructBLIP checkpoints use: Vicuna (LLaMA) and Flan-T5.

@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.families import register
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
-from runtime.kv_decoder import CachedDecoder
+from runtime.generation.kv_cache import CachedDecoder
 from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
                             PAST_KV_SHAPE, PRESENT_KV_SHAPE, StageSpec, TensorSpec, kv_names)
 
@@ -72,7 +72,7 @@ def decoder_spec(num_layers: int) -> StageSpec:
 
 
 class T5StepDecoder(CachedDecoder):
-    """runtime.search.StepDecoder over the encoder, cross_kv and decoder graphs."""
+    """runtime.generation.search.StepDecoder over the encoder, cross_kv and decoder graphs."""
 
     def __init__(self, runners: dict, embed_table: np.ndarray, model: dict, start_id: int,
                  float_dtype: np.dtype, io_binding: bool = False):

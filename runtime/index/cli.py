@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.cli_generate import _integer
+from runtime.cli.generate import _integer
 from runtime.index import ann, exact
 from runtime.index.search import MODES
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
@@ -58,7 +58,7 @@ def run_index(args) -> int:
     from runtime.index.db import IndexDb
     from runtime.index.indexer import update_index
     from runtime.preprocess import check_max_pixels
-    from runtime.progress import Progress
+    from runtime.cli.progress import Progress
 
     max_pixels = check_max_pixels(args.max_image_pixels, "--max-image-pixels")
     if not Path(args.photos).is_dir():  # before loading the model

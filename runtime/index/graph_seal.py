@@ -14,9 +14,9 @@ import hmac
 import os
 from pathlib import Path
 
-from runtime.atomic_file import write_temp
+from runtime.artifact.atomic_file import write_temp
 from runtime.errors import ArtifactError
-from runtime.verified_files import cache_file, read_bounded
+from runtime.artifact.verified_files import cache_file, read_bounded
 
 KEY_BYTES = 32
 

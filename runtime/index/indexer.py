@@ -25,7 +25,7 @@ from runtime.images import image_files
 from runtime.index import ann
 from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
-from runtime.verified_files import open_regular, sha256_fd
+from runtime.artifact.verified_files import open_regular, sha256_fd
 
 DEFAULT_BATCH = 16
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.cli_generate import add_thread_options, thread_settings
+from runtime.cli.generate import add_thread_options, thread_settings
 from runtime.errors import Blip2EdgeError, ImageError, require
 
 
@@ -34,7 +34,7 @@ def register(sub) -> None:
 
 def load_images(args) -> list:
     from runtime import synthetic
-    from runtime.cli_generate import expand_images
+    from runtime.cli.generate import expand_images
     from runtime.preprocess import load_image
 
     if args.images is None:
@@ -57,7 +57,7 @@ def load_images(args) -> list:
 
 def run(args) -> int:
     from runtime.backends.onnxrt import providers_for
-    from runtime.cli_generate import text_argument
+    from runtime.cli.generate import text_argument
     from runtime.profiling import environment, report
     from runtime.profiling.profiler import ProfileOptions, profile_artifacts
     from runtime.profiling.tegrastats import Sampler
@@ -87,9 +87,9 @@ def run(args) -> int:
                                    compile=args.reference_compile)
         reference["end_to_end"] = duration_stats(reference.pop("times"))
     print(report.table(profiles, reference))
-    from runtime.memory import weights_line
+    from runtime.artifact.memory import weights_line
 
-    for p in profiles:  # what each directory's weights take, stage by stage (runtime.memory)
+    for p in profiles:  # what each directory's weights take, stage by stage (runtime.artifact.memory)
         print(f"{Path(p['artifacts']).name}: {weights_line(p['weights'])}")
     env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
     tegra = sampler.summary()

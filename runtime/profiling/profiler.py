@@ -13,7 +13,7 @@ from typing import Sequence
 
 from runtime.backends.onnxrt import ThreadSettings
 from runtime.errors import OptionError
-from runtime.memory import artifact_weights
+from runtime.artifact.memory import artifact_weights
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats
 
@@ -79,6 +79,6 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         "images_per_s": opts.batch_size / mean_total,
         "time_to_first_token": duration_stats(sum(r[s] for s in order[:order.index("prefill") + 1]) for r in runs),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "weights": artifact_weights(pipe.manifest),  # bytes per stage from the files (runtime.memory)
+        "weights": artifact_weights(pipe.manifest),  # bytes per stage from the files (runtime.artifact.memory)
         "runs": runs,
     }

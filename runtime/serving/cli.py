@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from runtime.cli_generate import _integer
+from runtime.cli.generate import _integer
 from runtime.errors import Blip2EdgeError, OptionError
 
 
@@ -78,7 +78,7 @@ def _batching(args):
 def _models(args):
     from runtime.preprocess import check_max_pixels
     from runtime.serving.repository import load_checked, model_names
-    from runtime.shared_kv_decoder import check_artifact_placement
+    from runtime.generation.shared_kv_cache import check_artifact_placement
 
     if args.max_image_pixels is not None:
         check_max_pixels(args.max_image_pixels, "--max-image-pixels")
@@ -92,7 +92,7 @@ def _models(args):
 
 
 def run_triton_repo(args) -> int:
-    from runtime.artifact_dir import atomic_directory
+    from runtime.artifact.writer import atomic_directory
     from runtime.serving.repository import write_fleet_repo
 
     batching = _batching(args)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.manifest import Manifest
+from runtime.artifact.manifest import Manifest
 from runtime.serving.jobs import (Job, capped_options, fit_alone, image_bytes, options_from, run_batch,
                                   text_input)
 from runtime.serving.model_config import BatchingSettings, python_model_config, quote
@@ -131,7 +131,7 @@ class PreprocessModel(Blip2Model):
     """image BYTES -> pixel values, with the runtime's checks (size and pixel limits)."""
 
     def __init__(self, args: dict, pb_utils):
-        from runtime.manifest import load_manifest
+        from runtime.artifact.manifest import load_manifest
         from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 
         self.pb = pb_utils

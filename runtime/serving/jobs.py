@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import Blip2EdgeError
-from runtime.options import GenerationOptions
+from runtime.generation.options import GenerationOptions
 from runtime.preprocess import load_image
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.errors import ArtifactError, OptionError
-from runtime.manifest import MANIFEST, Manifest, load_manifest
+from runtime.artifact.manifest import MANIFEST, Manifest, load_manifest
 from runtime.serving.model_config import BatchingSettings, python_model_config
 from runtime.serving.triton_model import code_root, model_file_source
 

@@ -14,7 +14,7 @@ from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
 from calibration.sources import synthetic_source
 from calibration.visual import VisualOptions
-from runtime.manifest import load_manifest, sha256_file
+from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
 

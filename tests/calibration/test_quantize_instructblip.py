@@ -7,7 +7,7 @@ import onnx
 
 from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
-from runtime.manifest import load_manifest
+from runtime.artifact.manifest import load_manifest
 from runtime.pipeline import Blip2Pipeline
 from tests.runtime.test_parity import images
 

@@ -14,7 +14,7 @@ from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
 from runtime import synthetic
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import load_manifest
+from runtime.artifact.manifest import load_manifest
 from runtime.retriever import Blip2Retriever
 
 QUIET = dict(log=lambda s: None)

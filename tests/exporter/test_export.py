@@ -14,7 +14,7 @@ from exporter import export as export_mod
 from exporter.export import ExportOptions, export
 from exporter.loading import LoadOptions
 from exporter.validate import validate_artifacts, validate_stages
-from runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, sha256_file
+from runtime.artifact.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import kv_names
 

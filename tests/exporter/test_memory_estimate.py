@@ -1,4 +1,4 @@
-"""Weight memory: runtime.memory sums an artifact directory's files per stage; the arithmetic
+"""Weight memory: runtime.artifact.memory sums an artifact directory's files per stage; the arithmetic
 estimate from a config (exporter.memory_estimate, used for shapes too large to export here)
 matches the weights real artifacts hold at every precision."""
 
@@ -8,8 +8,8 @@ import pytest
 
 from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
-from runtime.manifest import load_manifest
-from runtime.memory import artifact_weights, kv_cache_bytes, weights_line
+from runtime.artifact.manifest import load_manifest
+from runtime.artifact.memory import artifact_weights, kv_cache_bytes, weights_line
 
 
 def initializer_bytes(graph_path) -> int:

@@ -132,7 +132,7 @@ def test_generation_and_retrieval_runtimes_refuse_each_others_artifacts(retrieva
     (lambda m: m["tokenizer"].update(prefix_ids=[10 ** 6]), r"tokenizer\.prefix_ids\[0\]: expected an integer"),
 ])
 def test_schema_checks_retrieval_manifests(retrieval_tiny_artifacts, change, message):
-    from runtime.manifest_schema import check_manifest
+    from runtime.artifact.schema import check_manifest
 
     m = json.loads((retrieval_tiny_artifacts / "manifest.json").read_text())
     check_manifest(json.loads(json.dumps(m)), "manifest.json")  # the exported one is valid

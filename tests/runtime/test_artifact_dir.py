@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import artifact_dir
-from runtime.artifact_dir import atomic_directory, is_artifact_dir
+from runtime.artifact import writer as artifact_dir
+from runtime.artifact.writer import atomic_directory, is_artifact_dir
 from runtime.errors import ArtifactError, Blip2EdgeError
 from tests.conftest import REPO, run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
@@ -176,7 +176,7 @@ def test_failing_to_remove_the_old_copy_is_a_warning_not_a_failure(tmp_path, ren
         return real_rmtree(path, ignore_errors=ignore_errors, **kw)
 
     monkeypatch.setattr(artifact_dir.shutil, "rmtree", rmtree)
-    with caplog.at_level(logging.WARNING, logger="runtime.artifact_dir"):
+    with caplog.at_level(logging.WARNING, logger="runtime.artifact.writer"):
         write(out, "new", overwrite=True)  # does not raise
     assert (out / "marker.txt").read_text() == "new"
     assert "previous version could not be removed" in caplog.text
@@ -187,7 +187,7 @@ def test_failing_to_remove_the_old_copy_is_a_warning_not_a_failure(tmp_path, ren
 HOLDER = """
 import sys, time
 from pathlib import Path
-from runtime.artifact_dir import atomic_directory
+from runtime.artifact.writer import atomic_directory
 from runtime.errors import Blip2EdgeError
 out, ready, release = map(Path, sys.argv[1:4])
 try:
@@ -291,7 +291,7 @@ def test_kill_9_during_a_real_export(tmp_path, tiny_checkpoint):
     """Killed once every file but the manifest is written (it validates then): the leftover is
     not loadable, and the next export to the same OUT_DIR succeeds and removes it."""
     from exporter.export import ExportOptions, export
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
     from runtime.pipeline import Blip2Pipeline
 
     out = tmp_path / "out"
@@ -330,7 +330,7 @@ def test_three_concurrent_quantizes_to_one_out_dir_one_wins(tmp_path, toy_artifa
     for code, err in results:
         if code == 2:
             assert "another blip2-edge process is writing this OUT_DIR" in err or "already exists" in err, err
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
 
     load_manifest(out)
     assert siblings(out) == ["q"]

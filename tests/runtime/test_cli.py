@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from runtime import synthetic
-from runtime import cli
-from runtime.cli import COMMANDS, SIGPIPE_EXIT
+from runtime.cli import main as cli
+from runtime.cli.main import COMMANDS, SIGPIPE_EXIT
 from tests.conftest import REPO, run_cli
 
 
@@ -175,7 +175,7 @@ def test_caption_loads_neither_exporter_nor_calibration(toy_artifacts, tmp_path)
     write_scenes(tmp_path, 1)
     code = textwrap.dedent(f"""
         import sys
-        from runtime.cli import main
+        from runtime.cli.main import main
         assert main(["caption", {str(toy_artifacts)!r}, {str(tmp_path / "img0.png")!r}]) == 0
         loaded = sorted({{m.split(".")[0] for m in sys.modules}} & {{"exporter", "calibration", "torch",
                                                                    "transformers", "onnx"}})
@@ -187,7 +187,7 @@ def test_caption_loads_neither_exporter_nor_calibration(toy_artifacts, tmp_path)
 
 
 def test_help_lists_every_subcommand_from_its_module():
-    """runtime/cli.py's table (the listing) names exactly the commands each module registers,
+    """runtime/cli/main.py's table (the listing) names exactly the commands each module registers,
     in its order, with its help line."""
     proc = run_cli("--help")
     assert proc.returncode == 0

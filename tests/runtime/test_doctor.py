@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from runtime.doctor_env import FAIL, PASS, SKIP, Environment, environment_checks, jetson_release
+from runtime.doctor.environment import FAIL, PASS, SKIP, Environment, environment_checks, jetson_release
 from tests.conftest import run_cli
 
 

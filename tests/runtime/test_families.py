@@ -11,7 +11,7 @@ import pytest
 from exporter.validate import validation_images
 from runtime.errors import ArtifactError
 from runtime.families import family_for, get_family, known_families
-from runtime.manifest import load_manifest
+from runtime.artifact.manifest import load_manifest
 from runtime.pipeline import Blip2Pipeline
 
 # An OPT artifact directory written by the exporter of commit 07e04dc (before families): its
@@ -56,7 +56,7 @@ def test_pre_family_opt_artifacts_still_load_and_run():
 
 
 def test_unknown_family_in_a_manifest_is_an_artifact_error(tmp_path):
-    from runtime.manifest import write_manifest
+    from runtime.artifact.manifest import write_manifest
 
     art = tmp_path / "art"
     shutil.copytree(OLD_OPT, art)

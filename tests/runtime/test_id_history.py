@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from runtime.id_history import IdHistory
+from runtime.generation.id_history import IdHistory
 
 
 @pytest.mark.parametrize("keep_all", [True, False])

@@ -13,8 +13,8 @@ import pytest
 
 from runtime.errors import ArtifactError
 from runtime.families import family_for, get_family
-from runtime.manifest import load_manifest
-from runtime.manifest_schema import validate
+from runtime.artifact.manifest import load_manifest
+from runtime.artifact.schema import validate
 from tests.conftest import run_cli
 from tests.runtime.test_manifest_schema import DELETE, _set
 
@@ -66,7 +66,7 @@ def test_malformed_instructblip_manifest_names_the_field(tmp_path, instructblip_
 
 def test_a_blip2_manifest_with_the_instructblip_qformer_is_refused(manifest_data):
     """The architecture decides the Q-Former's inputs: the same stages under 'blip-2' are wrong."""
-    from runtime.manifest_schema import Invalid
+    from runtime.artifact.schema import Invalid
 
     data = copy.deepcopy(manifest_data)
     data["architecture"] = "blip-2"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import ArtifactError
-from runtime.manifest import load_manifest, sha256_file
+from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
@@ -171,7 +171,7 @@ def _python(code: str, *args, env=None) -> subprocess.CompletedProcess:
 def test_fifo_named_in_the_manifest_is_refused_without_blocking(copy):
     (copy / "tokenizer.json").unlink()
     os.mkfifo(copy / "tokenizer.json")
-    proc = _python("import sys\nfrom runtime.manifest import load_manifest\nfrom runtime.errors import ArtifactError\n"
+    proc = _python("import sys\nfrom runtime.artifact.manifest import load_manifest\nfrom runtime.errors import ArtifactError\n"
                    "try:\n    load_manifest(sys.argv[1])\nexcept ArtifactError as e:\n    print(e)", copy)
     assert proc.returncode == 0 and "tokenizer.json: not a regular file" in proc.stdout, proc.stderr
 
@@ -181,14 +181,14 @@ def test_fifo_as_the_hash_cache_file_is_ignored(copy, tmp_path):
     cache.mkdir(parents=True)
     os.mkfifo(cache / "sha256.json")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    proc = _python("import sys\nfrom runtime.manifest import load_manifest\nload_manifest(sys.argv[1])\nprint('ok')",
+    proc = _python("import sys\nfrom runtime.artifact.manifest import load_manifest\nload_manifest(sys.argv[1])\nprint('ok')",
                    copy, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 @pytest.mark.parametrize("garbage", ['{"a": "not a digest", "b": 3}', "[1, 2]", "{not json", "[" * 100000])
 def test_hash_cache_file_with_garbage_is_ignored(copy, tmp_path, monkeypatch, garbage):
-    from runtime.verified_files import HashCache
+    from runtime.artifact.verified_files import HashCache
 
     (tmp_path / "blip2-edge").mkdir()
     (tmp_path / "blip2-edge" / "sha256.json").write_text(garbage)
@@ -200,7 +200,7 @@ def test_hash_cache_file_with_garbage_is_ignored(copy, tmp_path, monkeypatch, ga
 
 
 def test_hash_cache_is_saved_under_a_new_directory(copy, tmp_path, monkeypatch):
-    from runtime.verified_files import HashCache
+    from runtime.artifact.verified_files import HashCache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "new" / "cache"))
     HashCache().digest(copy / "vision.onnx")
@@ -211,7 +211,7 @@ def test_hash_cache_is_saved_under_a_new_directory(copy, tmp_path, monkeypatch):
 
 def test_a_cold_verification_writes_the_hash_cache_once(copy, tmp_path, monkeypatch):
     """N new digests, one atomic rewrite of the cache file (not one per file), holding them all."""
-    from runtime.verified_files import HASHES, cache_file
+    from runtime.artifact.verified_files import HASHES, cache_file
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cold"))
     replaced = []
@@ -232,7 +232,7 @@ def test_one_threads_deferral_does_not_hold_back_another_threads_save(copy, tmp_
     first thread's verification ends."""
     import threading
 
-    from runtime.verified_files import HASHES, cache_file
+    from runtime.artifact.verified_files import HASHES, cache_file
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "threads"))
     entered, release = threading.Event(), threading.Event()
@@ -254,7 +254,7 @@ def test_one_threads_deferral_does_not_hold_back_another_threads_save(copy, tmp_
 
 
 def test_tests_do_not_use_the_real_cache():
-    from runtime.verified_files import cache_file
+    from runtime.artifact.verified_files import cache_file
 
     assert not str(cache_file()).startswith(os.path.expanduser("~/.cache"))
 
@@ -290,7 +290,7 @@ def test_unknown_stage_is_named(copy):
 
 
 def test_write_manifest_fills_in_checksums(copy):
-    from runtime.manifest import MANIFEST, write_manifest
+    from runtime.artifact.manifest import MANIFEST, write_manifest
 
     data = json.loads((copy / MANIFEST).read_text())
     listed = data["files"]

@@ -21,7 +21,7 @@ DECODED_MB = SIDE * SIDE * 3 / 2**20  # one decoded RGB image: 412 MiB
 # process image, while getrusage's ru_maxrss keeps the forking test process's RSS across exec.
 PEAK_RSS = """
 import sys
-from runtime.cli import main
+from runtime.cli.main import main
 rc = main(sys.argv[1:])
 sys.stdout.flush()
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))

@@ -1,4 +1,4 @@
-"""runtime/logits.py against transformers' own logits processors and warpers on random scores."""
+"""runtime/generation/logits.py against transformers' own logits processors and warpers on random scores."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from runtime import logits as lp
-from runtime.options import GenerationOptions
+from runtime.generation import logits as lp
+from runtime.generation.options import GenerationOptions
 
 SHAPES = [(1, 7), (3, 50), (4, 300)]
 SEEDS = [0, 1, 2]

@@ -12,7 +12,7 @@ import pytest
 from calibration.quantize import QuantizeOptions, quantize
 from runtime.backends.tensorrt.engines import StaleEngineError, engine_dir, find_engine
 from runtime.errors import ArtifactError, Blip2EdgeError
-from runtime.manifest import load_manifest, sha256_file
+from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from tests.runtime.test_tensorrt import ORIN, add_vision_engine
 
@@ -143,7 +143,7 @@ def test_graph_external_data_outside_or_unlisted_is_refused(external, tmp_path, 
 def test_external_data_parser_matches_onnx(external):
     import onnx
 
-    from runtime.onnx_external_data import external_data_locations
+    from runtime.artifact.external_data import external_data_locations
 
     for graph in ("vision.onnx", "qformer.onnx", "decoder.onnx"):
         model = onnx.load(external / graph, load_external_data=False)
@@ -161,7 +161,7 @@ def test_external_data_found_wherever_a_graph_holds_tensors(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from runtime.onnx_external_data import external_data_locations
+    from runtime.artifact.external_data import external_data_locations
 
     def ext(name: str, location: str) -> TensorProto:
         t = helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0])

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from runtime.errors import ArtifactError
-from runtime.manifest import load_manifest
-from runtime.manifest_schema import ARCHITECTURES, FAMILIES, validate
+from runtime.artifact.manifest import load_manifest
+from runtime.artifact.schema import ARCHITECTURES, FAMILIES, validate
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
@@ -161,7 +161,7 @@ def test_cli_on_a_malformed_manifest_exits_2_without_traceback(tmp_path, tiny_ar
 
 
 def test_oversized_manifest_is_refused_unread(art, manifest_data):
-    from runtime.manifest import MAX_MANIFEST_BYTES
+    from runtime.artifact.manifest import MAX_MANIFEST_BYTES
 
     text = json.dumps(manifest_data)
     (art / "manifest.json").write_text(text + " " * (MAX_MANIFEST_BYTES + 1 - len(text)))
@@ -177,7 +177,7 @@ def test_a_family_declares_its_own_stages(monkeypatch, manifest_data):
     """Adding a family is an entry in FAMILIES (here: OPT plus an `encoder` stage, as Flan-T5 has)."""
     import dataclasses
 
-    from runtime.manifest_schema import FamilySchema
+    from runtime.artifact.schema import FamilySchema
     from runtime.stages import QFORMER
 
     opt = FAMILIES["opt"]

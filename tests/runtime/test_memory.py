@@ -1,11 +1,11 @@
-"""runtime.memory: the weight memory of an artifact directory, from its files, as `profile` shows it."""
+"""runtime.artifact.memory: the weight memory of an artifact directory, from its files, as `profile` shows it."""
 
 from __future__ import annotations
 
 import json
 
-from runtime.manifest import load_manifest
-from runtime.memory import artifact_weights
+from runtime.artifact.manifest import load_manifest
+from runtime.artifact.memory import artifact_weights
 from tests.conftest import run_cli
 
 

@@ -38,7 +38,7 @@ CASES = [
     pytest.param(dict(max_new_tokens=8, num_beams=4, length_penalty=0.6, early_stopping=True), id="beam4-early"),
     pytest.param(dict(max_new_tokens=8, num_beams=2, early_stopping="never", length_penalty=1.3), id="beam2-never"),
     pytest.param(dict(max_new_tokens=10, repetition_penalty=1.3, min_new_tokens=3), id="greedy-penalties"),
-    # Beams reorder the whole id history the penalty reads (runtime/id_history.py keeps it all then).
+    # Beams reorder the whole id history the penalty reads (runtime/generation/id_history.py keeps it all then).
     pytest.param(dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5), id="beam3-penalty"),
 ]
 

@@ -126,7 +126,7 @@ def test_caption_ask_and_stream_use_the_manifest_prompts(instructblip):
 
 
 def test_an_instruction_longer_than_the_qformer_positions_is_refused(instructblip):
-    from runtime.options import PromptTooLongError
+    from runtime.generation.options import PromptTooLongError
 
     artifacts, _ = instructblip
     pipe = Blip2Pipeline.from_artifacts(artifacts)

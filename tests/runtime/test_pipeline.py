@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from runtime import synthetic
-from runtime.options import GenerationOptionError, GenerationOptions, PromptTooLongError
+from runtime.generation.options import GenerationOptionError, GenerationOptions, PromptTooLongError
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import REPO
 

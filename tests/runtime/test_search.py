@@ -14,8 +14,8 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from exporter.toy import CHECKPOINT_DIR
 from runtime import synthetic
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.options import GenerationOptionError, GenerationOptions
-from runtime.stopping import StopStrings, clip, stable_prefix
+from runtime.generation.options import GenerationOptionError, GenerationOptions
+from runtime.generation.stopping import StopStrings, clip, stable_prefix
 from runtime.tokenizer import TextTokenizer
 
 

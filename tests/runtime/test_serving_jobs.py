@@ -101,7 +101,7 @@ def test_a_failing_group_fails_only_its_own_requests(pipe, scenes):
 def test_an_instruction_too_long_for_the_qformer_is_refused_alone(instructblip_t5_tiny_artifacts, scenes):
     """InstructBLIP: the Q-Former's positions are checked per request, so an over-long
     instruction never reaches (and fails) the batch it would have joined."""
-    from runtime.options import PromptTooLongError
+    from runtime.generation.options import PromptTooLongError
     from runtime.pipeline import Blip2Pipeline
 
     ib = Blip2Pipeline.from_artifacts(instructblip_t5_tiny_artifacts)

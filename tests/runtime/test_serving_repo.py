@@ -30,7 +30,7 @@ def test_repository_layout(toy_artifacts, tmp_path):
     assert "code_root" not in config  # a fleet repository uses the installed blip2-edge
     assert "runtime.serving.triton_model" in (out / "blip2" / "1" / "model.py").read_text()
     copied = out / "blip2" / "artifacts"
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
 
     load_manifest(copied, verify=True).ensure_verified()  # complete and every hash matches
     assert sorted(p.name for p in copied.rglob("*") if p.is_file()) == \

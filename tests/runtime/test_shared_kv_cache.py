@@ -1,4 +1,4 @@
-"""The shared KV cache form (exporter --kv-cache shared, runtime/shared_kv_decoder.py): buffers
+"""The shared KV cache form (exporter --kv-cache shared, runtime/generation/shared_kv_cache.py): buffers
 ONNX Runtime's GroupQueryAttention updates in place, each row's tokens at the front of its cache.
 
 What it must keep from the concat form: transformers' tokens (test_parity's and
@@ -14,9 +14,10 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime import shared_kv_decoder, synthetic
+from runtime import synthetic
+from runtime.generation import shared_kv_cache as shared_kv_decoder
 from runtime.errors import OptionError
-from runtime.manifest import MANIFEST, load_manifest
+from runtime.artifact.manifest import MANIFEST, load_manifest
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import run_cli
 from tests.runtime.test_parity import PROMPTS_MIXED, hf_generate, images
@@ -136,7 +137,7 @@ def test_shared_form_refuses_heads_the_op_does_not_take(tiny_artifacts):
     import copy
 
     from exporter.families.opt import FAMILY as OPT
-    from runtime.manifest_schema import validate
+    from runtime.artifact.schema import validate
 
     with pytest.raises(OptionError, match="multiple of 8, this decoder's are 12"):
         OPT.resolve_kv_cache("shared", "fp32", 12)

@@ -18,7 +18,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from runtime import synthetic
 from runtime.pipeline import Blip2Pipeline
-from runtime.stopping import clip
+from runtime.generation.stopping import clip
 from tests.conftest import REPO
 
 MODES = {
@@ -173,7 +173,7 @@ def test_each_step_yields_a_prefix_of_the_result(toy_pipe, mode):
 def test_only_a_stream_pays_for_settled_ids(toy_pipe, monkeypatch, mode):
     """generate() drops what each step settles, so the searches do not compute it; greedy and
     sampling snapshot their rows without copying them."""
-    from runtime import search
+    from runtime.generation import search
 
     ims = [im for _, im in synthetic.make_scenes(2, seed=43)]
     prompts = ["", "Question: what colour is it? Answer:"]

@@ -12,7 +12,7 @@ import pytest
 from runtime.backends.tensorrt.engines import (DeviceInfo, StaleEngineError, engine_dir, find_engine,
                                                ort_trt_cache_dir, source_graph_sha, write_engine_manifest)
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
-from runtime.manifest import load_manifest, sha256_file
+from runtime.artifact.manifest import load_manifest, sha256_file
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
@@ -215,7 +215,7 @@ def test_engines_match_onnxruntime_and_stale_is_refused(toy_artifacts, tmp_path)
 def test_changed_external_weights_are_stale(tmp_path, tiny_checkpoint):
     """The graph proto does not change when only <graph>.onnx.data does: the digest covers both."""
     from exporter.export import ExportOptions, export
-    from runtime.manifest import graph_digest
+    from runtime.artifact.manifest import graph_digest
 
     art = tmp_path / "ext"
     export(str(tiny_checkpoint), art, ExportOptions(external_data_threshold=1, validate=False), log=lambda s: None)

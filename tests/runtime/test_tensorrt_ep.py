@@ -10,7 +10,7 @@ from runtime.backends.onnxrt import (OrtRunner, check_provider, cuda_provider, p
                                      tensorrt_provider)
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.errors import Blip2EdgeError
-from runtime.manifest import load_manifest
+from runtime.artifact.manifest import load_manifest
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.doctor_runs import cosine
+from runtime.doctor.runs import cosine
 from tests.conftest import run_cli
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -104,7 +104,7 @@ def test_a_shape_outside_the_profile_is_refused_naming_the_flag(built):
     from runtime.backends.tensorrt.engines import find_engine
     from runtime.backends.tensorrt.runner import TrtRunner, device_info
     from runtime.backends.tensorrt.shapes import ProfileShapeError
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
 
     m = load_manifest(built)
     with TrtRunner(find_engine(m, "vision", device_info()), m.stages["vision"]) as runner:

@@ -16,7 +16,7 @@ from runtime.backends.tensorrt.pool import DeviceBuffers, SlotPool
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.backends.tensorrt.shapes import ProfileShapeError, batch_limit, batch_slices, check_shapes
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.manifest import load_manifest
+from runtime.artifact.manifest import load_manifest
 
 
 # ---- versions ---------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def current_entries(directory: Path) -> dict:
 
 def run(args) -> int:
     opts = build_options(args)  # bad ranges or levels fail before TensorRT is needed
-    from runtime.manifest import load_manifest
+    from runtime.artifact.manifest import load_manifest
 
     manifest = load_manifest(args.artifacts)
     check_stages(manifest, args.stages, args.fp16, args.int8)
@@ -119,11 +119,11 @@ def run(args) -> int:
     import_tensorrt("blip2-edge build-engines")  # missing or unsupported: one line naming what to install
     from runtime.backends.tensorrt.builder import build_engine
     from runtime.backends.tensorrt.profiles import stage_profile
-    from runtime.atomic_file import replace_file
+    from runtime.artifact.atomic_file import replace_file
     from runtime.backends.tensorrt.engines import (StaleEngineError, engine_dir, find_engine, source_graph_sha,
                                                    write_engine_manifest)
     from runtime.backends.tensorrt.runner import device_info
-    from runtime.confinement import confined_path
+    from runtime.artifact.confinement import confined_path
 
     device = device_info()
     # Written inside the artifact directory only, whatever symlinks it holds.
@@ -157,7 +157,7 @@ def run(args) -> int:
 
 def save_timing_cache(path: Path | None, data: bytes | None) -> None:
     """Writes the builder's timing cache; a failure is a warning (the engine is written already)."""
-    from runtime.atomic_file import replace_file
+    from runtime.artifact.atomic_file import replace_file
 
     if path is None or data is None:
         return

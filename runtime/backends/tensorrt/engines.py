@@ -18,12 +18,12 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.atomic_file import replace_file
-from runtime.confinement import confined_path
+from runtime.artifact.atomic_file import replace_file
+from runtime.artifact.confinement import confined_path
 from runtime.errors import ArtifactError, Blip2EdgeError
-from runtime.manifest import Manifest, graph_digest
-from runtime.manifest_schema import Obj, Str, check_rule
-from runtime.verified_files import open_regular, read_bounded
+from runtime.artifact.manifest import Manifest, graph_digest
+from runtime.artifact.schema import Obj, Str, check_rule
+from runtime.artifact.verified_files import open_regular, read_bounded
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 
-from runtime.cli_generate import _integer, add_thread_options, text_argument, thread_settings
+from runtime.cli.generate import _integer, add_thread_options, text_argument, thread_settings
 
 
 def register(sub) -> None:

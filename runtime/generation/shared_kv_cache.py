@@ -7,7 +7,7 @@ the attention itself (bench/KV_CACHE_RESULTS.md).
 Layout: GroupQueryAttention keeps each row's tokens at the front of its cache (right padding,
 `seqlens_k` per row) and has no attention mask. transformers' decoder-only layout is
 [query][left padding][prompt]; prefill moves each row's unmasked positions to the front, in
-order. A token then sits at the position cumsum(mask) - 1 gives it (runtime.kv_decoder) and
+order. A token then sits at the position cumsum(mask) - 1 gives it (runtime.generation.kv_cache) and
 attends to the same tokens, so the arithmetic is that of the padded layout.
 """
 
@@ -56,7 +56,7 @@ def check_artifact_placement(manifest, device: str) -> None:
 
 
 class SharedKVCacheDecoder:
-    """runtime.search.StepDecoder over a decoder graph of the shared form (shared_decoder_spec).
+    """runtime.generation.search.StepDecoder over a decoder graph of the shared form (shared_decoder_spec).
 
     The buffers live on the runner's device. On the CPU they are numpy arrays that the
     OrtValues wrap without a copy; under CUDA, growing or reordering them (beam search) goes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.doctor_env import FAIL, PASS, SKIP, Check, Environment
+from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment
 from runtime.errors import Blip2EdgeError
 
 BACKENDS = ("cpu", "cuda", "tensorrt", "onnxruntime-trt")
@@ -93,7 +93,7 @@ class ArtifactRun:
         return Check(backend, FAIL if backend in self.requested else SKIP, reason)
 
     def run(self) -> list[Check]:
-        from runtime.manifest import load_manifest
+        from runtime.artifact.manifest import load_manifest
         from runtime.pipeline import Blip2Pipeline
 
         try:

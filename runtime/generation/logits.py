@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.options import GenerationOptions
+from runtime.generation.options import GenerationOptions
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -97,7 +97,7 @@ def register(sub) -> None:
 
 def run_naming_flags(args) -> int:
     """run(), with a bad generation option reported by its flag (--max-new-tokens)."""
-    from runtime.options import GenerationOptionError
+    from runtime.generation.options import GenerationOptionError
 
     try:
         return run(args)

@@ -21,12 +21,12 @@ from runtime.errors import Blip2EdgeError
 # name -> (module whose register(sub) adds it, help line for the listing). A module's commands
 # are contiguous here, in the order it registers them (tests/runtime/test_cli.py checks both).
 COMMANDS = {
-    "caption": ("runtime.cli_generate", "caption images"),
-    "ask": ("runtime.cli_generate", "answer a question about images"),
-    "match": ("runtime.cli_match", "ITM match probabilities (and ITC scores) of texts for an image"),
+    "caption": ("runtime.cli.generate", "caption images"),
+    "ask": ("runtime.cli.generate", "answer a question about images"),
+    "match": ("runtime.cli.match", "ITM match probabilities (and ITC scores) of texts for an image"),
     "profile": ("runtime.profiling.cli", "per-stage latency of one or more artifact directories, side by side"),
     "build-engines": ("runtime.backends.tensorrt.cli", "build TensorRT engines on this device"),
-    "doctor": ("runtime.doctor", "report what this machine can run, and check it on an artifact directory"),
+    "doctor": ("runtime.doctor.cli", "report what this machine can run, and check it on an artifact directory"),
     "export": ("exporter.cli", "BLIP-2 checkpoint -> validated ONNX artifact directory"),
     "make-model": ("exporter.cli", "write a random-weight BLIP-2 checkpoint (tests, benchmarks)"),
     "demo": ("exporter.cli", "export and quantize the embedded toy model, caption synthetic images on the CPU, then search them"),

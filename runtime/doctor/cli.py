@@ -3,7 +3,7 @@
 It reports the machine (Python, ONNX Runtime and its providers, TensorRT, cuda-python, the
 CUDA driver and runtime, the GPU, JetPack and the power mode on a Jetson) and checks what the
 TensorRT backend needs; with an artifact directory it verifies it, captions synthetic images on
-the CPU, and runs each GPU backend the machine allows against the CPU (doctor_runs.py). Every
+the CPU, and runs each GPU backend the machine allows against the CPU (runs.py). Every
 check is pass, fail or skip with the reason (and what to install). Exit 0 when nothing failed,
 else 1 with one line per problem on stderr; --json FILE writes the whole report.
 """
@@ -15,13 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.doctor_env import FAIL, PASS, SKIP, Check, environment_checks, probe
+from runtime.doctor.environment import FAIL, PASS, SKIP, Check, environment_checks, probe
 
 EXIT_PROBLEMS = 1
 
 
 def register(sub) -> None:
-    from runtime.doctor_runs import BACKENDS
+    from runtime.doctor.runs import BACKENDS
 
     p = sub.add_parser("doctor", help="report what this machine can run, and check it on an artifact directory",
                        description="Report versions and devices; with ARTIFACTS, verify the directory, caption on the "
@@ -56,7 +56,7 @@ def report(artifacts: Path | None, backends: tuple[str, ...], build: bool) -> di
     env = probe()
     checks = environment_checks(env)
     if artifacts is not None:
-        from runtime.doctor_runs import ArtifactRun
+        from runtime.doctor.runs import ArtifactRun
 
         if build:
             checks.append(build_engines(artifacts))
@@ -90,7 +90,7 @@ def run(args) -> int:
     else:
         print(format_text(data))
         if args.json is not None:
-            from runtime.atomic_file import replace_file
+            from runtime.artifact.atomic_file import replace_file
 
             replace_file(args.json, (json.dumps(data, indent=2) + "\n").encode())
     problems = [c for c in data["checks"] if c["status"] == FAIL]

@@ -1,4 +1,4 @@
-"""The rules manifest.json is checked with (runtime/manifest_schema.py holds the tables that use
+"""The rules manifest.json is checked with (runtime/artifact/schema.py holds the tables that use
 them): each rule knows the field path it checks (`stages.vision.inputs[0].shape[2]`) and raises
 its first violation as one Invalid line that names the path and says what was expected."""
 
@@ -10,7 +10,7 @@ import re
 import string
 from typing import Callable
 
-from runtime.confinement import path_problem
+from runtime.artifact.confinement import path_problem
 
 FLOAT_DTYPES = ("float16", "float32")
 TENSOR_DTYPES = ("float16", "float32", "int64", "int32", "int8", "uint8", "bool")
@@ -31,7 +31,7 @@ class Invalid(Exception):
 
     @classmethod
     def path(cls, field: str, value, problem: str) -> "Invalid":
-        """The wording of runtime.confinement, so a path is refused in the same words wherever."""
+        """The wording of runtime.artifact.confinement, so a path is refused in the same words wherever."""
         error = cls.__new__(cls)
         Exception.__init__(error, f"{field} = {repr(value)[:80]}: {problem}")
         return error

@@ -23,10 +23,10 @@ from typing import Generator, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from runtime import logits as lp
-from runtime.id_history import IdHistory
-from runtime.options import GenerationOptions
-from runtime.stopping import StopStrings
+from runtime.generation import logits as lp
+from runtime.generation.id_history import IdHistory
+from runtime.generation.options import GenerationOptions
+from runtime.generation.stopping import StopStrings
 
 NEG = -1.0e9  # transformers' "minus infinity" for beam bookkeeping
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from runtime.manifest import Manifest
+from runtime.artifact.manifest import Manifest
 
 
 def _size(manifest: Manifest, relative: str, field: str) -> int:

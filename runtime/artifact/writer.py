@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from runtime.errors import ArtifactError, Blip2EdgeError
-from runtime.manifest import FORMAT, MANIFEST, MAX_MANIFEST_BYTES
-from runtime.verified_files import read_bounded
+from runtime.artifact.manifest import FORMAT, MANIFEST, MAX_MANIFEST_BYTES
+from runtime.artifact.verified_files import read_bounded
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """manifest.json: what an artifact directory holds and how to run it.
 
 An artifact directory is untrusted input (people download and copy them around):
-- manifest.json is a bounded regular file, validated (runtime.manifest_schema) before anything
+- manifest.json is a bounded regular file, validated (runtime.artifact.schema) before anything
   it names is read or allocated;
-- every path it names resolves inside the directory (runtime.confinement), through Manifest.path;
+- every path it names resolves inside the directory (runtime.artifact.confinement), through Manifest.path;
 - every file the runtime loads (stage graphs and the external data they name, the embedding
   table, the tokenizer, ...) must be listed in files{}, and every listed file must have its
-  sha256 (runtime.verified_files: regular files only, a cache a restored mtime cannot fool).
+  sha256 (runtime.artifact.verified_files: regular files only, a cache a restored mtime cannot fool).
 A missing file, a checksum mismatch, a bad field or an unknown schema version is an
 ArtifactError that names the file or the field.
 """
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from runtime.confinement import confined_path
+from runtime.artifact.confinement import confined_path
 from runtime.errors import ArtifactError
-from runtime.manifest_schema import check_manifest
-from runtime.onnx_external_data import external_data_locations
-from runtime.verified_files import HASHES, FileIdentity, open_regular, read_bounded, sha256_file
+from runtime.artifact.schema import check_manifest
+from runtime.artifact.external_data import external_data_locations
+from runtime.artifact.verified_files import HASHES, FileIdentity, open_regular, read_bounded, sha256_file
 
 __all__ = ["FORMAT", "HASHES", "MANIFEST", "SCHEMA_VERSION", "Manifest", "checksummed", "graph_digest",
            "load_manifest", "sha256_file", "write_manifest"]

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from runtime.errors import ArtifactError
-from runtime.manifest import Manifest
+from runtime.artifact.manifest import Manifest
 
 EMBEDDING_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # native byte order only
 # ONNX Runtime's type strings -> the manifest's numpy names

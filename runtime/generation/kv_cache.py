@@ -1,4 +1,4 @@
-"""Step decoders (runtime.search.StepDecoder) over a decoder graph with a self-attention KV
+"""Step decoders (runtime.generation.search.StepDecoder) over a decoder graph with a self-attention KV
 cache: what every family's shares (CachedDecoder), and the OPT family's (KVCacheDecoder), which
 also carries the attention mask and positions between steps.
 

@@ -1,6 +1,6 @@
 """manifest.json is validated before anything is allocated: a small explicit validator.
 
-The rules (runtime/manifest_rules.py) each know the field path they check and raise the first
+The rules (runtime/artifact/rules.py) each know the field path they check and raise the first
 violation as one line that names that path and says what was expected. Per family
 (`llm_family`) the FAMILIES table declares the model keys, the stages and their tensor specs
 (from runtime.stages, which the exporter writes from) and any consistency checks: adding a
@@ -16,7 +16,7 @@ from typing import Callable
 from runtime.errors import ArtifactError
 from runtime.families import ARCHITECTURES as RUNTIME_ARCHITECTURES
 from runtime.families import FIXED_FAMILIES, get_family
-from runtime.manifest_rules import (FLOAT_DTYPES, MAX_IDS, MAX_IMAGE_SIDE, RESAMPLES, TENSOR_DTYPES, Bool, Const,
+from runtime.artifact.rules import (FLOAT_DTYPES, MAX_IDS, MAX_IMAGE_SIDE, RESAMPLES, TENSOR_DTYPES, Bool, Const,
                                     Context, Dim, Files, Int, Invalid, ListOf, Nullable, Num, Obj, RelPath, Rule, Str,
                                     Template)
 from runtime.stages import DYNAMIC_DIMS, KV_CACHE_FORMS, SHARED_HEAD_MULTIPLE, StageSpec, kv_cache_form
