@@ -94,7 +94,7 @@ def hf_generate_fn(model, processor, image, **generation):
     as the pipeline's timings include preprocessing)."""
     import torch
 
-    from exporter.loading import generated_from
+    from exporter.hf_model import generated_from
 
     def run() -> list[int]:
         inputs = processor(images=[image], text=[""], return_tensors="pt")

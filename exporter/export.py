@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 from exporter.loading import LoadOptions, load_model
+from exporter.families import export_family
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
+from exporter.processor_spec import preprocessing_of, tokenizer_spec
+from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory
 from runtime.errors import Blip2EdgeError
 from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
-from runtime.preprocess import RESAMPLE_NAMES, Preprocessing
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 
@@ -41,32 +43,8 @@ class ExportOptions:
 
 
 def model_dims(config) -> dict:
-    from exporter.families import export_family
 
     return export_family(config).model_dims(config)
-
-
-def preprocessing_of(image_processor) -> Preprocessing:
-    ip = image_processor
-    if not (ip.do_resize and ip.do_rescale and ip.do_normalize):
-        raise Blip2EdgeError("the checkpoint's image processor skips resize, rescale or normalise; not supported")
-    size = ip.size
-    return Preprocessing(size["height"], size["width"], RESAMPLE_NAMES[int(ip.resample)], float(ip.rescale_factor),
-                         tuple(float(x) for x in ip.image_mean), tuple(float(x) for x in ip.image_std))
-
-
-def tokenizer_spec(hf_tokenizer) -> dict:
-    """The special ids transformers' tokenizer wraps around a prompt (OPT: BOS before, T5: </s>
-    after), checked on a probe text and on the empty prompt."""
-    probe = "Question: what is it? Answer:"
-    inner = hf_tokenizer.backend_tokenizer.encode(probe, add_special_tokens=False).ids
-    full = hf_tokenizer(probe)["input_ids"]
-    starts = [i for i in range(len(full) - len(inner) + 1) if full[i:i + len(inner)] == inner]
-    prefix, suffix = (full[:starts[0]], full[starts[0] + len(inner):]) if starts else (None, None)
-    if not starts or hf_tokenizer("")["input_ids"] != prefix + suffix:
-        raise Blip2EdgeError("the tokenizer's special tokens are not a fixed prefix/suffix; not supported")
-    return {"file": "tokenizer.json", "prefix_ids": prefix, "suffix_ids": suffix,
-            "clean_up_tokenization_spaces": bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))}
 
 
 def tool_versions(opset: int) -> dict:
@@ -84,7 +62,6 @@ def tool_versions(opset: int) -> dict:
 def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
     """Writes graphs, embedding table and tokenizer/processor files into `tmp`; returns the manifest
     (with its `files` list), which the caller writes last, once the directory has passed validation."""
-    from exporter.families import export_family
 
     family = export_family(hf_model.config)
     dims = family.model_dims(hf_model.config)
@@ -136,7 +113,6 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
            log: Callable[[str], None] = print) -> dict:
     """Exports `model` (hub id or directory) into `out_dir`; returns the validation report
     (empty when validation is off). Nothing appears at `out_dir` unless everything succeeded."""
-    from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
 
     opts = opts or ExportOptions()
     out = Path(out_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.families import export_family
 from runtime.errors import Blip2EdgeError
 
 # config.model_type -> (model class, processor class) in transformers
@@ -82,7 +83,6 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
             f"'{model}' is a '{arch}' model, not BLIP-2 or InstructBLIP "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    from exporter.families import export_family
 
     family = export_family(config, model)
     family.check(config, model, dtype)
@@ -93,25 +93,12 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
         )
 
 
-def float_dtype(hf_model):
-    """The dtype the exported graphs compute in. Not `hf_model.dtype`: that is the first
-    parameter's, and transformers keeps the query tokens and Q-Former in fp32."""
-    return hf_model.get_input_embeddings().weight.dtype
-
-
-def generated_from(hf_model, inputs) -> int:
-    """Where `generate`'s new tokens start in its output: after the prompt (decoder-only, OPT)
-    or after the decoder start token (encoder-decoder, T5)."""
-    return 1 if hf_model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
-
-
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
     import transformers
     from safetensors import SafetensorError
 
-    from exporter.families import export_family
 
     path = Path(model).expanduser()
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):

@@ -23,6 +23,10 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 
+from exporter.families import export_family
+from exporter.loading import SUPPORTED_ARCHITECTURES
+from exporter.random_models import SIZES, build_config
+
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VISUAL = ("vision", "qformer")
 BLOCK = 128  # calibration.llm.DEFAULT_BLOCK_SIZE
@@ -71,9 +75,6 @@ def stage_parameters(config) -> dict:
     "lm_head" or "other"; and the embedding table's size under "embeddings"."""
     import torch
     import transformers
-
-    from exporter.families import export_family
-    from exporter.loading import SUPPORTED_ARCHITECTURES
 
     family = export_family(config)
     dims = family.model_dims(config)
@@ -145,8 +146,6 @@ def table(config, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    from exporter.random_models import SIZES, build_config
-
     ap = argparse.ArgumentParser(description="weight memory per precision of a make-model shape")
     ap.add_argument("size", choices=SIZES)
     ap.add_argument("--llm", default="llama")

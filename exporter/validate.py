@@ -13,72 +13,21 @@ and real prompts laid out as the family lays them out into the LLM stages (each 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from exporter.loading import float_dtype, generated_from
-from runtime import synthetic
-from runtime.errors import Blip2EdgeError
+from exporter.comparison import VALIDATION_PROMPTS, ValidationError, compare, to_numpy, validation_images
+from exporter.families import export_family
+from exporter.hf_model import float_dtype, generated_from
+from exporter.torch_stages import VisionStage
+from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.backends.onnxrt import OrtRunner
+from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES
 
-VALIDATION_PROMPTS = ("", "Question: what colour is it? Answer:")
-
-
-class ValidationError(Blip2EdgeError):
-    """An exported graph disagrees with PyTorch."""
-
-
-@dataclass
-class OutputCheck:
-    name: str
-    shape: list
-    max_abs_diff: float
-    tolerance: float  # atol * max(1, max |expected|)
-    ok: bool
-
-
-def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
-    missing = sorted(set(expected) - set(actual))
-    if missing:
-        raise ValidationError(f"validation: stage {stage} lacks outputs {', '.join(missing)}")
-    checks = []
-    for name, ref in expected.items():
-        got = actual[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            checks.append(OutputCheck(name, list(got.shape), float("inf"), atol, False))
-            continue
-        ref64 = ref.astype(np.float64)
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref64))) if ref.size else 0.0
-        tolerance = atol * max(1.0, float(np.max(np.abs(ref64))) if ref.size else 1.0)
-        checks.append(OutputCheck(name, list(got.shape), diff, tolerance, bool(diff <= tolerance)))
-    worst = max(checks, key=lambda c: c.max_abs_diff)
-    return {"stage": stage, "ok": all(c.ok for c in checks), "atol": atol, "max_abs_diff": worst.max_abs_diff,
-            "worst_output": worst.name, "outputs": [c.__dict__ for c in checks]}
-
-
-def to_numpy(t):
-    return t.detach().float().numpy() if t.dtype.is_floating_point else t.detach().numpy()
-
-
-def merge_reports(report: dict, other: dict, prefix: str) -> dict:
-    """One stage's report over two runs (e.g. prefill and a cached step): `other`'s outputs are
-    listed with `prefix`, the verdict and the worst output cover both."""
-    report["outputs"] += [dict(o, name=f"{prefix}{o['name']}") for o in other["outputs"]]
-    report["ok"] = report["ok"] and other["ok"]
-    if other["max_abs_diff"] > report["max_abs_diff"]:
-        report["max_abs_diff"], report["worst_output"] = other["max_abs_diff"], prefix + other["worst_output"]
-    return report
-
-
-def validation_images(n: int = 2):
-    return [im for _, im in synthetic.make_scenes(n, seed=1234)]
-
+__all__ = ["VALIDATION_PROMPTS", "ValidationError", "compare", "validate_artifacts", "validation_images"]
 
 def _staged(artifacts):
     """A directory, or a Manifest held in memory (the exporter's, before it writes manifest.json)."""
-    from runtime.artifact.manifest import Manifest, load_manifest
 
     return artifacts if isinstance(artifacts, Manifest) else load_manifest(Path(artifacts), verify=False)
 
@@ -87,9 +36,6 @@ def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
     """Runs each stage in ONNX Runtime and in PyTorch on the same real inputs."""
     import torch
 
-    from exporter.families import export_family
-    from exporter.torch_stages import VisionStage
-    from runtime.backends.onnxrt import OrtRunner
 
     family = export_family(hf_model.config)
     manifest = _staged(artifacts)
@@ -114,7 +60,6 @@ def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12
     """Greedy token ids through the exported graphs vs transformers' generate."""
     import torch
 
-    from runtime.pipeline import Blip2Pipeline
 
     pipe = Blip2Pipeline(_staged(artifacts))
     images = validation_images()
@@ -141,7 +86,6 @@ def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
 
 def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
     """`artifacts`: a directory, or a Manifest held in memory."""
-    from exporter.families import export_family
 
     family = export_family(hf_model.config)
     if family.runtime.task == "retrieval":  # its own stages and end-to-end scores, no generation

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from exporter.comparison import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
+from exporter.hf_model import float_dtype
+from exporter.torch_stages import QFormerStage, VisionStage
 from runtime.errors import OptionError
 from runtime.families import Family, get_family
-from runtime.stages import KV_CACHE_FORMS, SEQLENS_K, SHARED_HEAD_MULTIPLE, TOTAL_SEQUENCE_LENGTH, kv_cache_form
+from runtime.generation.shared_kv_cache import SharedKVCacheDecoder
+from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, KV_CACHE_FORMS, LOGITS, POSITION_IDS, QUERY_EMBEDS,
+                            SEQLENS_K, SHARED_HEAD_MULTIPLE, TOTAL_SEQUENCE_LENGTH, kv_cache_form, kv_names)
 
 
 class ExportFamily:
@@ -63,7 +68,6 @@ class ExportFamily:
     def modules(self, hf_model, kv_cache: str | None = None) -> dict:
         """stage name -> torch module, for every stage of the family's specs; `kv_cache`: the
         decoder's form (resolve_kv_cache), None for families with one."""
-        from exporter.torch_stages import QFormerStage, VisionStage
 
         return {"vision": VisionStage(hf_model), "qformer": QFormerStage(hf_model),
                 **self.llm_modules(hf_model, kv_cache or "concat")}
@@ -75,7 +79,6 @@ class ExportFamily:
         """stage name -> example input tuple, shaped from the stage specs (batch 2)."""
         import torch
 
-        from exporter.loading import float_dtype
 
         dtype = float_dtype(hf_model)
         specs = self.runtime.stage_specs(dims)
@@ -137,9 +140,6 @@ class ExportFamily:
     def validate_qformer(self, hf_model, processor, runner, image_embeds, prompts, atol):
         """(the qformer stage's report, its PyTorch output) on `image_embeds`; BLIP-2's Q-Former
         reads no prompt."""
-        from exporter.torch_stages import QFormerStage
-        from exporter.validate import compare, to_numpy
-        from runtime.stages import IMAGE_EMBEDS, QUERY_EMBEDS
 
         query = QFormerStage(hf_model)(image_embeds)
         return compare("qformer", {QUERY_EMBEDS: to_numpy(query)},
@@ -172,8 +172,6 @@ def validate_kv_decoder(dec, hf_model, processor, runners: dict, query, manifest
     import numpy as np
     import torch
 
-    from exporter.validate import VALIDATION_PROMPTS, compare, merge_reports
-    from runtime.stages import LOGITS, kv_names
 
     dtype = query.dtype
     model = manifest.model
@@ -205,8 +203,6 @@ def _run_concat(runner, names, model, np_dtype, hf_model, first, second):
     """The concat graph on the reference's own inputs: ([prefill, step] expected, [..] actual)."""
     import numpy as np
 
-    from exporter.validate import to_numpy
-    from runtime.stages import ATTENTION_MASK, INPUTS_EMBEDS, POSITION_IDS, kv_names
 
     (embeds, mask, pos, prefill), (step_embeds, step_mask, step_pos, _, step) = first, second
     past = kv_names(model["num_layers"], "past")
@@ -225,8 +221,6 @@ def _run_shared(runner, names, model, np_dtype, hf_model, first, second):
     row's valid positions, in order (the reference's padded layout has them between padding)."""
     import numpy as np
 
-    from exporter.validate import to_numpy
-    from runtime.generation.shared_kv_cache import SharedKVCacheDecoder
 
     (embeds, mask, _, prefill), (_, step_mask, _, next_ids, step) = first, second
     table = hf_model.get_input_embeddings().weight.detach().numpy().astype(np_dtype)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from exporter.comparison import compare, to_numpy
 from exporter.families.base import ExportFamily
+from exporter.processor_spec import tokenizer_spec
 from runtime.errors import Blip2EdgeError
 from runtime.families import get_family
 from runtime.families.instructblip import INSTRUCTBLIP_LLMS
@@ -55,7 +57,6 @@ def qformer_padding_side(processor) -> str:
 
 
 def qformer_tokenizer_spec(processor) -> dict:
-    from exporter.export import tokenizer_spec
 
     tokenizer = processor.qformer_tokenizer
     spec = tokenizer_spec(tokenizer)
@@ -93,7 +94,6 @@ class InstructBlipExport(ExportFamily):
     def validate_qformer(self, hf_model, processor, runner, image_embeds, prompts, atol):
         """Instructions of different lengths in one batch, padded as the processor pads them
         (padding inside the Q-Former), against get_image_features' arithmetic."""
-        from exporter.validate import compare, to_numpy
 
         q = processor(text=list(prompts), padding=True, return_tensors="pt")
         ids, mask = q[QFORMER_INPUT_IDS], q[QFORMER_ATTENTION_MASK]

@@ -13,8 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from exporter.comparison import compare, to_numpy, validation_images
 from exporter.families.base import ExportFamily
+from exporter.torch_stages import VisionStage
+from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError
+from runtime.retriever import Blip2Retriever
 from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
                             PIXEL_VALUES)
 
@@ -113,7 +117,6 @@ class RetrievalExport(ExportFamily):
         }
 
     def modules(self, hf_model, kv_cache: str | None = None) -> dict:
-        from exporter.torch_stages import VisionStage
 
         return {"vision": VisionStage(hf_model), "image_embed": ImageEmbedStage(hf_model),
                 "text_embed": TextEmbedStage(hf_model), "itm": ITMStage(hf_model)}
@@ -128,9 +131,6 @@ class RetrievalExport(ExportFamily):
     def validate(self, hf_model, processor, manifest, atol: float) -> dict:
         """Each stage against its torch wrapper on real images and texts, then the runtime's
         itc/itm/embeddings against Blip2ForImageTextRetrieval.forward itself."""
-        from exporter.validate import compare, to_numpy, validation_images
-        from runtime.backends.onnxrt import OrtRunner
-        from runtime.retriever import Blip2Retriever
 
         run = {s: OrtRunner(manifest.stage_file(s), ["CPUExecutionProvider"]) for s in self.runtime.stage_names({})}
         images = validation_images(3)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from exporter.comparison import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
 from exporter.families.base import ExportFamily
 from runtime.errors import Blip2EdgeError
 from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
@@ -175,7 +176,6 @@ class T5Export(ExportFamily):
     def validate_llm(self, hf_model, processor, runners, query, manifest, atol) -> list[dict]:
         """Right-padded [query][prompt </s>][pad] through the encoder and cross K/V, then the
         decoder on the start token and one cached step."""
-        from exporter.validate import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
 
         layers = manifest.model["num_layers"]
         tok = processor.tokenizer(list(VALIDATION_PROMPTS), padding=True, return_tensors="pt")

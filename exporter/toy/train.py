@@ -30,7 +30,7 @@ import numpy as np
 from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer, build_opt_tokenizer,
                                        build_t5_tokenizer, save_checkpoint)
 from exporter.toy import CHECKPOINTS, INSTRUCTBLIP_CHECKPOINT
-from exporter.loading import generated_from
+from exporter.hf_model import generated_from
 from runtime import synthetic
 
 IMAGE_SIZE = 64

@@ -15,29 +15,35 @@ from __future__ import annotations
 
 from runtime.errors import ArtifactError
 from runtime.families.base import Family, LLMInputs
+from runtime.families.instructblip import instructblip_family
+from runtime.families.llama import LLAMA
+from runtime.families.opt import OPT
+from runtime.families.retrieval import RETRIEVAL
+from runtime.families.t5 import T5
 
 ARCHITECTURES = ("blip-2", "instructblip", "blip-2-retrieval")
 # Architectures that are one family whatever `llm_family` says (they have no LLM; the manifest
 # leaves llm_family out). The others take their family from llm_family.
 FIXED_FAMILIES = {"blip-2-retrieval": "retrieval"}
-_FAMILIES: dict[str, Family] = {}  # llm_family (or fixed family) -> its BLIP-2 family
+# llm_family (or fixed family) -> its BLIP-2 family. The family modules never import this one:
+# the registry sits above them, so the import graph stays one-way.
+_FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, OPT, RETRIEVAL, T5)}
 _BY_ARCHITECTURE: dict[tuple[str, str], Family] = {}  # (architecture, llm_family) -> family
 
 
 def register(family: Family) -> Family:
+    """Adds a family defined outside this package (its `name` is its llm_family)."""
     _FAMILIES[family.name] = family
     return family
 
 
 def known_families() -> tuple[str, ...]:
-    _load_builtin()
     return tuple(sorted(_FAMILIES))
 
 
 def get_family(llm_family: str, architecture: str = "blip-2") -> Family:
     """The family for a manifest's (or a checkpoint's) `architecture` and `llm_family` values:
     a BLIP-2 LLM family, or that LLM family inside another architecture (InstructBLIP)."""
-    _load_builtin()
     if architecture in FIXED_FAMILIES:  # no LLM: llm_family means nothing there
         return _FAMILIES[FIXED_FAMILIES[architecture]]
     try:
@@ -50,8 +56,6 @@ def get_family(llm_family: str, architecture: str = "blip-2") -> Family:
     if architecture == "instructblip":
         key = (architecture, llm_family)
         if key not in _BY_ARCHITECTURE:
-            from runtime.families.instructblip import instructblip_family
-
             _BY_ARCHITECTURE[key] = instructblip_family(base)
         return _BY_ARCHITECTURE[key]
     raise ArtifactError(f"unknown architecture '{architecture}' (known: {', '.join(ARCHITECTURES)})")
@@ -63,11 +67,6 @@ def family_for(manifest: dict) -> Family:
     if arch not in ARCHITECTURES:
         raise ArtifactError(f"manifest: unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
     return get_family(FIXED_FAMILIES.get(arch) or manifest.get("llm_family"), arch)
-
-
-def _load_builtin() -> None:
-    # Always all (imports are cached): one family module imported directly must not hide the others.
-    from runtime.families import llama, opt, retrieval, t5  # noqa: F401  (each registers itself)
 
 
 __all__ = ["Family", "LLMInputs", "family_for", "get_family", "known_families", "register"]

@@ -15,7 +15,6 @@ Nothing here depends on the architecture around the LLM: BLIP-2 and InstructBLIP
 
 from __future__ import annotations
 
-from runtime.families import register
 from runtime.families.decoder_only import DecoderOnlyFamily
 from runtime.stages import PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE
 
@@ -42,4 +41,4 @@ class LlamaFamily(DecoderOnlyFamily):
         return not gqa_rotary(model)
 
 
-LLAMA = register(LlamaFamily())
+LLAMA = LlamaFamily()

@@ -7,7 +7,6 @@ new tokens must fit in max_position_embeddings.
 
 from __future__ import annotations
 
-from runtime.families import register
 from runtime.families.decoder_only import DecoderOnlyFamily
 
 
@@ -17,4 +16,4 @@ class OPTFamily(DecoderOnlyFamily):
     stop_strings = ("\n",)
 
 
-OPT = register(OPTFamily())
+OPT = OPTFamily()

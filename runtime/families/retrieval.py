@@ -18,7 +18,6 @@ the ITM softmax) is numpy in runtime/retriever.py.
 
 from __future__ import annotations
 
-from runtime.families import register
 from runtime.families.base import Family
 from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
                             VISION, StageSpec, TensorSpec)
@@ -61,4 +60,4 @@ class RetrievalFamily(Family):
         return tuple(self.stage_specs(model))
 
 
-RETRIEVAL = register(RetrievalFamily())
+RETRIEVAL = RetrievalFamily()

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-from runtime.families import register
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.generation.kv_cache import CachedDecoder
 from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
@@ -146,4 +145,4 @@ class T5Family(Family):
         return None
 
 
-T5 = register(T5Family())
+T5 = T5Family()

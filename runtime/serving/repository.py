@@ -3,7 +3,7 @@
     OUT/
       blip2/                       one model per artifact directory
         config.pbtxt               Python backend, dynamic batching, instance group, parameters
-        1/model.py                 delegates to runtime.serving.triton_model
+        1/model.py                 delegates to runtime.serving.triton_model (runs inside Triton)
         artifacts/                 (triton-repo) the manifest and the files it lists, verified
 
 `serve` writes one into a private temporary directory with `artifacts` pointing at the given
@@ -23,7 +23,6 @@ from typing import Sequence
 from runtime.errors import ArtifactError, OptionError
 from runtime.artifact.manifest import MANIFEST, Manifest, load_manifest
 from runtime.serving.model_config import BatchingSettings, python_model_config
-from runtime.serving.triton_model import code_root, model_file_source
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a safe directory name and URL path segment
 ARTIFACTS = "artifacts"
@@ -63,6 +62,37 @@ def load_checked(dirs: Sequence[os.PathLike]) -> list[Manifest]:
     return manifests
 
 
+def model_file_source() -> str:
+    """The model.py written into each model's version directory: it only finds the runtime
+    (the `code_root` parameter, set by `serve`, puts the serving process's copy first on the
+    path; a fleet repository uses the blip2-edge installed in Triton's Python) and delegates."""
+    return '''"""blip2-edge on Triton's Python backend; the work is in runtime.serving.triton_model."""
+import json
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters") or {}
+        root = (params.get("code_root") or {}).get("string_value")
+        if root and root not in sys.path:
+            sys.path.insert(0, root)
+        from runtime.serving.triton_model import model_for
+
+        self.model = model_for(args, pb_utils)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
+'''
+
+
+def code_root() -> str:
+    """The directory holding this `runtime` package (for `serve`'s code_root parameter)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link where the filesystem allows it (artifacts are large), else a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +126,7 @@ def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[s
 
 def serving_params(artifacts: str, device: str, max_image_pixels: int | None, intra_op_threads: int,
                    root: str | None) -> dict[str, str]:
-    """The config's parameters that triton_model.load_pipeline reads; `root`: a directory put
+    """The config's parameters that pipeline_model.load_pipeline reads; `root`: a directory put
     first on the model's Python path (a blip2-edge checkout), None for the installed package."""
     params = {"artifacts": artifacts, "device": device, "intra_op_threads": str(intra_op_threads)}
     if max_image_pixels:

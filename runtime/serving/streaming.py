@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from runtime.serving.jobs import parse
-from runtime.serving.triton_model import Blip2Model, Cancelled, load_pipeline, parameters
+from runtime.serving.pipeline_model import Blip2Model, Cancelled, load_pipeline, parameters
 
 
 class StreamModel(Blip2Model):

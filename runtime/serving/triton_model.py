@@ -1,133 +1,15 @@
-"""What Triton's Python backend runs for a blip2-edge model (the repository's model.py delegates
-here): loads the artifact directory once per model instance, and answers each dynamic batch
-with one response per request.
-
-A bad request gets its own INVALID_ARG error (HTTP 400, gRPC INVALID_ARGUMENT) with the
-runtime's one-line message; the other requests of its batch are answered as usual; a bug in
-one group of a batch is that group's INTERNAL error. Nothing a request sends ends the stub.
+"""What Triton's Python backend runs: the repository's model.py calls `model_for`, which picks
+the model a config's `role` parameter names. Everything imported here runs inside Triton's stub;
+nothing here writes repositories (that is runtime.serving.repository and .ensemble).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-from pathlib import Path
 
-import numpy as np
-
-from runtime.errors import Blip2EdgeError
-from runtime.serving.jobs import RequestError, parse, run_batch
-
-log = logging.getLogger(__name__)
-INPUTS = ("image", "prompt")
-
-
-class Cancelled(Exception):
-    """A request its client cancelled before it ran."""
-
-
-def parameters(model_config: dict) -> dict:
-    """The model's config.pbtxt parameters as {key: string}."""
-    return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
-
-
-def load_pipeline(params: dict, model_dir: str):
-    """The pipeline named by the config's parameters: `artifacts` is absolute, or relative to
-    the model's directory in the repository (where `triton-repo` puts them)."""
-    from runtime.backends.onnxrt import ThreadSettings
-    from runtime.pipeline import Blip2Pipeline
-
-    artifacts = Path(model_dir) / params["artifacts"]
-    threads = ThreadSettings(intra_op_threads=int(params.get("intra_op_threads") or 0))
-    pipe = Blip2Pipeline.from_artifacts(artifacts, device=params.get("device") or "cpu",
-                                        backend=params.get("backend") or "onnxruntime", threads=threads)
-    if params.get("max_image_pixels"):
-        pipe.max_image_pixels = int(params["max_image_pixels"])
-    return pipe
-
-
-class Blip2Model:
-    """The TritonPythonModel's work; `pb_utils` is the backend's triton_python_backend_utils."""
-
-    def __init__(self, args: dict, pb_utils):
-        self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        self.name = config.get("name", "blip2")
-        self.pipe = load_pipeline(parameters(config), args["model_repository"])
-        self.pipe.options()  # the manifest's defaults are valid before the first request
-
-    def _inputs(self, request) -> dict:
-        out = {}
-        for name in INPUTS:
-            tensor = self.pb.get_input_tensor_by_name(request, name)
-            out[name] = None if tensor is None else tensor.as_numpy()
-        return out
-
-    @staticmethod
-    def _parameters(request) -> dict:
-        try:
-            params = json.loads(request.parameters() or "{}")
-        except ValueError:
-            raise RequestError("request parameters are not valid JSON") from None
-        if not isinstance(params, dict):
-            raise RequestError("request parameters must be a JSON object")
-        return params
-
-    def _response(self, result):
-        pb = self.pb
-        if isinstance(result, Cancelled):
-            return pb.InferenceResponse(error=pb.TritonError(str(result), pb.TritonError.CANCELLED))
-        if isinstance(result, Blip2EdgeError):
-            return pb.InferenceResponse(error=pb.TritonError(" ".join(str(result).split()), pb.TritonError.INVALID_ARG))
-        if isinstance(result, BaseException):
-            return pb.InferenceResponse(error=pb.TritonError(
-                f"internal error: {type(result).__name__}: {' '.join(str(result).split())[:300]}",
-                pb.TritonError.INTERNAL))
-        text = np.array([[result.text.encode("utf-8")]], dtype=np.object_)  # (1, 1)
-        tokens = np.asarray(result.tokens, dtype=np.int64).reshape(1, -1)  # (1, n)
-        return pb.InferenceResponse(output_tensors=[pb.Tensor("text", text), pb.Tensor("tokens", tokens)])
-
-    def execute(self, requests) -> list:
-        jobs = []
-        for request in requests:
-            if getattr(request, "is_cancelled", None) and request.is_cancelled():
-                # The client went away (gRPC cancels on disconnect) while it queued: no work for it.
-                jobs.append(Cancelled("request cancelled by the client"))
-                continue
-            try:
-                jobs.append(parse(self.pipe, self._inputs(request), self._parameters(request)))
-            except Exception as exc:  # noqa: BLE001 - a bad request is answered, never raised
-                if not isinstance(exc, Blip2EdgeError):
-                    log.exception("%s: request could not be read", self.name)
-                jobs.append(exc)
-        return [self._response(r) for r in run_batch(self.pipe, jobs)]
-
-
-def model_file_source() -> str:
-    """The model.py written into each model's version directory: it only finds the runtime
-    (the `code_root` parameter, set by `serve`, puts the serving process's copy first on the
-    path; a fleet repository uses the blip2-edge installed in Triton's Python) and delegates."""
-    return '''"""blip2-edge on Triton's Python backend; the work is in runtime.serving.triton_model."""
-import json
-import sys
-
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters") or {}
-        root = (params.get("code_root") or {}).get("string_value")
-        if root and root not in sys.path:
-            sys.path.insert(0, root)
-        from runtime.serving.triton_model import model_for
-
-        self.model = model_for(args, pb_utils)
-
-    def execute(self, requests):
-        return self.model.execute(requests)
-'''
+from runtime.serving.ensemble_steps import ROLES
+from runtime.serving.pipeline_model import Blip2Model, parameters
+from runtime.serving.streaming import StreamModel
 
 
 def model_for(args: dict, pb_utils):
@@ -137,14 +19,5 @@ def model_for(args: dict, pb_utils):
     if role == "pipeline":
         return Blip2Model(args, pb_utils)
     if role == "stream":
-        from runtime.serving.streaming import StreamModel
-
         return StreamModel(args, pb_utils)
-    from runtime.serving import ensemble
-
-    return ensemble.ROLES[role](args, pb_utils)
-
-
-def code_root() -> str:
-    """The directory holding this `runtime` package (for `serve`'s code_root parameter)."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return ROLES[role](args, pb_utils)

@@ -1,0 +1,65 @@
+"""The comparison primitives of export validation, below both the validator and the families'
+per-stage checks: one output dict against another (optimum's order: names, then shapes, then
+values within atol scaled by the output's magnitude), the merged report of two runs, and the
+inputs every validation feeds (synthetic images, two prompts of different lengths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import synthetic
+from runtime.errors import Blip2EdgeError
+
+VALIDATION_PROMPTS = ("", "Question: what colour is it? Answer:")
+
+
+class ValidationError(Blip2EdgeError):
+    """An exported graph disagrees with PyTorch."""
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: list
+    max_abs_diff: float
+    tolerance: float  # atol * max(1, max |expected|)
+    ok: bool
+
+
+def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        raise ValidationError(f"validation: stage {stage} lacks outputs {', '.join(missing)}")
+    checks = []
+    for name, ref in expected.items():
+        got = actual[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            checks.append(OutputCheck(name, list(got.shape), float("inf"), atol, False))
+            continue
+        ref64 = ref.astype(np.float64)
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref64))) if ref.size else 0.0
+        tolerance = atol * max(1.0, float(np.max(np.abs(ref64))) if ref.size else 1.0)
+        checks.append(OutputCheck(name, list(got.shape), diff, tolerance, bool(diff <= tolerance)))
+    worst = max(checks, key=lambda c: c.max_abs_diff)
+    return {"stage": stage, "ok": all(c.ok for c in checks), "atol": atol, "max_abs_diff": worst.max_abs_diff,
+            "worst_output": worst.name, "outputs": [c.__dict__ for c in checks]}
+
+
+def to_numpy(t):
+    return t.detach().float().numpy() if t.dtype.is_floating_point else t.detach().numpy()
+
+
+def merge_reports(report: dict, other: dict, prefix: str) -> dict:
+    """One stage's report over two runs (e.g. prefill and a cached step): `other`'s outputs are
+    listed with `prefix`, the verdict and the worst output cover both."""
+    report["outputs"] += [dict(o, name=f"{prefix}{o['name']}") for o in other["outputs"]]
+    report["ok"] = report["ok"] and other["ok"]
+    if other["max_abs_diff"] > report["max_abs_diff"]:
+        report["max_abs_diff"], report["worst_output"] = other["max_abs_diff"], prefix + other["worst_output"]
+    return report
+
+
+def validation_images(n: int = 2):
+    return [im for _, im in synthetic.make_scenes(n, seed=1234)]
