@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 cat "$OUT/nvidia-smi.csv"
 step environment 30 "$PY" -m runtime.cli doctor --json "$OUT/environment.json"
 rm -rf "$OUT/toy"
-# the concat KV cache: fp32 on CUDA and the TensorRT provider run that form (README, Export)
+# the concat KV cache: fp32 on CUDA and the TensorRT provider run that form (docs/export.md)
 step export 90 "$PY" -m runtime.cli export toy "$OUT/toy" --kv-cache concat
 step doctor 200 "$PY" -m runtime.cli doctor "$OUT/toy" --build-engines --json "$OUT/doctor.json"
 step gpu-tests 270 "$PY" -m pytest -q -rs -m gpu --junitxml "$OUT/gpu-tests.xml" \

@@ -7,7 +7,7 @@ and run once on meta example inputs, so only parameters the graphs really read c
 Q-Former has a text feed-forward path that the query-only graph never uses). tests/exporter/
 test_memory_estimate.py checks the estimate against real artifacts' files (runtime.artifact.memory).
 
-    python -m exporter.memory_estimate full --llm llama      # the README's table
+    python -m exporter.memory_estimate full --llm llama      # the table in docs/families.md
 
 Bytes per parameter:
   fp32   4

@@ -166,7 +166,7 @@ class ArtifactRun:
             missing = [n for n, v in (("an NVIDIA GPU", self.env.gpu or self.env.jetson),
                                       ("TensorRT", self.env.tensorrt), ("cuda-python", self.env.cuda_python)) if not v]
             return self.unavailable("tensorrt", f"needs {', '.join(missing)}: pip install 'blip2-edge[tensorrt]' "
-                                                "(on a Jetson: JetPack's TensorRT, see the README)")
+                                                "(on a Jetson: JetPack's TensorRT, see docs/tensorrt-jetson.md)")
         if "CUDAExecutionProvider" not in self.env.providers:
             return self.unavailable("tensorrt", "its LLM stages run on ONNX Runtime CUDA: pip install 'blip2-edge[gpu]'")
         try:

@@ -1,6 +1,6 @@
 """The photo index's SQLite file: schema, opening (and refusing what is not ours), the model record.
 
-Decisions (README "Photo search" repeats them for users):
+Decisions (docs/retrieval.md, "Photo search", repeats them for users):
 - Embeddings are stored as float16: 32 x 256 x 2 = 16 KiB per image for blip2-itm-vit-g instead of
   32 KiB. They are L2-normalised (every component in [-1, 1]), where float16's relative error of
   2^-11 moves a similarity by at most ~1e-3, far below the gaps that order a photo library; the
