@@ -40,3 +40,12 @@ def require(module: str, extra: str, what: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtraError(module.split(".")[0], extra, what) from exc
+
+
+def require_installed(module: str, extra: str, what: str) -> None:
+    """A MissingExtraError naming the extra unless `module` is installed; imports nothing (for a
+    package another process will use, as `profile --reference` runs torch in a child)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(module, extra, what)

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.cli.generate import add_thread_options, thread_settings
-from runtime.errors import Blip2EdgeError, ImageError, require
+from runtime import synthetic
+from runtime.artifact.memory import weights_line
+from runtime.backends.onnxrt import providers_for
+from runtime.cli.generate import add_thread_options, expand_images, text_argument, thread_settings
+from runtime.errors import Blip2EdgeError, ImageError, require, require_installed
+from runtime.preprocess import load_image
+from runtime.profiling import environment, report
+from runtime.profiling.plot import plot
+from runtime.profiling.profiler import ProfileOptions, profile_artifacts
+from runtime.profiling.reference import time_reference
+from runtime.profiling.stats import duration_stats
+from runtime.profiling.tegrastats import Sampler
 
 
 def register(sub) -> None:
@@ -33,10 +43,6 @@ def register(sub) -> None:
 
 
 def load_images(args) -> list:
-    from runtime import synthetic
-    from runtime.cli.generate import expand_images
-    from runtime.preprocess import load_image
-
     if args.images is None:
         n = 8 if args.synthetic is None else args.synthetic
         if n < 1:
@@ -56,12 +62,6 @@ def load_images(args) -> list:
 
 
 def run(args) -> int:
-    from runtime.backends.onnxrt import providers_for
-    from runtime.cli.generate import text_argument
-    from runtime.profiling import environment, report
-    from runtime.profiling.profiler import ProfileOptions, profile_artifacts
-    from runtime.profiling.tegrastats import Sampler
-
     opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
                           prompt=args.prompt, device=args.device, backend=args.backend, threads=thread_settings(args))
     for flag in ("json", "csv", "trace", "plot"):  # checked before the runs, which they would lose
@@ -70,7 +70,8 @@ def run(args) -> int:
     if args.plot:
         require("matplotlib", "plot", "--plot")
     if args.reference:
-        require("torch", "export", "--reference")
+        for module in ("torch", "transformers"):  # run by a child process: checked, not imported
+            require_installed(module, "export", "--reference")
     text_argument(args.prompt, "--prompt")
     providers_for(args.device)  # an unknown or unavailable device fails before any work
     images = load_images(args)
@@ -78,17 +79,11 @@ def run(args) -> int:
         profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
     reference = None
     if args.reference:
-        from exporter.reference import time_reference
-        from runtime.profiling.profiler import batches
-        from runtime.profiling.stats import duration_stats
-
-        reference = time_reference(args.reference, batches(images, opts.batch_size, opts.warmup + opts.runs),
+        reference = time_reference(args.reference, images, opts.batch_size, opts.warmup + opts.runs,
                                    prompt=opts.prompt or "", new_tokens=opts.new_tokens, warmup=opts.warmup,
                                    compile=args.reference_compile)
         reference["end_to_end"] = duration_stats(reference.pop("times"))
     print(report.table(profiles, reference))
-    from runtime.artifact.memory import weights_line
-
     for p in profiles:  # what each directory's weights take, stage by stage (runtime.artifact.memory)
         print(f"{Path(p['artifacts']).name}: {weights_line(p['weights'])}")
     env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
@@ -103,7 +98,5 @@ def run(args) -> int:
     if args.trace:
         report.chrome_trace(args.trace, profiles[0])
     if args.plot:
-        from runtime.profiling.plot import plot
-
         plot(args.plot, profiles)
     return 0

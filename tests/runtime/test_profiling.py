@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from runtime.profiling.report import check_output_path
 from runtime.profiling.stats import duration_stats
 from runtime.profiling.tegrastats import parse_line, tegrastats_summary
 from runtime import synthetic
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
 
@@ -182,3 +184,25 @@ def test_t5_encoder_is_its_own_stage_everywhere(t5_tiny_artifacts, toy_artifacts
     assert {r["stage"] for r in csv.DictReader(files["csv"].open()) if "t5" in r["artifacts"]} >= {"encoder"}
     names = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "stage"]
     assert names == t5["stage_order"]
+
+
+def test_reference_runs_transformers_in_a_process_of_its_own(tiny_artifacts, tiny_checkpoint, tmp_path):
+    """`--reference` times transformers' generate on the same batches; the profiling process
+    itself never imports torch or the exporter (the reference runs in a child process)."""
+    out = tmp_path / "p.json"
+    code = ("import sys; from runtime.cli.main import main; rc = main(sys.argv[1:]); "
+            "assert not {'torch', 'transformers', 'exporter'} & set(sys.modules), sorted(sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "profile", str(tiny_artifacts), "--synthetic", "2", "--runs",
+                           "2", "--warmup", "1", "--new-tokens", "3", "--reference", str(tiny_checkpoint),
+                           "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    reference = json.loads(out.read_text())["reference"]
+    assert reference["mode"] == "eager" and reference["model"] == str(tiny_checkpoint)
+    assert reference["end_to_end"]["n"] == 2  # the runs after warm-up, as for the artifacts
+    assert "reference: transformers eager generate" in proc.stdout
+
+
+def test_reference_failure_is_one_line(tiny_artifacts, tmp_path):
+    proc = run_cli("profile", tiny_artifacts, "--synthetic", "1", "--runs", "1", "--warmup", "0",
+                   "--new-tokens", "2", "--reference", tmp_path / "missing")
+    assert_one_line_error(proc, "--reference")
