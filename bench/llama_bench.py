@@ -93,7 +93,7 @@ def main() -> int:
 
     bw = read_bandwidth()
     m = pipes["fp32"].model
-    prompt_len = pipes["fp32"].layout(pipes["fp32"].encode_images([image], {}), [""]).embeds.shape[1]
+    prompt_len = pipes["fp32"].layout(pipes["fp32"].encode([image], {}), [""]).embeds.shape[1]
     kv = kv_cache_bytes(m, positions=prompt_len + n // 2)  # the mean decode step's cache, fp32
     med_hf = statistics.median(t_hf)
     print(f"\nmachine: {machine()}; torch threads {torch.get_num_threads()}")

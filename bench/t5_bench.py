@@ -43,7 +43,7 @@ def quantize(fp32: Path, llm: str, num_calib: int) -> dict:
 def cross_kv_bytes(pipe, image) -> int:
     """Bytes of the cross K/V one decode step reads at batch 1 for this image's prompt."""
     m = pipe.model
-    inputs = pipe.layout(pipe.encode_images([image], {}), [pipe.caption_prompt(None)])
+    inputs = pipe.layout(pipe.encode([image], {}), [pipe.caption_prompt(None)])
     return 2 * m["num_layers"] * m["num_heads"] * inputs.embeds.shape[1] * m["head_dim"] * 4
 
 

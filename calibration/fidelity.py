@@ -66,7 +66,7 @@ def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions
     kls = []
     for image, tokens in zip(images, captions):
         timings: dict = {}
-        query = fp32.encode_images([image], timings)
+        query = fp32.encode([image], timings)
         inputs = fp32.layout(query, [fp32.caption_prompt(None)])
         decoders = [p.new_decoder(io_binding=False) for p in (fp32, quant)]
         logits = [d.prefill(inputs.embeds, inputs.mask) for d in decoders]

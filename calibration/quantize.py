@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -24,15 +25,16 @@ from calibration.llm import LLMOptions, quantize_decoder
 from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage
-from runtime.artifact.writer import atomic_directory
-from runtime.backends.onnxrt import OrtRunner
+from runtime import synthetic
 from runtime.artifact.confinement import confined_path
+from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
+from runtime.artifact.writer import atomic_directory
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
-from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
-from runtime.pipeline import Blip2Pipeline
-from runtime.preprocess import Preprocessing
 from runtime.generation.shared_kv_cache import check_artifact_placement
+from runtime.loaded_artifact import LoadedArtifact
+from runtime.pipeline import Blip2Pipeline
+from runtime.retriever import Blip2Retriever
 
 
 @dataclass
@@ -74,72 +76,74 @@ def _stage_files(root: Path, name: str) -> list[str]:
     return [f for f in (name, name + ".data") if (root / f).exists()]
 
 
-def instruction_feeds(src: Manifest):
+def instruction_feeds(source: LoadedArtifact):
     """For an instruction-aware Q-Former (InstructBLIP), image embeddings -> its feeds with the
     instructions it will read, in turn: the caption prompt and the synthetic scenes' questions
     in the VQA template. None for BLIP-2's, which reads the image alone."""
-    spec = src.data.get("qformer_tokenizer")
-    if not spec:
+    if source.qformer_tokenizer is None:
         return None
-    from runtime import synthetic
-    from runtime.tokenizer import TextTokenizer
-
-    family = family_for(src.data)
-    tokenizer = TextTokenizer(src.path(spec["file"], "qformer_tokenizer.file"), spec)
-    prompts = src.data["prompts"]
+    prompts = source.manifest.data["prompts"]
     instructions = [prompts["caption"], *(prompts["vqa"].format(q) for q in synthetic.QUESTIONS.values())]
 
     def feeds(image_embeds):
         batch = [instructions[i % len(instructions)] for i in range(len(image_embeds))]
-        return family.qformer_feeds(image_embeds, batch, tokenizer, src.model)
+        return source.family.qformer_feeds(image_embeds, batch, source.qformer_tokenizer, source.model)
 
     return feeds
 
 
-def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: QuantizeOptions, log: Callable) -> dict:
-    """Writes the quantized graphs and the other files into `tmp`; returns the manifest (with its
-    `files` list), which the caller writes last, once the directory has passed its gates."""
-    data = copy.deepcopy(src.data)
-    stages = data["stages"]
+def _quantize_visual(source: LoadedArtifact, stages: dict, tmp: Path, images: ImageSource, opts: QuantizeOptions,
+                     log: Callable) -> set[str]:
+    """INT8 QDQ graphs of the visual stages, calibrated on `images`; the source's own vision
+    stage (FP32/FP16, or quantized already with --allow-requantize) feeds the Q-Former's
+    calibration. Updates `stages` (the new manifest's); returns the files written."""
     produced: set[str] = set()
-    preprocessing = Preprocessing.from_manifest(data["preprocessing"])
-    float_dtype = np.dtype(stages["vision"]["inputs"][0]["dtype"])
-    # The source's vision stage (FP32/FP16, or quantized already with --allow-requantize) feeds
-    # the Q-Former's calibration.
-    source_vision = OrtRunner(src.stage_file("vision"), ["CPUExecutionProvider"])
-    cache = RangeCache(opts.calibration_cache, source.calibration_identity())
-    qformer_feeds = instruction_feeds(src)
-
-    family = family_for(data)
-    for stage in family.visual_stages:
+    src = source.manifest
+    cache = RangeCache(opts.calibration_cache, images.calibration_identity())
+    qformer_feeds = instruction_feeds(source)
+    for stage in source.family.visual_stages:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
-        settings = quantize_stage(stage, src.stage_file(stage), tmp / name, source, preprocessing, source_vision,
-                                  float_dtype, opts.visual, cache, qformer_feeds)
+        settings = quantize_stage(stage, src.stage_file(stage), tmp / name, images, source.preprocessing,
+                                  source.runners["vision"], src.input_dtype("vision"), opts.visual, cache,
+                                  qformer_feeds)
         files = _stage_files(tmp, name)
         stages[stage].update(precision="int8", external_data=files[1:],
                              quantization={"format": "QDQ", **opts.visual.describe(), **settings})
         produced.update(files)
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s"
             f"{', ranges from cache' if stage in cache.reused else ''})")
+    return produced
 
+
+def _quantize_llm(source: LoadedArtifact, stages: dict, tmp: Path, opts: QuantizeOptions, log: Callable) -> set[str]:
+    """Weight-only INT8/INT4 (MatMulNBits) graphs of the family's LLM stages; returns the files."""
+    produced: set[str] = set()
+    family = source.family
     for stage in family.weight_only_stages if opts.llm.precision != "none" else ():
         t0 = time.perf_counter()
         name = stages[stage]["file"]
-        settings = quantize_decoder(src.stage_file(stage), tmp / name, opts.llm,
+        settings = quantize_decoder(source.manifest.stage_file(stage), tmp / name, opts.llm,
                                     has_lm_head=stage == family.logits_stage)
         files = _stage_files(tmp, name)
         stages[stage].update(precision=f"{opts.llm.precision}-weight-only", external_data=files[1:],
                              quantization=settings)
         produced.update(files)
         log(f"  quantized {stage:<8} -> {', '.join(files)}  ({time.perf_counter() - t0:.1f}s)")
+    return produced
 
-    emb = data.get("embeddings")  # retrieval artifacts have no LLM embedding table
-    if emb is not None and opts.llm.embed_fp16 and emb["dtype"] != "float16":
-        np.save(tmp / emb["file"], np.load(src.path(emb["file"]), mmap_mode="r").astype(np.float16))
-        emb["dtype"] = "float16"
-        produced.add(emb["file"])
 
+def _embeddings_fp16(src: Manifest, data: dict, tmp: Path, opts: QuantizeOptions) -> set[str]:
+    """The LLM's embedding table in float16 (--embed-fp16); retrieval artifacts have none."""
+    emb = data.get("embeddings")
+    if emb is None or not opts.llm.embed_fp16 or emb["dtype"] == "float16":
+        return set()
+    np.save(tmp / emb["file"], np.load(src.path(emb["file"]), mmap_mode="r").astype(np.float16))
+    emb["dtype"] = "float16"
+    return {emb["file"]}
+
+
+def _link_unchanged(src: Manifest, tmp: Path, produced: set[str]) -> None:
     for rel in src.data["files"]:
         # Both ends confined: only a listed file inside the source is read, and it is written
         # only inside the temporary output (load_manifest has refused anything else already).
@@ -148,13 +152,22 @@ def write_quantized(src: Manifest, tmp: Path, source: ImageSource, opts: Quantiz
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(src.path(rel, f"files[{rel!r}]"), dst)
 
-    from importlib.metadata import version
 
+def write_quantized(source: LoadedArtifact, tmp: Path, images: ImageSource, opts: QuantizeOptions,
+                    log: Callable) -> dict:
+    """Writes the quantized graphs and the other files into `tmp`; returns the manifest (with its
+    `files` list), which the caller writes last, once the directory has passed its gates."""
+    src = source.manifest
+    data = copy.deepcopy(src.data)
+    produced = (_quantize_visual(source, data["stages"], tmp, images, opts, log)
+                | _quantize_llm(source, data["stages"], tmp, opts, log)
+                | _embeddings_fp16(src, data, tmp, opts))
+    _link_unchanged(src, tmp, produced)
     data["quantization"] = {
         "target": opts.visual.target,  # where these artifacts run fastest: cpu, gpu or portable
         "visual": asdict(opts.visual),
         "llm": asdict(opts.llm),
-        "calibration_images": source.describe(),
+        "calibration_images": images.describe(),
         "source_manifest_sha256": sha256_file(src.path(MANIFEST)),
         "source_artifacts": str(src.root.resolve()),
     }
@@ -186,19 +199,19 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         source = _source(opts)
         if source.skipped:
             log(f"skipped {source.skipped} unreadable images")
+        # The source on the CPU, loaded once: its vision stage feeds calibration, then it is the
+        # FP32 (or FP16) reference of the fidelity report.
+        reference = LoadedArtifact(src, family.task)
         # The fidelity report reads the new manifest from memory: on disk it is written last, so a
         # directory left by a killed run, or one below a gate, is never loadable.
-        staged = Manifest(tmp, checksummed(tmp, write_quantized(src, tmp, source, opts, log)))
+        staged = Manifest(tmp, checksummed(tmp, write_quantized(reference, tmp, source, opts, log)))
         if family.task == "retrieval":  # gated on retrieval itself: recall vs FP32, embedding cosine
-            from runtime.retriever import Blip2Retriever
-
-            report = retrieval_fidelity_report(Blip2Retriever(src), Blip2Retriever(staged), source)
+            report = retrieval_fidelity_report(Blip2Retriever(reference), Blip2Retriever(staged), source)
             report["gates"] = gates_mod.evaluate_retrieval(report, opts.gates)
             lines = retrieval_report_lines(report)
         else:
-            reference = Blip2Pipeline(src)  # verified by load_manifest above
             quant = Blip2Pipeline(staged)
-            report = fidelity_report(reference, quant, source, llm_quantized=opts.llm.precision != "none")
+            report = fidelity_report(Blip2Pipeline(reference), quant, source, llm_quantized=opts.llm.precision != "none")
             report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
             lines = report_lines(report)
         for line in lines:

@@ -12,30 +12,24 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generator, Iterator, Sequence, Union
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
-from runtime.artifact.checks import check_runner_io, load_embeddings
-from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
-from runtime.errors import ArtifactError, ImageError, OptionError
-from runtime.families import LLMInputs, family_for
-from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.stage_runners import BACKENDS, VISUAL_STAGES
+from runtime.errors import OptionError
+from runtime.families import LLMInputs
 from runtime.generation.options import GenerationOptionError, GenerationOptions, PromptTooLongError
-from runtime.preprocess import (DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_from_array, load_image,
-                                warn_if_wide)
 from runtime.generation.search import beam_search, greedy_or_sample, run
-from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 from runtime.generation.stopping import StopStrings, clip, stable_prefix
-from runtime.tokenizer import TextTokenizer
+from runtime.images import ImageInput, as_image, image_batch
+from runtime.loaded_artifact import FromArtifact, LoadedArtifact
+from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 3) or (H, W) uint8
-# onnxruntime: ORT on the CPU or CUDA (by `device`); onnxruntime-trt: ORT with its TensorRT
-# execution provider; tensorrt: native engines from `blip2-edge build-engines` for the visual
-# stages, the decoder on ORT CUDA.
-BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
-VISUAL_STAGES = ("vision", "qformer")
+__all__ = ["BACKENDS", "VISUAL_STAGES", "Blip2Pipeline", "ImageInput", "Result"]
 
 
 @dataclass
@@ -53,121 +47,50 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
-def _image_batch(images) -> Sequence[ImageInput]:
-    """The `images` argument of caption/ask/generate must be a sequence of images: a single
-    image (a path string, a PIL image, an array) is refused rather than iterated over."""
-    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
-        raise ImageError(f"images must be a list of images, got a single {type(images).__name__}; "
-                         "pass [image] for one image")
-    return images
-
-
-def _as_image(item: ImageInput, index: int, preprocessing: Preprocessing,
-              max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """One input -> a PIL image, or an ImageError naming it. A file is resized to the model's
-    input size as soon as it is decoded, so a batch holds small images, never full-size ones
-    (preprocessing the small image gives the same pixel values)."""
-    name = f"image {index}"
-    if isinstance(item, Image.Image):
-        if item.width == 0 or item.height == 0:
-            raise ImageError(f"{name}: empty {item.width}x{item.height} image")
-        warn_if_wide(item, name)
-        return item
-    if isinstance(item, np.ndarray):
-        image = image_from_array(item, name)
-        warn_if_wide(image, name)
-        return image
-    if isinstance(item, (str, os.PathLike)):
-        return preprocessing.resize(load_image(item, max_pixels))
-    raise ImageError(f"{name}: a {type(item).__name__}; expected a file path, a PIL image or a uint8 numpy array")
-
-
 class Blip2Pipeline:
+    """Captions and answers from a generation artifact (BLIP-2 or InstructBLIP). Built on a
+    LoadedArtifact (`self.artifact`), whose parts it shows read-only under the same names."""
+
     # Image files over this many pixels are refused from their header, before decoding.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    manifest = FromArtifact()
+    model = FromArtifact()
+    family = FromArtifact()
+    stage_names = FromArtifact()
+    threads = FromArtifact()
+    float_dtype = FromArtifact()
+    runners = FromArtifact()
+    embed_table = FromArtifact()
+    preprocessing = FromArtifact()
+    tokenizer = FromArtifact()
+    qformer_tokenizer = FromArtifact()
 
-    def __init__(self, manifest: Manifest, device: str = "cpu", backend: str = "onnxruntime",
+    def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", backend: str = "onnxruntime",
                  defaults: GenerationOptions | None = None, io_binding: bool | None = None,
                  threads: ThreadSettings | None = None):
-        if backend not in BACKENDS:
-            raise OptionError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
-        self.manifest = manifest
-        manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
-        m = manifest.data
-        self.model = m["model"]
-        self.family = family_for(m)
-        if self.family.task != "generation":
-            raise ArtifactError(f"{manifest.where}: a {m['architecture']} artifact has no language model to caption "
-                                "or answer with; use Blip2Retriever or `blip2-edge match`")
-        self.stage_names = self.family.stage_names(self.model)
+        """`manifest`: a Manifest (loaded here with device, backend and threads) or a
+        LoadedArtifact of a generation artifact, used as it is."""
+        if isinstance(manifest, LoadedArtifact):
+            manifest.require("generation")
+            self.artifact = manifest
+        else:
+            self.artifact = LoadedArtifact(manifest, "generation", device, backend, threads)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
-        self.threads = threads or ThreadSettings()
-        unknown = sorted({stage for stage, _ in self.threads.stage_spin} - set(self.stage_names))
-        if unknown:  # a misspelt stage would otherwise be ignored silently
-            raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
-                              f"stages: {', '.join(self.stage_names)}")
-        self.float_dtype = np.dtype(m["stages"]["decoder"]["inputs"][0]["dtype"])
-        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
-        self.runners = self._runners(manifest, device, backend, self.stage_names, self.threads)
-        for stage, runner in self.runners.items():
-            check_runner_io(manifest, stage, runner)
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
-        self.embed_table = load_embeddings(manifest)  # dtype and shape checked against the manifest
-        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
-        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
-        # InstructBLIP's Q-Former reads the prompt too, in its own (BERT) vocabulary.
-        q = m.get("qformer_tokenizer")
-        self.qformer_tokenizer = TextTokenizer(manifest.path(q["file"], "qformer_tokenizer.file"), q) if q else None
-        manifest.recheck()  # files loaded by path (graphs, tokenizer) are still the ones hashed
+        m = self.manifest.data
         self.prompts = m["prompts"]
         gen = self.generation = m["generation"]
         base = defaults or GenerationOptions(max_new_tokens=gen.get("max_new_tokens", 30))
         self.defaults = base.updated(
             stop_strings=base.stop_strings if base.stop_strings is not None else tuple(gen["stop_strings"]),
             eos_token_ids=base.eos_token_ids if base.eos_token_ids is not None else tuple(gen["eos_token_ids"]),
-        )
+        ).as_defaults()
         self.pad_id = int(gen["pad_token_id"])
-
-    @staticmethod
-    def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[str, ...],
-                 threads: ThreadSettings) -> dict:
-        if backend == "onnxruntime":
-            providers = providers_for(device)
-            # --device cuda must really run on CUDA (a missing cuDNN makes ONNX Runtime fall back).
-            return {s: stage_runner(manifest.stage_file(s), providers, s, threads, required_provider(device))
-                    for s in stage_names}
-        from runtime.backends.tensorrt.engines import require_tensorrt_readable
-
-        require_tensorrt_readable(manifest, VISUAL_STAGES)
-        if backend == "onnxruntime-trt":
-            int8 = any((manifest.stages[s].get("quantization") or {}).get("format") == "QDQ" for s in stage_names)
-            fp16 = manifest.stages["decoder"]["precision"] == "fp16"
-            from runtime.backends.tensorrt.profiles import pipeline_ranges
-
-            # One provider list per stage: each has its own explicit TensorRT profile shapes.
-            model = manifest.data["model"]
-            ranges = pipeline_ranges(model, family_for(manifest.data).position_limit(model))
-            return {s: stage_runner(manifest.stage_file(s),
-                                    gpu_providers(manifest.root, manifest.stages[s], fp16, int8, ranges),
-                                    s, threads, required_provider(device, backend)) for s in stage_names}
-        from runtime.backends.tensorrt.engines import find_engine
-        from runtime.backends.tensorrt.runner import TrtRunner, device_info
-
-        gpu = device_info()  # names the 'tensorrt' extra when it is missing
-        runners = {s: TrtRunner(find_engine(manifest, s, gpu), manifest.stages[s]) for s in VISUAL_STAGES}
-        # The LLM stages run on ONNX Runtime CUDA (KV cache on the device with I/O binding).
-        runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda"), s, threads,
-                                        required_provider("cuda", backend))
-                        for s in stage_names if s not in VISUAL_STAGES})
-        return runners
 
     def close(self) -> None:
         """Frees what the runners hold on the device (TensorRT contexts, streams, buffers)."""
-        for runner in self.runners.values():
-            close = getattr(runner, "close", None)
-            if close is not None:
-                close()
+        self.artifact.close()
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
@@ -248,13 +171,13 @@ class Blip2Pipeline:
     def options(self, **generation) -> GenerationOptions:
         return self.defaults.updated(**generation)
 
-    def encode_images(self, images: Sequence[ImageInput], timings: dict,
-                      prompts: Sequence[str] | None = None) -> np.ndarray:
+    def encode(self, images: Sequence[ImageInput], timings: dict,
+               prompts: Sequence[str] | None = None) -> np.ndarray:
         """Images -> query embeddings (B, Q, D), recording image decode (for paths) /
         preprocess / vision / qformer times. `prompts` (one per image; default: the caption
         prompt) condition the queries of an instruction-aware Q-Former (InstructBLIP)."""
         t_decode = time.perf_counter()
-        decoded = [_as_image(im, i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(images)]
+        decoded = [as_image(im, i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(images)]
         t0 = time.perf_counter()
         pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
         t1 = time.perf_counter()
@@ -284,11 +207,11 @@ class Blip2Pipeline:
         return self.family.new_decoder(self.runners, self.embed_table, self.model, self.generation, self.float_dtype,
                                        io_binding=self.io_binding if io_binding is None else io_binding)
 
-    def fit_to_positions(self, opts: GenerationOptions, prompt_length: int, explicit: bool) -> GenerationOptions:
+    def fit_to_positions(self, opts: GenerationOptions, prompt_length: int) -> GenerationOptions:
         """Families with learned positions (OPT) have a fixed number for queries + prompt + the
         new tokens it reads back; the last new token is never read, so max_new_tokens may reach
         limit - prompt_length + 1 (transformers' OPT raises an IndexError one further). A default
-        max_new_tokens shrinks to fit; an explicit one that does not fit is an error."""
+        max_new_tokens shrinks to fit; one the caller set (opts.set_fields) that does not fit is an error."""
         limit = self.family.position_limit(self.model)
         if limit is None:
             return opts
@@ -300,20 +223,41 @@ class Blip2Pipeline:
                 f"exceed the model's {limit} positions")
         if opts.max_new_tokens <= room:
             return opts
-        if explicit:
+        if "max_new_tokens" in opts.set_fields:
             raise GenerationOptionError(
                 "max_new_tokens", f"must be at most {room} here, got {opts.max_new_tokens}: the model has {limit} "
                 f"positions and {queries} query tokens + {prompt_length - queries} prompt tokens use "
                 f"{prompt_length} of them (the last new token takes none)")
         return opts.updated(max_new_tokens=room, min_new_tokens=min(opts.min_new_tokens, room))
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """A PromptTooLongError for a prompt the architecture's own text encoder cannot take
+        (InstructBLIP's Q-Former), before any stage runs."""
+        self.family.check_instructions(prompts, self.qformer_tokenizer, self.model)
+
+    def fit_prompt(self, opts: GenerationOptions, prompt: str) -> GenerationOptions:
+        """The options `prompt` gets when it runs alone (fit_to_positions for its own length):
+        a server fits each request so that a long prompt in a batch never shortens the others."""
+        query = np.zeros((1, self.model["num_query_tokens"], self.embed_table.shape[1]), self.float_dtype)
+        return self.fit_to_positions(opts, self.layout(query, [prompt]).embeds.shape[1])
+
     def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation) -> list[Result]:
         """Runs a batch: one prompt per image. `images` is a list even for one image."""
-        return run(self._generate_steps(_image_batch(images), prompts, settle=False, **generation))
+        return run(self._generate_steps(image_batch(images), prompts, settle=False, **generation))
+
+    def generate_from_queries(self, query: np.ndarray, prompts: Sequence[str], **generation) -> list[Result]:
+        """The LLM half alone: query embeddings (B, Q, D) from `encode` (or another process's
+        visual stages, as in the Triton ensemble) and one prompt per row -> Results."""
+        if len(query) != len(prompts):
+            raise OptionError(f"{len(query)} query rows but {len(prompts)} prompts")
+        if not len(prompts):
+            return []
+        opts = self.options(**generation)
+        return run(self._decode_steps(query, prompts, opts, {}, time.perf_counter(), settle=False))
 
     def _generate_each(self, images: Sequence[ImageInput], prompt: str, **generation) -> list[Result]:
         """generate() with the same prompt for every image (caption, ask)."""
-        images = _image_batch(images)  # before len(): a path string has one
+        images = image_batch(images)  # before len(): a path string has one
         return self.generate(images, [prompt] * len(images), **generation)
 
     def _generate_steps(self, images: Sequence[ImageInput], prompts: Sequence[str], *, settle: bool = True,
@@ -327,14 +271,19 @@ class Blip2Pipeline:
         if not images:
             return []
         opts = opts if opts is not None else self.options(**generation)
-        self.family.check_instructions(prompts, self.qformer_tokenizer, self.model)  # before any stage runs
+        self.check_prompts(prompts)  # before any stage runs
         t_start = time.perf_counter()
         timings: dict = {}
-        query = self.encode_images(images, timings, prompts)
+        query = self.encode(images, timings, prompts)
+        return (yield from self._decode_steps(query, prompts, opts, timings, t_start, settle))
+
+    def _decode_steps(self, query: np.ndarray, prompts: Sequence[str], opts: GenerationOptions, timings: dict,
+                      t_start: float, settle: bool) -> Generator[list[Sequence[int]] | None, None, list[Result]]:
+        """Query embeddings and prompts -> Results, one decoder step per next() (see _generate_steps)."""
         t0 = time.perf_counter()
         inputs = self.layout(query, prompts)
         embeds, mask, history = inputs.embeds, inputs.mask, inputs.history
-        opts = self.fit_to_positions(opts, embeds.shape[1], explicit=generation.get("max_new_tokens") is not None)
+        opts = self.fit_to_positions(opts, embeds.shape[1])
         timings["prompt"] = time.perf_counter() - t0
 
         decoder = self.new_decoder()

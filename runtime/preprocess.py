@@ -70,6 +70,13 @@ class Preprocessing:
             return image
         return image.resize((self.width, self.height), resample=RESAMPLE[self.resample])
 
+    def load(self, source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+             name: str | None = None) -> Image.Image:
+        """The one image loader: decodes a file (or the encoded bytes of one) within the pixel
+        limit (load_image) and shrinks it to the model's input size at once, so that a batch
+        holds small images, never full-size ones."""
+        return self.resize(load_image(source, max_pixels, name))
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """One image -> pixel values (3, H, W) float32."""
         image = self.resize(image)

@@ -28,18 +28,16 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.artifact.checks import check_runner_io
-from runtime.backends.onnxrt import ThreadSettings, providers_for, required_provider, stage_runner
-from runtime.errors import ArtifactError, OptionError
-from runtime.families import family_for
-from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
 from runtime.artifact.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
-from runtime.pipeline import ImageInput, _as_image, _image_batch
-from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
+from runtime.artifact.verified_files import read_bounded
+from runtime.backends.onnxrt import ThreadSettings
+from runtime.errors import ArtifactError, OptionError
+from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
+from runtime.images import ImageInput, as_image, image_batch
+from runtime.loaded_artifact import FromArtifact, LoadedArtifact
+from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
                             PIXEL_VALUES)
-from runtime.tokenizer import TextTokenizer
-from runtime.artifact.verified_files import read_bounded
 
 DEFAULT_BATCH = 16
 
@@ -82,36 +80,35 @@ def manifest_sha256(manifest: Manifest) -> str:
 
 
 class Blip2Retriever:
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Embeddings and match scores from a retrieval artifact. Built on a LoadedArtifact
+    (`self.artifact`), whose parts it shows read-only under the same names."""
 
-    def __init__(self, manifest: Manifest, device: str = "cpu", threads: ThreadSettings | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    manifest = FromArtifact()
+    model = FromArtifact()
+    family = FromArtifact()
+    stage_names = FromArtifact()
+    threads = FromArtifact()
+    float_dtype = FromArtifact()
+    runners = FromArtifact()
+    preprocessing = FromArtifact()
+    tokenizer = FromArtifact()
+
+    def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", threads: ThreadSettings | None = None,
                  batch_size: int = DEFAULT_BATCH):
+        """`manifest`: a Manifest (loaded here on ONNX Runtime with device and threads) or a
+        LoadedArtifact of a retrieval artifact, used as it is."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.manifest = manifest
-        manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
-        m = manifest.data
-        self.family = family_for(m)
-        if self.family.task != "retrieval":
-            raise ArtifactError(f"{manifest.where}: a {m['architecture']} {m.get('llm_family')} artifact has no "
-                                "retrieval heads; export a Blip2ForImageTextRetrieval checkpoint "
-                                "(e.g. Salesforce/blip2-itm-vit-g)")
-        self.model = m["model"]
+        if isinstance(manifest, LoadedArtifact):
+            manifest.require("retrieval")
+            self.artifact = manifest
+        else:
+            # A device asked for must be the one each session got (a CUDA provider that fails to
+            # load would otherwise fall back to the CPU without a word), as in the pipeline.
+            self.artifact = LoadedArtifact(manifest, "retrieval", device, threads=threads)
         self.batch_size = batch_size
-        self.threads = threads or ThreadSettings()
-        providers = providers_for(device)
-        self.stage_names = self.family.stage_names(self.model)
-        # A device asked for must be the one each session got (a CUDA provider that fails to load
-        # would otherwise fall back to the CPU without a word), as the pipeline checks.
-        self.runners = {s: stage_runner(manifest.stage_file(s), providers, s, self.threads, required_provider(device))
-                        for s in self.stage_names}
-        for stage, runner in self.runners.items():
-            check_runner_io(manifest, stage, runner)
-        self.float_dtype = np.dtype(m["stages"]["vision"]["inputs"][0]["dtype"])
-        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
-        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
-        manifest.recheck()  # files loaded by path (graphs, tokenizer) are still the ones hashed
-        self._sha256 = manifest_sha256(manifest)
+        self._sha256 = manifest_sha256(self.manifest)
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", verify: bool = True,
@@ -139,12 +136,12 @@ class Blip2Retriever:
 
     def vision_embeds(self, images: Sequence[ImageInput]) -> np.ndarray:
         """The vision stage's features (N, P, Dv), which the ITM stage reads."""
-        images = _image_batch(images)
+        images = image_batch(images)
         p, dv = self.model["num_patches"], self.model["vision_hidden"]
         out = [np.zeros((0, p, dv), self.float_dtype)]
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            decoded = [_as_image(im, start + i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(chunk)]
+            decoded = [as_image(im, start + i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(chunk)]
             pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
             out.append(self.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS])
         return np.concatenate(out)

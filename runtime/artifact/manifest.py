@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from runtime.artifact.confinement import confined_path
+import numpy as np
+
 from runtime.errors import ArtifactError
 from runtime.artifact.schema import check_manifest
 from runtime.artifact.external_data import external_data_locations
@@ -71,6 +73,11 @@ class Manifest:
         """The real path of a file the manifest names in `field`; an ArtifactError naming the
         field and the path when it is absolute, has '..' or resolves outside the directory."""
         return confined_path(self.root, relative, field, self.where)
+
+    def input_dtype(self, stage: str) -> np.dtype:
+        """The dtype of a stage's first input (pixel values, input embeddings): the float the
+        runtime feeds that stage."""
+        return np.dtype(self.stages[stage]["inputs"][0]["dtype"])
 
     def stage_file(self, stage: str) -> Path:
         try:

@@ -143,7 +143,7 @@ def run(args) -> int:
     from PIL import Image
 
     from runtime.pipeline import Blip2Pipeline
-    from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, load_image
+    from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
 
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -183,7 +183,7 @@ def run(args) -> int:
     for path in paths:
         try:
             # Shrunk to the model's size as soon as it is decoded: a batch holds small images only.
-            image = pipe.preprocessing.resize(load_image(path, max_pixels))
+            image = pipe.preprocessing.load(path, max_pixels)
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1

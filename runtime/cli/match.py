@@ -31,7 +31,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from PIL import Image
 
-    from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, load_image
+    from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
     from runtime.retriever import Blip2Retriever, similarity
 
     max_pixels = check_max_pixels(
@@ -40,7 +40,7 @@ def run(args) -> int:
     texts = [text_argument(t, f"text {i}") for i, t in enumerate(args.texts)]
     retriever = Blip2Retriever.from_artifacts(args.artifacts, device=args.device, threads=thread_settings(args))
     retriever.encode_texts(texts)  # a text the model cannot take fails before the image is read
-    image = retriever.preprocessing.resize(load_image(args.image, max_pixels))
+    image = retriever.preprocessing.load(args.image, max_pixels)
     vision = retriever.vision_embeds([image])
     itm = retriever.itm_from_vision(vision, texts)[0]
     itc = similarity(retriever.embed_images_from_vision(vision), retriever.embed_texts(texts))[0]

@@ -33,6 +33,8 @@ class Family:
     # is the `logits_stage` (its lm_head has its own --lm-head precision).
     weight_only_stages: tuple[str, ...] = ()
     logits_stage: str = "decoder"
+    # The stage whose first input's dtype is the float the runtime feeds (embeddings, pixels).
+    float_stage: str = "decoder"
     # Timings the family's decoder records at prefill besides prefill itself (e.g. "encoder").
     prefill_stages: tuple[str, ...] = ()
     padding_side: str = "left"  # where the prompt's padding goes, as its processor pads it

@@ -49,6 +49,7 @@ class RetrievalFamily(Family):
     name = "retrieval"
     architecture = "blip-2-retrieval"
     task = "retrieval"
+    float_stage = "vision"
     visual_stages = ("vision", "image_embed")
     padding_side = "right"  # BERT's
     prompts: dict = {}

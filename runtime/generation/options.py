@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from runtime.errors import OptionError
 
@@ -55,6 +55,10 @@ class GenerationOptions:
 
     Counts are ints (not bools), floats are finite numbers, do_sample is a bool; anything else
     raises a GenerationOptionError (a ValueError) naming the option and what it accepts.
+
+    `set_fields` records which options a caller set through `updated` (the pipeline's
+    `options(**generation)`), as opposed to defaults: a max_new_tokens the caller asked for
+    must fit the model's positions, a default one shrinks to fit. It takes no part in equality.
     """
 
     max_new_tokens: int = 30
@@ -70,6 +74,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] | None = None
     eos_token_ids: tuple[int, ...] | None = None
+    set_fields: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str):
@@ -120,12 +125,22 @@ class GenerationOptions:
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """The options' names (what `updated` and the pipeline's **generation take)."""
+        return [f.name for f in fields(cls) if f.name != "set_fields"]
+
+    def as_kwargs(self) -> dict:
+        """Every option by name: passed back to `updated`, each one with a value is set."""
+        return {name: getattr(self, name) for name in self.names()}
 
     def updated(self, **changes) -> "GenerationOptions":
-        """A copy with `changes`; a None value keeps the current value (except seed: None is
-        "unseeded")."""
+        """A copy with `changes`, which join `set_fields`; a None value keeps the current value
+        (except seed: None is "unseeded")."""
         unknown = sorted(set(changes) - set(self.names()))
         if unknown:
             raise OptionError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(self.names())}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None or k == "seed"})
+        given = {k: v for k, v in changes.items() if v is not None or k == "seed"}
+        return replace(self, **given, set_fields=self.set_fields | frozenset(given))
+
+    def as_defaults(self) -> "GenerationOptions":
+        """The same values, none of them set by a caller."""
+        return replace(self, set_fields=frozenset())

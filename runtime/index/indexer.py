@@ -24,7 +24,7 @@ from runtime.errors import Blip2EdgeError, OptionError
 from runtime.images import image_files
 from runtime.index import ann
 from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
-from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.artifact.verified_files import open_regular, sha256_fd
 
 DEFAULT_BATCH = 16
@@ -122,7 +122,7 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
             image = None
             if exists is None and sha not in pending.images:
                 # keep only the model-sized image while the batch fills (a 12 Mpx photo is 36 MB decoded)
-                image = retriever.preprocessing.resize(load_image(path, max_pixels))
+                image = retriever.preprocessing.load(path, max_pixels)
             if _identity(os.stat(path)) != _identity(st):
                 # written to between the walk and now: the hash and the pixels may be of two versions
                 report.unreadable.append((path, "changed while being indexed; run index again"))

@@ -14,7 +14,7 @@ from PIL import Image
 from runtime.artifact.manifest import load_manifest
 from runtime.errors import Blip2EdgeError
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, load_image
-from runtime.serving.jobs import Job, capped_options, fit_alone, image_bytes, options_from, run_batch, text_input
+from runtime.serving.jobs import Job, capped_options, image_bytes, options_from, run_batch, text_input
 from runtime.serving.pipeline_model import Blip2Model, load_pipeline, parameters
 
 
@@ -53,11 +53,10 @@ class LLMModel(Blip2Model):
         config = json.loads(args["model_config"])
         self.name = config.get("name", "blip2_llm")
         self.pipe = load_pipeline(parameters(config), args["model_repository"])
-        self.pipe.encode_images = self._query_embeds  # the "images" of a job are query embeddings here
 
-    @staticmethod
-    def _query_embeds(queries, timings: dict) -> np.ndarray:
-        return np.stack([np.asarray(q) for q in queries])  # (B, Q, D)
+    def _generate(self, queries, prompts, **options):
+        """A job's "image" here is its query embeddings (Q, D): the pipeline's LLM half alone."""
+        return self.pipe.generate_from_queries(np.stack([np.asarray(q) for q in queries]), prompts, **options)
 
     def _job(self, request) -> Job:
         tensor = self.pb.get_input_tensor_by_name(request, "query_embeds")
@@ -65,7 +64,7 @@ class LLMModel(Blip2Model):
         kwargs = options_from(self._parameters(request))
         text = text_input({"prompt": self.pb.get_input_tensor_by_name(request, "prompt").as_numpy()}, "prompt") \
             or self.pipe.caption_prompt(None)
-        options = fit_alone(self.pipe, capped_options(self.pipe, kwargs), text, explicit="max_new_tokens" in kwargs)
+        options = self.pipe.fit_prompt(capped_options(self.pipe, kwargs), text)
         return Job(image=query, prompt=text, options=options, kwargs=kwargs)
 
     def execute(self, requests) -> list:
@@ -75,7 +74,7 @@ class LLMModel(Blip2Model):
                 jobs.append(self._job(request))
             except Exception as exc:  # noqa: BLE001 - answered, never raised
                 jobs.append(exc)
-        return [self._response(r) for r in run_batch(self.pipe, jobs)]
+        return [self._response(r) for r in run_batch(self.pipe, jobs, self._generate)]
 
 
 ROLES = {"preprocess": PreprocessModel, "llm": LLMModel}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +17,6 @@ from PIL import Image
 
 from runtime.errors import Blip2EdgeError
 from runtime.generation.options import GenerationOptions
-from runtime.preprocess import load_image
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,12 @@ def parse(pipe, inputs: dict, parameters: dict | None = None) -> Job:
     options = capped_options(pipe, kwargs)
     text = text_input(inputs, "prompt") or pipe.caption_prompt(None)
     # Each request's own limits, so that one over-long request cannot fail the batch it joins.
-    pipe.family.check_instructions([text], pipe.qformer_tokenizer, pipe.model)
-    options = fit_alone(pipe, options, text, explicit="max_new_tokens" in kwargs)
+    pipe.check_prompts([text])
+    options = pipe.fit_prompt(options, text)
     with warnings.catch_warnings():
         # The pixel limit is the check here; Pillow's own warning above 89 Mpx would only repeat it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = pipe.preprocessing.resize(load_image(image_bytes(inputs), pipe.max_image_pixels, name="image"))
+        image = pipe.preprocessing.load(image_bytes(inputs), pipe.max_image_pixels, name="image")
     return Job(image=image, prompt=text, options=options, kwargs=kwargs)
 
 
@@ -143,26 +142,18 @@ def capped_options(pipe, kwargs: dict) -> GenerationOptions:
     return options
 
 
-def fit_alone(pipe, options: GenerationOptions, prompt: str, explicit: bool) -> GenerationOptions:
-    """The options this prompt gets when it runs alone: with learned positions (OPT) a default
-    max_new_tokens shrinks to what the prompt leaves, an explicit one that does not fit (or a
-    prompt that fills every position) is an error. Fitting per request, not per batch, keeps a
-    long prompt in the batch from shortening the answers of the others."""
-    q, d = pipe.model["num_query_tokens"], pipe.embed_table.shape[1]
-    length = pipe.layout(np.zeros((1, q, d), pipe.float_dtype), [prompt]).embeds.shape[1]
-    return pipe.fit_to_positions(options, length, explicit=explicit)
-
-
 def group_key(index: int, job: Job):
     """Jobs with equal keys run as one batch. Sampling runs alone: its random draws depend on
     the rows beside it, so a sampled answer would change with the traffic around it."""
     return (job.options, index if job.options.do_sample else None)
 
 
-def run_batch(pipe, jobs: Sequence[Job | BaseException]) -> list:
+def run_batch(pipe, jobs: Sequence[Job | BaseException], generate=None) -> list:
     """Runs the checked jobs of one dynamic batch, grouped by options (one pipeline batch per
     group, mixed prompts within it). Returns, per position, a runtime Result or the exception
-    for that job: an error in one group fails that group only, never the others."""
+    for that job: an error in one group fails that group only, never the others. `generate`
+    (default: pipe.generate) takes the jobs' images and prompts and the options."""
+    generate = generate or pipe.generate
     out: list = list(jobs)
     groups: dict = {}
     for i, job in enumerate(jobs):
@@ -170,9 +161,9 @@ def run_batch(pipe, jobs: Sequence[Job | BaseException]) -> list:
             groups.setdefault(group_key(i, job), []).append(i)
     for (options, _), members in groups.items():
         try:
-            # Fitted per request already (see fit_alone): pass them as explicit options.
-            results = pipe.generate([jobs[i].image for i in members], [jobs[i].prompt for i in members],
-                                    **asdict(options))
+            # Fitted per request already (Blip2Pipeline.fit_prompt): pass them as explicit options.
+            results = generate([jobs[i].image for i in members], [jobs[i].prompt for i in members],
+                               **options.as_kwargs())
         except Exception as exc:  # noqa: BLE001 - reported to these requests, never the server's end
             log.exception("batch of %d failed", len(members))
             results = [exc] * len(members)

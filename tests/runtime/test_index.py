@@ -252,24 +252,24 @@ def test_a_file_written_to_while_it_is_indexed_is_not_recorded(retriever, retrie
                                                                 monkeypatch):
     """The hash and the pixels must be of one version of the file: one rewritten between the two
     (here: while it is decoded) is left for the next run."""
-    from runtime.index import indexer
+    from runtime.preprocess import Preprocessing
 
     photos = tmp_path / "photos"
     paths = write_photos(photos, 3)
-    real_load = indexer.load_image
+    real_load = Preprocessing.load
 
-    def load_while_rewritten(path, max_pixels):
-        image = real_load(path, max_pixels)
+    def load_while_rewritten(self, path, max_pixels):
+        image = real_load(self, path, max_pixels)
         if str(path) == str(paths[1]):
             write_photos(tmp_path / "other", 1, seed=50)[0].replace(paths[1])
         return image
 
-    monkeypatch.setattr(indexer, "load_image", load_while_rewritten)
+    monkeypatch.setattr(Preprocessing, "load", load_while_rewritten)
     db = IndexDb.open(tmp_path / "p.db", create=True)
     r = _index(db, retriever, photos, retrieval_tiny_artifacts)
     assert r.embedded == 2 and [p for p, _ in r.unreadable] == [str(paths[1])]
     assert "changed while being indexed" in r.unreadable[0][1]
-    monkeypatch.setattr(indexer, "load_image", real_load)
+    monkeypatch.setattr(Preprocessing, "load", real_load)
     r = _index(db, retriever, photos, retrieval_tiny_artifacts)
     assert (r.embedded, r.unchanged, r.unreadable) == (1, 2, [])
     np.testing.assert_array_equal(stored(db, paths[1]), _expected(retriever, paths[1]))

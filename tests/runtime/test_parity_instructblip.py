@@ -82,12 +82,12 @@ def test_the_instruction_changes_the_queries(instructblip):
     artifacts, _ = instructblip
     pipe = Blip2Pipeline.from_artifacts(artifacts)
     im = images(1)[0]
-    batch = pipe.encode_images([im] * 4, {}, INSTRUCTIONS)
+    batch = pipe.encode([im] * 4, {}, INSTRUCTIONS)
     assert not np.allclose(batch[0], batch[1], atol=1e-4)
     if pipe.qformer_tokenizer.padding_side == "left":
         return
     for i, prompt in enumerate(INSTRUCTIONS):
-        alone = pipe.encode_images([im], {}, [prompt])
+        alone = pipe.encode([im], {}, [prompt])
         np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
 
 

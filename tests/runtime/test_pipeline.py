@@ -117,3 +117,22 @@ def test_io_binding_path_gives_the_same_tokens(tiny_artifacts, kw):
     a = [r.tokens for r in plain.generate(images, ["", "a photo of"], min_new_tokens=8, **kw)]
     b = [r.tokens for r in bound.generate(images, ["", "a photo of"], min_new_tokens=8, **kw)]
     assert a == b and all(len(t) == 8 for t in a)
+
+
+def test_generation_options_record_what_the_caller_set(toy_artifacts):
+    """A max_new_tokens the caller asked for must fit the positions; a default one shrinks: the
+    options carry which fields were set, not the call sites."""
+    base = GenerationOptions()
+    opts = base.updated(max_new_tokens=5, num_beams=None, seed=None)
+    assert opts.set_fields == {"max_new_tokens", "seed"}  # None keeps a value, except seed's "unseeded"
+    assert opts.updated(num_beams=2).set_fields == {"max_new_tokens", "seed", "num_beams"}
+    assert opts == base.updated(max_new_tokens=5) and hash(opts) == hash(base.updated(max_new_tokens=5))
+    assert opts.as_defaults().set_fields == frozenset() and opts.as_defaults() == opts
+    kwargs = opts.as_kwargs()
+    assert GenerationOptions().updated(**kwargs).set_fields == {n for n, v in kwargs.items() if v is not None or n == "seed"}
+    assert {"stop_strings", "eos_token_ids"} - GenerationOptions().updated(**kwargs).set_fields  # None: not given
+    assert "set_fields" not in GenerationOptions.names()
+
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    assert pipe.defaults.set_fields == frozenset() and pipe.options().set_fields == frozenset()
+    assert pipe.options(max_new_tokens=3, stop_strings=None).set_fields == {"max_new_tokens"}

@@ -1,0 +1,104 @@
+"""LoadedArtifact: one artifact directory, verified and loaded once, for whatever runs it.
+
+    artifact = LoadedArtifact.open("out/toy", task="generation")   # or LoadedArtifact(manifest, ...)
+    artifact.family, artifact.runners["vision"], artifact.tokenizer, artifact.preprocessing
+
+The one place that turns a manifest into running parts, in this order: the manifest is
+validated, confined, listed and hashed before anything is allocated; the family is looked up
+and must serve the task asked for; the stages' placement on the device and backend is checked
+before any session is built; one runner per stage, each checked against the manifest's inputs
+and outputs; the embedding table (LLM families), the preprocessing and the tokenizers; and last,
+the files loaded by path are rechecked against their hashes. Blip2Pipeline, Blip2Retriever,
+quantize, serving and the profiler all start from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact.checks import check_runner_io, load_embeddings
+from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.stage_runners import build_runners, check_backend
+from runtime.errors import ArtifactError, OptionError
+from runtime.families import Family, family_for
+from runtime.preprocess import Preprocessing
+from runtime.tokenizer import TextTokenizer
+
+# task -> what to do with an artifact of the other task (each message names the way out)
+WRONG_TASK = {
+    "generation": "has no language model to caption or answer with; use Blip2Retriever or `blip2-edge match`",
+    "retrieval": "has no retrieval heads; export a Blip2ForImageTextRetrieval checkpoint (e.g. Salesforce/blip2-itm-vit-g)",
+}
+
+
+class LoadedArtifact:
+    """The verified manifest and everything loaded from it. Nothing changes after construction,
+    so one object serves any number of threads (ONNX Runtime sessions and the tokenizers are
+    thread-safe)."""
+
+    def __init__(self, manifest: Manifest, task: str, device: str = "cpu", backend: str = "onnxruntime",
+                 threads: ThreadSettings | None = None):
+        if task not in WRONG_TASK:
+            raise OptionError(f"unknown task '{task}'; valid: {', '.join(WRONG_TASK)}")
+        check_backend(backend)
+        manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
+        m = manifest.data
+        self.manifest = manifest
+        self.model: dict = m["model"]
+        self.family: Family = family_for(m)
+        self.require(task)
+        self.device, self.backend = device, backend
+        self.stage_names: tuple[str, ...] = self.family.stage_names(self.model)
+        self.threads = threads or ThreadSettings()
+        unknown = sorted({stage for stage, _ in self.threads.stage_spin} - set(self.stage_names))
+        if unknown:  # a misspelt stage would otherwise be ignored silently
+            raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
+                              f"stages: {', '.join(self.stage_names)}")
+        self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
+        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
+        self.runners: dict = build_runners(manifest, device, backend, self.stage_names, self.threads,
+                                           self.family.position_limit(self.model))
+        for stage, runner in self.runners.items():
+            check_runner_io(manifest, stage, runner)
+        # The LLM's token embedding table (dtype and shape checked against the manifest); retrieval has none.
+        self.embed_table: np.ndarray | None = load_embeddings(manifest) if m.get("embeddings") else None
+        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
+        self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
+        # InstructBLIP's Q-Former reads the prompt too, in its own (BERT) vocabulary.
+        q = m.get("qformer_tokenizer")
+        self.qformer_tokenizer = TextTokenizer(manifest.path(q["file"], "qformer_tokenizer.file"), q) if q else None
+        manifest.recheck()  # files loaded by path (graphs, tokenizers) are still the ones hashed
+
+    def require(self, task: str) -> None:
+        """An ArtifactError, naming the way out, unless this artifact serves `task`."""
+        if self.family.task != task:
+            m = self.manifest.data
+            kind = " ".join(filter(None, (m["architecture"], m.get("llm_family"))))
+            raise ArtifactError(f"{self.manifest.where}: a {kind} artifact {WRONG_TASK[task]}")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, task: str, verify: bool = True, **kwargs) -> "LoadedArtifact":
+        """Loads an artifact directory; checks its schema version and every file's sha256 first."""
+        return cls(load_manifest(Path(path), verify=verify), task, **kwargs)
+
+    def close(self) -> None:
+        """Frees what the runners hold on the device (TensorRT contexts, streams, buffers)."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
+
+class FromArtifact:
+    """A read-only attribute of an object built on a LoadedArtifact (`self.artifact`) that is the
+    artifact's own: `family = FromArtifact()` in a class body."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj.artifact, self.name)
