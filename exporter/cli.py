@@ -50,7 +50,8 @@ def register(sub) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default="blip-2",
                    help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
-                        "--llm t5, instructblip-vicuna-7b with --llm llama); retrieval: Blip2ForImageTextRetrieval "
+                        "--llm t5, instructblip-vicuna-7b with --llm llama, blip2-opt-2.7b's OPT with --llm opt); "
+                        "retrieval: Blip2ForImageTextRetrieval "
                         "(ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
     p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha", "head16"), default="default",

@@ -75,11 +75,20 @@ def test_instructblip_flan_t5_full_is_instructblip_flan_t5_xl_shaped():
     assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1408, 39)
 
 
-def test_instructblip_refuses_an_llm_it_has_no_checkpoint_for():
-    from runtime.errors import OptionError
+def test_instructblip_opt_is_instructblip_over_blip2_opts_llm():
+    """InstructBLIP with OPT, as transformers' own InstructBLIP tests build it: a decoder-only LLM
+    behind the instruction-aware Q-Former; `full` has blip2-opt-2.7b's OPT."""
+    from transformers import InstructBlipConfig
 
-    with pytest.raises(OptionError, match="InstructBLIP has no 'opt' variant"):
-        build_config("tiny", llm="opt", arch="instructblip")
+    for size in ("tiny", "full"):
+        cfg = build_config(size, llm="opt", arch="instructblip")
+        blip2 = build_config(size, llm="opt")
+        assert isinstance(cfg, InstructBlipConfig) and cfg.use_decoder_only_language_model
+        assert cfg.text_config.to_dict() == blip2.text_config.to_dict()
+        assert cfg.qformer_config.max_position_embeddings == (64 if size == "tiny" else 512)
+    t = build_config("full", llm="opt", arch="instructblip").text_config
+    assert (t.model_type, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size) == \
+        ("opt", 2560, 32, 32, 50272)
 
 
 def test_instructblip_vicuna_full_is_instructblip_vicuna_7b_shaped():
