@@ -22,14 +22,21 @@ def test_t5_bench_is_t5_base_shaped():
 
 
 @pytest.mark.parametrize("variant, gated, tied", [("default", True, False), ("relu", False, False),
-                                                  ("tied", True, True)])
+                                                  ("tied", True, True), ("shallow-decoder", True, False)])
 def test_t5_variants(variant, gated, tied):
     t = build_config("tiny", variant, llm="t5").text_config
     assert (t.is_gated_act, t.tie_word_embeddings) == (gated, tied)
+    assert (t.num_layers, t.num_decoder_layers) == ((2, 1) if variant == "shallow-decoder" else (2, 2))
+
+
+def test_shallow_decoder_halves_the_decoder_at_every_size():
+    for size, encoder in (("tiny", 2), ("bench", 12), ("full", 24)):
+        t = build_config(size, "shallow-decoder", llm="t5").text_config
+        assert (t.num_layers, t.num_decoder_layers) == (encoder, encoder // 2)
 
 
 def test_variant_of_the_other_family_is_refused():
-    with pytest.raises(ValueError, match="unknown t5 variant 'post-ln'; valid: default, relu, tied"):
+    with pytest.raises(ValueError, match="unknown t5 variant 'post-ln'; valid: default, relu, tied, shallow-decoder"):
         build_config("tiny", "post-ln", llm="t5")
 
 
