@@ -50,12 +50,15 @@ def register(sub) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default="blip-2",
                    help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
-                        "--llm t5, instructblip-vicuna-7b with --llm llama); retrieval: Blip2ForImageTextRetrieval "
+                        "--llm t5, instructblip-vicuna-7b with --llm llama, blip2-opt-2.7b's OPT with --llm opt); "
+                        "retrieval: Blip2ForImageTextRetrieval "
                         "(ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
     p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
-    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "mha", "head16"), default="default",
-                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied; "
-                        "llama: default (grouped-query attention in tiny), mha")
+    p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "shallow-decoder", "mha",
+                                         "head16"), default="default",
+                   help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied, "
+                        "shallow-decoder (half as many decoder layers as encoder layers); "
+                        "llama: default (grouped-query attention in tiny), mha, head16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 

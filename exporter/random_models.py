@@ -14,11 +14,13 @@ shapes: ViT-g/14 + BERT-base Q-Former, 256-d embeddings, about 4.6 GB in fp32).
 `arch` picks BLIP-2 or InstructBLIP (whose Q-Former reads the instruction through its own BERT
 tokenizer; `full` = Salesforce/instructblip-flan-t5-xl or -vicuna-7b shapes), `llm` the family:
 "opt", "t5" or "llama" (LLaMA under BLIP-2, as transformers' Blip2ForConditionalGeneration accepts
-it: the LLM InstructBLIP's Vicuna checkpoints use; InstructBLIP: "t5" or "llama").
+it: the LLM InstructBLIP's Vicuna checkpoints use). InstructBLIP takes all three; with "opt" (the
+LLM of transformers' own InstructBLIP tests, no released checkpoint) `full` is blip2-opt-2.7b's OPT.
 Variants cover the config space real checkpoints use:
 OPT post-layer-norm (opt-350m style) and no biases / no final layer norm; T5 "default" is
 Flan-T5 (gated-GELU feed-forward, untied embeddings), "relu" the original T5's feed-forward,
-"tied" tied input/output embeddings (output rescaled by d_model ** -0.5).
+"tied" tied input/output embeddings (output rescaled by d_model ** -0.5), "shallow-decoder" half
+as many decoder layers as encoder layers (t5-efficient's "DL" shapes; tiny: 2 and 1).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from runtime.errors import OptionError
 SIZES = ("tiny", "bench", "full")
 ARCHITECTURES = ("blip-2", "instructblip")
 LLMS = ("opt", "t5", "llama")
-VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied"), "llama": ("default", "mha", "head16")}
+VARIANTS = {"opt": ("default", "post-ln", "no-bias"), "t5": ("default", "relu", "tied", "shallow-decoder"),
+            "llama": ("default", "mha", "head16")}
 
 _VISION = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -106,6 +109,8 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_
             text.update(feed_forward_proj="relu")
         elif variant == "tied":
             text.update(tie_word_embeddings=True)
+        elif variant == "shallow-decoder":  # transformers' generate takes fewer decoder layers, not more
+            text.update(num_decoder_layers=text["num_layers"] // 2)
         return text
     text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=_OPT[size]["hidden_size"],
                 pad_token_id=1, bos_token_id=2, eos_token_id=2, **_OPT[size])
@@ -121,12 +126,8 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
                  llm: str = "opt", pad_token_id: int | None = None, arch: str = "blip-2"):
     from transformers import Blip2Config, InstructBlipConfig
 
-    from runtime.families.instructblip import INSTRUCTBLIP_LLMS
-
     if arch not in ARCHITECTURES:
         raise OptionError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHITECTURES)}")
-    if arch == "instructblip" and llm not in INSTRUCTBLIP_LLMS:
-        raise OptionError(f"InstructBLIP has no '{llm}' variant; valid LLMs: {', '.join(INSTRUCTBLIP_LLMS)}")
     if size not in SIZES:
         raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
     if llm not in LLMS:

@@ -142,11 +142,13 @@ class T5Export(ExportFamily):
 
     def check(self, config, model: str, dtype: str) -> None:
         t = config.text_config
-        if t.num_decoder_layers != t.num_layers:
+        # Fewer decoder layers than encoder layers (t5-efficient "DL" shapes) export: the decoder
+        # graphs, its cache and cross K/V are sized by num_decoder_layers, the encoder by num_layers.
+        if t.num_decoder_layers > t.num_layers:
             raise Blip2EdgeError(
-                f"'{model}': T5 with num_decoder_layers ({t.num_decoder_layers}) != num_layers ({t.num_layers}) is "
-                "not supported: transformers' BLIP-2 generate fails on it (its cache is sized by num_layers), so "
-                "there is no reference to validate the export against")
+                f"'{model}': T5 with more decoder layers (num_decoder_layers {t.num_decoder_layers}) than encoder "
+                f"layers (num_layers {t.num_layers}) is not supported: transformers' generate sizes its KV cache by "
+                "num_layers and fails on such configs, so there is no reference to validate the export against")
         if dtype == "fp16":
             raise Blip2EdgeError(
                 f"'{model}': --dtype fp16 is refused for Flan-T5: T5's feed-forward activations overflow float16 "
@@ -156,8 +158,8 @@ class T5Export(ExportFamily):
     def llm_dims(self, t) -> dict:
         return {
             "text_hidden": t.d_model,
-            "num_layers": t.num_decoder_layers,  # decoder layers: the KV cache's
-            "num_encoder_layers": t.num_layers,
+            "num_layers": t.num_decoder_layers,  # decoder layers: the self-attention cache's and cross K/V's
+            "num_encoder_layers": t.num_layers,  # may be more (never fewer: check)
             "num_heads": t.num_heads,
             "head_dim": t.d_kv,
             "vocab_size": t.vocab_size,

@@ -218,7 +218,7 @@ def validate(m) -> list[tuple[str, str]]:
     if arch != "blip-2" and not fixed:  # another architecture around the LLM family: its own stages (InstructBLIP's Q-Former)
         try:
             stage_specs = get_family(m["llm_family"], arch).stage_specs
-        except ArtifactError:  # an architecture without that LLM family (InstructBLIP with OPT)
+        except ArtifactError:  # an architecture without that LLM family (none today: InstructBLIP runs all three)
             raise Invalid("llm_family", f"an LLM family that architecture '{arch}' runs", m["llm_family"]) from None
     model_keys = {**family.model, **ARCHITECTURE_MODEL_KEYS[arch]}
     Obj({"model": Obj(model_keys, family.optional_model), "stages": Obj()}).check(m, "", ctx)

@@ -6,7 +6,9 @@ tokenizer's: the processor passes that tokenizer's padding_side to both; the man
 it), whose ids attend together with the query tokens in every Q-Former self-attention layer; and
 by the LLM's tokenizer, laid out after the query embeddings exactly as the LLM family lays out a
 BLIP-2 prompt (left padding for decoder-only LLMs, right for Flan-T5). Only the query positions leave
-the Q-Former stage, projected to the LLM. Everything after the Q-Former is the LLM family's own.
+the Q-Former stage, projected to the LLM. Everything after the Q-Former is the LLM family's own,
+except two defaults that belong to InstructBLIP's recipe rather than to the LLM: the prompt is the
+instruction as written, and the answer ends at the LLM's end-of-sequence token (no stop string).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from runtime.families.base import Family, pad_prompts
 from runtime.generation.options import PromptTooLongError
 from runtime.stages import IMAGE_EMBEDS, INSTRUCT_QFORMER, QFORMER_ATTENTION_MASK, QFORMER_INPUT_IDS, StageSpec
 
-# The LLMs InstructBLIP checkpoints use: Vicuna (LLaMA) and Flan-T5.
-INSTRUCTBLIP_LLMS = ("llama", "t5")
+# The LLMs InstructBLIP runs over: Vicuna (LLaMA) and Flan-T5, the released checkpoints'; OPT,
+# the LLM of transformers' own InstructBLIP tests (no released checkpoint).
+INSTRUCTBLIP_LLMS = ("llama", "opt", "t5")
 
 
 class InstructBlipFamily(Family):
@@ -30,6 +33,11 @@ class InstructBlipFamily(Family):
     # The instruction itself is the prompt (the processor adds no template); LAVIS captions
     # with this instruction.
     prompts = {"caption": "A short image description:", "caption_prefix": "{}", "vqa": "{}"}
+    # InstructBLIP is tuned to end every answer with the LLM's end-of-sequence token (LAVIS appends
+    # it to each target), and its answers may run over several lines (detailed descriptions):
+    # BLIP-2 OPT's newline stop (its captions were trained to end at "\n") would cut them short.
+    # transformers' generate stops at eos alone, as here.
+    stop_strings: tuple[str, ...] = ()
 
     def stage_specs(self, model: dict) -> dict[str, StageSpec]:
         return {**super().stage_specs(model), "qformer": INSTRUCT_QFORMER}  # same place in the run order

@@ -15,6 +15,10 @@ no optional outputs, so "first step" would need a second decoder graph or an If 
 search copies the cross K/V only when a reorder moves rows between requests (never, in
 practice: beams stay within their request). Relative position buckets have no upper bound, so
 T5 has no position limit.
+
+The manifest's model.num_layers is the decoder's depth (num_decoder_layers): the self-attention
+cache and the cross K/V have one key/value pair per decoder layer. The encoder's depth
+(model.num_encoder_layers) may be greater; it is inside the encoder graph and nothing here reads it.
 """
 
 from __future__ import annotations

@@ -131,10 +131,13 @@ def _t5_config_dir(tmp_path, **text):
     return tmp_path / "t5"
 
 
-def test_t5_with_fewer_decoder_layers_is_refused_with_the_reason(tmp_path):
-    ckpt = _t5_config_dir(tmp_path, num_decoder_layers=1)
-    assert_one_line_error(run_cli("export", ckpt, tmp_path / "out"), "num_decoder_layers (1) != num_layers (2)",
-                          "transformers' BLIP-2 generate fails")
+def test_t5_with_more_decoder_layers_than_encoder_layers_is_refused_with_the_reason(tmp_path):
+    """Fewer decoder layers export (tests/runtime/test_parity_t5.py, variant shallow-decoder);
+    more have no reference: transformers' generate fails on them."""
+    ckpt = _t5_config_dir(tmp_path, num_decoder_layers=3)
+    assert_one_line_error(run_cli("export", ckpt, tmp_path / "out"),
+                          "more decoder layers (num_decoder_layers 3) than encoder layers (num_layers 2)",
+                          "transformers' generate sizes its KV cache by num_layers and fails")
     assert not (tmp_path / "out").exists()
 
 

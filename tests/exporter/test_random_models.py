@@ -22,14 +22,21 @@ def test_t5_bench_is_t5_base_shaped():
 
 
 @pytest.mark.parametrize("variant, gated, tied", [("default", True, False), ("relu", False, False),
-                                                  ("tied", True, True)])
+                                                  ("tied", True, True), ("shallow-decoder", True, False)])
 def test_t5_variants(variant, gated, tied):
     t = build_config("tiny", variant, llm="t5").text_config
     assert (t.is_gated_act, t.tie_word_embeddings) == (gated, tied)
+    assert (t.num_layers, t.num_decoder_layers) == ((2, 1) if variant == "shallow-decoder" else (2, 2))
+
+
+def test_shallow_decoder_halves_the_decoder_at_every_size():
+    for size, encoder in (("tiny", 2), ("bench", 12), ("full", 24)):
+        t = build_config(size, "shallow-decoder", llm="t5").text_config
+        assert (t.num_layers, t.num_decoder_layers) == (encoder, encoder // 2)
 
 
 def test_variant_of_the_other_family_is_refused():
-    with pytest.raises(ValueError, match="unknown t5 variant 'post-ln'; valid: default, relu, tied"):
+    with pytest.raises(ValueError, match="unknown t5 variant 'post-ln'; valid: default, relu, tied, shallow-decoder"):
         build_config("tiny", "post-ln", llm="t5")
 
 
@@ -75,11 +82,20 @@ def test_instructblip_flan_t5_full_is_instructblip_flan_t5_xl_shaped():
     assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1408, 39)
 
 
-def test_instructblip_refuses_an_llm_it_has_no_checkpoint_for():
-    from runtime.errors import OptionError
+def test_instructblip_opt_is_instructblip_over_blip2_opts_llm():
+    """InstructBLIP with OPT, as transformers' own InstructBLIP tests build it: a decoder-only LLM
+    behind the instruction-aware Q-Former; `full` has blip2-opt-2.7b's OPT."""
+    from transformers import InstructBlipConfig
 
-    with pytest.raises(OptionError, match="InstructBLIP has no 'opt' variant"):
-        build_config("tiny", llm="opt", arch="instructblip")
+    for size in ("tiny", "full"):
+        cfg = build_config(size, llm="opt", arch="instructblip")
+        blip2 = build_config(size, llm="opt")
+        assert isinstance(cfg, InstructBlipConfig) and cfg.use_decoder_only_language_model
+        assert cfg.text_config.to_dict() == blip2.text_config.to_dict()
+        assert cfg.qformer_config.max_position_embeddings == (64 if size == "tiny" else 512)
+    t = build_config("full", llm="opt", arch="instructblip").text_config
+    assert (t.model_type, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size) == \
+        ("opt", 2560, 32, 32, 50272)
 
 
 def test_instructblip_vicuna_full_is_instructblip_vicuna_7b_shaped():

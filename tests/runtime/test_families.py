@@ -32,8 +32,23 @@ def test_unknown_family_names_the_known_ones():
         family_for({"architecture": "blip-2", "llm_family": "gpt2"})
     with pytest.raises(ArtifactError, match=r"unknown architecture 'blip-3'"):
         family_for({"architecture": "blip-3", "llm_family": "opt"})
-    with pytest.raises(ArtifactError, match=r"'instructblip' with LLM family 'opt' is not supported"):
-        family_for({"architecture": "instructblip", "llm_family": "opt"})
+    with pytest.raises(ArtifactError, match=r"'instructblip' with LLM family 'retrieval' is not supported "
+                                            r"\(InstructBLIP LLM families: llama, opt, t5\)"):
+        family_for({"architecture": "instructblip", "llm_family": "retrieval"})
+
+
+def test_instructblip_over_opt_is_opts_layout_with_instructblips_defaults():
+    """InstructBLIP's OPT family inherits OPT's stages, layout, cache and position limit; its
+    prompts and (no) stop string are InstructBLIP's, while BLIP-2 OPT keeps its newline stop."""
+    opt, ib = get_family("opt"), family_for({"architecture": "instructblip", "llm_family": "opt"})
+    assert isinstance(ib, type(opt)) and ib.name == "opt" and ib.architecture == "instructblip"
+    model = {"num_layers": 2, "max_position_embeddings": 128, "kv_cache": "shared"}
+    assert (ib.llm_stages, ib.padding_side, ib.position_limit(model)) == (("decoder",), "left", 128)
+    assert ib.llm_specs(model)["decoder"] == opt.llm_specs(model)["decoder"]
+    assert list(ib.stage_specs(model)) == ["vision", "qformer", "decoder"]
+    assert ib.stage_specs(model)["qformer"] != opt.stage_specs(model)["qformer"]  # reads the instruction
+    assert opt.stop_strings == ("\n",) and ib.stop_strings == ()
+    assert ib.prompts["vqa"] == "{}" and opt.prompts["vqa"] == "Question: {} Answer:"
 
 
 def test_pre_family_opt_manifest_matches_the_family_specs():

@@ -43,7 +43,9 @@ MALFORMED = [
     ("qformer_tokenizer.prefix_ids", [5000], "qformer_tokenizer.prefix_ids[0]: expected an integer in [0, 299]"),
     ("qformer_tokenizer.file", "../tokenizer.json", "'..' is not allowed"),
     ("model.qformer_max_positions", DELETE, "model.qformer_max_positions: expected a value"),
-    ("llm_family", "opt", "llm_family: expected an LLM family that architecture 'instructblip' runs, got \"opt\""),
+    ("llm_family", "gpt2", 'llm_family: expected one of llama, opt, t5, got "gpt2"'),
+    # Another LLM family's manifest under the same stages: that family's model keys are missing.
+    ("llm_family", "opt", "model.max_position_embeddings: expected a value (required key is missing)"),
     ("stages.qformer.inputs", [{"name": "image_embeds", "dtype": "float32", "shape": ["batch", 17, 32]}],
      "stages.qformer.inputs: expected tensors named image_embeds, qformer_input_ids, qformer_attention_mask"),
     ("stages.qformer.inputs[1].shape[1]", "sequence",
@@ -89,8 +91,8 @@ def test_registry_selects_by_architecture_and_llm_family():
     specs = ib.stage_specs({"num_layers": 2})
     assert specs["qformer"].input_names == ["image_embeds", "qformer_input_ids", "qformer_attention_mask"]
     assert t5.stage_specs({"num_layers": 2})["qformer"].input_names == ["image_embeds"]
-    with pytest.raises(ArtifactError, match="'instructblip' with LLM family 'opt' is not supported"):
-        family_for({"architecture": "instructblip", "llm_family": "opt"})
+    with pytest.raises(ArtifactError, match="'instructblip' with LLM family 'retrieval' is not supported"):
+        family_for({"architecture": "instructblip", "llm_family": "retrieval"})
     with pytest.raises(ArtifactError, match="unknown architecture 'blip-3'"):
         family_for({"architecture": "blip-3", "llm_family": "t5"})
 
@@ -142,19 +144,23 @@ def test_make_model_instructblip(tmp_path):
     assert config["model_type"] == "instructblip" and config["text_config"]["model_type"] == "t5"
     assert (tmp_path / "ib" / "qformer_tokenizer" / "tokenizer.json").is_file()
     proc = run_cli("make-model", "tiny", tmp_path / "ib-opt", "--arch", "instructblip", "--llm", "opt")
-    assert proc.returncode == 2 and "InstructBLIP has no 'opt' variant" in proc.stderr
-    assert not (tmp_path / "ib-opt").exists()
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "ib-opt" / "config.json").read_text())
+    assert config["model_type"] == "instructblip" and config["text_config"]["model_type"] == "opt"
+    assert (tmp_path / "ib-opt" / "qformer_tokenizer" / "tokenizer.json").is_file()
 
 
 def test_export_refuses_instructblip_with_an_unsupported_llm(tmp_path):
-    """An InstructBLIP config around OPT (no such checkpoint exists) is refused in one line before
+    """An InstructBLIP config around an LLM no family knows (GPT-2) is refused in one line before
     any weight is read."""
     from transformers import InstructBlipConfig
 
-    ckpt = tmp_path / "ib-opt"
-    InstructBlipConfig(text_config={"model_type": "opt"}, image_token_index=3).save_pretrained(ckpt)
+    ckpt = tmp_path / "ib-gpt2"
+    InstructBlipConfig(text_config={"model_type": "gpt2", "n_embd": 16}, image_token_index=3).save_pretrained(ckpt)
     (ckpt / "model.safetensors").write_bytes(b"")
     proc = run_cli("export", ckpt, tmp_path / "out")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "InstructBLIP with a 'opt' language model is not supported (supported: llama, t5)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "uses a 'gpt2' language model, which is not supported (supported LLM families: opt, t5, llama)" \
+        in proc.stderr
     assert not (tmp_path / "out").exists()

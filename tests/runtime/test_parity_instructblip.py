@@ -17,8 +17,9 @@ from tests.runtime.test_parity import images
 INSTRUCTIONS = ["A short image description:", "what colour is it?",
                 "Describe the picture in detail, and say where the square is.", "where is it?"]
 # (make_model llm, variant, seed): Flan-T5 (gated-GELU, untied); LLaMA with grouped-query
-# attention (2 KV heads for 4) and an untied lm_head; LLaMA with full multi-head attention (Vicuna).
-VARIANTS = [("t5", "default", 3), ("llama", "default", 5), ("llama", "mha", 6)]
+# attention (2 KV heads for 4) and an untied lm_head; LLaMA with full multi-head attention (Vicuna);
+# OPT (transformers' own InstructBLIP test LLM: learned positions, `</s>` as BOS, shared KV cache).
+VARIANTS = [("t5", "default", 3), ("llama", "default", 5), ("llama", "mha", 6), ("opt", "default", 7)]
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=[f"{llm}-{v}" for llm, v, _ in VARIANTS])
@@ -72,6 +73,19 @@ def test_token_identical(instructblip, kw, batch):
     got = [r.tokens for r in pipe.generate(ims, prompts, stop_strings=(), seed=0, **kw)]
     assert got == hf_generate(hf, ims, prompts, pipe.defaults.eos_token_ids, **kw)
     assert any(len(r) > 1 for r in got)
+
+
+def test_defaults_are_instructblips_over_the_llm_familys(instructblip):
+    """The manifest's prompts are the instruction as written and no stop string is set (the answer
+    ends at the LLM's eos, as generate ends it), whatever the LLM: BLIP-2 OPT's newline stop is
+    not inherited. The LLM's own ids (eos, pad) and KV layout are."""
+    artifacts, (model, _) = instructblip
+    pipe = Blip2Pipeline.from_artifacts(artifacts)
+    assert pipe.prompts["vqa"] == "{}" and pipe.prompts["caption"] == "A short image description:"
+    assert pipe.manifest.data["generation"]["stop_strings"] == [] and pipe.defaults.stop_strings == ()
+    assert pipe.defaults.eos_token_ids == (model.config.text_config.eos_token_id,)
+    assert pipe.family.llm_stages == (("encoder", "cross_kv", "decoder") if model.config.text_config.is_encoder_decoder
+                                      else ("decoder",))
 
 
 def test_the_instruction_changes_the_queries(instructblip):

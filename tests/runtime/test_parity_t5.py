@@ -1,16 +1,21 @@
 """BLIP-2 Flan-T5: the torch-free pipeline gives transformers' `generate` token ids on the same
 weights, for the T5 variants real checkpoints use (gated-GELU / ReLU feed-forward, untied / tied
-embeddings), and computes the cross-attention K/V once per request."""
+embeddings, fewer decoder layers than encoder layers), and computes the cross-attention K/V once
+per request."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from exporter.memory_estimate import estimate, stage_parameters
+from runtime.artifact.manifest import load_manifest
 from runtime.pipeline import Blip2Pipeline
+from tests.exporter.test_memory_estimate import initializer_bytes
 from tests.runtime.test_parity import PROMPTS_MIXED, images
 
-VARIANTS = ("default", "relu", "tied")  # default = Flan-T5: gated-GELU, untied
+# default = Flan-T5: gated-GELU, untied; shallow-decoder: 2 encoder layers, 1 decoder layer.
+VARIANTS = ("default", "relu", "tied", "shallow-decoder")
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -60,6 +65,28 @@ def test_t5_token_identical(t5, kw, batch):
     want = hf_generate(hf, ims, prompts, pipe.defaults.eos_token_ids, **kw)
     assert got == want
     assert any(len(r) > 1 for r in got)  # the decoder ran past its first token
+
+
+def test_the_decoder_depth_sizes_the_cache_and_cross_kv(t5):
+    """model.num_layers is the decoder's depth (the self-attention cache and cross K/V have one
+    key/value pair per decoder layer), num_encoder_layers the encoder's; the weight estimate from
+    the config (exporter.memory_estimate) matches every LLM graph's initializers, so each stage
+    holds the layers it should."""
+    variant, artifacts, (model, _) = t5
+    text = model.config.text_config
+    m = load_manifest(artifacts)
+    depths = (m.model["num_layers"], m.model["num_encoder_layers"])
+    assert depths == (text.num_decoder_layers, text.num_layers)
+    assert depths == ((1, 2) if variant == "shallow-decoder" else (2, 2))
+    dec = depths[0]
+    assert [t["name"] for t in m.stages["cross_kv"]["outputs"]] == [
+        f"cross_{kind}_{i}" for i in range(dec) for kind in ("key", "value")]
+    inputs = [t["name"] for t in m.stages["decoder"]["inputs"]]
+    assert sum(n.startswith("past_") for n in inputs) == sum(n.startswith("cross_") for n in inputs) == 2 * dec
+    est = estimate(stage_parameters(model.config), "fp32")["stages"]
+    for stage in ("encoder", "cross_kv", "decoder"):
+        real = initializer_bytes(m.stage_file(stage))
+        assert abs(est[stage] - real) <= 0.02 * real, (stage, est[stage], real)
 
 
 class Counting:
