@@ -160,25 +160,24 @@ def run(args) -> int:
                                         threads=thread_settings(args))
     gen = generation_kwargs(args)
     pipe.options(**gen)  # invalid options fail before any work
+    failed = len(errors) + _answer_files(pipe, paths, args, gen, max_pixels)
+    return 2 if failed else 0
+
+
+def _answer_files(pipe, paths: list[str], args, gen: dict, max_pixels: int) -> int:
+    """Captions or answers each file, in batches of --batch-size (one by one when streaming),
+    printing each result as it comes; returns the number of files that could not be read."""
     prompt = pipe.vqa_prompt(args.question) if args.mode == "ask" else pipe.caption_prompt(args.prompt)
-    failed = len(errors)
-
-    def emit(path: str, result) -> None:
-        if args.json:
-            print(json.dumps({"path": path, "text": result.text, "tokens": result.tokens, "timings": result.timings}))
-        else:
-            print(f"{path}: {result.text}")
-        sys.stdout.flush()
-
+    question = args.question if args.mode == "ask" else None
     batch: list[tuple[str, object]] = []
+    failed = 0
 
     def flush() -> None:
-        if not batch:
-            return
-        results = pipe.generate([im for _, im in batch], [prompt] * len(batch), **gen)
-        for (path, _), result in zip(batch, results):
-            emit(path, result)
-        batch.clear()
+        if batch:
+            results = pipe.generate([im for _, im in batch], [prompt] * len(batch), **gen)
+            for (path, _), result in zip(batch, results):
+                _print_result(path, result, args.json)
+            batch.clear()
 
     for path in paths:
         try:
@@ -190,7 +189,6 @@ def run(args) -> int:
             continue
         if args.stream and not args.json:
             print(f"{path}: ", end="", flush=True)
-            question = args.question if args.mode == "ask" else None
             for piece in pipe.stream(image, prompt=getattr(args, "prompt", None), question=question, **gen):
                 print(piece, end="", flush=True)
             print()
@@ -199,4 +197,12 @@ def run(args) -> int:
         if len(batch) == args.batch_size:
             flush()
     flush()
-    return 2 if failed else 0
+    return failed
+
+
+def _print_result(path: str, result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"path": path, "text": result.text, "tokens": result.tokens, "timings": result.timings}))
+    else:
+        print(f"{path}: {result.text}")
+    sys.stdout.flush()

@@ -19,7 +19,7 @@ carried inside) and `select(rows)` (reorder/duplicate cache rows, for beams).
 
 from __future__ import annotations
 
-from typing import Generator, Iterator, Protocol, Sequence
+from typing import Generator, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -143,6 +143,107 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
     return seqs[0][:n]
 
 
+class _Candidates(NamedTuple):
+    """One step's `keep` best continuations per input, over all its beams."""
+
+    logp: np.ndarray  # (B, keep) cumulative log-probabilities
+    src_beam: np.ndarray  # (B, keep) the beam each continues
+    tokens: np.ndarray  # (B, keep) the new token
+    seq: np.ndarray  # (B, keep, T) the source beam's ids with the new token at step t
+    hits: np.ndarray  # (B, keep) ends here: EOS, a stop string, or max_new_tokens
+
+
+class _Beams:
+    """A beam search's state, as transformers' vectorised beam search keeps it: per input,
+    num_beams running hypotheses and the num_beams best finished ones (slot 0 the best)."""
+
+    def __init__(self, b: int, opts: GenerationOptions, eos_ids: tuple[int, ...], pad_id: int):
+        nb, max_new = opts.num_beams, opts.max_new_tokens
+        self.opts, self.b, self.nb = opts, b, nb
+        self.eos = np.array(eos_ids, dtype=np.int64)
+        # Continuations kept per step: enough that num_beams survive even if the best ones end.
+        self.keep = max(2, 1 + len(eos_ids)) * nb
+        self.top_nb_mask = np.arange(self.keep) < nb
+        self.run_seq = np.full((b, nb, max_new), pad_id, dtype=np.int64)
+        self.run_scores = np.zeros((b, nb), dtype=np.float32)
+        self.run_scores[:, 1:] = NEG  # the beams start as copies of one row: only the first counts
+        self.run_src = np.zeros((b, nb), dtype=np.int64)
+        self.seqs = self.run_seq.copy()
+        self.seq_len = np.zeros((b, nb), dtype=np.int64)
+        self.beam_scores = np.full((b, nb), NEG, dtype=np.float32)
+        self.finished = np.zeros((b, nb), dtype=bool)
+        self.improvable = np.ones((b, 1), dtype=bool)
+
+    def candidates(self, logp: np.ndarray, t: int, history: IdHistory, stops: StopStrings) -> _Candidates:
+        """The top `keep` continuations of each input from the processed log-probabilities
+        (B*nb, V), with which of them end at this step."""
+        b, nb, vocab = self.b, self.nb, logp.shape[-1]
+        logp = (logp.reshape(b, nb, vocab) + self.run_scores[:, :, None]).reshape(b, nb * vocab)
+        idx = np.argsort(-logp, axis=-1, kind="stable")[:, :self.keep]
+        topk_logp = np.take_along_axis(logp, idx, axis=-1)
+        src_beam, tokens = idx // vocab, idx % vocab
+        topk_seq = np.take_along_axis(self.run_seq, src_beam[:, :, None], axis=1)
+        topk_seq[:, :, t] = tokens
+        hits = np.isin(tokens, self.eos) | (t + 1 >= self.opts.max_new_tokens)
+        if stops:  # on each continuation's ids: its source beam's history plus the new token
+            recent = history.tail(stops.window - 1).reshape(b, nb, -1)
+            recent = np.take_along_axis(recent, src_beam[:, :, None], axis=1)  # (B, keep, window - 1)
+            tails = np.concatenate([recent, tokens[:, :, None]], axis=-1)
+            hits = hits | stops.hits(tails.reshape(b * self.keep, -1)).reshape(b, self.keep)
+        return _Candidates(topk_logp, src_beam, tokens, topk_seq, hits)
+
+    def advance(self, c: _Candidates) -> None:
+        """Running beams for the next step: the best num_beams continuations that did not end."""
+        running_logp = c.logp + c.hits.astype(np.float32) * NEG
+        nxt = np.argsort(-running_logp, axis=-1, kind="stable")[:, :self.nb]
+        self.run_seq = np.take_along_axis(c.seq, nxt[:, :, None], axis=1)
+        self.run_scores = np.take_along_axis(running_logp, nxt, axis=-1)
+        self.run_src = np.take_along_axis(c.src_beam, nxt, axis=-1)
+
+    def merge_finished(self, c: _Candidates, t: int) -> None:
+        """The hypotheses that ended among the top num_beams, scored by length ** length_penalty,
+        merged with the finished ones kept so far."""
+        opts, b = self.opts, self.b
+        just_done = c.hits & self.top_nb_mask[None, :]
+        cand = c.logp / ((t + 1) ** opts.length_penalty)
+        cand = cand + (self.finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)) * NEG
+        cand = cand + (~self.improvable) * NEG + (~just_done) * NEG
+        m_scores = np.concatenate([self.beam_scores, cand.astype(np.float32)], axis=1)
+        m_seq = np.concatenate([self.seqs, c.seq], axis=1)
+        m_len = np.concatenate([self.seq_len, np.full((b, self.keep), t + 1)], axis=1)
+        m_fin = np.concatenate([self.finished, just_done], axis=1)
+        best = np.argsort(-m_scores, axis=-1, kind="stable")[:, :self.nb]
+        self.beam_scores = np.take_along_axis(m_scores, best, axis=-1)
+        self.seqs = np.take_along_axis(m_seq, best[:, :, None], axis=1)
+        self.seq_len = np.take_along_axis(m_len, best, axis=-1)
+        self.finished = np.take_along_axis(m_fin, best, axis=-1)
+
+    def can_go_on(self, c: _Candidates, t: int) -> bool:
+        """transformers' early-stop heuristic (can a running beam still beat the worst finished
+        hypothesis?), updating which inputs are still improvable."""
+        opts = self.opts
+        lpen = opts.length_penalty
+        best_len = opts.max_new_tokens if (opts.early_stopping == "never" and lpen > 0.0) else t + 1
+        best_running = self.run_scores[:, :1] / (best_len ** lpen)
+        worst_done = np.where(self.finished, self.beam_scores.min(axis=1, keepdims=True), NEG)
+        self.improvable = self.improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
+        all_done = self.finished.all() and opts.early_stopping is True
+        return bool(self.improvable.any()) and not all_done and not c.hits.all()
+
+    def settled(self, t: int) -> list[list[int]]:
+        running = self.run_seq[:, :, : t + 1]
+        return [_settled(i, self.seqs, self.seq_len, self.finished, self.beam_scores, running, self.run_scores,
+                         self.improvable, self.opts, t) for i in range(self.b)]
+
+    def next_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cache rows the running beams continue (B*nb,) and their newest tokens (B*nb,)."""
+        rows = (self.run_src + np.arange(self.b)[:, None] * self.nb).reshape(-1)
+        return rows, self.run_seq[:, :, t].reshape(-1)
+
+    def best(self) -> Rows:
+        return [self.seqs[i, 0, : self.seq_len[i, 0]].tolist() for i in range(self.b)]
+
+
 def beam_search(
     first_logits: np.ndarray,  # (B, V) from prefill, one row per input
     decoder: StepDecoder,
@@ -157,86 +258,28 @@ def beam_search(
     after each step the ids every hypothesis that can still win shares (running beams and
     finished ones), so a stream never shows a token the final choice does not have."""
     stops = stops or _no_stops()
-    nb, max_new, lpen = opts.num_beams, opts.max_new_tokens, opts.length_penalty
-    b, vocab = first_logits.shape
-    keep = max(2, 1 + len(eos_ids)) * nb
-    top_nb_mask = np.arange(keep) < nb
-    eos = np.array(eos_ids, dtype=np.int64)
-
-    expand = np.repeat(np.arange(b), nb)
+    b = first_logits.shape[0]
+    expand = np.repeat(np.arange(b), opts.num_beams)
     decoder.select(expand)
     logits = first_logits[expand]
     history = _history(history[expand], opts, stops)  # (B*nb, L)
-
-    run_seq = np.full((b, nb, max_new), pad_id, dtype=np.int64)
-    run_scores = np.zeros((b, nb), dtype=np.float32)
-    run_scores[:, 1:] = NEG
-    seqs = run_seq.copy()
-    seq_len = np.zeros((b, nb), dtype=np.int64)
-    beam_scores = np.full((b, nb), NEG, dtype=np.float32)
-    finished = np.zeros((b, nb), dtype=bool)
-    improvable = np.ones((b, 1), dtype=bool)
-
-    for t in range(max_new):
+    beams = _Beams(b, opts, eos_ids, pad_id)
+    for t in range(opts.max_new_tokens):
         logp = lp.log_softmax(logits.astype(np.float32))
         logp = lp.process(logp, history.ids(), t, opts, eos_ids)
-        logp = (logp.reshape(b, nb, vocab) + run_scores[:, :, None]).reshape(b, nb * vocab)
-        idx = np.argsort(-logp, axis=-1, kind="stable")[:, :keep]
-        topk_logp = np.take_along_axis(logp, idx, axis=-1)
-        src_beam, tokens = idx // vocab, idx % vocab
-        topk_seq = np.take_along_axis(run_seq, src_beam[:, :, None], axis=1)
-        topk_seq[:, :, t] = tokens
-        hits = np.isin(tokens, eos) | (t + 1 >= max_new)
-        if stops:  # on each continuation's ids: its source beam's history plus the new token
-            recent = history.tail(stops.window - 1).reshape(b, nb, -1)
-            recent = np.take_along_axis(recent, src_beam[:, :, None], axis=1)  # (B, keep, window - 1)
-            tails = np.concatenate([recent, tokens[:, :, None]], axis=-1)
-            hits = hits | stops.hits(tails.reshape(b * keep, -1)).reshape(b, keep)
-
-        # Running beams for the next step: the best num_beams that did not finish.
-        running_logp = topk_logp + hits.astype(np.float32) * NEG
-        nxt = np.argsort(-running_logp, axis=-1, kind="stable")[:, :nb]
-        run_seq = np.take_along_axis(topk_seq, nxt[:, :, None], axis=1)
-        run_scores = np.take_along_axis(running_logp, nxt, axis=-1)
-        run_src = np.take_along_axis(src_beam, nxt, axis=-1)
-
-        # Finished hypotheses: merge the new ones (among the top num_beams) with the old.
-        just_done = hits & top_nb_mask[None, :]
-        cand = topk_logp / ((t + 1) ** lpen)
-        cand = cand + (finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)) * NEG
-        cand = cand + (~improvable) * NEG + (~just_done) * NEG
-        m_scores = np.concatenate([beam_scores, cand.astype(np.float32)], axis=1)
-        m_seq = np.concatenate([seqs, topk_seq], axis=1)
-        m_len = np.concatenate([seq_len, np.full((b, keep), t + 1)], axis=1)
-        m_fin = np.concatenate([finished, just_done], axis=1)
-        best = np.argsort(-m_scores, axis=-1, kind="stable")[:, :nb]
-        beam_scores = np.take_along_axis(m_scores, best, axis=-1)
-        seqs = np.take_along_axis(m_seq, best[:, :, None], axis=1)
-        seq_len = np.take_along_axis(m_len, best, axis=-1)
-        finished = np.take_along_axis(m_fin, best, axis=-1)
-
-        # transformers' early-stop heuristic: can a running beam still beat the worst finished?
-        best_len = max_new if (opts.early_stopping == "never" and lpen > 0.0) else t + 1
-        best_running = run_scores[:, :1] / (best_len ** lpen)
-        worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
-        improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
-        go_on = improvable.any() and not (finished.all() and opts.early_stopping is True) and not hits.all()
-        if settle:
-            running = run_seq[:, :, : t + 1]
-            yield [_settled(i, seqs, seq_len, finished, beam_scores, running, run_scores, improvable, opts, t)
-                   for i in range(b)]
-        else:
-            yield None
+        candidates = beams.candidates(logp, t, history, stops)
+        beams.advance(candidates)
+        beams.merge_finished(candidates, t)
+        go_on = beams.can_go_on(candidates, t)
+        yield beams.settled(t) if settle else None
         if not go_on:
             break
-        rows = (run_src + np.arange(b)[:, None] * nb).reshape(-1)
-        step_tokens = run_seq[:, :, t].reshape(-1)
+        rows, step_tokens = beams.next_step(t)
         history.select(rows)
         history.append(step_tokens)
         decoder.select(rows)
         logits = decoder.step(step_tokens)
-
-    return [seqs[i, 0, : seq_len[i, 0]].tolist() for i in range(b)]
+    return beams.best()
 
 
 def _settled(i, seqs, seq_len, finished, beam_scores, running, run_scores, improvable, opts, t) -> list[int]:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifact.verified_files import open_regular, sha256_fd
 from runtime.errors import Blip2EdgeError, OptionError
 from runtime.images import image_files
 from runtime.index import ann
 from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
-from runtime.artifact.verified_files import open_regular, sha256_fd
 
 DEFAULT_BATCH = 16
 
@@ -85,13 +85,38 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
     record = model_record(retriever, location)
     db.bind_model(record)
     report = IndexReport(str(root), str(db.path))
-    prefix = os.fsencode(root) + b"/"
+    known = _known_files(db, os.fsencode(root) + b"/")
+    todo, seen = _walk(root, known, report)
+    if progress is not None:
+        progress = progress("indexing", len(todo))
+    pending = _Pending()
+    gone = [p for p in known if p not in seen]
+    for path, st in todo:
+        if not _add_file(db, retriever, path, st, pending, report, max_pixels) and os.fsencode(path) in known:
+            gone.append(os.fsencode(path))  # its recorded embedding is of content that is no longer there
+        if len(pending) >= batch_size or len(pending.files) >= 16 * batch_size:
+            _commit(db, retriever, record, pending)
+            pending = _Pending()
+        if progress is not None:
+            progress.advance(1)
+    _commit(db, retriever, record, pending)
+    report.removed = _remove(db, gone)
+    report.images = db.count_images()
+    report.ann = ann.rebuild_if_needed(db, record, ann_threshold)
+    return report
+
+
+def _known_files(db: IndexDb, prefix: bytes) -> dict[bytes, tuple]:
+    """path -> (size, mtime_ns, image_id) of the recorded files under the folder `prefix`."""
     with db.errors():
         rows = db.conn.execute("SELECT path, size, mtime_ns, image_id FROM files").fetchall()
-    known = {path_bytes(p): (s, m, i) for p, s, m, i in rows if path_bytes(p).startswith(prefix)}
+    return {path_bytes(p): (s, m, i) for p, s, m, i in rows if path_bytes(p).startswith(prefix)}
 
-    todo = []  # (path, stat) of files whose size or mtime changed, or that are new
-    seen = set()
+
+def _walk(root: Path, known: dict, report: IndexReport) -> tuple[list[tuple[str, os.stat_result]], set[bytes]]:
+    """The image files under `root`: (path, stat) of those new or whose size or mtime changed,
+    and the paths of all that are there (counted in the report)."""
+    todo, seen = [], set()
     for path in image_files(root):
         key = os.fsencode(path)
         try:
@@ -108,51 +133,40 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
             report.unchanged += 1
         else:
             todo.append((str(path), st))
+    return todo, seen
 
-    if progress is not None:
-        progress = progress("indexing", len(todo))
-    pending = _Pending()
-    gone = [p for p in known if p not in seen]
-    for path, st in todo:
-        key = os.fsencode(path)
-        try:
-            sha = _content_hash(path)
-            with db.errors():
-                exists = db.conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha,)).fetchone()
-            image = None
-            if exists is None and sha not in pending.images:
-                # keep only the model-sized image while the batch fills (a 12 Mpx photo is 36 MB decoded)
-                image = retriever.preprocessing.load(path, max_pixels)
-            if _identity(os.stat(path)) != _identity(st):
-                # written to between the walk and now: the hash and the pixels may be of two versions
-                report.unreadable.append((path, "changed while being indexed; run index again"))
-            else:
-                if image is not None:
-                    pending.images[sha] = image
-                    report.embedded += 1
-                else:
-                    report.relinked += 1
-                pending.files.append((key, st.st_size, st.st_mtime_ns, sha))
-        except IndexDbError:
-            raise
-        except Blip2EdgeError as exc:  # ImageError, or ArtifactError from open_regular
-            report.unreadable.append((path, _reason(exc, path)))
-            if key in known:
-                gone.append(key)  # its recorded embedding is of content that is no longer there
-        except OSError as exc:
-            report.unreadable.append((path, exc.strerror or str(exc)))
-            if key in known:
-                gone.append(key)
-        if len(pending) >= batch_size or len(pending.files) >= 16 * batch_size:
-            _commit(db, retriever, record, pending)
-            pending = _Pending()
-        if progress is not None:
-            progress.advance(1)
-    _commit(db, retriever, record, pending)
-    report.removed = _remove(db, gone)
-    report.images = db.count_images()
-    report.ann = ann.rebuild_if_needed(db, record, ann_threshold)
-    return report
+
+def _add_file(db: IndexDb, retriever, path: str, st: os.stat_result, pending: _Pending, report: IndexReport,
+              max_pixels: int) -> bool:
+    """Hashes one new or changed file and adds it to `pending` (decoded only when its content is
+    new); False when it could not be read (listed in the report)."""
+    try:
+        sha = _content_hash(path)
+        with db.errors():
+            exists = db.conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha,)).fetchone()
+        image = None
+        if exists is None and sha not in pending.images:
+            # keep only the model-sized image while the batch fills (a 12 Mpx photo is 36 MB decoded)
+            image = retriever.preprocessing.load(path, max_pixels)
+        if _identity(os.stat(path)) != _identity(st):
+            # written to between the walk and now: the hash and the pixels may be of two versions
+            report.unreadable.append((path, "changed while being indexed; run index again"))
+            return True
+    except IndexDbError:
+        raise
+    except Blip2EdgeError as exc:  # ImageError, or ArtifactError from open_regular
+        report.unreadable.append((path, _reason(exc, path)))
+        return False
+    except OSError as exc:
+        report.unreadable.append((path, exc.strerror or str(exc)))
+        return False
+    if image is not None:
+        pending.images[sha] = image
+        report.embedded += 1
+    else:
+        report.relinked += 1
+    pending.files.append((os.fsencode(path), st.st_size, st.st_mtime_ns, sha))
+    return True
 
 
 def _identity(st: os.stat_result) -> tuple:
