@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("targets", nargs="+", help="module files to mutate")
     ap.add_argument("--tests", nargs="+", required=True, help="test files (or node ids) that should kill them")
-    ap.add_argument("--from-git", metavar="REV", help="test the tree as of this git revision (a baseline) instead of the working tree")
+    ap.add_argument("--from-git", metavar="REV",
+                    help="test the tree as of this git revision (a baseline) instead of the working tree")
     ap.add_argument("--json", help="write every mutant's outcome here")
     ap.add_argument("-k", dest="select", help="pytest -k expression (e.g. to leave out subprocess tests)")
     ap.add_argument("--no-fork", action="store_true",

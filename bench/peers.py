@@ -256,7 +256,8 @@ def main() -> int:
     for label, variant in OURS.items():
         if label in e2e:
             s = med(e2e[label], "step")
-            lines.append(f"| {label} (in the pipeline) | {s * 1e3:.2f} | {floors[variant] * 1e3:.2f} | {s / floors[variant]:.2f} |")
+            floor = floors[variant]
+            lines.append(f"| {label} (in the pipeline) | {s * 1e3:.2f} | {floor * 1e3:.2f} | {s / floor:.2f} |")
         if "ONNX Runtime" in st_runs:
             s = med(st_runs["ONNX Runtime"], f"{variant} decoder")
             lines.append(f"| ORT {variant} decoder step alone (past {42}) | {s * 1e3:.2f} | {floors[variant] * 1e3:.2f} | "

@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (OUT, dir_size, hf_generate_fn, ensure_fp32_artifacts, graph_weight_bytes, machine,  # noqa: E402
-                          read_bandwidth, timed)
+from bench.common import OUT, dir_size, ensure_fp32_artifacts, graph_weight_bytes, hf_generate_fn, machine, read_bandwidth, timed  # noqa: E402
 from runtime import synthetic  # noqa: E402
 
 # label -> (visual activations, LLM precision). int8 activations are the TensorRT-compatible

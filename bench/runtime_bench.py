@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import hf_generate_fn, ensure_fp32_artifacts, graph_weight_bytes, read_bandwidth  # noqa: E402
+from bench.common import ensure_fp32_artifacts, graph_weight_bytes, hf_generate_fn, read_bandwidth  # noqa: E402
 from runtime import synthetic  # noqa: E402
 
 

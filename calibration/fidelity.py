@@ -71,7 +71,7 @@ def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions
         decoders = [p.new_decoder(io_binding=False) for p in (fp32, quant)]
         logits = [d.prefill(inputs.embeds, inputs.mask) for d in decoders]
         for t, token in enumerate(tokens):
-            lp_ref, lp_got = (log_softmax(l.astype(np.float64))[0] for l in logits)
+            lp_ref, lp_got = (log_softmax(x.astype(np.float64))[0] for x in logits)
             agree += int(lp_ref.argmax() == lp_got.argmax())
             total += 1
             kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))

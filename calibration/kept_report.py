@@ -13,9 +13,9 @@ import os
 import stat
 from pathlib import Path
 
-from runtime.errors import ArtifactError
 from runtime.artifact.atomic_file import write_temp
 from runtime.artifact.verified_files import read_bounded
+from runtime.errors import ArtifactError
 
 # What fidelity_report() returns, with the gate results added by quantize().
 REPORT_KEYS = frozenset({"held_out_images", "stages", "end_to_end", "gates"})

@@ -30,11 +30,11 @@ import numpy as np
 
 from calibration.sources import ImageSource
 from runtime.artifact.atomic_file import replace_file
-from runtime.backends.onnxrt import OrtRunner
-from runtime.errors import Blip2EdgeError, OptionError
 from runtime.artifact.manifest import graph_digest
-from runtime.preprocess import Preprocessing
+from runtime.backends.onnxrt import OrtRunner
 from runtime.cli.progress import Progress
+from runtime.errors import Blip2EdgeError, OptionError
+from runtime.preprocess import Preprocessing
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")

@@ -62,7 +62,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 
-    p = sub.add_parser("demo", help="export and quantize the embedded toy model, caption synthetic images on the CPU, then search them")
+    p = sub.add_parser("demo", help="export and quantize the embedded toy model, caption synthetic images on the CPU, "
+                                    "then search them")
     p.add_argument("--out", type=Path, default=Path("out/toy"), help="artifact directory (default: out/toy)")
     p.add_argument("--images", type=int, default=8, help="synthetic images to caption")
     p.set_defaults(run=run_demo)

@@ -13,8 +13,8 @@ DEMO_SEED = 2024  # not a training seed: these scenes were never seen in trainin
 
 
 def _intact(path: Path) -> bool:
-    from runtime.errors import ArtifactError
     from runtime.artifact.manifest import load_manifest
+    from runtime.errors import ArtifactError
 
     try:
         load_manifest(path)

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from exporter.loading import LoadOptions, load_model
 from exporter.families import export_family
+from exporter.loading import LoadOptions, load_model
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
 from exporter.processor_spec import preprocessing_of, tokenizer_spec
 from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
+from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory
 from runtime.errors import Blip2EdgeError
-from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 

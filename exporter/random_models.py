@@ -159,8 +159,14 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     import torch
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer,
-                                           build_opt_tokenizer, build_t5_tokenizer, save_checkpoint)
+    from exporter.checkpoint_files import (
+        IMAGE_TOKEN,
+        build_bert_tokenizer,
+        build_llama_tokenizer,
+        build_opt_tokenizer,
+        build_t5_tokenizer,
+        save_checkpoint,
+    )
 
     out_dir = Path(out_dir)
     build = {"t5": build_t5_tokenizer, "llama": build_llama_tokenizer}.get(llm, build_opt_tokenizer)

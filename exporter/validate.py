@@ -102,7 +102,8 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     for s in report["stages"]:
         verdict = "ok" if s["ok"] else "FAILED"
-        lines.append(f"  {s['stage']:<8} max abs diff {s['max_abs_diff']:.2e} ({s['worst_output']})  atol {s['atol']:.0e}  {verdict}")
+        lines.append(f"  {s['stage']:<8} max abs diff {s['max_abs_diff']:.2e} ({s['worst_output']})  "
+                     f"atol {s['atol']:.0e}  {verdict}")
     if "generation" in report:
         g = report["generation"]
         n = sum(c["match"] for c in g["cases"])

@@ -16,6 +16,7 @@ from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
+from runtime.artifact.manifest import Manifest, load_manifest
 from runtime.backends.onnxrt import ThreadSettings
 from runtime.backends.stage_runners import BACKENDS, VISUAL_STAGES
 from runtime.errors import OptionError
@@ -25,7 +26,6 @@ from runtime.generation.search import beam_search, greedy_or_sample, run
 from runtime.generation.stopping import StopStrings, clip, stable_prefix
 from runtime.images import ImageInput, as_image, image_batch
 from runtime.loaded_artifact import FromArtifact, LoadedArtifact
-from runtime.artifact.manifest import Manifest, load_manifest
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 
@@ -149,7 +149,8 @@ class Blip2Pipeline:
                 except StopIteration as end:
                     final = end.value[0].text
                     break
-                text = stable_prefix(decode(self.tokenizer.settled_ids(rows[0])), opts.stop_strings, self.tokenizer.rewrites).lstrip()
+                settled = decode(self.tokenizer.settled_ids(rows[0]))
+                text = stable_prefix(settled, opts.stop_strings, self.tokenizer.rewrites).lstrip()
                 if len(text) > len(emitted) and text.startswith(emitted):
                     yield text[len(emitted):]
                     emitted = text

@@ -36,8 +36,7 @@ from runtime.families.base import pad_prompts  # BERT pads right; masked ids are
 from runtime.images import ImageInput, as_image, image_batch
 from runtime.loaded_artifact import FromArtifact, LoadedArtifact
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
-from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
-                            PIXEL_VALUES)
+from runtime.stages import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS, PIXEL_VALUES
 
 DEFAULT_BATCH = 16
 

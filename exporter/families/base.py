@@ -8,8 +8,20 @@ from exporter.torch_stages import QFormerStage, VisionStage
 from runtime.errors import OptionError
 from runtime.families import Family, get_family
 from runtime.generation.shared_kv_cache import SharedKVCacheDecoder
-from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, KV_CACHE_FORMS, LOGITS, POSITION_IDS, QUERY_EMBEDS,
-                            SEQLENS_K, SHARED_HEAD_MULTIPLE, TOTAL_SEQUENCE_LENGTH, kv_cache_form, kv_names)
+from runtime.stages import (
+    ATTENTION_MASK,
+    IMAGE_EMBEDS,
+    INPUTS_EMBEDS,
+    KV_CACHE_FORMS,
+    LOGITS,
+    POSITION_IDS,
+    QUERY_EMBEDS,
+    SEQLENS_K,
+    SHARED_HEAD_MULTIPLE,
+    TOTAL_SEQUENCE_LENGTH,
+    kv_cache_form,
+    kv_names,
+)
 
 
 class ExportFamily:

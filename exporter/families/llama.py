@@ -23,8 +23,8 @@ from torch import nn
 
 from exporter.families.base import ExportFamily, causal_padding_bias, validate_kv_decoder
 from exporter.families.gqa import group_query_attention, last_positions
-from runtime.families.llama import gqa_rotary
 from runtime.errors import Blip2EdgeError
+from runtime.families.llama import gqa_rotary
 
 # Rotary types whose inv_freq depends on the sequence length at run time; the others are fixed
 # when the model is built (default, linear, llama3, yarn) and are exported as constants.

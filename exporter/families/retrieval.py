@@ -19,8 +19,7 @@ from exporter.torch_stages import VisionStage
 from runtime.backends.onnxrt import OrtRunner
 from runtime.errors import Blip2EdgeError
 from runtime.retriever import Blip2Retriever
-from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
-                            PIXEL_VALUES)
+from runtime.stages import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS, PIXEL_VALUES
 
 RETRIEVAL_CLASS = "Blip2ForImageTextRetrieval"
 ARCHITECTURE = "blip-2-retrieval"

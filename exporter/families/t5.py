@@ -19,8 +19,7 @@ from torch import nn
 from exporter.comparison import VALIDATION_PROMPTS, compare, merge_reports, to_numpy
 from exporter.families.base import ExportFamily
 from runtime.errors import Blip2EdgeError
-from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
-                            kv_names)
+from runtime.stages import ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS, kv_names
 
 
 def _split_heads(x, heads: int, head_dim: int):  # (B, T, H*d) -> (B, H, T, d)

@@ -27,10 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.checkpoint_files import (IMAGE_TOKEN, build_bert_tokenizer, build_llama_tokenizer, build_opt_tokenizer,
-                                       build_t5_tokenizer, save_checkpoint)
-from exporter.toy import CHECKPOINTS, INSTRUCTBLIP_CHECKPOINT
+from exporter.checkpoint_files import (
+    IMAGE_TOKEN,
+    build_bert_tokenizer,
+    build_llama_tokenizer,
+    build_opt_tokenizer,
+    build_t5_tokenizer,
+    save_checkpoint,
+)
 from exporter.hf_model import generated_from
+from exporter.toy import CHECKPOINTS, INSTRUCTBLIP_CHECKPOINT
 from runtime import synthetic
 
 IMAGE_SIZE = 64
@@ -85,8 +91,7 @@ def text_config(llm: str, tokenizer) -> dict:
 def build_model(tokenizer, llm: str = "opt", qformer_tokenizer=None):
     """A BLIP-2, or with `qformer_tokenizer` an InstructBLIP (whose Q-Former embeds that
     tokenizer's ids)."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
-                              InstructBlipForConditionalGeneration)
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig, InstructBlipForConditionalGeneration
 
     instruct = qformer_tokenizer is not None
     config = (InstructBlipConfig if instruct else Blip2Config)(

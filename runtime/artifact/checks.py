@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from runtime.errors import ArtifactError
 from runtime.artifact.manifest import Manifest
+from runtime.errors import ArtifactError
 
 EMBEDDING_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # native byte order only
 # ONNX Runtime's type strings -> the manifest's numpy names
@@ -47,7 +47,8 @@ def load_embeddings(manifest: Manifest) -> np.ndarray:
         offset = f.tell()
         size = os.fstat(f.fileno()).st_size
         if size != offset + int(np.prod(shape)) * dtype.itemsize:
-            raise ArtifactError(f"{path}: {size} bytes, but its header describes {offset + int(np.prod(shape)) * dtype.itemsize}; "
+            described = offset + int(np.prod(shape)) * dtype.itemsize
+            raise ArtifactError(f"{path}: {size} bytes, but its header describes {described}; "
                                 "the file is truncated or has trailing data")
         # The map keeps its own reference to the file: closing the handle leaves it valid.
         return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))

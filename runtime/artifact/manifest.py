@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from runtime.artifact.confinement import confined_path
 import numpy as np
 
-from runtime.errors import ArtifactError
-from runtime.artifact.schema import check_manifest
+from runtime.artifact.confinement import confined_path
 from runtime.artifact.external_data import external_data_locations
+from runtime.artifact.schema import check_manifest
 from runtime.artifact.verified_files import HASHES, FileIdentity, open_regular, read_bounded, sha256_file
+from runtime.errors import ArtifactError
 
 __all__ = ["FORMAT", "HASHES", "MANIFEST", "SCHEMA_VERSION", "Manifest", "checksummed", "graph_digest",
            "load_manifest", "sha256_file", "write_manifest"]

@@ -13,12 +13,31 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from runtime.artifact.rules import (
+    FLOAT_DTYPES,
+    MAX_IDS,
+    MAX_IMAGE_SIDE,
+    RESAMPLES,
+    TENSOR_DTYPES,
+    Bool,
+    Const,
+    Context,
+    Dim,
+    Files,
+    Int,
+    Invalid,
+    ListOf,
+    Nullable,
+    Num,
+    Obj,
+    RelPath,
+    Rule,
+    Str,
+    Template,
+)
 from runtime.errors import ArtifactError
 from runtime.families import ARCHITECTURES as RUNTIME_ARCHITECTURES
 from runtime.families import FIXED_FAMILIES, get_family
-from runtime.artifact.rules import (FLOAT_DTYPES, MAX_IDS, MAX_IMAGE_SIDE, RESAMPLES, TENSOR_DTYPES, Bool, Const,
-                                    Context, Dim, Files, Int, Invalid, ListOf, Nullable, Num, Obj, RelPath, Rule, Str,
-                                    Template)
 from runtime.stages import DYNAMIC_DIMS, KV_CACHE_FORMS, SHARED_HEAD_MULTIPLE, StageSpec, kv_cache_form
 
 

@@ -24,9 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.artifact.manifest import FORMAT, MANIFEST, MAX_MANIFEST_BYTES
 from runtime.artifact.verified_files import read_bounded
+from runtime.errors import ArtifactError, Blip2EdgeError
 
 log = logging.getLogger(__name__)
 

@@ -122,8 +122,12 @@ def _module_version() -> str | None:
 
 def environment_checks(env: Environment) -> list[Check]:
     """What the machine can do, as checks: a skip says what to install."""
-    from runtime.backends.tensorrt.versions import (UnsupportedVersionError, check_cuda_python_version, check_driver,
-                                                    check_tensorrt_version)
+    from runtime.backends.tensorrt.versions import (
+        UnsupportedVersionError,
+        check_cuda_python_version,
+        check_driver,
+        check_tensorrt_version,
+    )
 
     checks = []
     if env.gpu:

@@ -18,9 +18,21 @@ import numpy as np
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.generation.kv_cache import KVCacheDecoder
 from runtime.generation.shared_kv_cache import SharedKVCacheDecoder, check_placement
-from runtime.stages import (ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PAST_KV_SHAPE, POSITION_IDS, PRESENT_KV_SHAPE,
-                            SEQLENS_K, SHARED_KV_SHAPE, TOTAL_SEQUENCE_LENGTH, StageSpec, TensorSpec, kv_cache_form,
-                            kv_names)
+from runtime.stages import (
+    ATTENTION_MASK,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PAST_KV_SHAPE,
+    POSITION_IDS,
+    PRESENT_KV_SHAPE,
+    SEQLENS_K,
+    SHARED_KV_SHAPE,
+    TOTAL_SEQUENCE_LENGTH,
+    StageSpec,
+    TensorSpec,
+    kv_cache_form,
+    kv_names,
+)
 
 
 def decoder_spec(num_layers: int, past_shape: tuple = PAST_KV_SHAPE,

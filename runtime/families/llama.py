@@ -18,7 +18,6 @@ from __future__ import annotations
 from runtime.families.decoder_only import DecoderOnlyFamily
 from runtime.stages import PAST_GQA_KV_SHAPE, PRESENT_GQA_KV_SHAPE, SHARED_GQA_KV_SHAPE
 
-
 # ONNX Runtime's GroupQueryAttention applies the rotary embedding itself (do_rotary) for head sizes
 # that are multiples of 16 only (its CPU kernel refuses others at run time).
 GQA_ROTARY_HEAD_MULTIPLE = 16

@@ -19,8 +19,17 @@ the ITM softmax) is numpy in runtime/retriever.py.
 from __future__ import annotations
 
 from runtime.families.base import Family
-from runtime.stages import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS,
-                            VISION, StageSpec, TensorSpec)
+from runtime.stages import (
+    ATTENTION_MASK,
+    IMAGE_EMBEDS,
+    INPUT_IDS,
+    ITC_IMAGE_EMBEDS,
+    ITC_TEXT_EMBEDS,
+    ITM_LOGITS,
+    VISION,
+    StageSpec,
+    TensorSpec,
+)
 
 _IMAGE_EMBEDS = TensorSpec(IMAGE_EMBEDS, "float", ("batch", "num_patches", "vision_hidden"))
 _TEXT = (TensorSpec(INPUT_IDS, "int64", ("batch", "sequence")), TensorSpec(ATTENTION_MASK, "int64", ("batch", "sequence")))

@@ -29,8 +29,18 @@ import numpy as np
 
 from runtime.families.base import Family, LLMInputs, pad_prompts, query_first
 from runtime.generation.kv_cache import CachedDecoder
-from runtime.stages import (ATTENTION_MASK, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, INPUTS_EMBEDS, LOGITS,
-                            PAST_KV_SHAPE, PRESENT_KV_SHAPE, StageSpec, TensorSpec, kv_names)
+from runtime.stages import (
+    ATTENTION_MASK,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PAST_KV_SHAPE,
+    PRESENT_KV_SHAPE,
+    StageSpec,
+    TensorSpec,
+    kv_names,
+)
 
 HIDDEN = ("batch", "encoder_sequence", "text_hidden")
 CROSS = ("batch", "num_heads", "encoder_sequence", "head_dim")

@@ -55,10 +55,10 @@ def _retriever(location: str):
 
 
 def run_index(args) -> int:
+    from runtime.cli.progress import Progress
     from runtime.index.db import IndexDb
     from runtime.index.indexer import update_index
     from runtime.preprocess import check_max_pixels
-    from runtime.cli.progress import Progress
 
     max_pixels = check_max_pixels(args.max_image_pixels, "--max-image-pixels")
     if not Path(args.photos).is_dir():  # before loading the model

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from runtime.artifact.atomic_file import write_temp
-from runtime.errors import ArtifactError
 from runtime.artifact.verified_files import cache_file, read_bounded
+from runtime.errors import ArtifactError
 
 KEY_BYTES = 32
 

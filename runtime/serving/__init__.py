@@ -5,7 +5,8 @@
 
 The serving model is a thin layer over Blip2Pipeline: `jobs` turns one request's tensors into a
 checked job (or a client error) and runs a dynamic batch grouped by generation options;
-`triton_model` (with `pipeline_model`, `streaming`, `ensemble_steps`) is what Triton's Python backend runs; `model_config` and `repository` write the
-model repository; `server` finds and starts the tritonserver binary. Nothing here is imported by
-the rest of the runtime, and nvidia-pytriton is only located (never imported) by `server`.
+`triton_model` (with `pipeline_model`, `streaming`, `ensemble_steps`) is what Triton's Python
+backend runs; `model_config`, `repository` and `ensemble` write the model repository; `server`
+finds and starts the tritonserver binary. Nothing here is imported by the rest of the runtime,
+and nvidia-pytriton is only located (never imported) by `server`.
 """

@@ -76,9 +76,9 @@ def _batching(args):
 
 
 def _models(args):
+    from runtime.generation.shared_kv_cache import check_artifact_placement
     from runtime.preprocess import check_max_pixels
     from runtime.serving.repository import load_checked, model_names
-    from runtime.generation.shared_kv_cache import check_artifact_placement
 
     if args.max_image_pixels is not None:
         check_max_pixels(args.max_image_pixels, "--max-image-pixels")
@@ -139,9 +139,7 @@ def _announce_when_ready(url: str, names: list[str], proc: subprocess.Popen) -> 
 
 def run_serve(args) -> int:
     from runtime.serving import server
-    from runtime.serving.repository import write_serving_repo
-
-    from runtime.serving.repository import model_names
+    from runtime.serving.repository import model_names, write_serving_repo
 
     _check_ports(args)
     batching = _batching(args)

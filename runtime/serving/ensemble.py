@@ -20,9 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-
-from runtime.errors import OptionError
 from runtime.artifact.manifest import Manifest
+from runtime.errors import OptionError
 from runtime.serving.model_config import BatchingSettings, python_model_config, quote
 from runtime.serving.repository import ARTIFACTS, copy_artifacts, link_or_copy, serving_params, write_model
 

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from runtime.errors import ArtifactError, OptionError
 from runtime.artifact.manifest import MANIFEST, Manifest, load_manifest
+from runtime.errors import ArtifactError, OptionError
 from runtime.serving.model_config import BatchingSettings, python_model_config
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a safe directory name and URL path segment

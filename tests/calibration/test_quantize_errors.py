@@ -47,7 +47,8 @@ def test_folder_loader_is_recursive_deterministic_and_skips_unreadable(tmp_path)
     for sub in ("a", "b/c"):
         (tmp_path / sub).mkdir(parents=True)
     for i in range(20):
-        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(tmp_path / ("a" if i % 2 else "b/c") / f"{i}.{'png' if i % 3 else 'bmp'}")
+        name = f"{i}.{'png' if i % 3 else 'bmp'}"
+        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(tmp_path / ("a" if i % 2 else "b/c") / name)
     (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "a" / "empty.webp").write_bytes(b"")
     one = folder_source(tmp_path, 10, seed=3, held_out=20)

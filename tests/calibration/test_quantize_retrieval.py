@@ -13,8 +13,8 @@ from calibration.gates import GateError, Gates
 from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
 from runtime import synthetic
-from runtime.errors import Blip2EdgeError
 from runtime.artifact.manifest import load_manifest
+from runtime.errors import Blip2EdgeError
 from runtime.retriever import Blip2Retriever
 
 QUIET = dict(log=lambda s: None)

@@ -61,8 +61,9 @@ def test_estimate_matches_the_weights_of_real_artifacts(llama_precisions, llama_
         for stage, value in est["stages"].items():
             real = initializer_bytes(m.stage_file(stage))
             # Random init leaves every norm weight at 1 and every bias at 0, and torch's exporter
-            # stores identical initializers once (a real checkpoint's differ); and a tiny INT8 visual graph is half small float tensors (norms,
-            # positions, Q/DQ scalars): loose there. The LLM, where a real model's bytes are, is tight.
+            # stores identical initializers once (a real checkpoint's differ); and a tiny INT8 visual
+            # graph is half small float tensors (norms, positions, Q/DQ scalars): loose there. The LLM,
+            # where a real model's bytes are, is tight.
             tolerance = 0.02 if stage == "decoder" else 0.25
             assert abs(value - real) <= tolerance * real, (precision, stage, value, real)
         assert est["embeddings"] == m.data["embeddings"]["shape"][0] * m.data["embeddings"]["shape"][1] * \

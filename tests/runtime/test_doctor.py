@@ -48,7 +48,8 @@ def test_nothing_installed_is_skipped_with_what_to_install():
 
 
 def test_jetpack_6_0_and_cuda_python_13_and_an_old_driver_fail_in_one_line_each():
-    checks = by_name(environment_checks(env(tensorrt="8.6.2.3", cuda_python="13.0.1", jetson={"l4t": "36.3.0", "jetpack": "6.0 (TensorRT 8.6)"})))
+    jetson = {"l4t": "36.3.0", "jetpack": "6.0 (TensorRT 8.6)"}
+    checks = by_name(environment_checks(env(tensorrt="8.6.2.3", cuda_python="13.0.1", jetson=jetson)))
     assert checks["gpu"].status == PASS
     assert checks["tensorrt"].status == FAIL and "TensorRT 8.6.2.3 is too old" in checks["tensorrt"].detail
     assert checks["cuda-python"].status == FAIL and "cuda-python 13.0.1" in checks["cuda-python"].detail

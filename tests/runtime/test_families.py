@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from exporter.validate import validation_images
+from runtime.artifact.manifest import load_manifest
 from runtime.errors import ArtifactError
 from runtime.families import family_for, get_family, known_families
-from runtime.artifact.manifest import load_manifest
 from runtime.pipeline import Blip2Pipeline
 
 # An OPT artifact directory written by the exporter of commit 07e04dc (before families): its

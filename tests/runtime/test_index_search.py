@@ -10,10 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.index import IndexDb, PhotoSearch, update_index
-from runtime.index import ann, exact
-from runtime.index.db import EMBEDDING_DTYPE
 from runtime.errors import OptionError
+from runtime.index import IndexDb, PhotoSearch, ann, exact, update_index
+from runtime.index.db import EMBEDDING_DTYPE
 from tests.conftest import run_cli
 from tests.runtime.index_photos import write_photos
 

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 
-from runtime.errors import ArtifactError
-from runtime.families import family_for, get_family
 from runtime.artifact.manifest import load_manifest
 from runtime.artifact.schema import validate
+from runtime.errors import ArtifactError
+from runtime.families import family_for, get_family
 from tests.conftest import run_cli
 from tests.runtime.test_manifest_schema import DELETE, _set
 

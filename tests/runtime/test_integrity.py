@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import ArtifactError
 from runtime.artifact.manifest import load_manifest, sha256_file
+from runtime.errors import ArtifactError
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 from calibration.quantize import QuantizeOptions, quantize
+from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.backends.tensorrt.engines import StaleEngineError, engine_dir, find_engine
 from runtime.errors import ArtifactError, Blip2EdgeError
-from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from tests.runtime.test_tensorrt import ORIN, add_vision_engine
 

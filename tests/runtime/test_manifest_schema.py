@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import ArtifactError
 from runtime.artifact.manifest import load_manifest
 from runtime.artifact.schema import ARCHITECTURES, FAMILIES, validate
+from runtime.errors import ArtifactError
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime import synthetic
 from runtime.errors import Blip2EdgeError
 from runtime.profiling.profiler import STAGES, ProfileOptions, profile_artifacts
 from runtime.profiling.report import check_output_path
 from runtime.profiling.stats import duration_stats
 from runtime.profiling.tegrastats import parse_line, tegrastats_summary
-from runtime import synthetic
 from tests.conftest import REPO, run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 

@@ -17,8 +17,18 @@ import pytest
 from PIL import Image
 
 from runtime.synthetic import make_scenes
-from tests.runtime.serving_support import (REQUEST_TIMEOUT_S, STOP_TIMEOUT_S, bomb_png, free_ports, http_status,
-                                           inputs, png_bytes, running, serve_command, serve_python_env)
+from tests.runtime.serving_support import (
+    REQUEST_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    bomb_png,
+    free_ports,
+    http_status,
+    inputs,
+    png_bytes,
+    running,
+    serve_command,
+    serve_python_env,
+)
 
 QUESTION = "Question: what colour is the shape? Answer:"
 

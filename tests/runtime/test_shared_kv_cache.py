@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from runtime import synthetic
-from runtime.generation import shared_kv_cache as shared_kv_decoder
-from runtime.errors import OptionError
 from runtime.artifact.manifest import MANIFEST, load_manifest
+from runtime.errors import OptionError
+from runtime.generation import shared_kv_cache as shared_kv_decoder
 from runtime.pipeline import Blip2Pipeline
 from tests.conftest import run_cli
 from tests.runtime.test_parity import PROMPTS_MIXED, hf_generate, images

@@ -17,8 +17,8 @@ import torch
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from runtime import synthetic
-from runtime.pipeline import Blip2Pipeline
 from runtime.generation.stopping import clip
+from runtime.pipeline import Blip2Pipeline
 from tests.conftest import REPO
 
 MODES = {

@@ -9,10 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.backends.tensorrt.engines import (DeviceInfo, StaleEngineError, engine_dir, find_engine,
-                                               ort_trt_cache_dir, source_graph_sha, write_engine_manifest)
-from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.artifact.manifest import load_manifest, sha256_file
+from runtime.backends.tensorrt.engines import (
+    DeviceInfo,
+    StaleEngineError,
+    engine_dir,
+    find_engine,
+    ort_trt_cache_dir,
+    source_graph_sha,
+    write_engine_manifest,
+)
+from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 

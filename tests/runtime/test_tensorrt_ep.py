@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.backends.onnxrt import (OrtRunner, check_provider, cuda_provider, profile_option, required_provider,
-                                     tensorrt_provider)
+from runtime.artifact.manifest import load_manifest
+from runtime.backends.onnxrt import OrtRunner, check_provider, cuda_provider, profile_option, required_provider, tensorrt_provider
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.errors import Blip2EdgeError
-from runtime.artifact.manifest import load_manifest
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 

@@ -101,10 +101,10 @@ def test_tensorrt_captions_equal_cpu_and_two_threads_equal_sequential(built):
 
 @needs_trt
 def test_a_shape_outside_the_profile_is_refused_naming_the_flag(built):
+    from runtime.artifact.manifest import load_manifest
     from runtime.backends.tensorrt.engines import find_engine
     from runtime.backends.tensorrt.runner import TrtRunner, device_info
     from runtime.backends.tensorrt.shapes import ProfileShapeError
-    from runtime.artifact.manifest import load_manifest
 
     m = load_manifest(built)
     with TrtRunner(find_engine(m, "vision", device_info()), m.stages["vision"]) as runner:

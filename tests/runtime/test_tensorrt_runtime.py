@@ -9,15 +9,13 @@ import types
 
 import pytest
 
+from runtime.artifact.manifest import load_manifest
 from runtime.backends.tensorrt import versions
-from runtime.backends.tensorrt.builder import (BuildOptions, attach_timing_cache, network_flags,
-                                               serialized_timing_cache)
+from runtime.backends.tensorrt.builder import BuildOptions, attach_timing_cache, network_flags, serialized_timing_cache
 from runtime.backends.tensorrt.pool import DeviceBuffers, SlotPool
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.backends.tensorrt.shapes import ProfileShapeError, batch_limit, batch_slices, check_shapes
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.artifact.manifest import load_manifest
-
 
 # ---- versions ---------------------------------------------------------------------------------
 

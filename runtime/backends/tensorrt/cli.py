@@ -117,13 +117,18 @@ def run(args) -> int:
     from runtime.backends.tensorrt.versions import import_tensorrt
 
     import_tensorrt("blip2-edge build-engines")  # missing or unsupported: one line naming what to install
-    from runtime.backends.tensorrt.builder import build_engine
-    from runtime.backends.tensorrt.profiles import stage_profile
     from runtime.artifact.atomic_file import replace_file
-    from runtime.backends.tensorrt.engines import (StaleEngineError, engine_dir, find_engine, source_graph_sha,
-                                                   write_engine_manifest)
-    from runtime.backends.tensorrt.runner import device_info
     from runtime.artifact.confinement import confined_path
+    from runtime.backends.tensorrt.builder import build_engine
+    from runtime.backends.tensorrt.engines import (
+        StaleEngineError,
+        engine_dir,
+        find_engine,
+        source_graph_sha,
+        write_engine_manifest,
+    )
+    from runtime.backends.tensorrt.profiles import stage_profile
+    from runtime.backends.tensorrt.runner import device_info
 
     device = device_info()
     # Written inside the artifact directory only, whatever symlinks it holds.

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from runtime.artifact.atomic_file import replace_file
 from runtime.artifact.confinement import confined_path
-from runtime.errors import ArtifactError, Blip2EdgeError
 from runtime.artifact.manifest import Manifest, graph_digest
 from runtime.artifact.schema import Obj, Str, check_rule
 from runtime.artifact.verified_files import open_regular, read_bounded
+from runtime.errors import ArtifactError, Blip2EdgeError
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_SCHEMA = 1
