@@ -28,6 +28,7 @@ from runtime.images import ImageInput, as_image, image_batch
 from runtime.loaded_artifact import FromArtifact, LoadedArtifact
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
+from runtime.tokenizer import check_text
 
 __all__ = ["BACKENDS", "VISUAL_STAGES", "Blip2Pipeline", "ImageInput", "Result"]
 
@@ -162,10 +163,12 @@ class Blip2Pipeline:
             yield final[len(emitted):]
 
     def vqa_prompt(self, question: str) -> str:
-        return self.prompts["vqa"].format(question)
+        return self.prompts["vqa"].format(check_text(question, "question"))
 
     def caption_prompt(self, prefix: str | None) -> str:
-        return self.prompts["caption"] if not prefix else self.prompts["caption_prefix"].format(prefix)
+        if prefix is None or prefix == "":
+            return self.prompts["caption"]
+        return self.prompts["caption_prefix"].format(check_text(prefix, "prompt"))
 
     # ---- the pipeline -----------------------------------------------------------------------
 
@@ -253,6 +256,8 @@ class Blip2Pipeline:
             raise OptionError(f"{len(query)} query rows but {len(prompts)} prompts")
         if not len(prompts):
             return []
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}")
         opts = self.options(**generation)
         return run(self._decode_steps(query, prompts, opts, {}, time.perf_counter(), settle=False))
 
@@ -271,6 +276,8 @@ class Blip2Pipeline:
             raise OptionError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             return []
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}")
         opts = opts if opts is not None else self.options(**generation)
         self.check_prompts(prompts)  # before any stage runs
         t_start = time.perf_counter()

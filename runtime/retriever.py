@@ -37,6 +37,7 @@ from runtime.images import ImageInput, as_image, image_batch
 from runtime.loaded_artifact import FromArtifact, LoadedArtifact
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.stages import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS, PIXEL_VALUES
+from runtime.tokenizer import check_text
 
 DEFAULT_BATCH = 16
 
@@ -45,11 +46,7 @@ def _text_batch(texts) -> list[str]:
     """A list of strings; a single string is refused rather than iterated over."""
     if isinstance(texts, (str, bytes)):
         raise OptionError("texts must be a list of strings, got a single string; pass [text] for one text")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise OptionError(f"text {i}: a {type(t).__name__}; expected a string")
-    return texts
+    return [check_text(t, f"text {i}") for i, t in enumerate(texts)]
 
 
 def similarity(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:

@@ -7,10 +7,25 @@ from typing import Sequence
 
 from tokenizers import Tokenizer, decoders
 
+from runtime.errors import ArtifactError, OptionError
+
 # transformers' clean_up_tokenization, applied when the source tokenizer asked for it.
 _CLEANUPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 _STATIC_PREFIX = "abcdef"  # transformers' StopStringCriteria decodes each token behind this
+
+
+def check_text(text, name: str) -> str:
+    """`text` as a tokenizer can take it, or an OptionError naming the argument: a string (not
+    bytes or None) that encodes to UTF-8 (no lone surrogates, which undecodable bytes become)."""
+    if not isinstance(text, str):
+        raise OptionError(f"{name}: a {type(text).__name__}; expected a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise OptionError(f"{name}: not valid Unicode text (an unpaired surrogate {text[exc.start]!r} at "
+                          f"position {exc.start}); pass text that encodes to UTF-8") from None
+    return text
 
 
 class TextTokenizer:
@@ -18,7 +33,11 @@ class TextTokenizer:
     are recorded in the manifest) and decodes without special tokens."""
 
     def __init__(self, path: Path, spec: dict):
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise ArtifactError(f"{path}: not a tokenizer file the tokenizers library can read "
+                                f"({' '.join(str(exc).split())})") from None
         self.prefix_ids: list[int] = list(spec["prefix_ids"])
         self.suffix_ids: list[int] = list(spec["suffix_ids"])
         self.cleanup = bool(spec.get("clean_up_tokenization_spaces", False))
@@ -38,6 +57,7 @@ class TextTokenizer:
             if getattr(self._tok.model, "byte_fallback", False) else frozenset()
 
     def encode(self, text: str) -> list[int]:
+        check_text(text, "text")
         return self.prefix_ids + self._tok.encode(text, add_special_tokens=False).ids + self.suffix_ids
 
     def settled_ids(self, ids: Sequence[int]) -> Sequence[int]:

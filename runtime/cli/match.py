@@ -12,6 +12,7 @@ import json
 import warnings
 
 from runtime.cli.generate import _integer, add_thread_options, text_argument, thread_settings
+from runtime.errors import OptionError
 
 
 def register(sub) -> None:
@@ -38,6 +39,9 @@ def run(args) -> int:
         DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels, "--max-image-pixels")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     texts = [text_argument(t, f"text {i}") for i, t in enumerate(args.texts)]
+    for i, text in enumerate(texts):
+        if not text.strip():  # as `search` refuses an empty query
+            raise OptionError(f"text {i} is empty")
     retriever = Blip2Retriever.from_artifacts(args.artifacts, device=args.device, threads=thread_settings(args))
     retriever.encode_texts(texts)  # a text the model cannot take fails before the image is read
     image = retriever.preprocessing.load(args.image, max_pixels)

@@ -64,7 +64,7 @@ def rebuild_if_needed(db: IndexDb, record: ModelRecord, threshold: int, chunk: i
     images and the stored one is stale, dropped below. Returns what was done, for the report."""
     count = db.count_images()
     with db.errors():
-        row = db.conn.execute("SELECT generation, kind FROM ann WHERE id = 1").fetchone()
+        row = db.conn.execute(f"SELECT generation, {_KIND_BYTES} FROM ann WHERE id = 1").fetchone()
     generation = db.generation()
     if count < threshold:
         if row is not None:
@@ -72,7 +72,7 @@ def rebuild_if_needed(db: IndexDb, record: ModelRecord, threshold: int, chunk: i
                 c.execute("DELETE FROM ann")
             return "dropped"
         return "none"
-    if row is not None and row[0] == generation and row[1] == KIND and _sealed_graph(db) is not None:
+    if row is not None and row[0] == generation and row[1] == KIND.encode() and _sealed_graph(db) is not None:
         return "current"
     try:
         graph_seal.key()
@@ -88,12 +88,16 @@ def rebuild_if_needed(db: IndexDb, record: ModelRecord, threshold: int, chunk: i
 
 
 SEAL_KEY = "ann_seal"  # meta key: the graph's HMAC (runtime/index/graph_seal.py)
+# The ann row's text columns read as bytes: a damaged row (text that is not UTF-8 where a blob or
+# the kind should be) must leave search exact, not fail SQLite's decoding of every query.
+_KIND_BYTES = "CAST(kind AS BLOB)"
+_DATA_BYTES = "CAST(data AS BLOB)"
 
 
 def _sealed_graph(db: IndexDb) -> bytes | None:
     """The stored graph's bytes if this user's key sealed them, else None (never restored)."""
     with db.errors():
-        row = db.conn.execute("SELECT data FROM ann WHERE id = 1").fetchone()
+        row = db.conn.execute(f"SELECT {_DATA_BYTES} FROM ann WHERE id = 1").fetchone()
     if row is None or not isinstance(row[0], bytes):
         return None
     try:
@@ -106,8 +110,8 @@ def _sealed_graph(db: IndexDb) -> bytes | None:
 def load(db: IndexDb, expansion_search: int):
     """The stored graph if it is current, else None (search falls back to exact)."""
     with db.errors():
-        row = db.conn.execute("SELECT generation, kind, data FROM ann WHERE id = 1").fetchone()
-    if row is None or row[0] != db.generation() or row[1] != KIND:
+        row = db.conn.execute(f"SELECT generation, {_KIND_BYTES} FROM ann WHERE id = 1").fetchone()
+    if row is None or row[0] != db.generation() or row[1] != KIND.encode():
         return None
     data = _sealed_graph(db)
     if data is None:  # not built by this user (a crafted blob can crash usearch): stay exact

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from runtime.cli.generate import _integer
+from PIL import Image
+
+from runtime.cli.generate import _integer, text_argument
+from runtime.cli.progress import Progress
+from runtime.errors import ArtifactError, OptionError
 from runtime.index import ann, exact
-from runtime.index.search import MODES
-from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from runtime.index.db import IndexDb, IndexDbError
+from runtime.index.indexer import update_index
+from runtime.index.search import MODES, PhotoSearch
+from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
+from runtime.retriever import Blip2Retriever
 
 
 def register(sub) -> None:
@@ -48,22 +56,16 @@ def register(sub) -> None:
     p.set_defaults(run=run_search)
 
 
-def _retriever(location: str):
-    from runtime import Blip2Retriever
-
+def _retriever(location: str) -> Blip2Retriever:
     return Blip2Retriever.from_artifacts(location)
 
 
 def run_index(args) -> int:
-    from runtime.cli.progress import Progress
-    from runtime.index.db import IndexDb
-    from runtime.index.indexer import update_index
-    from runtime.preprocess import check_max_pixels
-
     max_pixels = check_max_pixels(args.max_image_pixels, "--max-image-pixels")
+    # --max-image-pixels is the check here (a refused image is listed with its file name); Pillow's
+    # own warning above 89 Mpx, which names no file, would only repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     if not Path(args.photos).is_dir():  # before loading the model
-        from runtime.errors import OptionError
-
         raise OptionError(f"{args.photos}: not a directory (index takes the folder of photos)")
     retriever = _retriever(args.artifacts)
     show = args.progress or sys.stderr.isatty()
@@ -88,20 +90,14 @@ def run_index(args) -> int:
 
 
 def run_search(args) -> int:
-    from runtime.index.db import IndexDb
-    from runtime.index.search import PhotoSearch
-
+    text_argument(args.text, "TEXT")  # undecodable bytes on the command line, before any work
     db = IndexDb.open(args.db)
     try:
         record = db.model()
         if record is None:
-            from runtime.index.db import IndexDbError
-
             raise IndexDbError(f"{args.db}: empty photo index (run `blip2-edge index MODEL PHOTOS --db {args.db}`)")
         location = args.model or record.location
         if not args.model and not os.path.isdir(location):
-            from runtime.errors import ArtifactError
-
             raise ArtifactError(f"{args.db} was made with the model at {location}, which is not there any more: "
                                 "pass its new place with --model DIR")
         searcher = PhotoSearch(db, _retriever(location), location, mode=args.mode, chunk=args.chunk,

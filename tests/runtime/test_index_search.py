@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from runtime.errors import OptionError
 from runtime.index import IndexDb, PhotoSearch, ann, exact, update_index
 from runtime.index.db import EMBEDDING_DTYPE
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.runtime.index_photos import write_photos
 
 TEXTS = ["a big red square on the left", "small blue", "a green striped square at the bottom of the picture"]
@@ -176,6 +178,31 @@ def test_a_graph_this_user_did_not_seal_is_never_restored(retriever, retrieval_t
     write_photos(photos / "more", 1, seed=9)
     assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann.startswith("none")
     db.close()
+
+
+@pytest.mark.parametrize("column", ["data", "kind"])
+def test_a_damaged_graph_row_leaves_search_exact(retriever, retrieval_tiny_artifacts, tmp_path, column):
+    """Text that is not UTF-8 where the graph's blob (or its kind) should be: SQLite cannot decode
+    it as text, and search must stay exact instead of failing; the next index run rebuilds it."""
+    photos = tmp_path / "photos"
+    write_photos(photos, 12, seed=5)
+    db = IndexDb.open(tmp_path / "p.db", create=True)
+    assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann == "built"
+    with db.transaction() as c:
+        c.execute(f"UPDATE ann SET {column} = CAST(x'c3287f' AS TEXT)")  # an invalid UTF-8 sequence
+    search = PhotoSearch(db, retriever, retrieval_tiny_artifacts)
+    assert search.mode == "exact" and len(search.search(TEXTS[0], top=3)) == 3
+    assert update_index(db, retriever, photos, retrieval_tiny_artifacts, ann_threshold=10).ann == "built"
+    assert PhotoSearch(db, retriever, retrieval_tiny_artifacts).mode == "approximate"
+    db.close()
+
+
+def test_undecodable_search_text_is_one_line(library, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "search", str(library[1] / "photos.db"),
+                           b"red \xff\xfe square"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: TEXT: not valid text"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_index_and_search_commands(retriever, retrieval_tiny_artifacts, tmp_path):

@@ -297,3 +297,36 @@ def test_write_manifest_fills_in_checksums(copy):
     write_manifest(copy, {**data, "files": sorted(listed)})  # a writer's list of files -> {file: sha256}
     assert json.loads((copy / MANIFEST).read_text())["files"] == listed
     assert Blip2Pipeline.from_artifacts(copy).embed_table.shape == (512, 32)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_artifacts", "t5_tiny_artifacts", "retrieval_tiny_artifacts"])
+@pytest.mark.parametrize("content", ['{"version": "1.0"}', "[]", '{"model": 3}'])
+def test_a_tokenizer_json_that_is_not_a_tokenizer_names_the_file(request, tmp_path, fixture, content):
+    """Valid JSON, hash updated in the manifest, but not a tokenizer: one line naming the file."""
+    from runtime.artifact.manifest import MANIFEST, write_manifest
+
+    art = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "art")
+    (art / "tokenizer.json").write_text(content)
+    data = json.loads((art / MANIFEST).read_text())
+    write_manifest(art, {**data, "files": sorted(data["files"])})
+    command = ("match", art, tmp_path / "x.png", "a red square") if fixture.startswith("retrieval") \
+        else ("caption", art, tmp_path / "x.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert_one_line_error(run_cli(*command), "tokenizer.json: not a tokenizer file")
+
+
+def test_undecodable_text_through_the_api_names_the_argument(tiny_artifacts, retrieval_tiny_artifacts):
+    from runtime import Blip2Retriever
+    from runtime.errors import OptionError
+
+    pipe = Blip2Pipeline.from_artifacts(tiny_artifacts)
+    image = Image.new("RGB", (8, 8))
+    cases = [(lambda: pipe.ask([image], "what \ud800 is it?"), "question"),
+             (lambda: pipe.caption([image], prompt="a \udcff photo"), "prompt"),
+             (lambda: list(pipe.stream(image, question="\ud800")), "question"),
+             (lambda: pipe.generate([image, image], ["fine", b"bytes"]), "prompt 1"),
+             (lambda: pipe.ask([image], None), "question"),
+             (lambda: Blip2Retriever.from_artifacts(retrieval_tiny_artifacts).itc([image], ["ok", "\ud800"]), "text 1")]
+    for call, name in cases:
+        with pytest.raises(OptionError, match=f"^{name}: "):
+            call()

@@ -4,6 +4,7 @@ holds several full-size images. Memory is measured as the process's peak RSS, no
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import sys
@@ -82,3 +83,18 @@ def test_raised_limit_processes_a_batch_one_full_size_image_at_a_time(toy_artifa
     assert "warning" not in proc.stderr  # Pillow's bomb warning would only repeat our limit
     # Holding the three decoded images until the batch runs needs over 3 x 412 MiB.
     assert peak_mb < 2 * DECODED_MB, peak_mb
+
+
+def test_index_names_the_file_it_refuses_and_prints_no_nameless_warning(retrieval_tiny_artifacts, big_png, tmp_path):
+    """Pillow warns of a decompression bomb above 89 Mpx without naming the file; index refuses
+    the 144-Mpx image from its header and lists it by name, with no warning line besides."""
+    from tests.conftest import run_cli
+    from tests.runtime.index_photos import write_photos
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 2)
+    shutil.copy(big_png, photos / "big.png")
+    proc = run_cli("index", retrieval_tiny_artifacts, photos, "--db", tmp_path / "p.db")
+    assert proc.returncode == 0, proc.stderr
+    assert "DecompressionBomb" not in proc.stderr and "warning" not in proc.stderr.lower(), proc.stderr
+    assert f"{photos / 'big.png'}: refused, 12000x12000" in proc.stdout

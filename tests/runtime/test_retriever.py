@@ -122,6 +122,7 @@ def test_match_cli(retrieval_tiny_artifacts, image_file):
     (lambda a, i, t: (a, i, "word " * 80), "the model takes at most 64"),
     (lambda a, i, t: (t / "nowhere", i, "x"), "not an artifact directory"),
     (lambda a, i, t: (a, a / "manifest.json", "x"), "not an image Pillow can read"),
+    (lambda a, i, t: (a, i, "a red square", " "), "text 1 is empty"),  # as `search` refuses it
 ])
 def test_match_cli_errors(retrieval_tiny_artifacts, image_file, tmp_path, args, message):
     r = run_cli("match", *args(retrieval_tiny_artifacts, image_file, tmp_path))
