@@ -97,34 +97,92 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class OutputError(Blip2EdgeError):
+    """Standard output cannot be written (a full disk or device, an I/O error)."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a failed write or flush (not a closed pipe, which stops
+    quietly) becomes one OutputError line instead of an internal error."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to standard output ({exc.strerror or exc})") from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null so that the interpreter's final flush of what could not be
+    written does not complain again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file descriptor (an in-process caller)
+        pass
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, or an ImportError a library raised because Ctrl-C interrupted its import
+    (numpy's "IMPORTANT: PLEASE READ THIS")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    safe_text_streams()
-    args = build_parser(argv).parse_args(argv)
+    try:
+        safe_text_streams()
+        # Building the parser imports the chosen command's module (numpy, onnxruntime...): Ctrl-C
+        # at start-up lands here too.
+        args = build_parser(argv).parse_args(argv)
+    except BaseException as exc:
+        if _interrupted(exc):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
     debug = args.debug = bool(getattr(args, "debug", False))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
     if not debug:
         warnings.showwarning = _print_warning
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
         status = int(args.run(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        sys.stdout.flush()  # a closed pipe or a full disk shows here, not at interpreter exit
         return status
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as `cat` does. Point stdout at
-        # /dev/null so the interpreter's final flush does not complain again.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # stdout is not a file descriptor (an in-process caller)
-            pass
+        # The reader went away (`| head`): stop quietly, as `cat` does.
+        _silence_stdout()
         return SIGPIPE_EXIT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:
+        if _interrupted(exc):
+            print("interrupted", file=sys.stderr)
+            return 130
         if debug:
             raise
         # Only our own error classes are user errors (OptionError for bad values): a plain
         # ValueError, from numpy or from us, is a bug.
+        if isinstance(exc, OutputError):
+            _silence_stdout()
         if isinstance(exc, Blip2EdgeError):
             print(f"error: {exc}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)
@@ -132,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

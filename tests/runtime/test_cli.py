@@ -8,12 +8,15 @@ import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from runtime import synthetic
@@ -222,3 +225,47 @@ def test_deep_image_is_captioned_with_a_one_line_warning(toy_artifacts, tmp_path
     assert proc.returncode == 0 and proc.stdout.startswith(str(tmp_path / "deep.png")), proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'deep.png'}: mode I"), proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_stdout_is_one_line_and_a_non_zero_exit(toy_artifacts, tmp_path):
+    """`> /dev/full`: every write fails with ENOSPC; each command says so in one line (no
+    internal error, no complaint of the interpreter's final flush)."""
+    write_scenes(tmp_path, 2)
+    for extra in ((), ("--json",), ("--stream",)):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "runtime.cli", "caption", str(toy_artifacts), str(tmp_path),
+                                   *extra], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert proc.stderr == "error: cannot write to standard output (No space left on device)\n", (extra, proc.stderr)
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), "numpy"])
+def test_ctrl_c_while_the_command_module_is_imported_exits_130(monkeypatch, capsys, raised):
+    """Building the parser imports the chosen command's module (numpy, onnxruntime): Ctrl-C there,
+    or the ImportError numpy raises when Ctrl-C interrupts its own import, is 'interrupted'."""
+    def interrupted_import(name):
+        if raised == "numpy":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise ImportError("IMPORTANT: PLEASE READ THIS FOR ADVICE ON HOW TO SOLVE THIS ISSUE!")  # noqa: B904
+        raise raised
+
+    monkeypatch.setattr(importlib, "import_module", interrupted_import)
+    assert cli.main(["index", "model", "photos", "--db", "p.db"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.1, 0.2, 0.4])
+def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
+    """The real signal, sent while `index` imports numpy, onnxruntime and its modules (or, on a
+    fast machine, once it has failed on the missing folder)."""
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "index", str(tmp_path / "model"),
+                             str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 2) and "Traceback" not in err and "internal error" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted" if proc.returncode == 130 else err.startswith("error: ")
