@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.cli.outputs import check_output_file
 from runtime.errors import require
 
 
@@ -59,6 +60,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     require("onnx", "export", "blip2-edge quantize")
+    if args.calibration_cache is not None:  # written after calibration, which it would otherwise lose
+        check_output_file("--calibration-cache", args.calibration_cache)
     from calibration.llm import LLMOptions
     from calibration.quantize import QuantizeOptions, quantize
     from calibration.visual import VisualOptions

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime.artifact.atomic_file import replace_file
+from runtime.cli.outputs import check_output_file
 from runtime.doctor.environment import FAIL, PASS, SKIP, Check, environment_checks, probe
 
 EXIT_PROBLEMS = 1
@@ -84,14 +86,14 @@ def format_text(data: dict) -> str:
 
 
 def run(args) -> int:
+    if args.json is not None and str(args.json) != "-":
+        check_output_file("--json", args.json)  # before the checks, which it would otherwise lose
     data = report(args.artifacts, tuple(args.backend), args.build_engines)
     if args.json is not None and str(args.json) == "-":
         print(json.dumps(data, indent=2))
     else:
         print(format_text(data))
         if args.json is not None:
-            from runtime.artifact.atomic_file import replace_file
-
             replace_file(args.json, (json.dumps(data, indent=2) + "\n").encode())
     problems = [c for c in data["checks"] if c["status"] == FAIL]
     for c in problems:

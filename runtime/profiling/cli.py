@@ -8,6 +8,7 @@ from runtime import synthetic
 from runtime.artifact.memory import weights_line
 from runtime.backends.onnxrt import providers_for
 from runtime.cli.generate import add_thread_options, expand_images, text_argument, thread_settings
+from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError, ImageError, require, require_installed
 from runtime.preprocess import load_image
 from runtime.profiling import environment, report
@@ -66,7 +67,7 @@ def run(args) -> int:
                           prompt=args.prompt, device=args.device, backend=args.backend, threads=thread_settings(args))
     for flag in ("json", "csv", "trace", "plot"):  # checked before the runs, which they would lose
         if getattr(args, flag):
-            report.check_output_path(f"--{flag}", getattr(args, flag))
+            check_output_file(f"--{flag}", getattr(args, flag))
     if args.plot:
         require("matplotlib", "plot", "--plot")
     if args.reference:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError
 from runtime.profiling.profiler import STAGES
 
 
@@ -22,18 +20,6 @@ def stage_order(profiles: list[dict]) -> list[str]:
             if s not in order:  # right after the stage that precedes it in its own profile
                 order.insert(order.index(own[i - 1]) + 1 if i else 0, s)
     return order
-
-
-def check_output_path(flag: str, path: Path) -> None:
-    """Before any run: an output the profile could not write would otherwise lose all its runs."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise Blip2EdgeError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise Blip2EdgeError(f"{flag} {path}: directory {parent} is not writable")
-    if os.path.lexists(path) and not path.is_file():  # a directory, or a FIFO that would block
-        raise Blip2EdgeError(f"{flag} {path}: exists and is not a regular file")
 
 
 def _ms(v) -> str:

@@ -269,3 +269,17 @@ def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (130, 2) and "Traceback" not in err and "internal error" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted" if proc.returncode == 130 else err.startswith("error: ")
+
+
+@pytest.mark.parametrize("command", [
+    lambda art, out: ("doctor", art, "--json", out),
+    lambda art, out: ("quantize", art, out.parent.parent / "q", "--synthetic", "4", "--calibration-cache", out),
+    lambda art, out: ("build-engines", art, "--timing-cache", out),
+    lambda art, out: ("profile", art, "--synthetic", "1", "--runs", "1", "--json", out),
+])
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(toy_artifacts, tmp_path, command):
+    out = tmp_path / "no" / "such" / "dir" / "out.json"
+    proc = run_cli(*command(toy_artifacts, out))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "does not exist" in proc.stderr, proc.stderr
+    assert not (tmp_path / "no").exists()

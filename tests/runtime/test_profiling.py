@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from runtime import synthetic
+from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError
 from runtime.profiling.profiler import STAGES, ProfileOptions, profile_artifacts
-from runtime.profiling.report import check_output_path
 from runtime.profiling.stats import duration_stats
 from runtime.profiling.tegrastats import parse_line, tegrastats_summary
 from tests.conftest import REPO, run_cli
@@ -117,15 +117,15 @@ def test_output_paths_are_checked_before_any_run(toy_artifacts, tmp_path, flag):
     assert proc.stdout == ""  # no table: it failed before profiling, not after
 
 
-def test_check_output_path(tmp_path):
-    check_output_path("--json", tmp_path / "new.json")  # a new file in a writable directory
+def test_check_output_file(tmp_path):
+    check_output_file("--json", tmp_path / "new.json")  # a new file in a writable directory
     (tmp_path / "old.json").write_text("{}")
-    check_output_path("--json", tmp_path / "old.json")  # replaced
+    check_output_file("--json", tmp_path / "old.json")  # replaced
     with pytest.raises(Blip2EdgeError, match="--csv .*: exists and is not a regular file"):
-        check_output_path("--csv", tmp_path)
+        check_output_file("--csv", tmp_path)
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(Blip2EdgeError, match="--trace .*fifo: exists and is not a regular file"):
-        check_output_path("--trace", tmp_path / "fifo")
+        check_output_file("--trace", tmp_path / "fifo")
 
 
 def test_bad_arguments(toy_artifacts, tmp_path):

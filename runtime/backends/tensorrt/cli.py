@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError
 
 STAGES = ("vision", "qformer", "encoder", "cross_kv", "decoder")  # every family's; a manifest has some
@@ -110,6 +111,8 @@ def current_entries(directory: Path) -> dict:
 
 def run(args) -> int:
     opts = build_options(args)  # bad ranges or levels fail before TensorRT is needed
+    if opts.timing_cache is not None:
+        check_output_file("--timing-cache", opts.timing_cache)
     from runtime.artifact.manifest import load_manifest
 
     manifest = load_manifest(args.artifacts)
