@@ -173,7 +173,15 @@ class Blip2Pipeline:
     # ---- the pipeline -----------------------------------------------------------------------
 
     def options(self, **generation) -> GenerationOptions:
-        return self.defaults.updated(**generation)
+        """The defaults updated with `generation`, checked against this model: end-of-sequence
+        ids must be in its vocabulary (a logit the decoder never produces cannot end a row)."""
+        opts = self.defaults.updated(**generation)
+        vocab = int(self.model["vocab_size"])
+        outside = [i for i in opts.eos_token_ids or () if i >= vocab]
+        if outside:
+            raise GenerationOptionError("eos_token_ids", f"must be ids below the model's vocabulary size {vocab}, "
+                                                         f"got {', '.join(map(str, outside))}")
+        return opts
 
     def encode(self, images: Sequence[ImageInput], timings: dict,
                prompts: Sequence[str] | None = None) -> np.ndarray:

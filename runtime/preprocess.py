@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from runtime.artifact.verified_files import file_kind
 from runtime.errors import ImageError, OptionError
 
 # Images given as files are refused above this many pixels before they are decoded: a 12000x12000
@@ -124,6 +126,8 @@ def load_image(path: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_IM
         name = "image bytes" if encoded else str(path)
     path = name  # the messages below name it
     try:
+        if not encoded and not stat.S_ISREG(mode := os.stat(source).st_mode):  # /dev/zero, a FIFO: never read
+            raise ImageError(f"{path}: not an image file but {file_kind(mode)}")
         if (len(source.getbuffer()) if encoded else os.path.getsize(source)) == 0:
             raise ImageError(f"{path}: empty file")
         with Image.open(source) as im:  # reads the header only

@@ -25,7 +25,7 @@ import numpy as np
 from runtime.artifact.confinement import confined_path
 from runtime.artifact.external_data import external_data_locations
 from runtime.artifact.schema import check_manifest
-from runtime.artifact.verified_files import HASHES, FileIdentity, open_regular, read_bounded, sha256_file
+from runtime.artifact.verified_files import HASHES, FileIdentity, file_kind, open_regular, read_bounded, sha256_file
 from runtime.errors import ArtifactError
 
 __all__ = ["FORMAT", "HASHES", "MANIFEST", "SCHEMA_VERSION", "Manifest", "checksummed", "graph_digest",
@@ -202,7 +202,8 @@ def load_manifest(root: str | os.PathLike, verify: bool = True) -> Manifest:
     root = Path(root)
     mpath = root / MANIFEST
     if not root.is_dir():
-        raise ArtifactError(f"{root}: not an artifact directory (does not exist)")
+        what = file_kind(os.stat(root).st_mode) if os.path.exists(root) else "does not exist"
+        raise ArtifactError(f"{root}: not an artifact directory ({what})")
     data = _read_manifest(mpath)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a blip2-edge manifest")

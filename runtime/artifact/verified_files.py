@@ -50,21 +50,32 @@ class FileIdentity:
         return f"{self.device}:{self.inode}:{self.size}:{self.mtime_ns}:{self.ctime_ns}"
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file"))
+
+
+def file_kind(mode: int) -> str:
+    """What an st_mode is, for messages: 'a FIFO', 'a character device', 'a directory'..."""
+    return next((name for test, name in _KINDS if test(mode)), "not a file")
+
+
 def open_regular(path: str | os.PathLike, hint: str = "") -> int:
     """A read-only descriptor on `path` if it is a regular file; else an ArtifactError naming it.
     Never blocks: a FIFO is refused by stat before it is opened, and O_NONBLOCK covers a FIFO
     swapped in between (the fstat after opening refuses it too)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ArtifactError(f"{path}: not a regular file (a FIFO, device or directory is never read){hint}")
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(f"{path}: not a regular file but {file_kind(mode)}, which is never read{hint}")
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing{hint}") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot be read ({exc.strerror}){hint}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise ArtifactError(f"{path}: not a regular file (a FIFO, device or directory is never read){hint}")
+        raise ArtifactError(f"{path}: not a regular file but {file_kind(mode)}, which is never read{hint}")
     return fd
 
 

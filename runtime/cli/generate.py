@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from runtime.artifact.verified_files import file_kind
 from runtime.errors import ImageError, OptionError
 from runtime.images import IMAGE_SUFFIXES
 
@@ -117,6 +118,8 @@ def expand_images(items: list[str]) -> tuple[list[str], list[str]]:
             paths += found
         elif p.is_file():
             paths.append(item)
+        elif os.path.exists(item):  # a FIFO or a device: never read as an image
+            errors.append(f"{item}: not an image file but {file_kind(os.stat(item).st_mode)}")
         elif glob.has_magic(item):
             found = sorted(f for f in glob.glob(item, recursive=True) if Path(f).is_file())
             if not found:

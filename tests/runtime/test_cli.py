@@ -283,3 +283,38 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(toy_ar
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "does not exist" in proc.stderr, proc.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_messages_say_what_is_actually_wrong(toy_artifacts, tmp_path):
+    """A FIFO or a device given as an image is not 'missing' or 'empty', and a file given as the
+    artifact directory is not 'missing': each message names what the path is."""
+    from runtime.errors import ImageError
+    from runtime.pipeline import Blip2Pipeline
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    write_scenes(tmp_path / "imgs", 1)
+    for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
+        proc = run_cli("caption", toy_artifacts, path)
+        assert proc.returncode == 2 and proc.stderr == f"error: {path}: not an image file but {kind}\n", proc.stderr
+        with pytest.raises(ImageError, match=f"^{path}: not an image file but {kind}$"):
+            Blip2Pipeline.from_artifacts(toy_artifacts).caption([path])
+    note = tmp_path / "notes.txt"
+    note.write_text("not a model")
+    proc = run_cli("caption", note, tmp_path / "imgs")
+    assert proc.stderr == f"error: {note}: not an artifact directory (a regular file)\n", proc.stderr
+
+
+def test_end_of_sequence_ids_outside_the_vocabulary_are_refused(toy_artifacts):
+    from runtime.generation.options import GenerationOptionError
+    from runtime.pipeline import Blip2Pipeline
+
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
+    vocab = pipe.model["vocab_size"]
+    image = synthetic.make_scenes(1, seed=3)[0][1]
+    for call in (lambda: pipe.caption([image], eos_token_ids=(vocab,), min_new_tokens=2),
+                 lambda: list(pipe.stream(image, eos_token_ids=(2, 99999)))):
+        with pytest.raises(GenerationOptionError, match=f"eos_token_ids must be ids below the model's vocabulary "
+                                                        f"size {vocab}, got {vocab}|got 99999"):
+            call()
+    assert pipe.caption([image], eos_token_ids=(vocab - 1,))[0].text  # the last id is a valid one
