@@ -5,6 +5,8 @@ safetensors only unless the user allows pickle; `trust_remote_code` only when as
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,26 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
         )
 
 
+class _DropSlowProcessorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using a slow image processor")
+
+
+@contextmanager
+def _slow_image_processor_chosen():
+    """The slow BlipImageProcessor is the project's choice: runtime/preprocess.py reproduces it
+    exactly (the fast one resizes torch tensors, with other rounding). transformers' notice about
+    it is dropped; `use_fast=False` cannot say so, since the processor passes it on to
+    AutoTokenizer too, which would then load a slow tokenizer with no tokenizer.json."""
+    notice = _DropSlowProcessorNotice()
+    logger = logging.getLogger("transformers.processing_utils")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def load_model(model: str, opts: LoadOptions):
     """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
     import torch
@@ -121,7 +143,8 @@ def load_model(model: str, opts: LoadOptions):
             model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
             low_cpu_mem_usage=True, attn_implementation="eager", **common,
         )
-        processor = processor_class.from_pretrained(model, **common)
+        with _slow_image_processor_chosen():
+            processor = processor_class.from_pretrained(model, **common)
     except (OSError, ValueError) as exc:
         raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)

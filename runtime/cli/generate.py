@@ -150,6 +150,10 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stream and args.json:
+        raise OptionError("--stream prints text as it is generated and --json one object per image: choose one")
+    if args.stream and args.batch_size > 1:
+        raise OptionError("--stream runs one image at a time: leave out --batch-size")
     max_pixels = check_max_pixels(
         DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels, "--max-image-pixels")
     # --max-image-pixels is the check here; Pillow's own warning above 89 Mpx would only repeat it.
@@ -190,7 +194,7 @@ def _answer_files(pipe, paths: list[str], args, gen: dict, max_pixels: int) -> i
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        if args.stream and not args.json:
+        if args.stream:
             print(f"{path}: ", end="", flush=True)
             for piece in pipe.stream(image, prompt=getattr(args, "prompt", None), question=question, **gen):
                 print(piece, end="", flush=True)

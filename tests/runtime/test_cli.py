@@ -318,3 +318,20 @@ def test_end_of_sequence_ids_outside_the_vocabulary_are_refused(toy_artifacts):
                                                         f"size {vocab}, got {vocab}|got 99999"):
             call()
     assert pipe.caption([image], eos_token_ids=(vocab - 1,))[0].text  # the last id is a valid one
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--stream", "--json"), "--stream prints text as it is generated and --json one object per image"),
+    (("--stream", "--batch-size", "4"), "--stream runs one image at a time"),
+])
+def test_stream_with_flags_it_cannot_honour_is_refused(toy_artifacts, tmp_path, flags, message):
+    write_scenes(tmp_path, 2)
+    proc = run_cli("caption", toy_artifacts, tmp_path, *flags)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_prints_no_notice_about_the_image_processor_it_chose(tmp_path):
+    proc = run_cli("export", "toy", tmp_path / "toy")
+    assert proc.returncode == 0, proc.stderr
+    assert "slow image processor" not in proc.stderr + proc.stdout
