@@ -19,7 +19,17 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # arrays: (H, W, 
 
 def image_files(folder: Path) -> list[Path]:
     """Files under `folder` (recursively) with an image suffix, in a stable (sorted) order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return walk_image_files(folder)[0]
+
+
+def walk_image_files(folder: Path) -> tuple[list[Path], list[tuple[Path, OSError]]]:
+    """image_files, and the folders under `folder` (itself included) that could not be listed,
+    with why: a walk that skipped them silently would take their images for deleted ones.
+    Symbolic links to folders are not followed (as Path.rglob)."""
+    found, unreadable = [], []
+    for top, _, names in os.walk(folder, onerror=lambda exc: unreadable.append((Path(exc.filename), exc))):
+        found += [Path(top, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and Path(top, n).is_file()]
+    return sorted(found), sorted(unreadable, key=lambda u: u[0])
 
 
 def image_batch(images) -> Sequence[ImageInput]:

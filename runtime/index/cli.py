@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--ann-threshold", type=_integer, default=ann.DEFAULT_THRESHOLD, metavar="N",
                    help=f"build the approximate index for libraries of at least N images (default {ann.DEFAULT_THRESHOLD})")
     p.add_argument("--max-image-pixels", type=_integer, default=DEFAULT_MAX_IMAGE_PIXELS)
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept a PHOTOS folder with no image left and remove all its records (by default that is "
+                        "refused: an unmounted drive looks the same)")
     p.set_defaults(run=run_index)
 
     p = sub.add_parser("search", help="find the indexed photos that best match a text",
@@ -73,15 +76,20 @@ def run_index(args) -> int:
     db = IndexDb.open(args.db, create=True)
     try:
         report = update_index(db, retriever, args.photos, args.artifacts, batch_size=args.batch_size,
-                              max_pixels=max_pixels, ann_threshold=args.ann_threshold, progress=progress)
+                              max_pixels=max_pixels, ann_threshold=args.ann_threshold, progress=progress,
+                              allow_empty=args.allow_empty)
     finally:
         db.close()
+    for folder, reason in report.unreadable_folders:
+        print(f"warning: {folder}: folder cannot be read ({reason}); what the index holds from it is kept",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
     print(f"{report.files} images in {report.root}: {report.embedded} embedded, {report.relinked} moved or copied "
           f"(not embedded again), {report.unchanged} unchanged, {report.removed} removed; "
-          f"{report.images} images in {report.db}" + (f"; approximate index {report.ann}" if report.ann != "none" else ""))
+          f"{report.images} images in {report.db}" + (f"; approximate index {report.ann}" if report.ann != "none" else "")
+          + (f"; {report.kept} kept from folders that could not be read" if report.unreadable_folders else ""))
     if report.unreadable:
         print(f"{len(report.unreadable)} unreadable (skipped):")
         for path, reason in report.unreadable:

@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.artifact.verified_files import open_regular, sha256_fd
 from runtime.errors import Blip2EdgeError, OptionError
-from runtime.images import image_files
+from runtime.images import walk_image_files
 from runtime.index import ann
 from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
@@ -40,12 +40,16 @@ class IndexReport:
     relinked: int = 0  # changed metadata or new path, content already embedded (moved, renamed, copied)
     removed: int = 0  # files gone from root (or now unreadable) whose records were deleted
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Folders that could not be listed, and the records under them, kept as they were.
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
+    kept: int = 0
     images: int = 0  # distinct embedded images in the whole db after the run
     ann: str = "none"
 
     def to_json(self) -> dict:
         out = dict(self.__dict__)
         out["unreadable"] = [{"path": p, "reason": r} for p, r in self.unreadable]
+        out["unreadable_folders"] = [{"path": p, "reason": r} for p, r in self.unreadable_folders]
         return out
 
 
@@ -75,8 +79,12 @@ def _content_hash(path: str) -> str:
 
 def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str | os.PathLike, *,
                  batch_size: int = DEFAULT_BATCH, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 ann_threshold: int = ann.DEFAULT_THRESHOLD, progress=None) -> IndexReport:
-    """Indexes the images under `root` with `retriever` (loaded from `location`) into `db`."""
+                 ann_threshold: int = ann.DEFAULT_THRESHOLD, progress=None, allow_empty: bool = False) -> IndexReport:
+    """Indexes the images under `root` with `retriever` (loaded from `location`) into `db`.
+
+    Records are removed only for files known to be gone: never under a folder that could not be
+    listed (it is reported, its records kept), and never all of a root that now lists no image
+    at all (an unmounted drive looks like that) unless `allow_empty`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise OptionError(f"--batch-size must be a positive integer, got {batch_size!r}")
     root = Path(os.path.abspath(root))
@@ -86,11 +94,15 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
     db.bind_model(record)
     report = IndexReport(str(root), str(db.path))
     known = _known_files(db, os.fsencode(root) + b"/")
-    todo, seen = _walk(root, known, report)
+    todo, seen, blind = _walk(root, known, report)
+    if report.files == 0 and not blind and known and not allow_empty:
+        raise OptionError(f"{root}: no images there, but the index holds {len(known)} from it (a drive that is not "
+                          "mounted?); nothing was changed. If they were deleted, index again with --allow-empty")
     if progress is not None:
         progress = progress("indexing", len(todo))
     pending = _Pending()
-    gone = [p for p in known if p not in seen]
+    gone = [p for p in known if p not in seen and not p.startswith(blind)]
+    report.kept = sum(1 for p in known if blind and p.startswith(blind))
     for path, st in todo:
         if not _add_file(db, retriever, path, st, pending, report, max_pixels) and os.fsencode(path) in known:
             gone.append(os.fsencode(path))  # its recorded embedding is of content that is no longer there
@@ -113,11 +125,19 @@ def _known_files(db: IndexDb, prefix: bytes) -> dict[bytes, tuple]:
     return {path_bytes(p): (s, m, i) for p, s, m, i in rows if path_bytes(p).startswith(prefix)}
 
 
-def _walk(root: Path, known: dict, report: IndexReport) -> tuple[list[tuple[str, os.stat_result]], set[bytes]]:
+def _walk(root: Path, known: dict,
+          report: IndexReport) -> tuple[list[tuple[str, os.stat_result]], set[bytes], tuple[bytes, ...]]:
     """The image files under `root`: (path, stat) of those new or whose size or mtime changed,
-    and the paths of all that are there (counted in the report)."""
+    the paths of all that are there (counted in the report), and the path prefixes of the
+    folders that could not be listed (reported; what the index holds under them is kept)."""
     todo, seen = [], set()
-    for path in image_files(root):
+    files, unreadable = walk_image_files(root)
+    if unreadable and unreadable[0][0] == root:
+        raise OptionError(f"{root}: cannot be read ({unreadable[0][1].strerror}); nothing was changed")
+    for folder, exc in unreadable:
+        report.unreadable_folders.append((str(folder), exc.strerror or str(exc)))
+    blind = tuple(os.fsencode(folder) + b"/" for folder, _ in unreadable)
+    for path in files:
         key = os.fsencode(path)
         try:
             st = os.stat(path)
@@ -133,7 +153,7 @@ def _walk(root: Path, known: dict, report: IndexReport) -> tuple[list[tuple[str,
             report.unchanged += 1
         else:
             todo.append((str(path), st))
-    return todo, seen
+    return todo, seen, blind
 
 
 def _add_file(db: IndexDb, retriever, path: str, st: os.stat_result, pending: _Pending, report: IndexReport,

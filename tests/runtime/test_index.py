@@ -274,3 +274,73 @@ def test_a_file_written_to_while_it_is_indexed_is_not_recorded(retriever, retrie
     assert (r.embedded, r.unchanged, r.unreadable) == (1, 2, [])
     np.testing.assert_array_equal(stored(db, paths[1]), _expected(retriever, paths[1]))
     db.close()
+
+
+def _as_a_user_who_cannot_read() -> list[str]:
+    """The command prefix that runs `index` without root's power to read any folder: root's
+    file-permission capabilities dropped (setpriv), or nothing for a user who is not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: a folder without read permission is readable all the same")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+
+
+def _index_cli(prefix, art, photos, db, *extra):
+    return subprocess.run([*prefix, sys.executable, "-m", "runtime.cli", "index", str(art), str(photos), "--db", str(db),
+                           *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_an_unreadable_folder_keeps_its_records_and_is_reported(retrieval_tiny_artifacts, tmp_path):
+    """The probe's case: a sub-folder that cannot be listed used to read as 'deleted' (rglob
+    skips it without a word) and emptied its part of the index."""
+    photos, db = tmp_path / "photos", tmp_path / "p.db"
+    write_photos(photos, 3)
+    write_photos(photos / "sub", 5, seed=8)
+    prefix = _as_a_user_who_cannot_read()
+    assert _index_cli(prefix, retrieval_tiny_artifacts, photos, db).returncode == 0
+    os.chmod(photos / "sub", 0)
+    try:
+        proc = _index_cli(prefix, retrieval_tiny_artifacts, photos, db)
+    finally:
+        os.chmod(photos / "sub", 0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (f"warning: {photos / 'sub'}: folder cannot be read (Permission denied); what the index "
+                           "holds from it is kept\n")
+    assert "0 removed" in proc.stdout and "5 kept from folders that could not be read" in proc.stdout
+    conn = IndexDb.open(db)
+    assert len(indexed_paths(conn)) == 8
+    conn.close()
+
+
+def test_an_unreadable_photo_folder_changes_nothing(retrieval_tiny_artifacts, tmp_path):
+    photos, db = tmp_path / "photos", tmp_path / "p.db"
+    write_photos(photos, 3)
+    prefix = _as_a_user_who_cannot_read()
+    assert _index_cli(prefix, retrieval_tiny_artifacts, photos, db).returncode == 0
+    os.chmod(photos, 0o311)  # can be entered, not listed
+    try:
+        proc = _index_cli(prefix, retrieval_tiny_artifacts, photos, db)
+    finally:
+        os.chmod(photos, 0o755)
+    assert proc.returncode == 2 and proc.stderr == f"error: {photos}: cannot be read (Permission denied); nothing was changed\n"
+
+
+def test_a_folder_that_lists_no_image_any_more_is_not_emptied_silently(retriever, retrieval_tiny_artifacts, tmp_path):
+    """A drive that is not mounted leaves an empty mount point: every record would read as
+    deleted. That is refused unless asked for (--allow-empty)."""
+    photos, db_path = tmp_path / "photos", tmp_path / "p.db"
+    paths = write_photos(photos, 3)
+    db = IndexDb.open(db_path, create=True)
+    _index(db, retriever, photos, retrieval_tiny_artifacts)
+    for p in paths:
+        p.unlink()
+    with pytest.raises(Exception, match="no images there, but the index holds 3 from it .* --allow-empty"):
+        _index(db, retriever, photos, retrieval_tiny_artifacts)
+    assert len(indexed_paths(db)) == 3
+    assert _index(db, retriever, photos, retrieval_tiny_artifacts, allow_empty=True).removed == 3
+    assert indexed_paths(db) == set()
+    db.close()
+    proc = run_cli("index", retrieval_tiny_artifacts, photos, "--db", db_path)
+    assert proc.returncode == 0  # nothing indexed from it any more: an empty folder is just empty
