@@ -6,9 +6,14 @@ safetensors only unless the user allows pickle; `trust_remote_code` only when as
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
+
+from huggingface_hub import try_to_load_from_cache
 
 from exporter.families import export_family
 from runtime.errors import Blip2EdgeError
@@ -64,15 +69,46 @@ def check_safetensors(files: list[Path]) -> None:
             raise Blip2EdgeError(f"{f}: not a valid safetensors file ({_one_line(exc)})") from None
 
 
+WAYS_OUT = ("give a local checkpoint directory, a hub id already in the Hugging Face cache with "
+            "--local-files-only, or `toy` (the embedded model)")
+
+
+def _offline(opts: LoadOptions) -> bool:
+    return opts.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_reachable(model: str, revision: str | None = None, timeout: float = 3.0) -> None:
+    """One connection to the hub before transformers tries: offline, its retries and backoff take
+    ~25 s and print every failure twice; this fails in one line, naming what it tried (and, when
+    the checkpoint is in the local cache, how to export it from there)."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+            raise Blip2EdgeError(f"'{model}': cannot reach {host}:{port} ({reason}); it is in the local Hugging Face "
+                                 "cache: add --local-files-only to export it from there") from None
+        raise Blip2EdgeError(f"'{model}': cannot reach {host}:{port} to download it ({reason}); {WAYS_OUT}") from None
+
+
 def load_config(model: str, opts: LoadOptions):
     from transformers import AutoConfig
 
+    if not Path(model).expanduser().exists():
+        if not _offline(opts):
+            check_hub_reachable(model, opts.revision)
     try:
         config = AutoConfig.from_pretrained(
             model, revision=opts.revision, local_files_only=opts.local_files_only,
             trust_remote_code=opts.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
+        if _offline(opts) and not Path(model).expanduser().exists():  # no connection was attempted: say so
+            raise Blip2EdgeError(f"'{model}' is not in the local Hugging Face cache, and --local-files-only (or "
+                                 f"HF_HUB_OFFLINE) allows no download; {WAYS_OUT}") from None
         raise Blip2EdgeError(f"cannot load the config of '{model}': {_one_line(exc)}") from None
     check_supported(config, model, opts.dtype)
     return config

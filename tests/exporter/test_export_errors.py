@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def assert_one_line_error(proc, *fragments):
@@ -21,8 +24,33 @@ def assert_one_line_error(proc, *fragments):
 
 def test_unknown_model_id(tmp_path):
     proc = run_cli("export", "no-such-org/no-such-blip2", tmp_path / "out", "--local-files-only")
-    assert_one_line_error(proc, "no-such-org/no-such-blip2")
+    assert_one_line_error(proc, "'no-such-org/no-such-blip2' is not in the local Hugging Face cache", "`toy`")
+    assert "connect" not in proc.stderr  # no connection was attempted
     assert not (tmp_path / "out").exists()
+
+
+def _export_with_env(tmp_path, *args, **env):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "export", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), **env},
+                          timeout=300)
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """Offline, transformers retries five times (~25 s) and prints each failure twice; the export
+    tries one connection (here to a closed port on this machine) and says what to do instead."""
+    proc = _export_with_env(tmp_path, "Salesforce/blip2-opt-2.7b", tmp_path / "out", HF_ENDPOINT="http://127.0.0.1:9")
+    assert_one_line_error(proc, "'Salesforce/blip2-opt-2.7b': cannot reach 127.0.0.1:9", "--local-files-only", "`toy`")
+    assert "MaxRetryError" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_with_the_checkpoint_cached_says_how_to_use_the_cache(tmp_path):
+    snapshot = tmp_path / "hub" / "models--Salesforce--blip2-opt-2.7b" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    proc = _export_with_env(tmp_path, "Salesforce/blip2-opt-2.7b", tmp_path / "out", HF_ENDPOINT="http://127.0.0.1:9")
+    assert_one_line_error(proc, "it is in the local Hugging Face cache: add --local-files-only")
 
 
 def test_missing_directory(tmp_path):
