@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from calibration.gates import gate_line
 from calibration.sources import ImageSource
 from runtime.generation.logits import log_softmax
 from runtime.pipeline import Blip2Pipeline
@@ -112,5 +113,5 @@ def report_lines(report: dict) -> list[str]:
         line += f"; accuracy vs ground truth FP32 {e['fp32_accuracy']:.3f}, quantized {e['quantized_accuracy']:.3f}"
     lines.append(line)
     for g in report.get("gates", []):
-        lines.append(f"  gate {g['name']:<34} {g['value']:.4f} {g['op']} {g['bar']:.4f}  {'pass' if g['passed'] else 'FAIL'}")
+        lines.append(gate_line(g, 34))
     return lines

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.fidelity import cosine_summary, stage_pair_fidelity, token_cosines
+from calibration.gates import gate_line
 from calibration.sources import ImageSource
 from runtime import synthetic
 from runtime.retriever import Blip2Retriever, similarity
@@ -87,5 +88,5 @@ def retrieval_report_lines(report: dict) -> list[str]:
             lines.append(f"  {direction.replace('_', ' ')} vs ground truth: FP32 {g['fp32'][direction]:.3f}, "
                          f"quantized {g['quantized'][direction]:.3f}")
     for g in report.get("gates", []):
-        lines.append(f"  gate {g['name']:<40} {g['value']:.4f} {g['op']} {g['bar']:.4f}  {'pass' if g['passed'] else 'FAIL'}")
+        lines.append(gate_line(g, 40))
     return lines

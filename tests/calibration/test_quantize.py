@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from calibration import gates as gates_mod
+from calibration.fidelity import report_lines
 from calibration.gates import GateError
 from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
@@ -237,6 +239,20 @@ def test_contradicting_or_unknown_target_is_an_option_error(given):
 
     with pytest.raises(OptionError, match="--target"):
         VisualOptions(**given)
+
+
+def test_a_gate_that_cannot_judge_says_so():
+    """Random weights (FP32 itself wrong) or images without ground truth: the accuracy gate is
+    'not judged' with the reason, never a pass, and never a failure."""
+    stages = {s: {"cosine_mean": 1.0, "cosine_worst_1pct": 1.0, "max_abs_error": 0.0} for s in ("vision", "qformer")}
+    random = {"stages": stages, "end_to_end": {"fp32_accuracy": 0.0, "quantized_accuracy": 0.0}}
+    folder = {"stages": stages, "end_to_end": {"caption_exact_match_vs_fp32": 1.0}}
+    random["end_to_end"]["caption_exact_match_vs_fp32"] = 1.0
+    for report, reason in ((random, "random weights?"), (folder, "no ground-truth captions")):
+        accuracy = [g for g in gates_mod.evaluate(report, gates_mod.Gates(), "int8") if g["name"].startswith("accuracy")]
+        assert [(g["passed"], g["verdict"]) for g in accuracy] == [(None, "not judged")] and reason in accuracy[0]["reason"]
+        assert gates_mod.failures(accuracy) == []
+        assert "not judged: " in report_lines({**report, "held_out_images": 1, "gates": accuracy})[-1]
 
 
 @pytest.mark.parametrize("fp32, quantized, passed", [(1.0, 0.99, True), (0.99, 0.98, True), (1.0, 0.98, False)])
