@@ -13,6 +13,16 @@ Activations follow the target, where the artifacts will run (TARGETS):
   command to run instead.
 - "gpu", "portable" -> "int8": symmetric per tensor, zero point 0. TensorRT's explicit
   quantization accepts only this, and every ONNX Runtime provider runs it (slowly on x86 CPUs).
+
+Biases follow the target too (VisualOptions.quantize_bias). ONNX Runtime's quantizer by default
+stores a Conv/Gemm bias as INT32 behind a DequantizeLinear: its CPU kernels fuse that into
+QLinearConv, so the "cpu" target keeps it. TensorRT's IDequantizeLayer takes INT8/FP8/INT4 only
+(NvInfer.h 10.3 and 11; onnxruntime issues 14229 and 17738, onnx-tensorrt 850), so for "gpu" and
+"portable" the bias stays in float ("QuantizeBias": False, the option's name in onnxruntime 1.18
+through 1.32; NVIDIA's ModelOpt sets the same for TensorRT): every DequantizeLinear then reads
+int8 with zero point 0. Weights are per channel on the output-channel axis, onnxruntime's default
+for each op and what TensorRT expects: Conv [Cout, Cin, kh, kw] axis 0, MatMul [K, N] axis 1,
+Gemm axis 0 with transB=1 ([N, K]) else 1 (onnxruntime's operators/{conv,matmul,gemm}.py).
 """
 
 from __future__ import annotations
@@ -79,12 +89,24 @@ class VisualOptions:
     def symmetric(self) -> bool:
         return self.activations == "int8"
 
+    @property
+    def quantize_bias(self) -> bool:
+        """INT32 biases behind a DequantizeLinear (ORT's CPU kernels fuse them into QLinearConv)
+        for the "cpu" target only: TensorRT cannot dequantize INT32, so "gpu" and "portable"
+        keep biases in float."""
+        return self.target == "cpu"
+
+    def extra_options(self) -> dict:
+        """quantize_static's extra_options for these settings."""
+        return {"ActivationSymmetric": self.symmetric, "WeightSymmetric": True, "QuantizeBias": self.quantize_bias}
+
     def describe(self) -> dict:
         """The stage settings recorded in the manifest."""
         return {"target": self.target,
                 "weights": "int8 symmetric per-channel" if self.per_channel else "int8 symmetric per-tensor",
                 "activations": f"{self.activations} {'symmetric' if self.symmetric else 'asymmetric'} per-tensor",
-                "tensorrt_compatible": self.symmetric}
+                "bias": "int32" if self.quantize_bias else "float",
+                "tensorrt_compatible": self.symmetric and not self.quantize_bias}
 
 
 def weight_nodes(model_path: Path, exclude: tuple[str, ...]) -> list[str]:
@@ -173,14 +195,24 @@ def _has_external_data(path: Path) -> bool:
     return path.with_name(path.name + ".data").exists()
 
 
+def write_qdq(src: Path, dst: Path, nodes: list[str], opts: VisualOptions, cache_file: Path) -> None:
+    """The QDQ graph of `src` with `nodes` quantized, from the activation ranges in `cache_file`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
+        nodes_to_quantize=nodes, per_channel=opts.per_channel,
+        activation_type=QuantType.QInt8 if opts.symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, calibrate_method=_ort_method(opts.method),
+        use_external_data_format=_has_external_data(src), calibration_cache_path=str(cache_file),
+        extra_options=opts.extra_options(),
+    )
+
+
 def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, preprocessing: Preprocessing,
                    source_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache",
                    qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> dict:
     """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    activation_type = QuantType.QInt8 if opts.symmetric else QuantType.QUInt8
-
     nodes = weight_nodes(src, opts.exclude)
     if not nodes:
         raise Blip2EdgeError(f"{stage}: nothing left to quantize after --exclude {' '.join(opts.exclude)}")
@@ -190,13 +222,7 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
         if not cache_file.exists():
             calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp),
                       qformer_feeds)
-        quantize_static(
-            str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
-            nodes_to_quantize=nodes, per_channel=opts.per_channel, activation_type=activation_type,
-            weight_type=QuantType.QInt8, calibrate_method=_ort_method(opts.method),
-            use_external_data_format=_has_external_data(src), calibration_cache_path=str(cache_file),
-            extra_options={"ActivationSymmetric": opts.symmetric, "WeightSymmetric": True},
-        )
+        write_qdq(src, dst, nodes, opts, cache_file)
         cache.store(stage, graph_sha, opts, cache_file)
     return {"quantized_nodes": len(nodes), "op_types": list(WEIGHT_OPS)}
 

@@ -5,11 +5,12 @@
 
 The one place that turns a manifest into running parts, in this order: the manifest is
 validated, confined, listed and hashed before anything is allocated; the family is looked up
-and must serve the task asked for; the stages' placement on the device and backend is checked
-before any session is built; one runner per stage, each checked against the manifest's inputs
-and outputs; the embedding table (LLM families), the preprocessing and the tokenizers; and last,
-the files loaded by path are rechecked against their hashes. Blip2Pipeline, Blip2Retriever,
-quantize, serving and the profiler all start from it.
+and must serve the task asked for; the stages' placement on the device and backend (and the
+kernels they need from the installed ONNX Runtime) is checked before any session is built; one
+runner per stage, each checked against the manifest's inputs and outputs; the embedding table
+(LLM families), the preprocessing and the tokenizers; and last, the files loaded by path are
+rechecked against their hashes. Blip2Pipeline, Blip2Retriever, quantize, serving and the
+profiler all start from it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.backends.kernel_support import check_installed_kernels
 from runtime.backends.onnxrt import ThreadSettings
 from runtime.backends.stage_runners import build_runners, check_backend
 from runtime.errors import ArtifactError, OptionError
@@ -60,6 +62,8 @@ class LoadedArtifact:
                               f"stages: {', '.join(self.stage_names)}")
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
         self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
+        # 8-bit weight-only stages need an ONNX Runtime with 8-bit MatMulNBits kernels where they run.
+        check_installed_kernels(manifest.where, {s: manifest.stages[s] for s in self.stage_names}, device, backend)
         self.runners: dict = build_runners(manifest, device, backend, self.stage_names, self.threads,
                                            self.family.position_limit(self.model))
         for stage, runner in self.runners.items():

@@ -65,6 +65,10 @@ def register(sub) -> None:
     r.add_argument("--ensemble", action="store_true",
                    help="GPU variant: vision and Q-Former on Triton's ONNX Runtime (or TensorRT) backend, the "
                         "LLM in Python, wired as an ensemble (unverified: no GPU here)")
+    r.add_argument("--trt-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="with --ensemble: an existing directory on the serving machine where the TensorRT "
+                        "accelerator keeps its engine and timing caches, one subdirectory per stage model "
+                        "(default: each stage model's trt_cache directory under OUT, by absolute path)")
     r.set_defaults(run=run_triton_repo)
 
 
@@ -96,15 +100,18 @@ def run_triton_repo(args) -> int:
     from runtime.serving.repository import write_fleet_repo
 
     batching = _batching(args)
+    if args.trt_cache_dir is not None and not args.ensemble:
+        raise OptionError("--trt-cache-dir applies to --ensemble only (the other repository runs no TensorRT)")
     manifests, names = _models(args)
     if args.ensemble:
         from runtime.serving.ensemble import write_ensemble_repo
 
         writer = write_ensemble_repo
+        extra = {"trt_cache": args.trt_cache_dir and str(args.trt_cache_dir.absolute()), "out": Path(args.out)}
     else:
         writer = write_fleet_repo
+        extra = {"stream": args.stream}
     with atomic_directory(Path(args.out), overwrite=False) as tmp:
-        extra = {} if args.ensemble else {"stream": args.stream}
         writer(tmp, manifests, names, batching, device=args.device, max_image_pixels=args.max_image_pixels,
                intra_op_threads=args.intra_op_threads, root=args.code_root and str(args.code_root.absolute()), **extra)
     print(f"{args.out}: Triton model repository with {', '.join(names)}; "

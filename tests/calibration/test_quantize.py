@@ -15,7 +15,7 @@ from calibration.gates import GateError
 from calibration.llm import LLMOptions
 from calibration.quantize import QuantizeOptions, quantize
 from calibration.sources import synthetic_source
-from calibration.visual import VisualOptions
+from calibration.visual import WEIGHT_OPS, VisualOptions, write_qdq
 from runtime.artifact.manifest import load_manifest, sha256_file
 from runtime.pipeline import Blip2Pipeline
 from runtime.preprocess import Preprocessing
@@ -187,6 +187,72 @@ def _activation_zero_point_types(graph_path) -> set[int]:
             if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
 
 
+# Where TensorRT wants a weight's per-channel scales: its output channels (Conv [Cout, Cin, kh, kw];
+# MatMul [K, N]; Gemm [N, K] with transB=1, else [K, N]).
+def _output_channel_axis(node) -> int:
+    if node.op_type == "Conv":
+        return 0
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return 0 if node.op_type == "Gemm" and trans_b else 1
+
+
+def dequantize_report(graph_path) -> dict:
+    """Every DequantizeLinear of a graph: what it reads (the initializer's type, or the type of
+    the QuantizeLinear feeding it), its zero points, its axis and scales, and who reads it."""
+    graph = onnx.load(str(graph_path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            readers.setdefault(name, []).append((n, i))
+    rows = []
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        x = n.input[0]
+        zero = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        if x in inits:
+            dtype = inits[x].data_type
+        else:  # an activation: the QuantizeLinear before it says its type
+            q = producers[x]
+            assert q.op_type == "QuantizeLinear"
+            dtype = inits[q.input[2]].data_type if len(q.input) > 2 else onnx.TensorProto.UINT8
+        rows.append({"dtype": dtype, "weight": inits.get(x),
+                     "zero_points": onnx.numpy_helper.to_array(inits[zero]) if zero else np.zeros(1),
+                     "axis": next((a.i for a in n.attribute if a.name == "axis"), 1),
+                     "scales": onnx.numpy_helper.to_array(inits[n.input[1]]),
+                     "readers": readers.get(n.output[0], [])})
+    return {"rows": rows}
+
+
+def check_tensorrt_readable(graph_path) -> None:
+    """What TensorRT's IDequantizeLayer takes: int8 in, zero point 0 (no INT32 bias anywhere); each
+    weight per channel on its output-channel axis."""
+    from onnx import TensorProto
+
+    report = dequantize_report(graph_path)
+    assert report["rows"]
+    for row in report["rows"]:
+        assert row["dtype"] == TensorProto.INT8, TensorProto.DataType.Name(row["dtype"])
+        assert not row["zero_points"].any()
+        weight = row["weight"]
+        if weight is None or weight.data_type != TensorProto.INT8:
+            continue
+        for node, index in row["readers"]:
+            assert node.op_type in WEIGHT_OPS and index == 1, (node.op_type, index)  # a weight, never a bias
+            axis = _output_channel_axis(node)
+            assert row["axis"] == axis and row["scales"].shape == (weight.dims[axis],), (node.name, row["axis"])
+
+
+def int32_biases(graph_path) -> list[str]:
+    """The weight nodes whose bias is an INT32 initializer behind a DequantizeLinear."""
+    from onnx import TensorProto
+
+    return [node.op_type for row in dequantize_report(graph_path)["rows"] if row["dtype"] == TensorProto.INT32
+            for node, index in row["readers"] if index == 2]
+
+
 def test_default_target_is_the_cpu_with_uint8_activations(toy_artifacts, tmp_path):
     from onnx import TensorProto
 
@@ -198,15 +264,20 @@ def test_default_target_is_the_cpu_with_uint8_activations(toy_artifacts, tmp_pat
     for stage in ("vision", "qformer"):
         q = m.stages[stage]["quantization"]
         assert q["target"] == "cpu" and q["activations"] == "uint8 asymmetric per-tensor"
-        assert q["tensorrt_compatible"] is False
+        assert q["tensorrt_compatible"] is False and q["bias"] == "int32"
         assert _activation_zero_point_types(out / f"{stage}.onnx") == {TensorProto.UINT8}
+    # The CPU target keeps ONNX Runtime's INT32 bias (its CPU kernels fuse it into QLinearConv):
+    # the ViT's patch embedding.
+    assert int32_biases(out / "vision.onnx") == ["Conv"]
     default = load_manifest(toy_artifacts)  # the FP32 source is untouched
     assert default.data["quantization"] is None
 
 
 @pytest.mark.parametrize("target", ["gpu", "portable"])
 def test_gpu_and_portable_targets_give_int8_graphs(request, tmp_path, target):
-    """(The GPU target from a concat-cache export: CUDA cannot run an fp32 shared cache.)"""
+    """What TensorRT can read: every DequantizeLinear int8 with zero point 0 (the patch
+    embedding's bias stays in float), weights per channel on their output channels.
+    (The GPU target from a concat-cache export: CUDA cannot run an fp32 shared cache.)"""
     from onnx import TensorProto
 
     out = tmp_path / "q"
@@ -218,8 +289,98 @@ def test_gpu_and_portable_targets_give_int8_graphs(request, tmp_path, target):
     for stage in ("vision", "qformer"):
         q = m.stages[stage]["quantization"]
         assert q["target"] == target and q["activations"] == "int8 symmetric per-tensor"
-        assert q["tensorrt_compatible"] is True
+        assert q["tensorrt_compatible"] is True and q["bias"] == "float"
         assert _activation_zero_point_types(out / f"{stage}.onnx") == {TensorProto.INT8}
+        check_tensorrt_readable(out / f"{stage}.onnx")
+    conv = [n for n in onnx.load(str(out / "vision.onnx")).graph.node if n.op_type == "Conv"]
+    assert len(conv) == 1 and len(conv[0].input) == 3  # the bias is there, in float
+
+
+def test_gpu_artifacts_with_an_int32_bias_are_refused_for_tensorrt(toy_concat_artifacts, tmp_path):
+    """A directory quantized for the GPU by an earlier blip2-edge (INT32 bias, no `bias` in its
+    manifest): build-engines and both TensorRT backends refuse it in one line, naming the command."""
+    from runtime.errors import Blip2EdgeError
+    from tests.conftest import run_cli
+
+    out = tmp_path / "q"
+    quantize(toy_concat_artifacts, out, opts(num_calib=8, held_out=8, gate=False, visual=VisualOptions(target="gpu")),
+             **QUIET)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("vision", "qformer"):
+        del manifest["stages"][stage]["quantization"]["bias"]  # what the earlier quantize wrote
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("build-engines", out, "--int8")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "stage 'vision'" in proc.stderr and "INT32 bias" in proc.stderr and "--target gpu" in proc.stderr
+    for backend in ("tensorrt", "onnxruntime-trt"):
+        with pytest.raises(Blip2EdgeError, match="INT32 bias, which TensorRT cannot dequantize"):
+            Blip2Pipeline.from_artifacts(out, backend=backend)
+
+
+def _small_graph(path) -> list[str]:
+    """Conv (with bias) -> Gemm (transB=1, bias) -> Gemm (transB=0, bias) -> MatMul: every weight op
+    and layout the quantizer meets. Returns the node names."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", strides=[2, 2], kernel_shape=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "g1w", "g1b"], ["g1"], name="gemm_tb", transB=1),
+             helper.make_node("Relu", ["g1"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "g2w", "g2b"], ["g2"], name="gemm"),
+             helper.make_node("MatMul", ["g2", "mw"], ["y"], name="matmul")]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                              [init("cw", 6, 4, 2, 2), init("cb", 6), init("g1w", 10, 96), init("g1b", 10),
+                               init("g2w", 10, 5), init("g2b", 5), init("mw", 5, 3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return ["conv", "gemm_tb", "gemm", "matmul"]
+
+
+@pytest.mark.parametrize("target", ["gpu", "portable", "cpu"])
+def test_every_weight_op_quantized_for_its_target(tmp_path, target):
+    """A real quantize of a small graph with every weight op: for gpu/portable nothing INT32 and
+    weights per channel on the output-channel axis (Gemm with and without transB); the cpu
+    target keeps its INT32 biases. Each graph still computes what the float one does."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    src = tmp_path / "small.onnx"
+    nodes = _small_graph(src)
+    x = np.random.default_rng(1).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    visual = VisualOptions(target=target)
+    calibrator = create_calibrator(src, list(WEIGHT_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax,
+                                   extra_options={"symmetric": visual.symmetric})
+    calibrator.collect_data(_Batches([{"x": x}]))
+    save_tensors_data(calibrator.compute_data(), tmp_path / "ranges.json")
+    out = tmp_path / "q.onnx"
+    write_qdq(src, out, nodes, visual, tmp_path / "ranges.json")
+    if target == "cpu":
+        assert sorted(int32_biases(out)) == ["Conv", "Gemm", "Gemm"]
+    else:
+        check_tensorrt_readable(out)
+        assert int32_biases(out) == []
+        weights = [r for r in dequantize_report(out)["rows"] if r["weight"] is not None]
+        assert sorted((r["readers"][0][0].name, r["axis"]) for r in weights) == \
+            [("conv", 0), ("gemm", 1), ("gemm_tb", 0), ("matmul", 1)]
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos > 0.99
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        return next(self.batches, None)
 
 
 @pytest.mark.parametrize("given, resolved", [

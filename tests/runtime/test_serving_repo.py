@@ -115,6 +115,98 @@ def test_ensemble_variant_is_written(toy_artifacts, tmp_path):
         assert (out / f"blip2_{stage}" / "1" / f"{stage}.onnx").is_file()
 
 
+@pytest.fixture(scope="module")
+def precisions(tmp_path_factory, toy_artifacts, toy_concat_artifacts, tiny_checkpoint) -> dict:
+    """Artifact directories of each precision the ensemble meets: the FP32 toy, an FP16 export,
+    INT8 QDQ for the GPU (`quantize --target gpu`) and for the CPU (the default target)."""
+    from calibration.quantize import QuantizeOptions, quantize
+    from calibration.visual import VisualOptions
+    from exporter.export import ExportOptions, export
+    from exporter.loading import LoadOptions
+
+    root = tmp_path_factory.mktemp("precisions")
+    dirs = {"fp32": toy_artifacts, "fp16": root / "fp16", "int8-gpu": root / "int8-gpu", "int8-cpu": root / "int8-cpu"}
+    export(str(tiny_checkpoint), dirs["fp16"], ExportOptions(load=LoadOptions(dtype="fp16")), log=lambda s: None)
+    for name, source, target in (("int8-gpu", toy_concat_artifacts, "gpu"), ("int8-cpu", toy_artifacts, "cpu")):
+        quantize(source, dirs[name], QuantizeOptions(num_calib=8, held_out=8, gate=False,
+                                                     visual=VisualOptions(target=target)), log=lambda s: None)
+    return dirs
+
+
+def parsed_configs(repo) -> dict:
+    """model name -> its config.pbtxt parsed by Triton's own ModelConfig protobuf (a field Triton
+    does not know, or a malformed file, fails here)."""
+    model_config = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    return {p.parent.name: text_format.Parse(p.read_text(), model_config.ModelConfig())
+            for p in sorted(repo.glob("*/config.pbtxt"))}
+
+
+@pytest.mark.parametrize("kind, precision", [("fp32", "FP32"), ("fp16", "FP16"), ("int8-gpu", "INT8")])
+def test_ensemble_tensorrt_accelerator_follows_the_manifest(precisions, tmp_path, kind, precision):
+    """Each visual stage's TensorRT accelerator: the artifact's precision (never FP16 for an FP32
+    graph), engine and timing caches in the stage model's own directory (absolute: ONNX Runtime
+    resolves a relative one against tritonserver's working directory), and one optimization
+    profile over Triton's batch sizes with the manifest's other dims."""
+    from runtime.artifact.manifest import load_manifest
+
+    out = tmp_path / "repo"
+    r = run_cli("triton-repo", precisions[kind], out, "--ensemble", "--max-batch", "4", "--instances", "2")
+    assert r.returncode == 0, r.stderr
+    configs = parsed_configs(out)
+    assert {c.max_batch_size for c in configs.values()} == {4}  # the ensemble's is no larger than its steps'
+    m = load_manifest(precisions[kind])
+    for stage in ("vision", "qformer"):
+        config = configs[f"blip2_{stage}"]
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        params = dict(accelerator.parameters)
+        assert accelerator.name == "tensorrt" and params["precision_mode"] == precision
+        cache = out.absolute() / f"blip2_{stage}" / "trt_cache"
+        assert cache.is_dir() and params["trt_engine_cache_path"] == params["trt_timing_cache_path"] == str(cache)
+        assert params["trt_engine_cache_enable"] == params["trt_timing_cache_enable"] == "1"
+        (spec,) = m.stages[stage]["inputs"]
+        fixed = "x".join(str(d) for d in spec["shape"][1:])
+        assert params["trt_profile_min_shapes"] == f"{spec['name']}:1x{fixed}"
+        assert params["trt_profile_opt_shapes"] == params["trt_profile_max_shapes"] == f"{spec['name']}:4x{fixed}"
+        data_type = pytest.importorskip("tritonclient.grpc.model_config_pb2").DataType.Name
+        assert [data_type(i.data_type) for i in config.input] == ["TYPE_FP16" if precision == "FP16" else "TYPE_FP32"]
+        assert config.instance_group[0].count == 2
+    if precision != "FP16":
+        assert "FP16" not in (out / "blip2_vision" / "config.pbtxt").read_text()
+
+
+def test_ensemble_caches_elsewhere_and_batching_off(precisions, tmp_path):
+    """--trt-cache-dir: one subdirectory per stage model there; --no-dynamic-batching: every model
+    takes one request (an ensemble larger than its steps is refused by Triton), profile of 1."""
+    out = tmp_path / "repo"
+    r = run_cli("triton-repo", precisions["fp32"], out, "--ensemble", "--no-dynamic-batching",
+                "--trt-cache-dir", tmp_path / "cache", "--name", "toy")
+    assert r.returncode == 0, r.stderr
+    configs = parsed_configs(out)
+    assert {c.max_batch_size for c in configs.values()} == {1}
+    for stage in ("vision", "qformer"):
+        config = configs[f"toy_{stage}"]
+        assert not config.HasField("dynamic_batching")
+        params = dict(config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)
+        assert params["trt_engine_cache_path"] == str((tmp_path / "cache" / f"toy_{stage}").absolute())
+        assert params["trt_profile_max_shapes"].split(":")[1].startswith("1x")
+        assert not (out / f"toy_{stage}" / "trt_cache").exists()
+
+
+def test_ensemble_refuses_what_tensorrt_cannot_read(precisions, tmp_path):
+    """An artifact quantized for the CPU (uint8 activations, INT32 biases) cannot be built by the
+    ensemble's TensorRT accelerator: refused in one line naming the command, nothing written."""
+    out = tmp_path / "repo"
+    r = run_cli("triton-repo", precisions["int8-cpu"], out, "--ensemble")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "uint8 activations" in r.stderr and "blip2-edge quantize SRC OUT --target gpu" in r.stderr
+    assert not out.exists()
+    r = run_cli("triton-repo", precisions["fp32"], out, "--trt-cache-dir", tmp_path)  # no TensorRT to cache for
+    assert r.returncode == 2 and "--ensemble only" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()
+
+
 def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
     """A model environment without nvidia-pytriton: serve says which extra to install, in one
     line, before any server starts."""

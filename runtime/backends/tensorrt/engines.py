@@ -179,8 +179,9 @@ GPU_READY_COMMAND = "blip2-edge quantize SRC OUT --target gpu"
 
 
 def require_tensorrt_readable(manifest: Manifest, stages) -> None:
-    """Refuses stages quantized for the CPU (uint8 activations, which TensorRT cannot parse),
-    naming the command that makes a GPU-ready artifact."""
+    """Refuses stages quantized for the CPU (uint8 activations, which TensorRT cannot parse) or
+    with an INT32 bias (TensorRT dequantizes INT8/FP8/INT4 only), naming the command that makes
+    a GPU-ready artifact."""
     for stage in stages:
         q = manifest.stages.get(stage, {}).get("quantization") or {}
         if q.get("tensorrt_compatible") is False:
@@ -188,3 +189,7 @@ def require_tensorrt_readable(manifest: Manifest, stages) -> None:
                 f"stage '{stage}' of {manifest.root} was quantized for the CPU (target "
                 f"'{q.get('target', 'cpu')}', uint8 activations), which TensorRT cannot run; quantize the "
                 f"FP32/FP16 export for the GPU instead: {GPU_READY_COMMAND}")
+        if q.get("format") == "QDQ" and q.get("bias") != "float":  # an older quantize kept ORT's INT32 bias
+            raise Blip2EdgeError(
+                f"stage '{stage}' of {manifest.root} was quantized with an INT32 bias, which TensorRT cannot "
+                f"dequantize; quantize the FP32/FP16 export again with this blip2-edge: {GPU_READY_COMMAND}")
