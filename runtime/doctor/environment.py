@@ -60,7 +60,8 @@ def jetson_release(path: Path = TEGRA_RELEASE) -> dict | None:
 
 
 def _cuda_versions(env: Environment) -> None:
-    """The CUDA driver and runtime versions through cuda-python, when it loads."""
+    """The CUDA driver's version and the CUDA version cuda-python was built for (what its
+    cudaRuntimeGetVersion answers, loaded runtime or not), when cuda-python loads."""
     from runtime.backends.tensorrt.versions import cuda_version_text
 
     try:
@@ -153,8 +154,8 @@ def environment_checks(env: Environment) -> list[Check]:
             check_cuda_python_version(env.cuda_python)
             if env.cuda_driver is not None and env.cuda_runtime is not None and env.cuda_driver != "none":
                 check_driver(_cuda_int(env.cuda_driver), _cuda_int(env.cuda_runtime))
-            checks.append(Check("cuda-python", PASS, f"cuda-python {env.cuda_python}, CUDA driver "
-                                                     f"{env.cuda_driver or '?'}, runtime {env.cuda_runtime or '?'}"))
+            checks.append(Check("cuda-python", PASS, f"cuda-python {env.cuda_python} (built for CUDA "
+                                                     f"{env.cuda_runtime or '?'}), CUDA driver {env.cuda_driver or '?'}"))
         except UnsupportedVersionError as exc:
             checks.append(Check("cuda-python", FAIL, str(exc)))
     return checks

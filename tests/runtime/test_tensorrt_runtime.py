@@ -45,12 +45,22 @@ def test_cuda_python_must_be_12():
         versions.check_cuda_python_version("13.4.4")
 
 
-def test_driver_older_than_the_runtime_names_the_cuda_python_to_install():
-    versions.check_driver(12060, 12060)
-    versions.check_driver(13000, 12090)
-    with pytest.raises(versions.UnsupportedVersionError, match=r"supports CUDA 12.2 .* CUDA 12.6 runtime.*"
-                                                               r"cuda-python==12.2.\*"):
-        versions.check_driver(12020, 12060)
+@pytest.mark.parametrize("driver", [12020, 12040, 12060, 12080, 12090, 13000])
+def test_any_cuda_12_driver_runs_cuda_python_12(driver):
+    """cuda-python 12.9 answers cudaRuntimeGetVersion with 12090 whatever runtime is loaded; CUDA's
+    minor-version compatibility runs it on JetPack 6's 12.2/12.6 drivers and desktop 12.4-12.8 ones."""
+    versions.check_driver(driver, 12090)
+    versions.check_driver(driver, 12030)
+
+
+def test_a_driver_of_an_older_cuda_major_is_refused_naming_a_real_driver():
+    with pytest.raises(versions.UnsupportedVersionError) as err:
+        versions.check_driver(11040, 12090)  # JetPack 5's CUDA 11.4 driver
+    message = str(err.value)
+    assert "CUDA 11.4" in message and "CUDA 12.x" in message and "R525 driver or newer" in message
+    assert "JetPack 6.1" in message and "==" not in message and "\n" not in message
+    with pytest.raises(versions.UnsupportedVersionError, match="R580 driver or newer"):
+        versions.check_driver(12080, 13000)
     with pytest.raises(versions.UnsupportedVersionError, match="no NVIDIA driver"):
         versions.check_driver(0, 12060)
     assert versions.cuda_version_text(12090) == "12.9"

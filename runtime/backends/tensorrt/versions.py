@@ -7,7 +7,8 @@ TensorRT 11 has nothing else (it removed BuilderFlag.FP16/INT8 and layer precisi
 TensorRT 8.x (JetPack 5, JetPack 6.0) has no IProgressMonitor and reads create_network(0)
 as an implicit-batch network, so it is refused here rather than failing mid-build.
 cuda-python must be 12.x: 13.x links the CUDA 13 runtime, which a CUDA 12 driver (JetPack 6)
-cannot load. The functions here take version strings, so they are tested without a GPU.
+cannot load; any CUDA 12 driver runs it (minor-version compatibility), so the driver check
+compares CUDA majors only. The functions here take version strings, so they are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -65,15 +66,25 @@ def cuda_version_text(number: int) -> str:
     return f"{number // 1000}.{number % 1000 // 10}"
 
 
+# The oldest Linux driver branch of each CUDA major (NVIDIA's CUDA compatibility guide, "minor
+# version compatibility"): a runtime of that major runs on any driver of that branch or newer.
+MIN_DRIVER = {11: "R450", 12: "R525", 13: "R580"}
+
+
 def check_driver(driver: int, runtime: int) -> None:
-    """driver: cudaDriverGetVersion (0 without a driver); runtime: cudaRuntimeGetVersion."""
+    """driver: cudaDriverGetVersion (0 without a driver); runtime: cudaRuntimeGetVersion, which
+    cuda-python answers with the CUDA version it was built against (12090 for any 12.9 build, with or
+    without a libcudart; NVIDIA/cuda-python issue 16), not a loaded runtime. CUDA's minor-version
+    compatibility runs a 12.x runtime on any 12.x driver (JetPack 6's 12.2/12.6 with cuda-python
+    12.9 included), so only the majors are compared."""
     if driver == 0:
         raise UnsupportedVersionError("no NVIDIA driver found: the TensorRT backend needs an NVIDIA GPU and its driver")
-    if driver < runtime:
+    need = runtime // 1000
+    if driver // 1000 < need:
+        update = f"an {MIN_DRIVER[need]} driver or newer" if need in MIN_DRIVER else f"a CUDA {need}.x driver"
         raise UnsupportedVersionError(
-            f"the CUDA driver supports CUDA {cuda_version_text(driver)} but cuda-python links the CUDA "
-            f"{cuda_version_text(runtime)} runtime: pip install 'cuda-python=={cuda_version_text(driver)}.*' "
-            f"(or update the driver)")
+            f"the NVIDIA driver supports CUDA {cuda_version_text(driver)}, older than the CUDA {need}.x that cuda-python "
+            f"(built for CUDA {cuda_version_text(runtime)}) needs: install {update} (on a Jetson: JetPack 6.1 or newer)")
 
 
 def installed_version(*distributions: str) -> str | None:
@@ -112,8 +123,8 @@ _CHECKED: dict[str, object] = {}
 
 
 def import_cudart(what: str):
-    """cuda-python's runtime module, after checking its major version and that the driver can
-    run the CUDA runtime it links (else the first call fails with 'insufficient driver')."""
+    """cuda-python's runtime module, after checking its major version and that the driver is of
+    the CUDA major it was built for (else the first call fails with 'insufficient driver')."""
     if "cudart" in _CHECKED:
         return _CHECKED["cudart"]
     cudart = _runtime_module(what)
