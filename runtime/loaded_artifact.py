@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.artifact.manifest import Manifest, load_manifest
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.onnxrt import ThreadSettings, available_providers
 from runtime.backends.stage_runners import build_runners, check_backend
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import Family, family_for
@@ -59,7 +59,8 @@ class LoadedArtifact:
             raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
                               f"stages: {', '.join(self.stage_names)}")
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
-        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
+        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend,
+                                    available_providers())
         self.runners: dict = build_runners(manifest, device, backend, self.stage_names, self.threads,
                                            self.family.position_limit(self.model))
         for stage, runner in self.runners.items():

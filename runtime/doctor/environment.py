@@ -8,6 +8,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runtime.backends.onnxrt import (
+    INSTALL_ORT,
+    OnnxRuntimeMissingError,
+    flavour_conflict,
+    import_onnxruntime,
+    onnxruntime_distributions,
+)
+
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 # L4T release -> JetPack (NVIDIA's release notes); TensorRT 10.3 arrived with L4T 36.4.
 JETPACK = {"35": "5.x (TensorRT 8.5)", "36.2": "6.0 DP (TensorRT 8.6)", "36.3": "6.0 (TensorRT 8.6)",
@@ -37,6 +45,10 @@ class Environment:
     cuda_runtime: str | None = None
     jetson: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # Every installed distribution that ships the onnxruntime package: (name, version); more than
+    # one overwrite each other's files (runtime.backends.onnxrt.flavour_conflict).
+    onnxruntime_distributions: list[tuple[str, str]] = field(default_factory=list)
+    onnxruntime_error: str | None = None  # why onnxruntime does not import, when it does not
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -85,16 +97,17 @@ def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
     from runtime.backends.tensorrt.versions import installed_version
     from runtime.profiling.environment import _nvpmodel
 
+    ort_version, providers, ort_error = None, [], None
     try:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         ort_version, providers = ort.__version__, list(ort.get_available_providers())
-    except ImportError:
-        ort_version, providers = None, []
+    except OnnxRuntimeMissingError as exc:
+        ort_error = str(exc)
     env = Environment(python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
                       onnxruntime=ort_version, providers=providers,
                       tensorrt=installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13") or _module_version(),
-                      cuda_python=installed_version("cuda-python", "cuda-bindings"))
+                      cuda_python=installed_version("cuda-python", "cuda-bindings"),
+                      onnxruntime_distributions=onnxruntime_distributions(), onnxruntime_error=ort_error)
     row = nvidia_smi("name", "compute_cap", "driver_version")
     if row:
         env.gpu, env.compute_capability, env.driver = row
@@ -130,7 +143,7 @@ def environment_checks(env: Environment) -> list[Check]:
         check_tensorrt_version,
     )
 
-    checks = []
+    checks = [onnxruntime_check(env)]
     if env.gpu:
         checks.append(Check("gpu", PASS, f"{env.gpu}, compute capability {env.compute_capability}, driver {env.driver}"))
     elif env.jetson:
@@ -159,6 +172,19 @@ def environment_checks(env: Environment) -> list[Check]:
         except UnsupportedVersionError as exc:
             checks.append(Check("cuda-python", FAIL, str(exc)))
     return checks
+
+
+def onnxruntime_check(env: Environment) -> Check:
+    """Fails when no ONNX Runtime imports (nothing runs), or when two flavours are installed: they
+    share one folder, so the providers of the one installed first may be gone (the CPU wheel
+    installed after NVIDIA's onnxruntime-gpu on a Jetson)."""
+    conflict = flavour_conflict(list(env.onnxruntime_distributions))
+    if conflict:
+        return Check("onnxruntime", FAIL, conflict)
+    if env.onnxruntime is None:
+        return Check("onnxruntime", FAIL, env.onnxruntime_error or f"ONNX Runtime is not installed: {INSTALL_ORT}")
+    installed = ", ".join(f"{n} {v}" for n, v in env.onnxruntime_distributions) or f"onnxruntime {env.onnxruntime}"
+    return Check("onnxruntime", PASS, f"{installed}: {', '.join(env.providers)}")
 
 
 def _cuda_int(text: str) -> int:

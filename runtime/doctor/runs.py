@@ -126,7 +126,7 @@ class ArtifactRun:
                 # of this machine, so a skip that says which export would run, unless asked for.
                 family_for(manifest.data).check_placement(
                     manifest.where, manifest.model, self.cpu.float_dtype, "cuda" if backend == "cuda" else "cpu",
-                    "onnxruntime" if backend == "cuda" else backend)
+                    "onnxruntime" if backend == "cuda" else backend, self.env.providers)
             except Blip2EdgeError as exc:
                 checks.append(self.unavailable(backend, _one_line(exc)))
                 continue
@@ -188,9 +188,7 @@ class ArtifactRun:
                                                        "'blip2-edge[gpu]' and TensorRT's libraries")
         # The pipeline refuses a session that fell back from TensorRT (a one-line error).
         pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="onnxruntime-trt", verify=False)
-        import onnxruntime as ort
-
-        cache = ort_trt_cache_dir(self.artifacts, ort.__version__, nvidia_device())
+        cache = ort_trt_cache_dir(self.artifacts, self.env.onnxruntime, nvidia_device())
         check = self.compare("onnxruntime-trt", pipe)
         before = sorted(p.name for p in cache.glob("*.engine"))
         pipe.caption(self.images[:1], max_new_tokens=MAX_NEW_TOKENS * 2)  # longer: new past lengths
