@@ -11,9 +11,11 @@ imports.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import re
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -85,6 +87,30 @@ def import_onnxruntime(submodule: str = ""):
 def available_providers() -> list[str]:
     """The execution providers this ONNX Runtime was built with (not whether they load)."""
     return list(import_onnxruntime().get_available_providers())
+
+
+# A one-node model (Relu on float[1], opset 13, IR 8): onnx.helper's serialization of it, kept as
+# bytes because the runtime has no onnx (tests/runtime/test_provider_probe.py rebuilds it).
+PROBE_MODEL = (b'\x08\x08:3\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x01pZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01'
+               b'b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r')
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def provider_loads(provider: str) -> bool:
+    """Whether `provider` really loads: get_available_providers() lists every provider ONNX
+    Runtime was built with, whether or not its libraries (CUDA, cuDNN, libnvinfer) can be loaded;
+    a session asked for [provider, CPU] keeps only those that loaded (get_providers())."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        # ONNX Runtime prints its fallback notice on stdout and warns for a provider it lacks.
+        with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(PROBE_MODEL, options, providers=[provider, "CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (ONNX Runtime's own exception types: the provider did not load)
+        return False
+    return provider in session.get_providers()
 DEVICES = ("cpu", "cuda", "auto")
 SPIN_MODES = ("auto", "on", "off")
 # The stages that run once per token, back to back: their intra-op threads spinning between runs
@@ -141,9 +167,10 @@ CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
 PROVIDER_HINTS = {
     "CUDAExecutionProvider": "ONNX Runtime could not load CUDA or cuDNN: pip install 'blip2-edge[gpu]' (onnxruntime-gpu "
                              "with CUDA 12 and cuDNN 9), or use --device auto to fall back to the CPU",
-    "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT's libraries (libnvinfer): install TensorRT "
-                                 "(pip install 'blip2-edge[tensorrt]', or JetPack's) and put its lib directory on "
-                                 "LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
+    "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT 10's libraries (libnvinfer.so.10, which its "
+                                 "TensorRT provider is built on): install TensorRT 10 (pip install 'blip2-edge[tensorrt]', "
+                                 "or JetPack's) and put its lib directory (site-packages/tensorrt_libs for the wheels) "
+                                 "on LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
 }
 
 

@@ -3,18 +3,34 @@ importing anything that could fail to load (a missing library is a finding, not 
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.backends.onnxrt import (
+    GPU_PROVIDERS,
     INSTALL_ORT,
     OnnxRuntimeMissingError,
     flavour_conflict,
     import_onnxruntime,
     onnxruntime_distributions,
+    provider_loads,
 )
+from runtime.backends.tensorrt.engines import nvidia_smi
+from runtime.backends.tensorrt.versions import (
+    ORT_TENSORRT_MAJOR,
+    TENSORRT_EXTRA,
+    UnsupportedVersionError,
+    check_cuda_python_version,
+    check_driver,
+    check_tensorrt_version,
+    cuda_version_text,
+    installed_version,
+    parse_version,
+)
+from runtime.profiling.environment import _nvpmodel
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 # L4T release -> JetPack (NVIDIA's release notes); TensorRT 10.3 arrived with L4T 36.4.
@@ -49,6 +65,8 @@ class Environment:
     # one overwrite each other's files (runtime.backends.onnxrt.flavour_conflict).
     onnxruntime_distributions: list[tuple[str, str]] = field(default_factory=list)
     onnxruntime_error: str | None = None  # why onnxruntime does not import, when it does not
+    # GPU providers ONNX Runtime lists (built in) but cannot load here (onnxrt.provider_loads).
+    unloadable_providers: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +92,6 @@ def jetson_release(path: Path = TEGRA_RELEASE) -> dict | None:
 def _cuda_versions(env: Environment) -> None:
     """The CUDA driver's version and the CUDA version cuda-python was built for (what its
     cudaRuntimeGetVersion answers, loaded runtime or not), when cuda-python loads."""
-    from runtime.backends.tensorrt.versions import cuda_version_text
-
     try:
         try:
             from cuda.bindings import runtime as cudart
@@ -93,21 +109,19 @@ def _cuda_versions(env: Environment) -> None:
 
 
 def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
-    from runtime.backends.tensorrt.engines import nvidia_smi
-    from runtime.backends.tensorrt.versions import installed_version
-    from runtime.profiling.environment import _nvpmodel
-
     ort_version, providers, ort_error = None, [], None
     try:
         ort = import_onnxruntime()
         ort_version, providers = ort.__version__, list(ort.get_available_providers())
     except OnnxRuntimeMissingError as exc:
         ort_error = str(exc)
+    unloadable = unloadable_providers(providers)
     env = Environment(python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
                       onnxruntime=ort_version, providers=providers,
                       tensorrt=installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13") or _module_version(),
                       cuda_python=installed_version("cuda-python", "cuda-bindings"),
-                      onnxruntime_distributions=onnxruntime_distributions(), onnxruntime_error=ort_error)
+                      onnxruntime_distributions=onnxruntime_distributions(), onnxruntime_error=ort_error,
+                      unloadable_providers=unloadable)
     row = nvidia_smi("name", "compute_cap", "driver_version")
     if row:
         env.gpu, env.compute_capability, env.driver = row
@@ -120,10 +134,13 @@ def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
     return env
 
 
+def unloadable_providers(providers) -> list[str]:
+    """The GPU providers among `providers` (ONNX Runtime's list) that do not load here."""
+    return [p for p in GPU_PROVIDERS if p in providers and not provider_loads(p)]
+
+
 def _module_version() -> str | None:
     """JetPack's TensorRT has no pip metadata: its module's version, if it imports."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorrt") is None:
         return None
     try:
@@ -136,14 +153,12 @@ def _module_version() -> str | None:
 
 def environment_checks(env: Environment) -> list[Check]:
     """What the machine can do, as checks: a skip says what to install."""
-    from runtime.backends.tensorrt.versions import (
-        UnsupportedVersionError,
-        check_cuda_python_version,
-        check_driver,
-        check_tensorrt_version,
-    )
 
     checks = [onnxruntime_check(env)]
+    for provider in GPU_PROVIDERS:
+        if provider in env.providers:
+            problem = provider_problem(env, provider)
+            checks.append(Check(provider, SKIP, problem) if problem else Check(provider, PASS, "loads (a one-node session)"))
     if env.gpu:
         checks.append(Check("gpu", PASS, f"{env.gpu}, compute capability {env.compute_capability}, driver {env.driver}"))
     elif env.jetson:
@@ -185,6 +200,37 @@ def onnxruntime_check(env: Environment) -> Check:
         return Check("onnxruntime", FAIL, env.onnxruntime_error or f"ONNX Runtime is not installed: {INSTALL_ORT}")
     installed = ", ".join(f"{n} {v}" for n, v in env.onnxruntime_distributions) or f"onnxruntime {env.onnxruntime}"
     return Check("onnxruntime", PASS, f"{installed}: {', '.join(env.providers)}")
+
+
+def tensorrt_libs_dir() -> str | None:
+    """Where the TensorRT wheels put libnvinfer (site-packages/tensorrt_libs), found without
+    importing it (its __init__ loads the libraries)."""
+    try:
+        spec = importlib.util.find_spec("tensorrt_libs")
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return locations[0] if locations else None
+
+
+def provider_problem(env: Environment, provider: str) -> str | None:
+    """Why a provider ONNX Runtime lists does not load here, with the fix; None when it loads."""
+    if provider not in env.unloadable_providers:
+        return None
+    listed = f"ONNX Runtime {env.onnxruntime} lists {provider} but it does not load"
+    if provider == "CUDAExecutionProvider":
+        return (f"{listed}: CUDA 12's and cuDNN 9's libraries (libcublas.so.12, libcudnn.so.9) are missing or not on "
+                "the loader path; install them (ONNX Runtime's CUDA provider requirements) and put their lib directories "
+                "on LD_LIBRARY_PATH (on a Jetson: JetPack's CUDA with NVIDIA's onnxruntime-gpu for that JetPack)")
+    if env.tensorrt and env.tensorrt != "unloadable" and parse_version(env.tensorrt)[0] != ORT_TENSORRT_MAJOR:
+        return (f"{listed}: its TensorRT provider is built on TensorRT {ORT_TENSORRT_MAJOR} (libnvinfer.so."
+                f"{ORT_TENSORRT_MAJOR}) and this machine has TensorRT {env.tensorrt}: pip install '{TENSORRT_EXTRA}' "
+                "(the native engines of --backend tensorrt take 10.3 to 11.x)")
+    libs = tensorrt_libs_dir()
+    where = (f"export LD_LIBRARY_PATH={libs}:$LD_LIBRARY_PATH before starting Python" if libs else
+             f"install TensorRT {ORT_TENSORRT_MAJOR} (pip install '{TENSORRT_EXTRA}', or JetPack's) and put its lib "
+             "directory (site-packages/tensorrt_libs for the wheels) on LD_LIBRARY_PATH")
+    return f"{listed}: TensorRT {ORT_TENSORRT_MAJOR}'s libnvinfer.so.{ORT_TENSORRT_MAJOR} is not on the loader path; {where}"
 
 
 def _cuda_int(text: str) -> int:

@@ -34,7 +34,7 @@ def test_tensorrt_10_3_to_11_is_accepted(version):
 
 
 def test_tensorrt_12_is_refused():
-    with pytest.raises(versions.UnsupportedVersionError, match="newer than this blip2-edge supports.*tensorrt-cu12<12"):
+    with pytest.raises(versions.UnsupportedVersionError, match=r"newer than this blip2-edge supports.*tensorrt-cu12>=10.3,<11"):
         versions.check_tensorrt_version("12.0.0")
 
 

@@ -1,7 +1,8 @@
 """Which TensorRT, cuda-python and CUDA driver the TensorRT backend runs with, checked once
 with a one-line error that names what to install.
 
-Supported: TensorRT 10.3 (JetPack 6.1/6.2) through 11.x. The backend builds strongly typed
+Supported: TensorRT 10.3 (JetPack 6.1/6.2) through 11.x for the native engines; the `tensorrt`
+extra installs 10.x, which ONNX Runtime's TensorRT provider is built on. The backend builds strongly typed
 networks only: TensorRT 10.x has them behind NetworkDefinitionCreationFlag.STRONGLY_TYPED,
 TensorRT 11 has nothing else (it removed BuilderFlag.FP16/INT8 and layer precisions).
 TensorRT 8.x (JetPack 5, JetPack 6.0) has no IProgressMonitor and reads create_network(0)
@@ -19,6 +20,10 @@ from runtime.errors import Blip2EdgeError, require
 
 MIN_TENSORRT = (10, 3)
 MAX_TENSORRT_MAJOR = 11  # the newest major this code is written and checked against
+# ONNX Runtime's TensorRT provider (onnxruntime-gpu 1.18 to 1.2x) is built on TensorRT 10 and loads
+# libnvinfer.so.10 only, so the `tensorrt` extra stays on 10.x; the native engines take 10.3 to 11.x.
+ORT_TENSORRT_MAJOR = 10
+TENSORRT_EXTRA = "tensorrt-cu12>=10.3,<11"
 CUDA_PYTHON_MAJOR = 12
 JETSON_HINT = ("on a Jetson use JetPack 6.1 or newer and its own TensorRT (a venv made with "
                "--system-site-packages), elsewhere pip install 'blip2-edge[tensorrt]'")
@@ -50,7 +55,8 @@ def check_tensorrt_version(version: str) -> tuple[int, ...]:
     if v[0] > MAX_TENSORRT_MAJOR:
         raise UnsupportedVersionError(
             f"TensorRT {version} is newer than this blip2-edge supports (TensorRT {MIN_TENSORRT[0]}."
-            f"{MIN_TENSORRT[1]} to {MAX_TENSORRT_MAJOR}.x): pip install 'tensorrt-cu12<{MAX_TENSORRT_MAJOR + 1}'")
+            f"{MIN_TENSORRT[1]} to {MAX_TENSORRT_MAJOR}.x): pip install '{TENSORRT_EXTRA}' (what the tensorrt extra "
+            f"installs, and what ONNX Runtime's TensorRT provider loads)")
     return v
 
 
