@@ -18,9 +18,10 @@ from runtime.backends.onnxrt import (
     onnxruntime_distributions,
     provider_loads,
 )
-from runtime.backends.tensorrt.engines import nvidia_smi
+from runtime.backends.tensorrt.engines import DEVICE_TREE_COMPATIBLE, gpu_identity, nvidia_smi
 from runtime.backends.tensorrt.versions import (
     ORT_TENSORRT_MAJOR,
+    TEGRA_RELEASE,
     TENSORRT_EXTRA,
     UnsupportedVersionError,
     check_cuda_python_version,
@@ -28,11 +29,11 @@ from runtime.backends.tensorrt.versions import (
     check_tensorrt_version,
     cuda_version_text,
     installed_version,
+    l4t_release,
     parse_version,
 )
 from runtime.profiling.environment import _nvpmodel
 
-TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 # L4T release -> JetPack (NVIDIA's release notes); TensorRT 10.3 arrived with L4T 36.4.
 JETPACK = {"35": "5.x (TensorRT 8.5)", "36.2": "6.0 DP (TensorRT 8.6)", "36.3": "6.0 (TensorRT 8.6)",
            "36.4": "6.1/6.2 (TensorRT 10.3)"}
@@ -75,17 +76,13 @@ class Environment:
 def jetson_release(path: Path = TEGRA_RELEASE) -> dict | None:
     """{'l4t': '36.4.0', 'jetpack': '6.1/6.2 (TensorRT 10.3)'} from /etc/nv_tegra_release
     ('# R36 (release), REVISION: 4.0, ...'), or None off a Jetson."""
-    try:
-        first = path.read_text(errors="replace").splitlines()[0]
-    except (OSError, IndexError):
+    l4t = l4t_release(path)
+    if l4t is None:
         return None
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
+    m = re.fullmatch(r"(\d+)\.(\d+)[\d.]*", l4t)
     if not m:
-        return {"l4t": first.strip()[:80], "jetpack": "unknown"}
-    major, revision = m.group(1), m.group(2)
-    l4t = f"{major}.{revision}"
-    minor = revision.split(".")[0]
-    jetpack = JETPACK.get(f"{major}.{minor}") or JETPACK.get(major) or "unknown"
+        return {"l4t": l4t, "jetpack": "unknown"}
+    jetpack = JETPACK.get(f"{m.group(1)}.{m.group(2)}") or JETPACK.get(m.group(1)) or "unknown"
     return {"l4t": l4t, "jetpack": jetpack}
 
 
@@ -108,7 +105,7 @@ def _cuda_versions(env: Environment) -> None:
         env.cuda_runtime = cuda_version_text(int(runtime))
 
 
-def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
+def probe(tegra_release: Path = TEGRA_RELEASE, compatible: Path = DEVICE_TREE_COMPATIBLE) -> Environment:
     ort_version, providers, ort_error = None, [], None
     try:
         ort = import_onnxruntime()
@@ -125,6 +122,11 @@ def probe(tegra_release: Path = TEGRA_RELEASE) -> Environment:
     row = nvidia_smi("name", "compute_cap", "driver_version")
     if row:
         env.gpu, env.compute_capability, env.driver = row
+    if not re.fullmatch(r"\d+\.\d+", env.compute_capability or ""):
+        # A Jetson's nvidia-smi may be missing, fail or answer [N/A]: CUDA's or the SoC's answer.
+        found = gpu_identity(tegra_release, compatible)
+        if found is not None:
+            env.gpu, env.compute_capability = found
     if env.cuda_python:
         _cuda_versions(env)
     jetson = jetson_release(tegra_release)

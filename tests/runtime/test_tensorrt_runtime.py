@@ -66,6 +66,53 @@ def test_a_driver_of_an_older_cuda_major_is_refused_naming_a_real_driver():
     assert versions.cuda_version_text(12090) == "12.9"
 
 
+class LoggerSeam:
+    """tensorrt.Logger as the bindings declare it (Logger(min_severity), Logger.WARNING): counts
+    how many were made, which is what TensorRT warns about (it keeps the first one it is given)."""
+
+    WARNING = 2
+    made: list = []
+
+    def __init__(self, severity):
+        self.severity = severity
+        LoggerSeam.made.append(self)
+
+
+def test_one_tensorrt_logger_per_process_whoever_asks_and_from_any_thread():
+    trt = types.SimpleNamespace(Logger=LoggerSeam)
+    LoggerSeam.made = []
+    loggers = []
+    threads = [threading.Thread(target=lambda: loggers.append(versions.trt_logger(trt))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(LoggerSeam.made) == 1 and all(lg is LoggerSeam.made[0] for lg in loggers)
+    assert LoggerSeam.made[0].severity == LoggerSeam.WARNING
+
+
+def test_the_builder_and_the_runner_take_the_shared_logger():
+    """No TensorRT module here to build with: the code is read instead. Every Logger in the runtime
+    is made by versions.trt_logger."""
+    import ast
+
+    from tests.conftest import REPO
+
+    made = []
+    for path in sorted((REPO / "runtime").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Logger":
+                made.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert made == ["runtime/backends/tensorrt/versions.py:" + str(_logger_line())]
+
+
+def _logger_line() -> int:
+    import inspect
+
+    lines, start = inspect.getsourcelines(versions.trt_logger)
+    return start + next(i for i, line in enumerate(lines) if "trt.Logger(" in line)
+
+
 def test_network_is_strongly_typed_on_10_and_11():
     """TensorRT 10 needs the STRONGLY_TYPED bit (kSTRONGLY_TYPED = 1 in 10.x's NvInfer.h); TensorRT
     11 is always strongly typed and renumbered the enum (kSTRONGLY_TYPED = 0, deprecated and

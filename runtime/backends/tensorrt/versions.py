@@ -14,9 +14,12 @@ compares CUDA majors only. The functions here take version strings, so they are 
 
 from __future__ import annotations
 
+import importlib
 import re
+import threading
+from pathlib import Path
 
-from runtime.errors import Blip2EdgeError, require
+from runtime.errors import Blip2EdgeError
 
 MIN_TENSORRT = (10, 3)
 MAX_TENSORRT_MAJOR = 11  # the newest major this code is written and checked against
@@ -25,12 +28,59 @@ MAX_TENSORRT_MAJOR = 11  # the newest major this code is written and checked aga
 ORT_TENSORRT_MAJOR = 10
 TENSORRT_EXTRA = "tensorrt-cu12>=10.3,<11"
 CUDA_PYTHON_MAJOR = 12
+CUDA_PYTHON = "cuda-python>=12.3,<13"
 JETSON_HINT = ("on a Jetson use JetPack 6.1 or newer and its own TensorRT (a venv made with "
                "--system-site-packages), elsewhere pip install 'blip2-edge[tensorrt]'")
 
 
+# L4T's release file: present on a Jetson only ('# R36 (release), REVISION: 4.0, ...').
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+
+
 class UnsupportedVersionError(Blip2EdgeError):
     """An installed TensorRT, cuda-python or CUDA driver that the backend cannot use."""
+
+
+class MissingTensorRTError(Blip2EdgeError):
+    """TensorRT or cuda-python is not installed; the message says how to get it on this machine."""
+
+
+def l4t_release(path: Path = TEGRA_RELEASE) -> str | None:
+    """'36.4.0' from a Jetson's /etc/nv_tegra_release; its first line (80 characters) when it
+    reads otherwise; None off a Jetson."""
+    try:
+        first = path.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
+    return f"{m.group(1)}.{m.group(2)}" if m else first.strip()[:80]
+
+
+def missing_message(package: str, what: str, jetson: bool) -> str:
+    """What to install for a missing `package` ('tensorrt' or 'cuda-python'): on a Jetson,
+    JetPack's TensorRT and a plain cuda-python (the tensorrt extra's wheels are not built for
+    it: docs/tensorrt-jetson.md); elsewhere, the tensorrt extra."""
+    if not jetson:
+        return (f"{what} needs the '{package}' package: pip install 'blip2-edge[tensorrt]' (on a Jetson: JetPack's "
+                f"TensorRT and pip install '{CUDA_PYTHON}' instead, docs/tensorrt-jetson.md)")
+    if package == "tensorrt":
+        return (f"{what} needs TensorRT, which on a Jetson is JetPack's own: sudo apt install python3-libnvinfer, in a "
+                f"venv made with python3 -m venv --system-site-packages (not the tensorrt extra; docs/tensorrt-jetson.md)")
+    return f"{what} needs cuda-python: pip install '{CUDA_PYTHON}' (on a Jetson, not the tensorrt extra)"
+
+
+_LOGGERS: dict[int, tuple[object, object]] = {}
+_LOGGER_LOCK = threading.Lock()
+
+
+def trt_logger(trt):
+    """This process's one TensorRT logger: TensorRT keeps the first ILogger a Builder, Runtime or
+    parser is given and ignores later ones with a warning, so all of them get this one."""
+    with _LOGGER_LOCK:
+        held = _LOGGERS.get(id(trt))
+        if held is None or held[0] is not trt:
+            held = _LOGGERS[id(trt)] = (trt, trt.Logger(trt.Logger.WARNING))
+        return held[1]
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -64,7 +114,7 @@ def check_cuda_python_version(version: str) -> None:
     if parse_version(version)[0] != CUDA_PYTHON_MAJOR:
         raise UnsupportedVersionError(
             f"cuda-python {version} is installed; the TensorRT backend needs cuda-python 12.x (13.x links the "
-            f"CUDA 13 runtime, which CUDA 12 drivers and JetPack 6 cannot load): pip install 'cuda-python>=12.3,<13'")
+            f"CUDA 13 runtime, which CUDA 12 drivers and JetPack 6 cannot load): pip install '{CUDA_PYTHON}'")
 
 
 def cuda_version_text(number: int) -> str:
@@ -105,9 +155,13 @@ def installed_version(*distributions: str) -> str | None:
     return None
 
 
-def import_tensorrt(what: str):
-    """The tensorrt module, or a one-line error naming what to install."""
-    trt = require("tensorrt", "tensorrt", what)
+def import_tensorrt(what: str, tegra_release: Path = TEGRA_RELEASE):
+    """The tensorrt module, or a one-line error naming what to install here (a Jetson's
+    `tegra_release` file says which advice)."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError as exc:
+        raise MissingTensorRTError(missing_message("tensorrt", what, tegra_release.is_file())) from exc
     check_tensorrt_version(trt.__version__)
     return trt
 
@@ -116,13 +170,13 @@ def tensorrt_major(trt) -> int:
     return parse_version(trt.__version__)[0]
 
 
-def _runtime_module(what: str):
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6.1 (cuda.cudart is its old name)
-
-        return cudart
-    except ImportError:
-        return require("cuda.cudart", "tensorrt", what)
+def _runtime_module(what: str, tegra_release: Path = TEGRA_RELEASE):
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):  # cuda-python >= 12.6.1; cuda.cudart is its old name
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MissingTensorRTError(missing_message("cuda-python", what, tegra_release.is_file()))
 
 
 _CHECKED: dict[str, object] = {}
