@@ -111,6 +111,8 @@ def provider_loads(provider: str) -> bool:
     except Exception:  # noqa: BLE001  (ONNX Runtime's own exception types: the provider did not load)
         return False
     return provider in session.get_providers()
+
+
 DEVICES = ("cpu", "cuda", "auto")
 SPIN_MODES = ("auto", "on", "off")
 # The stages that run once per token, back to back: their intra-op threads spinning between runs

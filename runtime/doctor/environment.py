@@ -155,14 +155,14 @@ def _module_version() -> str | None:
 
 def environment_checks(env: Environment) -> list[Check]:
     """What the machine can do, as checks: a skip says what to install."""
-
     checks = [onnxruntime_check(env)]
     for provider in GPU_PROVIDERS:
         if provider in env.providers:
             problem = provider_problem(env, provider)
             checks.append(Check(provider, SKIP, problem) if problem else Check(provider, PASS, "loads (a one-node session)"))
     if env.gpu:
-        checks.append(Check("gpu", PASS, f"{env.gpu}, compute capability {env.compute_capability}, driver {env.driver}"))
+        checks.append(Check("gpu", PASS, f"{env.gpu}, compute capability {env.compute_capability}, "
+                                         f"driver {env.driver or '?'}"))
     elif env.jetson:
         checks.append(Check("gpu", PASS, f"Jetson, L4T {env.jetson['l4t']} (JetPack {env.jetson['jetpack']})"))
     else:
@@ -224,7 +224,7 @@ def provider_problem(env: Environment, provider: str) -> str | None:
         return (f"{listed}: CUDA 12's and cuDNN 9's libraries (libcublas.so.12, libcudnn.so.9) are missing or not on "
                 "the loader path; install them (ONNX Runtime's CUDA provider requirements) and put their lib directories "
                 "on LD_LIBRARY_PATH (on a Jetson: JetPack's CUDA with NVIDIA's onnxruntime-gpu for that JetPack)")
-    if env.tensorrt and env.tensorrt != "unloadable" and parse_version(env.tensorrt)[0] != ORT_TENSORRT_MAJOR:
+    if _major(env.tensorrt) not in (None, ORT_TENSORRT_MAJOR):
         return (f"{listed}: its TensorRT provider is built on TensorRT {ORT_TENSORRT_MAJOR} (libnvinfer.so."
                 f"{ORT_TENSORRT_MAJOR}) and this machine has TensorRT {env.tensorrt}: pip install '{TENSORRT_EXTRA}' "
                 "(the native engines of --backend tensorrt take 10.3 to 11.x)")
@@ -233,6 +233,13 @@ def provider_problem(env: Environment, provider: str) -> str | None:
              f"install TensorRT {ORT_TENSORRT_MAJOR} (pip install '{TENSORRT_EXTRA}', or JetPack's) and put its lib "
              "directory (site-packages/tensorrt_libs for the wheels) on LD_LIBRARY_PATH")
     return f"{listed}: TensorRT {ORT_TENSORRT_MAJOR}'s libnvinfer.so.{ORT_TENSORRT_MAJOR} is not on the loader path; {where}"
+
+
+def _major(version: str | None) -> int | None:
+    try:
+        return parse_version(version)[0] if version else None
+    except UnsupportedVersionError:  # "unloadable", or nothing a version can be read from
+        return None
 
 
 def _cuda_int(text: str) -> int:
