@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.errors import ArtifactError, OptionError
 from runtime.stages import LOGITS
 
@@ -70,7 +71,8 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions, has_lm_head: bool =
     """Writes the weight-only quantized LLM graph to `dst`; returns its settings for the
     manifest. `has_lm_head`: the graph produces the logits (its lm_head follows --lm-head)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    MatMulNBitsQuantizer = import_onnxruntime("quantization.matmul_nbits_quantizer").MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
     head = lm_head_node(model, src) if has_lm_head else None

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.errors import OptionError
 from runtime.stages import StageSpec
 
@@ -30,8 +31,9 @@ def torchscript_max_opset() -> int:
 @functools.lru_cache(maxsize=None)
 def loads_in_onnxruntime(opset: int) -> bool:
     """Whether this onnxruntime loads a one-node graph of `opset` (it has no API that says)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    ort = import_onnxruntime()
 
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:])

@@ -23,7 +23,7 @@ import numpy as np
 from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.artifact.manifest import Manifest, load_manifest
 from runtime.backends.kernel_support import check_installed_kernels
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.onnxrt import ThreadSettings, available_providers
 from runtime.backends.stage_runners import build_runners, check_backend
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import Family, family_for
@@ -61,7 +61,8 @@ class LoadedArtifact:
             raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
                               f"stages: {', '.join(self.stage_names)}")
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
-        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend)
+        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend,
+                                    available_providers())
         # 8-bit weight-only stages need an ONNX Runtime with 8-bit MatMulNBits kernels where they run.
         check_installed_kernels(manifest.where, {s: manifest.stages[s] for s in self.stage_names}, device, backend)
         self.runners: dict = build_runners(manifest, device, backend, self.stage_names, self.threads,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.errors import Blip2EdgeError
 
 EIGHT_BIT_NBITS = (1, 22)  # the first ONNX Runtime with 8-bit MatMulNBits kernels (CPU and CUDA)
@@ -67,6 +68,5 @@ def check_weight_only_kernels(where, stages: dict, device: str, backend: str, or
 
 def check_installed_kernels(where, stages: dict, device: str, backend: str) -> None:
     """check_weight_only_kernels against this install's ONNX Runtime."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     check_weight_only_kernels(where, stages, device, backend, ort.__version__, ort.get_available_providers())

@@ -1,10 +1,23 @@
-"""ONNX Runtime backend: one InferenceSession per stage graph."""
+"""ONNX Runtime backend: one InferenceSession per stage graph.
+
+ONNX Runtime comes in flavours that install the same `onnxruntime/` package folder (onnxruntime
+for the CPU, onnxruntime-gpu, NVIDIA's Jetson builds of onnxruntime-gpu, onnxruntime-openvino...):
+two of them in one environment overwrite each other's files, the last installed winning. So the
+base install asks for none, the `cpu` and `gpu` extras each bring one, and everything in the
+runtime imports it through import_onnxruntime, which says in one line what to install when none
+imports.
+"""
 
 from __future__ import annotations
 
+import importlib
+import io
 import logging
-from contextlib import contextmanager
+import re
+import warnings
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +25,94 @@ import numpy as np
 from runtime.errors import ArtifactError, Blip2EdgeError, OptionError
 
 log = logging.getLogger(__name__)
+
+# Distributions that ship the top-level `onnxruntime` package (any other whose top_level.txt
+# names it counts too). onnxruntime-extensions and onnxruntime-genai ship packages of their own.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "onnxruntime-qnn", "onnxruntime-rocm", "onnxruntime-training", "ort-nightly", "ort-nightly-gpu")
+INSTALL_ORT = ("pip install 'blip2-edge[cpu]' (CPU) or 'blip2-edge[gpu]' (NVIDIA GPU); on a Jetson, NVIDIA's "
+               "onnxruntime-gpu wheel for your JetPack, then pip install blip2-edge (docs/tensorrt-jetson.md)")
+
+
+class OnnxRuntimeMissingError(Blip2EdgeError):
+    """No ONNX Runtime imports: none is installed, or the installed ones are broken or mixed."""
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def onnxruntime_distributions(path: list[str] | None = None) -> list[tuple[str, str]]:
+    """(name, version) of every installed distribution that ships the `onnxruntime` package, in
+    `path` (default sys.path), once per name."""
+    found: dict[str, tuple[str, str]] = {}
+    for dist in metadata.distributions(**({} if path is None else {"path": path})):
+        name = dist.metadata["Name"] or ""
+        ships = _normalized(name) in ORT_DISTRIBUTIONS or "onnxruntime" in (dist.read_text("top_level.txt") or "").split()
+        if name and ships:
+            found.setdefault(_normalized(name), (name, dist.version))
+    return sorted(found.values())
+
+
+def flavour_conflict(distributions: list[tuple[str, str]]) -> str | None:
+    """The one-line fix when more than one ONNX Runtime flavour is installed, else None."""
+    if len(distributions) < 2:
+        return None
+    names = " ".join(name for name, _ in distributions)
+    listed = ", ".join(f"{name} {version}" for name, version in distributions)
+    return (f"{listed} are installed together: they share one onnxruntime folder, the last installed overwriting "
+            f"the others (a CPU build replacing the GPU one loses the CUDA and TensorRT providers); remove them all "
+            f"with pip uninstall -y {names}, then install one: {INSTALL_ORT}")
+
+
+def import_onnxruntime(submodule: str = ""):
+    """onnxruntime (or its `submodule`, e.g. "quantization"), imported on first use; a one-line
+    OnnxRuntimeMissingError naming what to install when it does not import."""
+    name = f"onnxruntime.{submodule}" if submodule else "onnxruntime"
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if exc.name and not exc.name.startswith("onnxruntime"):
+            raise  # another package onnxruntime needs (onnx for its quantization): not ours to explain
+        distributions = onnxruntime_distributions()
+        if not distributions:
+            raise OnnxRuntimeMissingError(f"ONNX Runtime is not installed: {INSTALL_ORT}") from None
+        first = " ".join(str(exc).split())[:200]
+        listed = ", ".join(f"{n} {v}" for n, v in distributions)
+        fix = flavour_conflict(distributions) or (f"reinstall it: pip install --force-reinstall "
+                                                  f"{distributions[0][0]}=={distributions[0][1]}")
+        raise OnnxRuntimeMissingError(f"{listed} installed but {name} does not import ({first}); {fix}") from None
+
+
+def available_providers() -> list[str]:
+    """The execution providers this ONNX Runtime was built with (not whether they load)."""
+    return list(import_onnxruntime().get_available_providers())
+
+
+# A one-node model (Relu on float[1], opset 13, IR 8): onnx.helper's serialization of it, kept as
+# bytes because the runtime has no onnx (tests/runtime/test_provider_probe.py rebuilds it).
+PROBE_MODEL = (b'\x08\x08:3\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x01pZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01'
+               b'b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r')
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def provider_loads(provider: str) -> bool:
+    """Whether `provider` really loads: get_available_providers() lists every provider ONNX
+    Runtime was built with, whether or not its libraries (CUDA, cuDNN, libnvinfer) can be loaded;
+    a session asked for [provider, CPU] keeps only those that loaded (get_providers())."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        # ONNX Runtime prints its fallback notice on stdout and warns for a provider it lacks.
+        with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(PROBE_MODEL, options, providers=[provider, "CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (ONNX Runtime's own exception types: the provider did not load)
+        return False
+    return provider in session.get_providers()
+
+
 DEVICES = ("cpu", "cuda", "auto")
 SPIN_MODES = ("auto", "on", "off")
 # The stages that run once per token, back to back: their intra-op threads spinning between runs
@@ -68,9 +169,10 @@ CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
 PROVIDER_HINTS = {
     "CUDAExecutionProvider": "ONNX Runtime could not load CUDA or cuDNN: pip install 'blip2-edge[gpu]' (onnxruntime-gpu "
                              "with CUDA 12 and cuDNN 9), or use --device auto to fall back to the CPU",
-    "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT's libraries (libnvinfer): install TensorRT "
-                                 "(pip install 'blip2-edge[tensorrt]', or JetPack's) and put its lib directory on "
-                                 "LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
+    "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT 10's libraries (libnvinfer.so.10, which its "
+                                 "TensorRT provider is built on): install TensorRT 10 (pip install 'blip2-edge[tensorrt]', "
+                                 "or JetPack's) and put its lib directory (site-packages/tensorrt_libs for the wheels) "
+                                 "on LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
 }
 
 
@@ -85,20 +187,17 @@ def cuda_provider(gpu_mem_limit_mb: int = 0) -> tuple[str, dict]:
 
 def providers_for(device: str, gpu_mem_limit_mb: int = 0) -> list:
     """Execution providers for a device name; `auto` falls back to the CPU with a warning."""
-    import onnxruntime as ort
-
     if device not in DEVICES:
         raise OptionError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
-    available = ort.get_available_providers()
+    available = available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return [cuda_provider(gpu_mem_limit_mb), "CPUExecutionProvider"]
     if device == "cuda":
         raise Blip2EdgeError(
-            "--device cuda: ONNX Runtime has no CUDA provider here; install 'blip2-edge[gpu]' "
-            "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device auto"
-        )
+            "--device cuda: ONNX Runtime has no CUDA provider here; " + (flavour_conflict(onnxruntime_distributions()) or
+            "install 'blip2-edge[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device auto"))
     log.warning("no CUDA execution provider available; running on the CPU")
     return ["CPUExecutionProvider"]
 
@@ -136,14 +235,14 @@ def tensorrt_provider(cache_dir: Path, shapes: dict, fp16: bool, int8: bool) -> 
 def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=None) -> list:
     """TensorRT EP first (with `stage`'s profile from `ranges`, default ProfileRanges()), then
     CUDA, then CPU for whatever neither takes."""
-    import onnxruntime as ort
-
     from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
     from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
 
+    ort = import_onnxruntime()
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         raise Blip2EdgeError("backend 'onnxruntime-trt' needs onnxruntime-gpu with its TensorRT provider and "
-                             "TensorRT's libraries: pip install 'blip2-edge[gpu]' on a machine with an NVIDIA GPU")
+                             "TensorRT's libraries: " + (flavour_conflict(onnxruntime_distributions()) or
+                                                         "pip install 'blip2-edge[gpu]' on a machine with an NVIDIA GPU"))
     cache = ort_trt_cache_dir(artifacts, ort.__version__, nvidia_device())
     cache.mkdir(parents=True, exist_ok=True)
     shapes = stage_profile(stage, ranges or ProfileRanges())
@@ -165,8 +264,7 @@ class OrtRunner:
                  allow_spinning: bool | None = None, require_provider: str | None = None):
         """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings.
         require_provider: the provider the session must really have got (else a one-line error)."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         so = ort.SessionOptions()
         # Full optimisation: constant folding, LayerNorm/GELU/attention fusions on CPU and CUDA.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -196,11 +294,11 @@ class OrtRunner:
         """ONNX Runtime's InvalidArgument (the graph refused inputs the manifest promised it would
         take: a position table shorter than the manifest says) as an ArtifactError naming the
         graph. Its other failures (out of memory, a provider's error) stay internal errors."""
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+        invalid_argument = import_onnxruntime("capi.onnxruntime_pybind11_state").InvalidArgument
 
         try:
             yield
-        except InvalidArgument as exc:
+        except invalid_argument as exc:
             first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{self.path.name}: ONNX Runtime refused these inputs ({first}); the graph does "
                                 "not match its manifest") from exc
@@ -209,8 +307,7 @@ class OrtRunner:
         """Runs with I/O binding: inputs may be numpy arrays or OrtValues already on the device;
         outputs not in `host_outputs` stay on the device as OrtValues (the KV cache, between
         decode steps), the others come back as numpy arrays."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -243,8 +340,9 @@ class OrtRunner:
         return {n: values[n].numpy() for n in host_outputs}
 
     def to_device(self, array: np.ndarray):
-        import onnxruntime as ort
-
+        """An OrtValue of `array` on this runner's device; on the CPU it wraps the array's memory
+        (a contiguous one is not copied, so it must stay referenced)."""
+        ort = import_onnxruntime()
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
 

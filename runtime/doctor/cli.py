@@ -73,7 +73,7 @@ def format_text(data: dict) -> str:
     lines = [f"python {env['python']} on {env['platform']}",
              f"onnxruntime {env['onnxruntime'] or 'not installed'}: {', '.join(env['providers']) or 'no providers'}",
              f"tensorrt {env['tensorrt'] or 'not installed'}; cuda-python {env['cuda_python'] or 'not installed'}; "
-             f"CUDA driver {env['cuda_driver'] or '?'}, runtime {env['cuda_runtime'] or '?'}",
+             f"CUDA driver {env['cuda_driver'] or '?'}, cuda-python built for CUDA {env['cuda_runtime'] or '?'}",
              f"gpu: {env['gpu'] + ' (sm ' + str(env['compute_capability']) + ')' if env['gpu'] else 'none'}"]
     if env["jetson"]:
         j = env["jetson"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment
+from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment, provider_problem
 from runtime.errors import Blip2EdgeError
 
 BACKENDS = ("cpu", "cuda", "tensorrt", "onnxruntime-trt")
@@ -126,7 +126,7 @@ class ArtifactRun:
                 # of this machine, so a skip that says which export would run, unless asked for.
                 family_for(manifest.data).check_placement(
                     manifest.where, manifest.model, self.cpu.float_dtype, "cuda" if backend == "cuda" else "cpu",
-                    "onnxruntime" if backend == "cuda" else backend)
+                    "onnxruntime" if backend == "cuda" else backend, self.env.providers)
             except Blip2EdgeError as exc:
                 checks.append(self.unavailable(backend, _one_line(exc)))
                 continue
@@ -155,6 +155,8 @@ class ArtifactRun:
         if "CUDAExecutionProvider" not in self.env.providers:
             return self.unavailable("cuda", "ONNX Runtime has no CUDA provider: pip install 'blip2-edge[gpu]' "
                                             "(onnxruntime-gpu; on a Jetson NVIDIA's wheel for your JetPack)")
+        if problem := provider_problem(self.env, "CUDAExecutionProvider"):
+            return self.unavailable("cuda", problem)
         pipe = Blip2Pipeline.from_artifacts(self.artifacts, device="cuda", verify=False)
         return self.compare("cuda", pipe, stage_cosines(self.cpu, pipe, self.images))
 
@@ -169,6 +171,8 @@ class ArtifactRun:
                                                 "(on a Jetson: JetPack's TensorRT, see docs/tensorrt-jetson.md)")
         if "CUDAExecutionProvider" not in self.env.providers:
             return self.unavailable("tensorrt", "its LLM stages run on ONNX Runtime CUDA: pip install 'blip2-edge[gpu]'")
+        if problem := provider_problem(self.env, "CUDAExecutionProvider"):
+            return self.unavailable("tensorrt", f"its LLM stages run on ONNX Runtime CUDA: {problem}")
         try:
             pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="tensorrt", verify=False)
         except StaleEngineError as exc:
@@ -186,11 +190,12 @@ class ArtifactRun:
         if "TensorrtExecutionProvider" not in self.env.providers:
             return self.unavailable("onnxruntime-trt", "ONNX Runtime has no TensorRT provider: pip install "
                                                        "'blip2-edge[gpu]' and TensorRT's libraries")
+        # Listed is not loadable (libnvinfer.so.10 off the loader path, TensorRT 11): a skip with the fix.
+        if problem := provider_problem(self.env, "TensorrtExecutionProvider"):
+            return self.unavailable("onnxruntime-trt", problem)
         # The pipeline refuses a session that fell back from TensorRT (a one-line error).
         pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="onnxruntime-trt", verify=False)
-        import onnxruntime as ort
-
-        cache = ort_trt_cache_dir(self.artifacts, ort.__version__, nvidia_device())
+        cache = ort_trt_cache_dir(self.artifacts, self.env.onnxruntime, nvidia_device())
         check = self.compare("onnxruntime-trt", pipe)
         before = sorted(p.name for p in cache.glob("*.engine"))
         pipe.caption(self.images[:1], max_new_tokens=MAX_NEW_TOKENS * 2)  # longer: new past lengths

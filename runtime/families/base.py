@@ -66,10 +66,11 @@ class Family:
         and `prefill_times` (the `prefill_stages` timings of the last prefill)."""
         raise NotImplementedError
 
-    def check_placement(self, where, model: dict, float_dtype: np.dtype, device: str, backend: str) -> None:
+    def check_placement(self, where, model: dict, float_dtype: np.dtype, device: str, backend: str,
+                        available) -> None:
         """Raises Blip2EdgeError, at load and before any session is built, when a stage's graph
-        cannot run on that device and backend (the shared KV cache on TensorRT); every family's
-        graphs run anywhere by default."""
+        cannot run on that device and backend (the shared KV cache on TensorRT), given ONNX
+        Runtime's `available` providers; every family's graphs run anywhere by default."""
 
     def check_instructions(self, prompts, tokenizer, model: dict):
         """Raises PromptTooLongError for a prompt the architecture's own text encoder cannot take

@@ -108,9 +108,9 @@ class DecoderOnlyFamily(Family):
         history = np.concatenate([np.full((b, q), model["image_token_id"], np.int64), ids], axis=1)
         return LLMInputs(embeds, full_mask, history)
 
-    def check_placement(self, where, model, float_dtype, device, backend) -> None:
+    def check_placement(self, where, model, float_dtype, device, backend, available) -> None:
         if kv_cache_form(model) == "shared":
-            check_placement(where, float_dtype, device, backend)
+            check_placement(where, float_dtype, device, backend, available)
 
     def new_decoder(self, runners, embed_table, model, generation, float_dtype, io_binding=False):
         if kv_cache_form(model) == "shared":  # always bound in place: `io_binding` is the concat form's choice

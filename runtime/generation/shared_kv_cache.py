@@ -24,17 +24,13 @@ from runtime.stages import INPUTS_EMBEDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL
 HEADROOM = 64
 
 
-def check_placement(where, float_dtype: np.dtype, device: str, backend: str, available=None) -> None:
+def check_placement(where, float_dtype: np.dtype, device: str, backend: str, available) -> None:
     """Refuses, in one line and before any session is built, a shared-cache decoder that would
     run where ONNX Runtime cannot run its GroupQueryAttention: TensorRT does not build the contrib
     op, and ONNX Runtime's CUDA kernel takes fp16/bf16 only (an fp32 decoder's attention would
     fall back to the CPU, copying the cache across every step). `available`: ONNX Runtime's
-    providers (default: this install's); without the provider a backend needs, building its
-    sessions says what to install instead."""
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
+    providers (the backends' available_providers() on this machine); without the provider a
+    backend needs, building its sessions says what to install instead."""
     fix = "re-export with --kv-cache concat (the form every provider runs)"
     if backend == "onnxruntime-trt" and "TensorrtExecutionProvider" in available:
         raise OptionError(f"{where}: this decoder keeps a shared KV cache (GroupQueryAttention), which the "
@@ -86,11 +82,9 @@ class SharedKVCacheDecoder:
         return self.host if self.runner.device == "cpu" else [v.numpy() for v in self.values]
 
     def _store(self, arrays: list[np.ndarray]) -> None:
-        import onnxruntime as ort
-
         if self.runner.device == "cpu":
-            self.host = arrays  # ortvalue_from_numpy wraps CPU memory: the arrays must stay referenced
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+            self.host = arrays  # the OrtValues wrap these arrays' memory: they must stay referenced
+            self.values = [self.runner.to_device(a) for a in arrays]
         else:
             self.host = []
             self.values = [self.runner.to_device(a) for a in arrays]

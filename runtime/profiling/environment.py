@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 
+from runtime.backends.onnxrt import ThreadSettings, import_onnxruntime
 from runtime.backends.tensorrt.engines import nvidia_smi, tensorrt_version
 
 
@@ -43,10 +44,7 @@ def _nvpmodel() -> str | None:
 def describe(threads=None, stages=()) -> dict:
     """The machine, the runtime's versions and ONNX Runtime's thread settings (a ThreadSettings,
     default: the pipeline's default) with what they give each of `stages`."""
-    import onnxruntime as ort
-
-    from runtime.backends.onnxrt import ThreadSettings
-
+    ort = import_onnxruntime()
     threads = threads or ThreadSettings()
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",

@@ -42,6 +42,7 @@ def test_no_jetson_release_file_means_no_jetson(tmp_path):
 
 def test_nothing_installed_is_skipped_with_what_to_install():
     checks = by_name(environment_checks(env()))
+    assert checks.pop("onnxruntime").status == PASS
     assert {c.status for c in checks.values()} == {SKIP}
     assert "blip2-edge[tensorrt]" in checks["tensorrt"].detail and "--system-site-packages" in checks["tensorrt"].detail
     assert "cuda-python>=12.3,<13" in checks["cuda-python"].detail
@@ -53,12 +54,22 @@ def test_jetpack_6_0_and_cuda_python_13_and_an_old_driver_fail_in_one_line_each(
     assert checks["gpu"].status == PASS
     assert checks["tensorrt"].status == FAIL and "TensorRT 8.6.2.3 is too old" in checks["tensorrt"].detail
     assert checks["cuda-python"].status == FAIL and "cuda-python 13.0.1" in checks["cuda-python"].detail
-    checks = by_name(environment_checks(env(tensorrt="10.3.0.30", cuda_python="12.6.2", cuda_driver="12.2",
-                                            cuda_runtime="12.6", gpu="Orin", compute_capability="8.7", driver="540")))
-    assert checks["tensorrt"].status == PASS and checks["gpu"].status == PASS
-    assert checks["cuda-python"].status == FAIL and "cuda-python==12.2.*" in checks["cuda-python"].detail
+    checks = by_name(environment_checks(env(tensorrt="8.5.2.2", cuda_python="12.9.4", cuda_driver="11.4",
+                                            cuda_runtime="12.9", jetson={"l4t": "35.5.0", "jetpack": "5.x"})))
+    assert checks["tensorrt"].status == FAIL
+    assert checks["cuda-python"].status == FAIL and "R525 driver or newer" in checks["cuda-python"].detail
     for c in checks.values():
         assert "\n" not in c.detail
+
+
+@pytest.mark.parametrize("driver", ["12.2", "12.6", "12.8"])
+def test_jetpack_6_and_desktop_12_x_drivers_pass_with_cuda_python_12_9(driver):
+    """cuda-python 12.9 reports 12.9 as its runtime with any driver; a 12.x driver runs it."""
+    checks = by_name(environment_checks(env(tensorrt="10.3.0.30", cuda_python="12.9.4", cuda_driver=driver,
+                                            cuda_runtime="12.9", gpu="Orin", compute_capability="8.7", driver="540")))
+    assert checks["tensorrt"].status == PASS and checks["gpu"].status == PASS
+    assert checks["cuda-python"].status == PASS, checks["cuda-python"].detail
+    assert f"CUDA driver {driver}" in checks["cuda-python"].detail
 
 
 def test_doctor_without_artifacts_reports_the_machine():

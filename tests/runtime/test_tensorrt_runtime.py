@@ -34,7 +34,7 @@ def test_tensorrt_10_3_to_11_is_accepted(version):
 
 
 def test_tensorrt_12_is_refused():
-    with pytest.raises(versions.UnsupportedVersionError, match="newer than this blip2-edge supports.*tensorrt-cu12<12"):
+    with pytest.raises(versions.UnsupportedVersionError, match=r"newer than this blip2-edge supports.*tensorrt-cu12>=10.3,<11"):
         versions.check_tensorrt_version("12.0.0")
 
 
@@ -45,15 +45,72 @@ def test_cuda_python_must_be_12():
         versions.check_cuda_python_version("13.4.4")
 
 
-def test_driver_older_than_the_runtime_names_the_cuda_python_to_install():
-    versions.check_driver(12060, 12060)
-    versions.check_driver(13000, 12090)
-    with pytest.raises(versions.UnsupportedVersionError, match=r"supports CUDA 12.2 .* CUDA 12.6 runtime.*"
-                                                               r"cuda-python==12.2.\*"):
-        versions.check_driver(12020, 12060)
+@pytest.mark.parametrize("driver", [12020, 12040, 12060, 12080, 12090, 13000])
+def test_any_cuda_12_driver_runs_cuda_python_12(driver):
+    """cuda-python 12.9 answers cudaRuntimeGetVersion with 12090 whatever runtime is loaded; CUDA's
+    minor-version compatibility runs it on JetPack 6's 12.2/12.6 drivers and desktop 12.4-12.8 ones."""
+    versions.check_driver(driver, 12090)
+    versions.check_driver(driver, 12030)
+
+
+def test_a_driver_of_an_older_cuda_major_is_refused_naming_a_real_driver():
+    with pytest.raises(versions.UnsupportedVersionError) as err:
+        versions.check_driver(11040, 12090)  # JetPack 5's CUDA 11.4 driver
+    message = str(err.value)
+    assert "CUDA 11.4" in message and "CUDA 12.x" in message and "R525 driver or newer" in message
+    assert "JetPack 6.1" in message and "==" not in message and "\n" not in message
+    with pytest.raises(versions.UnsupportedVersionError, match="R580 driver or newer"):
+        versions.check_driver(12080, 13000)
     with pytest.raises(versions.UnsupportedVersionError, match="no NVIDIA driver"):
         versions.check_driver(0, 12060)
     assert versions.cuda_version_text(12090) == "12.9"
+
+
+class LoggerSeam:
+    """tensorrt.Logger as the bindings declare it (Logger(min_severity), Logger.WARNING): counts
+    how many were made, which is what TensorRT warns about (it keeps the first one it is given)."""
+
+    WARNING = 2
+    made: list = []
+
+    def __init__(self, severity):
+        self.severity = severity
+        LoggerSeam.made.append(self)
+
+
+def test_one_tensorrt_logger_per_process_whoever_asks_and_from_any_thread():
+    trt = types.SimpleNamespace(Logger=LoggerSeam)
+    LoggerSeam.made = []
+    loggers = []
+    threads = [threading.Thread(target=lambda: loggers.append(versions.trt_logger(trt))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(LoggerSeam.made) == 1 and all(lg is LoggerSeam.made[0] for lg in loggers)
+    assert LoggerSeam.made[0].severity == LoggerSeam.WARNING
+
+
+def test_the_builder_and_the_runner_take_the_shared_logger():
+    """No TensorRT module here to build with: the code is read instead. Every Logger in the runtime
+    is made by versions.trt_logger."""
+    import ast
+
+    from tests.conftest import REPO
+
+    made = []
+    for path in sorted((REPO / "runtime").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Logger":
+                made.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert made == ["runtime/backends/tensorrt/versions.py:" + str(_logger_line())]
+
+
+def _logger_line() -> int:
+    import inspect
+
+    lines, start = inspect.getsourcelines(versions.trt_logger)
+    return start + next(i for i, line in enumerate(lines) if "trt.Logger(" in line)
 
 
 def test_network_is_strongly_typed_on_10_and_11():

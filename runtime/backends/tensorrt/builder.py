@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
-from runtime.backends.tensorrt.versions import import_tensorrt, tensorrt_major
+from runtime.backends.tensorrt.versions import import_tensorrt, tensorrt_major, trt_logger
 from runtime.errors import Blip2EdgeError, OptionError
 
 MAX_CONTEXTS = 8
@@ -120,7 +120,7 @@ class BuiltEngine:
 def build_engine(onnx_path: Path, stage: dict, opts: BuildOptions) -> BuiltEngine:
     """Parses the graph and returns the serialized engine (and the updated timing cache)."""
     trt = import_tensorrt("blip2-edge build-engines")
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)  # the process's one logger (TensorRT ignores a second one)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)

@@ -23,6 +23,7 @@ from runtime.artifact.confinement import confined_path
 from runtime.artifact.manifest import Manifest, graph_digest
 from runtime.artifact.schema import Obj, Str, check_rule
 from runtime.artifact.verified_files import open_regular, read_bounded
+from runtime.backends.tensorrt.versions import CUDA_PYTHON, TEGRA_RELEASE, l4t_release
 from runtime.errors import ArtifactError, Blip2EdgeError
 
 ENGINE_MANIFEST = "engines.json"
@@ -50,6 +51,14 @@ class DeviceInfo:
         return self.compute_capability.replace(".", "")
 
 
+# Each Jetson SoC's GPU compute capability (NVIDIA's CUDA GPU list: Orin 8.7, Xavier 7.2, TX2 6.2,
+# Nano 5.3), by the SoC name in the device tree: what keys a Jetson's caches when neither nvidia-smi
+# nor CUDA (cuda-python) answers.
+TEGRA_COMPUTE_CAPABILITY = {"tegra234": "8.7", "tegra194": "7.2", "tegra186": "6.2", "tegra210": "5.3"}
+DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
+_COMPUTE_CAPABILITY = re.compile(r"\d+\.\d+")
+
+
 def nvidia_smi(*fields: str) -> list[str] | None:
     """The first GPU's values for nvidia-smi query fields, or None without nvidia-smi or a GPU."""
     if not shutil.which("nvidia-smi"):
@@ -72,11 +81,62 @@ def tensorrt_version() -> str | None:
         return None
 
 
-def nvidia_device() -> DeviceInfo:
-    """The GPU (from nvidia-smi) and TensorRT version (its Python package, if installed) that
-    key ONNX Runtime's TensorRT-provider caches, without needing cuda-python."""
-    name, cc = nvidia_smi("name", "compute_cap") or ("unknown-gpu", "0.0")
-    return DeviceInfo(gpu=name, compute_capability=cc, trt_version=tensorrt_version() or "unknown")
+def cuda_device() -> tuple[str, str] | None:
+    """The first GPU's name and compute capability from CUDA (cudaGetDeviceProperties' major and
+    minor, through cuda-python), or None without cuda-python, a driver or a GPU."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6.1
+        except ImportError:
+            from cuda import cudart
+        err, props = cudart.cudaGetDeviceProperties(0)
+    except Exception:  # noqa: BLE001  (not installed, or its libraries do not load: not an answer)
+        return None
+    if int(getattr(err, "value", err)) != 0:
+        return None
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return name.strip("\x00 "), f"{props.major}.{props.minor}"
+
+
+def tegra_soc(compatible: Path = DEVICE_TREE_COMPATIBLE) -> str | None:
+    """The Jetson SoC ('tegra234') named in the device tree's compatible list, if it is a known one."""
+    try:
+        entries = compatible.read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        chip = entry.decode(errors="replace").rpartition(",")[2]
+        if chip in TEGRA_COMPUTE_CAPABILITY:
+            return chip
+    return None
+
+
+def gpu_identity(tegra_release: Path = TEGRA_RELEASE, compatible: Path = DEVICE_TREE_COMPATIBLE) -> tuple[str, str] | None:
+    """The GPU's name and compute capability: nvidia-smi's; else CUDA's (a Jetson's nvidia-smi
+    may fail or answer [N/A]); else, on a Jetson, its SoC's. A Jetson's name carries its L4T
+    release. None when nothing answers (no NVIDIA GPU)."""
+    row = nvidia_smi("name", "compute_cap")
+    if row and _COMPUTE_CAPABILITY.fullmatch(row[1]):
+        return row[0], row[1]
+    l4t = l4t_release(tegra_release)
+    found = cuda_device()
+    if found is None and l4t is not None and (chip := tegra_soc(compatible)):
+        found = (f"Jetson {chip}", TEGRA_COMPUTE_CAPABILITY[chip])
+    if found is None:
+        return None
+    return (f"{found[0]} (L4T {l4t})" if l4t else found[0]), found[1]
+
+
+def nvidia_device(tegra_release: Path = TEGRA_RELEASE, compatible: Path = DEVICE_TREE_COMPATIBLE) -> DeviceInfo:
+    """The GPU (gpu_identity) and TensorRT version (its Python package, if installed) that key
+    ONNX Runtime's TensorRT-provider caches, without needing cuda-python; a one-line error when
+    the GPU cannot be told (never a cache keyed for an unknown GPU)."""
+    found = gpu_identity(tegra_release, compatible)
+    if found is None:
+        raise Blip2EdgeError("cannot tell which GPU this is (nvidia-smi is missing or failed, and cuda-python cannot ask "
+                             f"CUDA), so ONNX Runtime's TensorRT caches cannot be keyed to it: pip install '{CUDA_PYTHON}', "
+                             "or repair nvidia-smi")
+    return DeviceInfo(gpu=found[0], compute_capability=found[1], trt_version=tensorrt_version() or "unknown")
 
 
 def engine_dir(artifacts: Path, device: DeviceInfo) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.backends.tensorrt.pool import DeviceBuffers, SlotPool
 from runtime.backends.tensorrt.shapes import batch_limit, batch_slices, check_shapes
-from runtime.backends.tensorrt.versions import import_cudart, import_tensorrt
+from runtime.backends.tensorrt.versions import import_cudart, import_tensorrt, trt_logger
 from runtime.errors import Blip2EdgeError
 
 WHAT = "the TensorRT backend"
@@ -86,7 +86,7 @@ class TrtRunner:
         self.trt = trt = import_tensorrt(WHAT)
         self.cudart = import_cudart(WHAT)
         self.name = str(engine.path)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime = trt.Runtime(trt_logger(trt))  # one logger per process, shared with the builder
         self.engine = self.runtime.deserialize_cuda_engine(engine.data)  # the verified bytes, not a re-read
         if self.engine is None:
             raise Blip2EdgeError(f"{engine.path}: TensorRT could not deserialise the engine; rebuild it")
