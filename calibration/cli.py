@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.cli.outputs import check_output_file
-from runtime.errors import require
+from runtime.errors import Blip2EdgeError, require
 
 
 def register(sub) -> None:
@@ -58,8 +60,20 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_onnxruntime_quantizer() -> None:
+    """quantize reuses calibration ranges through quantize_static's calibration_cache_path, which
+    ONNX Runtime's quantizer gained in 2026 (checked with 1.32; 1.21 and 1.22 lack it): an older
+    one is one line naming the version, before any calibration."""
+    quantization = import_onnxruntime("quantization")
+    if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
+        raise Blip2EdgeError(f"blip2-edge quantize needs an ONNX Runtime whose quantize_static takes "
+                             f"calibration_cache_path (1.32 is checked; this one is "
+                             f"{import_onnxruntime().__version__}): pip install -U 'onnxruntime>=1.32'")
+
+
 def run(args) -> int:
     require("onnx", "export", "blip2-edge quantize")
+    check_onnxruntime_quantizer()
     if args.calibration_cache is not None:  # written after calibration, which it would otherwise lose
         check_output_file("--calibration-cache", args.calibration_cache)
     from calibration.llm import LLMOptions

@@ -47,7 +47,7 @@ def check_artifact_placement(manifest, device: str) -> None:
     from runtime.stages import kv_cache_form
 
     if kv_cache_form(manifest.model) == "shared":
-        check_placement(manifest.where, np.dtype(manifest.stages["decoder"]["inputs"][0]["dtype"]), device,
+        check_placement(manifest.where, manifest.input_dtype("decoder"), device,
                         "onnxruntime", available=("CUDAExecutionProvider",) if device != "cpu" else ())
 
 

@@ -26,7 +26,7 @@ class PreprocessModel(Blip2Model):
         params = parameters(json.loads(args["model_config"]))
         manifest = load_manifest(Path(args["model_repository"]) / params["artifacts"], verify=False)
         self.preprocessing = Preprocessing.from_manifest(manifest.data["preprocessing"])
-        self.dtype = np.dtype(manifest.stages["vision"]["inputs"][0]["dtype"])
+        self.dtype = manifest.input_dtype("vision")
         self.output = manifest.stages["vision"]["inputs"][0]["name"]
         self.max_pixels = int(params.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
 

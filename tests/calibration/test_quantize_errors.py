@@ -211,3 +211,19 @@ def test_gpu_target_refuses_an_fp32_shared_kv_cache_before_any_work(toy_artifact
     assert_one_line_error(run_cli("quantize", toy_artifacts, out, "--synthetic", "8", "--target", "gpu"),
                           "--kv-cache concat")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_runtime_without_the_calibration_cache_is_named(monkeypatch):
+    """ONNX Runtime 1.21/1.22's quantize_static has no calibration_cache_path: one line naming the
+    installed version, before any calibration (the installed 1.32 passes the same check)."""
+    import onnxruntime.quantization as q
+
+    from calibration.cli import check_onnxruntime_quantizer
+    from runtime.errors import Blip2EdgeError
+
+    check_onnxruntime_quantizer()
+    real = q.quantize_static
+    monkeypatch.setattr(q, "quantize_static", lambda model_input, model_output, calibration_data_reader: None)
+    with pytest.raises(Blip2EdgeError, match=r"takes calibration_cache_path .*pip install -U 'onnxruntime>=1.32'"):
+        check_onnxruntime_quantizer()
+    monkeypatch.setattr(q, "quantize_static", real)
