@@ -4,6 +4,8 @@ Library code raises these and never calls `sys.exit`; the CLI turns them into a 
 exit status, with a traceback only under `--debug`.
 """
 
+from pathlib import Path
+
 
 class Blip2EdgeError(Exception):
     """An error the user can fix: bad input, a missing file, a missing extra."""
@@ -25,11 +27,22 @@ class OptionError(Blip2EdgeError, ValueError):
     from a library is a bug, reported as an internal error)."""
 
 
+def install_command(extras: str = "") -> str:
+    """The pip command that installs blip2-edge with `extras` ("cpu", "gpu,tensorrt") as this copy
+    was installed: blip2-edge is not on a package index yet, so from a checkout (an editable
+    install, or this source tree) it names the checkout, which works as printed."""
+    spec = f"[{extras}]" if extras else ""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "runtime" / "__init__.py").is_file():
+        return f"pip install -e '{checkout}{spec}'"
+    return f"pip install 'blip2-edge{spec}'"
+
+
 class MissingExtraError(Blip2EdgeError):
     """An optional dependency is not installed."""
 
     def __init__(self, package: str, extra: str, what: str):
-        super().__init__(f"{what} needs the '{package}' package: pip install 'blip2-edge[{extra}]'")
+        super().__init__(f"{what} needs the '{package}' package: {install_command(extra)}")
 
 
 def require(module: str, extra: str, what: str):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ArtifactError, Blip2EdgeError, OptionError
+from runtime.errors import ArtifactError, Blip2EdgeError, OptionError, install_command
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # names it counts too). onnxruntime-extensions and onnxruntime-genai ship packages of their own.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
                      "onnxruntime-qnn", "onnxruntime-rocm", "onnxruntime-training", "ort-nightly", "ort-nightly-gpu")
-INSTALL_ORT = ("pip install 'blip2-edge[cpu]' (CPU) or 'blip2-edge[gpu]' (NVIDIA GPU); on a Jetson, NVIDIA's "
-               "onnxruntime-gpu wheel for your JetPack, then pip install blip2-edge (docs/tensorrt-jetson.md)")
+INSTALL_ORT = (f"{install_command('cpu')} (CPU) or {install_command('gpu')} (NVIDIA GPU); on a Jetson, NVIDIA's "
+               f"onnxruntime-gpu wheel for your JetPack, then {install_command()} (docs/tensorrt-jetson.md)")
 
 
 class OnnxRuntimeMissingError(Blip2EdgeError):
@@ -167,10 +167,10 @@ class ThreadSettings:
 # memory with TensorRT's contexts, so it grows only by what is asked for.
 CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
 PROVIDER_HINTS = {
-    "CUDAExecutionProvider": "ONNX Runtime could not load CUDA or cuDNN: pip install 'blip2-edge[gpu]' (onnxruntime-gpu "
+    "CUDAExecutionProvider": f"ONNX Runtime could not load CUDA or cuDNN: {install_command('gpu')} (onnxruntime-gpu "
                              "with CUDA 12 and cuDNN 9), or use --device auto to fall back to the CPU",
     "TensorrtExecutionProvider": "ONNX Runtime could not load TensorRT 10's libraries (libnvinfer.so.10, which its "
-                                 "TensorRT provider is built on): install TensorRT 10 (pip install 'blip2-edge[tensorrt]', "
+                                 f"TensorRT provider is built on): install TensorRT 10 ({install_command('tensorrt')}, "
                                  "or JetPack's) and put its lib directory (site-packages/tensorrt_libs for the wheels) "
                                  "on LD_LIBRARY_PATH; 'blip2-edge doctor' shows what this machine has",
 }
@@ -197,7 +197,7 @@ def providers_for(device: str, gpu_mem_limit_mb: int = 0) -> list:
     if device == "cuda":
         raise Blip2EdgeError(
             "--device cuda: ONNX Runtime has no CUDA provider here; " + (flavour_conflict(onnxruntime_distributions()) or
-            "install 'blip2-edge[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device auto"))
+            f"{install_command('gpu')} (onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --device auto"))
     log.warning("no CUDA execution provider available; running on the CPU")
     return ["CPUExecutionProvider"]
 
@@ -242,7 +242,7 @@ def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=N
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         raise Blip2EdgeError("backend 'onnxruntime-trt' needs onnxruntime-gpu with its TensorRT provider and "
                              "TensorRT's libraries: " + (flavour_conflict(onnxruntime_distributions()) or
-                                                         "pip install 'blip2-edge[gpu]' on a machine with an NVIDIA GPU"))
+                                                         f"{install_command('gpu')} on a machine with an NVIDIA GPU"))
     cache = ort_trt_cache_dir(artifacts, ort.__version__, nvidia_device())
     cache.mkdir(parents=True, exist_ok=True)
     shapes = stage_profile(stage, ranges or ProfileRanges())

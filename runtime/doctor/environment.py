@@ -32,6 +32,7 @@ from runtime.backends.tensorrt.versions import (
     l4t_release,
     parse_version,
 )
+from runtime.errors import install_command
 from runtime.profiling.environment import _nvpmodel
 
 # L4T release -> JetPack (NVIDIA's release notes); TensorRT 10.3 arrived with L4T 36.4.
@@ -168,7 +169,7 @@ def environment_checks(env: Environment) -> list[Check]:
     else:
         checks.append(Check("gpu", SKIP, "no NVIDIA GPU found (nvidia-smi absent or reports none): CPU only"))
     if env.tensorrt is None:
-        checks.append(Check("tensorrt", SKIP, "not installed: pip install 'blip2-edge[tensorrt]' (on a Jetson: "
+        checks.append(Check("tensorrt", SKIP, f"not installed: {install_command('tensorrt')} (on a Jetson: "
                                               "JetPack's python3-libnvinfer in a --system-site-packages venv)"))
     else:
         try:

@@ -22,6 +22,7 @@ from PIL import Image
 from runtime import synthetic
 from runtime.cli import main as cli
 from runtime.cli.main import COMMANDS, SIGPIPE_EXIT
+from runtime.errors import install_command
 from tests.conftest import REPO, run_cli
 
 
@@ -81,7 +82,7 @@ def test_bad_arguments(toy_artifacts, tmp_path):
     proc = run_cli("caption", tmp_path / "nope", tmp_path / "img0.png")
     assert proc.returncode == 2 and "not an artifact directory" in proc.stderr
     proc = run_cli("caption", toy_artifacts, tmp_path / "img0.png", "--device", "cuda")
-    assert proc.returncode == 2 and "blip2-edge[gpu]" in proc.stderr
+    assert proc.returncode == 2 and install_command("gpu") in proc.stderr
 
 
 # ---- pipes, encodings, error classes, --debug, lazy subcommands ---------------------------------
@@ -267,7 +268,9 @@ def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode in (130, 2) and "Traceback" not in err and "internal error" not in err, err
+    # 2: the command had failed on the missing folder already; -SIGINT: the signal came while the
+    # interpreter was exiting after that, past any handler (no traceback either way).
+    assert proc.returncode in (130, 2, -signal.SIGINT) and "Traceback" not in err and "internal error" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted" if proc.returncode == 130 else err.startswith("error: ")
 
 

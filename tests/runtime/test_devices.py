@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import onnxruntime as ort
 import pytest
 
 from runtime import synthetic
 from runtime.backends.onnxrt import providers_for
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, install_command
 from runtime.pipeline import Blip2Pipeline
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -24,7 +25,7 @@ def test_auto_falls_back_to_cpu_with_a_warning(caplog):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only fallbacks")
 def test_cuda_without_provider_names_the_extra():
-    with pytest.raises(Blip2EdgeError, match=r"blip2-edge\[gpu\]"):
+    with pytest.raises(Blip2EdgeError, match=re.escape(install_command("gpu"))):
         providers_for("cuda")
 
 

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from runtime.doctor.environment import FAIL, PASS, SKIP, Environment, environment_checks, jetson_release
+from runtime.errors import install_command
 from tests.conftest import run_cli
 
 
@@ -44,7 +45,7 @@ def test_nothing_installed_is_skipped_with_what_to_install():
     checks = by_name(environment_checks(env()))
     assert checks.pop("onnxruntime").status == PASS
     assert {c.status for c in checks.values()} == {SKIP}
-    assert "blip2-edge[tensorrt]" in checks["tensorrt"].detail and "--system-site-packages" in checks["tensorrt"].detail
+    assert install_command("tensorrt") in checks["tensorrt"].detail and "--system-site-packages" in checks["tensorrt"].detail
     assert "cuda-python>=12.3,<13" in checks["cuda-python"].detail
 
 

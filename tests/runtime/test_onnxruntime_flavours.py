@@ -18,6 +18,7 @@ from packaging.utils import canonicalize_name
 
 from runtime.backends.onnxrt import ORT_DISTRIBUTIONS, flavour_conflict, onnxruntime_distributions
 from runtime.doctor.environment import FAIL, PASS, Environment, environment_checks
+from runtime.errors import install_command
 from tests.conftest import REPO
 
 FLAVOURS = {canonicalize_name(n) for n in ORT_DISTRIBUTIONS}
@@ -79,7 +80,7 @@ def test_one_flavour_is_no_conflict_and_two_name_the_fix():
     assert flavour_conflict([]) is None
     fix = flavour_conflict([("onnxruntime", "1.32.0"), ("onnxruntime-gpu", "1.22.0")])
     assert "onnxruntime 1.32.0, onnxruntime-gpu 1.22.0" in fix and "\n" not in fix
-    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in fix and "blip2-edge[gpu]" in fix and "Jetson" in fix
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in fix and install_command("gpu") in fix and "Jetson" in fix
 
 
 def env(**kw) -> Environment:
@@ -95,7 +96,7 @@ def test_doctor_check_fails_on_two_flavours_and_passes_on_one():
     checks = {c.name: c for c in environment_checks(env(onnxruntime_distributions=[("onnxruntime-gpu", "1.20.0")]))}
     assert checks["onnxruntime"].status == PASS and "onnxruntime-gpu 1.20.0" in checks["onnxruntime"].detail
     checks = {c.name: c for c in environment_checks(env(onnxruntime=None, providers=[]))}
-    assert checks["onnxruntime"].status == FAIL and "blip2-edge[cpu]" in checks["onnxruntime"].detail
+    assert checks["onnxruntime"].status == FAIL and install_command("cpu") in checks["onnxruntime"].detail
 
 
 def test_doctor_fails_with_the_fix_when_a_second_flavour_is_installed(tmp_path):
@@ -142,13 +143,13 @@ def test_without_onnxruntime_caption_says_what_to_install_in_one_line(without_on
                           text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "ONNX Runtime is not installed" in proc.stderr
-    assert "pip install 'blip2-edge[cpu]'" in proc.stderr and "'blip2-edge[gpu]'" in proc.stderr
+    assert install_command("cpu") in proc.stderr and install_command("gpu") in proc.stderr
 
 
 def test_without_onnxruntime_doctor_fails_naming_what_to_install(without_onnxruntime, tmp_path):
     proc = subprocess.run([*without_onnxruntime, "doctor"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "FAIL  onnxruntime: ONNX Runtime is not installed: pip install 'blip2-edge[cpu]'" in proc.stdout
+    assert f"FAIL  onnxruntime: ONNX Runtime is not installed: {install_command('cpu')}" in proc.stdout
     assert "onnxruntime not installed" in proc.stdout
 
 

@@ -20,6 +20,7 @@ from runtime.backends.tensorrt.engines import (
     write_engine_manifest,
 )
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
+from runtime.errors import install_command
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
@@ -140,7 +141,7 @@ def test_build_keeps_current_entries_and_replaces_what_is_not_an_engine_manifest
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message when TensorRT is missing")
 def test_build_engines_without_tensorrt_names_the_extra(tiny_artifacts):
-    assert_one_line_error(run_cli("build-engines", tiny_artifacts), "blip2-edge[tensorrt]")
+    assert_one_line_error(run_cli("build-engines", tiny_artifacts), install_command("tensorrt"))
 
 
 def test_build_engines_argument_errors(tiny_artifacts, tmp_path):

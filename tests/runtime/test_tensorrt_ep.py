@@ -9,7 +9,7 @@ import pytest
 from runtime.artifact.manifest import load_manifest
 from runtime.backends.onnxrt import OrtRunner, check_provider, cuda_provider, profile_option, required_provider, tensorrt_provider
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, install_command
 from tests.conftest import run_cli
 from tests.exporter.test_export_errors import assert_one_line_error
 
@@ -62,7 +62,7 @@ def test_required_provider():
 
 
 @pytest.mark.parametrize("wanted, hint", [("TensorrtExecutionProvider", "libnvinfer"),
-                                          ("CUDAExecutionProvider", "blip2-edge[gpu]")])
+                                          ("CUDAExecutionProvider", install_command("gpu"))])
 def test_a_session_that_fell_back_is_refused_in_one_line(tiny_artifacts, wanted, hint):
     """What ONNX Runtime does when TensorRT's or CUDA's libraries are missing: the session
     comes up on the CPU. A real CPU session stands for it."""
@@ -86,9 +86,9 @@ def test_gpu_backends_without_a_gpu_fail_in_one_line(tiny_artifacts, tmp_path):
 
     Image.new("RGB", (40, 40), (200, 10, 10)).save(image)
     assert_one_line_error(run_cli("caption", tiny_artifacts, image, "--device", "cuda"), "--device cuda",
-                          "blip2-edge[gpu]")
+                          install_command("gpu"))
     assert_one_line_error(run_cli("caption", tiny_artifacts, image, "--backend", "onnxruntime-trt"),
-                          "onnxruntime-trt", "blip2-edge[gpu]")
+                          "onnxruntime-trt", install_command("gpu"))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_concat_artifacts", "t5_tiny_artifacts"])

@@ -4,6 +4,7 @@ timing-cache fallbacks. What only a device proves is in test_tensorrt_gpu.py."""
 
 from __future__ import annotations
 
+import re
 import threading
 import types
 
@@ -15,7 +16,7 @@ from runtime.backends.tensorrt.builder import BuildOptions, attach_timing_cache,
 from runtime.backends.tensorrt.pool import DeviceBuffers, SlotPool
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.backends.tensorrt.shapes import ProfileShapeError, batch_limit, batch_slices, check_shapes
-from runtime.errors import Blip2EdgeError, OptionError
+from runtime.errors import Blip2EdgeError, OptionError, install_command
 
 # ---- versions ---------------------------------------------------------------------------------
 
@@ -25,7 +26,7 @@ def test_tensorrt_before_10_3_is_refused_in_one_line(version):
         versions.check_tensorrt_version(version)
     message = str(err.value)
     assert "\n" not in message and f"TensorRT {version} is too old" in message
-    assert "JetPack 6.1" in message and "--system-site-packages" in message and "blip2-edge[tensorrt]" in message
+    assert "JetPack 6.1" in message and "--system-site-packages" in message and install_command("tensorrt") in message
 
 
 @pytest.mark.parametrize("version", ["10.3.0", "10.3.0.30", "10.16.1.11", "11.0.0.114", "11.4.0.106"])
@@ -308,5 +309,5 @@ def test_runner_without_tensorrt_names_the_extra(tmp_path):
     from runtime.backends.tensorrt.engines import VerifiedEngine
     from runtime.backends.tensorrt.runner import TrtRunner
 
-    with pytest.raises(Blip2EdgeError, match=r"pip install 'blip2-edge\[tensorrt\]'"):
+    with pytest.raises(Blip2EdgeError, match=re.escape(install_command("tensorrt"))):
         TrtRunner(VerifiedEngine(tmp_path / "x.engine", b""), {"inputs": [], "outputs": []})

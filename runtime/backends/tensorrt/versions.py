@@ -19,7 +19,7 @@ import re
 import threading
 from pathlib import Path
 
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, install_command
 
 MIN_TENSORRT = (10, 3)
 MAX_TENSORRT_MAJOR = 11  # the newest major this code is written and checked against
@@ -30,7 +30,7 @@ TENSORRT_EXTRA = "tensorrt-cu12>=10.3,<11"
 CUDA_PYTHON_MAJOR = 12
 CUDA_PYTHON = "cuda-python>=12.3,<13"
 JETSON_HINT = ("on a Jetson use JetPack 6.1 or newer and its own TensorRT (a venv made with "
-               "--system-site-packages), elsewhere pip install 'blip2-edge[tensorrt]'")
+               f"--system-site-packages), elsewhere {install_command('tensorrt')}")
 
 
 # L4T's release file: present on a Jetson only ('# R36 (release), REVISION: 4.0, ...').
@@ -61,7 +61,7 @@ def missing_message(package: str, what: str, jetson: bool) -> str:
     JetPack's TensorRT and a plain cuda-python (the tensorrt extra's wheels are not built for
     it: docs/tensorrt-jetson.md); elsewhere, the tensorrt extra."""
     if not jetson:
-        return (f"{what} needs the '{package}' package: pip install 'blip2-edge[tensorrt]' (on a Jetson: JetPack's "
+        return (f"{what} needs the '{package}' package: {install_command('tensorrt')} (on a Jetson: JetPack's "
                 f"TensorRT and pip install '{CUDA_PYTHON}' instead, docs/tensorrt-jetson.md)")
     if package == "tensorrt":
         return (f"{what} needs TensorRT, which on a Jetson is JetPack's own: sudo apt install python3-libnvinfer, in a "
