@@ -27,7 +27,7 @@ from runtime.backends.onnxrt import ThreadSettings, available_providers
 from runtime.backends.stage_runners import build_runners, check_backend
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import Family, family_for
-from runtime.preprocess import Preprocessing
+from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 from runtime.tokenizer import TextTokenizer
 
 # task -> what to do with an artifact of the other task (each message names the way out)
@@ -107,3 +107,29 @@ class FromArtifact:
 
     def __get__(self, obj, owner=None):
         return self if obj is None else getattr(obj.artifact, self.name)
+
+
+class OnArtifact:
+    """What Blip2Pipeline and Blip2Retriever share: they are built on a LoadedArtifact
+    (`self.artifact`, one of `task`'s) and show its parts read-only under the same names."""
+
+    # Image files over this many pixels are refused from their header, before decoding.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    manifest = FromArtifact()
+    model = FromArtifact()
+    family = FromArtifact()
+    stage_names = FromArtifact()
+    threads = FromArtifact()
+    float_dtype = FromArtifact()
+    runners = FromArtifact()
+    preprocessing = FromArtifact()
+    tokenizer = FromArtifact()
+
+    def _load(self, manifest: Manifest | LoadedArtifact, task: str, **load) -> None:
+        """`manifest`: a Manifest, loaded here with `load` (device, backend, threads), or a
+        LoadedArtifact of `task`, used as it is."""
+        if isinstance(manifest, LoadedArtifact):
+            manifest.require(task)
+            self.artifact = manifest
+        else:
+            self.artifact = LoadedArtifact(manifest, task, **load)

@@ -25,8 +25,7 @@ from runtime.generation.options import GenerationOptionError, GenerationOptions,
 from runtime.generation.search import beam_search, greedy_or_sample, run
 from runtime.generation.stopping import StopStrings, clip, stable_prefix
 from runtime.images import ImageInput, as_image, image_batch
-from runtime.loaded_artifact import FromArtifact, LoadedArtifact
-from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from runtime.loaded_artifact import FromArtifact, LoadedArtifact, OnArtifact
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 from runtime.tokenizer import check_text
 
@@ -48,22 +47,11 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
-class Blip2Pipeline:
+class Blip2Pipeline(OnArtifact):
     """Captions and answers from a generation artifact (BLIP-2 or InstructBLIP). Built on a
     LoadedArtifact (`self.artifact`), whose parts it shows read-only under the same names."""
 
-    # Image files over this many pixels are refused from their header, before decoding.
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    manifest = FromArtifact()
-    model = FromArtifact()
-    family = FromArtifact()
-    stage_names = FromArtifact()
-    threads = FromArtifact()
-    float_dtype = FromArtifact()
-    runners = FromArtifact()
     embed_table = FromArtifact()
-    preprocessing = FromArtifact()
-    tokenizer = FromArtifact()
     qformer_tokenizer = FromArtifact()
 
     def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", backend: str = "onnxruntime",
@@ -71,11 +59,7 @@ class Blip2Pipeline:
                  threads: ThreadSettings | None = None):
         """`manifest`: a Manifest (loaded here with device, backend and threads) or a
         LoadedArtifact of a generation artifact, used as it is."""
-        if isinstance(manifest, LoadedArtifact):
-            manifest.require("generation")
-            self.artifact = manifest
-        else:
-            self.artifact = LoadedArtifact(manifest, "generation", device, backend, threads)
+        self._load(manifest, "generation", device=device, backend=backend, threads=threads)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding

@@ -34,8 +34,7 @@ from runtime.backends.onnxrt import ThreadSettings
 from runtime.errors import ArtifactError, OptionError
 from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
 from runtime.images import ImageInput, as_image, image_batch
-from runtime.loaded_artifact import FromArtifact, LoadedArtifact
-from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from runtime.loaded_artifact import LoadedArtifact, OnArtifact
 from runtime.stages import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, ITC_IMAGE_EMBEDS, ITC_TEXT_EMBEDS, ITM_LOGITS, PIXEL_VALUES
 from runtime.tokenizer import check_text
 
@@ -75,20 +74,9 @@ def manifest_sha256(manifest: Manifest) -> str:
     return hashlib.sha256(written).hexdigest()
 
 
-class Blip2Retriever:
+class Blip2Retriever(OnArtifact):
     """Embeddings and match scores from a retrieval artifact. Built on a LoadedArtifact
     (`self.artifact`), whose parts it shows read-only under the same names."""
-
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    manifest = FromArtifact()
-    model = FromArtifact()
-    family = FromArtifact()
-    stage_names = FromArtifact()
-    threads = FromArtifact()
-    float_dtype = FromArtifact()
-    runners = FromArtifact()
-    preprocessing = FromArtifact()
-    tokenizer = FromArtifact()
 
     def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", threads: ThreadSettings | None = None,
                  batch_size: int = DEFAULT_BATCH):
@@ -96,13 +84,9 @@ class Blip2Retriever:
         LoadedArtifact of a retrieval artifact, used as it is."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(manifest, LoadedArtifact):
-            manifest.require("retrieval")
-            self.artifact = manifest
-        else:
-            # A device asked for must be the one each session got (a CUDA provider that fails to
-            # load would otherwise fall back to the CPU without a word), as in the pipeline.
-            self.artifact = LoadedArtifact(manifest, "retrieval", device, threads=threads)
+        # A device asked for must be the one each session got (a CUDA provider that fails to load
+        # would otherwise fall back to the CPU without a word), as in the pipeline.
+        self._load(manifest, "retrieval", device=device, threads=threads)
         self.batch_size = batch_size
         self._sha256 = manifest_sha256(self.manifest)
 
