@@ -43,17 +43,21 @@ class LoadedArtifact:
     thread-safe)."""
 
     def __init__(self, manifest: Manifest, task: str, device: str = "cpu", backend: str = "onnxruntime",
-                 threads: ThreadSettings | None = None):
+                 threads: ThreadSettings | None = None, precision: str = "f32"):
+        """precision: OpenVINO's inference precision (f32, bf16, f16) under backend "openvino";
+        another backend runs each graph in its own precision and takes f32 only."""
         if task not in WRONG_TASK:
             raise OptionError(f"unknown task '{task}'; valid: {', '.join(WRONG_TASK)}")
-        check_backend(backend)
+        check_backend(backend, precision)
         manifest.ensure_verified()  # validated, confined, listed and hashed before anything is allocated
         m = manifest.data
         self.manifest = manifest
         self.model: dict = m["model"]
         self.family: Family = family_for(m)
         self.require(task)
-        self.device, self.backend = device, backend
+        self.device, self.backend, self.precision = device, backend, precision
+        # Under OpenVINO (CPU, Intel GPU or NPU) the stages it cannot run stay on ONNX Runtime's CPU.
+        ort_device = "cpu" if backend == "openvino" else device
         self.stage_names: tuple[str, ...] = self.family.stage_names(self.model)
         self.threads = threads or ThreadSettings()
         unknown = sorted({stage for stage, _ in self.threads.stage_spin} - set(self.stage_names))
@@ -61,12 +65,16 @@ class LoadedArtifact:
             raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
                               f"stages: {', '.join(self.stage_names)}")
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
-        self.family.check_placement(manifest.where, self.model, self.float_dtype, device, backend,
+        ort_backend = "onnxruntime" if backend == "openvino" else backend
+        self.family.check_placement(manifest.where, self.model, self.float_dtype, ort_device, ort_backend,
                                     available_providers())
         # 8-bit weight-only stages need an ONNX Runtime with 8-bit MatMulNBits kernels where they run.
-        check_installed_kernels(manifest.where, {s: manifest.stages[s] for s in self.stage_names}, device, backend)
-        self.runners: dict = build_runners(manifest, device, backend, self.stage_names, self.threads,
-                                           self.family.position_limit(self.model))
+        check_installed_kernels(manifest.where, {s: manifest.stages[s] for s in self.stage_names}, ort_device,
+                                ort_backend)
+        # placement: stage -> engine, device, precision, threads, and why a stage is not on the
+        # backend's engine (stage_runners.placement_line prints it)
+        self.runners, self.placement = build_runners(manifest, device, backend, self.stage_names, self.threads,
+                                                     self.family.position_limit(self.model), precision)
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         # The LLM's token embedding table (dtype and shape checked against the manifest); retrieval has none.

@@ -56,10 +56,10 @@ class Blip2Pipeline(OnArtifact):
 
     def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", backend: str = "onnxruntime",
                  defaults: GenerationOptions | None = None, io_binding: bool | None = None,
-                 threads: ThreadSettings | None = None):
-        """`manifest`: a Manifest (loaded here with device, backend and threads) or a
+                 threads: ThreadSettings | None = None, precision: str = "f32"):
+        """`manifest`: a Manifest (loaded here with device, backend, precision and threads) or a
         LoadedArtifact of a generation artifact, used as it is."""
-        self._load(manifest, "generation", device=device, backend=backend, threads=threads)
+        self._load(manifest, "generation", device=device, backend=backend, threads=threads, precision=precision)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
         # On a GPU the KV cache stays on the device between steps (I/O binding).
         self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
@@ -80,18 +80,23 @@ class Blip2Pipeline(OnArtifact):
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "onnxruntime",
                        defaults: GenerationOptions | None = None, verify: bool = True,
-                       io_binding: bool | None = None, threads: ThreadSettings | None = None) -> "Blip2Pipeline":
+                       io_binding: bool | None = None, threads: ThreadSettings | None = None,
+                       precision: str = "f32") -> "Blip2Pipeline":
         """Loads an artifact directory; checks its schema version and every file's sha256 first.
 
         device: "cpu", "cuda" or "auto" (CUDA when available, else the CPU with a warning).
-        backend: "onnxruntime", "onnxruntime-trt" (TensorRT execution provider) or "tensorrt"
-            (engines from `blip2-edge build-engines` for the visual stages).
+        backend: "onnxruntime", "onnxruntime-trt" (TensorRT execution provider), "tensorrt"
+            (engines from `blip2-edge build-engines` for the visual stages) or "openvino" (every
+            stage OpenVINO runs, on device "cpu", "gpu" or "npu"; the others on ONNX Runtime's
+            CPU: `pipe.artifact.placement` says which and why). Needs the openvino extra.
+        precision: OpenVINO's inference precision, "f32" (default), "bf16" (CPUs with AVX-512
+            BF16 or AMX) or "f16"; refused in one line where the device lacks it.
         io_binding: keep the KV cache on the device between steps (default: on for CUDA).
         threads: ONNX Runtime's intra-op threads per stage (runtime.backends.onnxrt.ThreadSettings;
             default: spinning only for the decoder, ORT's thread count).
         """
         return cls(load_manifest(Path(path), verify=verify), device=device, backend=backend, defaults=defaults,
-                   io_binding=io_binding, threads=threads)
+                   io_binding=io_binding, threads=threads, precision=precision)
 
     # ---- public API -------------------------------------------------------------------------
 

@@ -79,23 +79,27 @@ class Blip2Retriever(OnArtifact):
     (`self.artifact`), whose parts it shows read-only under the same names."""
 
     def __init__(self, manifest: Manifest | LoadedArtifact, device: str = "cpu", threads: ThreadSettings | None = None,
-                 batch_size: int = DEFAULT_BATCH):
-        """`manifest`: a Manifest (loaded here on ONNX Runtime with device and threads) or a
-        LoadedArtifact of a retrieval artifact, used as it is."""
+                 batch_size: int = DEFAULT_BATCH, backend: str = "onnxruntime", precision: str = "f32"):
+        """`manifest`: a Manifest (loaded here with device, backend, precision and threads) or a
+        LoadedArtifact of a retrieval artifact, used as it is. backend: "onnxruntime" or
+        "openvino" (with its precision: f32, bf16, f16)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
         # A device asked for must be the one each session got (a CUDA provider that fails to load
         # would otherwise fall back to the CPU without a word), as in the pipeline.
-        self._load(manifest, "retrieval", device=device, threads=threads)
+        self._load(manifest, "retrieval", device=device, backend=backend, threads=threads, precision=precision)
         self.batch_size = batch_size
         self._sha256 = manifest_sha256(self.manifest)
 
     @classmethod
     def from_artifacts(cls, path: str | os.PathLike, device: str = "cpu", verify: bool = True,
-                       threads: ThreadSettings | None = None, batch_size: int = DEFAULT_BATCH) -> "Blip2Retriever":
+                       threads: ThreadSettings | None = None, batch_size: int = DEFAULT_BATCH,
+                       backend: str = "onnxruntime", precision: str = "f32") -> "Blip2Retriever":
         """Loads a retrieval artifact directory; checks its schema and every file's sha256 first.
-        batch_size: images (or image-text pairs for ITM) per stage run."""
-        return cls(load_manifest(Path(path), verify=verify), device=device, threads=threads, batch_size=batch_size)
+        batch_size: images (or image-text pairs for ITM) per stage run. backend, precision: as
+        Blip2Pipeline.from_artifacts."""
+        return cls(load_manifest(Path(path), verify=verify), device=device, threads=threads, batch_size=batch_size,
+                   backend=backend, precision=precision)
 
     # ---- properties the index keeps -----------------------------------------------------------
 

@@ -73,12 +73,18 @@ def check_graph_io(where, stage: str, kind: str, declared: list[dict], graph: li
 
 
 def check_runner_io(manifest: Manifest, stage: str, runner) -> None:
-    """For runners with an ONNX Runtime session: its graph's inputs/outputs against the manifest."""
+    """For runners with an ONNX Runtime session or an OpenVINO compiled model (graph_io): its
+    graph's inputs/outputs against the manifest."""
+    spec = manifest.stages[stage]
+    where = getattr(runner, "path", manifest.stage_file(stage))
+    graph_io = getattr(runner, "graph_io", None)
+    if graph_io is not None:
+        for kind, graph in graph_io().items():
+            check_graph_io(where, stage, kind, spec[kind], graph)
+        return
     session = getattr(runner, "session", None)
     if session is None:
         return  # TensorRT engines are built from the checked graph
-    spec = manifest.stages[stage]
-    where = getattr(runner, "path", manifest.stage_file(stage))
     for kind, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         graph = [(a.name, ORT_TYPES.get(a.type, a.type), list(a.shape)) for a in args]
         check_graph_io(where, stage, kind, spec[kind], graph)

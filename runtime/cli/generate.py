@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from runtime.artifact.verified_files import file_kind
+from runtime.backends.stage_runners import BACKENDS, PRECISIONS
 from runtime.errors import ImageError, OptionError
 from runtime.images import IMAGE_SUFFIXES
 
@@ -45,6 +46,26 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=_integer)
     g.add_argument("--repetition-penalty", type=float)
+
+
+BACKEND_HELP = ("onnxruntime (default), onnxruntime-trt (its TensorRT provider), tensorrt (engines from "
+                "build-engines for the visual stages), openvino (every stage OpenVINO runs; the openvino extra)")
+
+
+def add_engine_options(p: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
+    """--device, --backend and --precision (caption, ask, profile)."""
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or auto (default: cpu); under --backend openvino: cpu, gpu or npu (Intel)")
+    p.add_argument("--backend", default="onnxruntime", choices=backends or BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--precision", default="f32", choices=PRECISIONS,
+                   help="OpenVINO's inference precision (--backend openvino): f32 (default), bf16 (CPUs with "
+                        "AVX-512 BF16 or AMX), f16; refused in one line where the device lacks it")
+
+
+def placement_notes(artifact) -> list[str]:
+    """One line per stage that is not on the engine its backend names, and why."""
+    return [f"note: {stage} runs on {p['engine']} ({p['device']}): {p['reason']}"
+            for stage, p in artifact.placement.items() if "reason" in p]
 
 
 def add_thread_options(p: argparse.ArgumentParser) -> None:
@@ -84,9 +105,7 @@ def register(sub) -> None:
         else:
             p.add_argument("--prompt", help="caption prefix, e.g. 'a photo of'")
         p.add_argument("--batch-size", type=int, default=1)
-        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-        p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-trt", "tensorrt"),
-                       help="tensorrt: engines from 'blip2-edge build-engines' for the visual stages")
+        add_engine_options(p)
         p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
         p.add_argument("--json", action="store_true", help="one JSON object per image")
         p.add_argument("--max-image-pixels", type=_integer, metavar="N", default=None,
@@ -164,7 +183,9 @@ def run(args) -> int:
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     pipe = Blip2Pipeline.from_artifacts(args.artifacts, device=args.device, backend=args.backend,
-                                        threads=thread_settings(args))
+                                        threads=thread_settings(args), precision=args.precision)
+    for note in placement_notes(pipe.artifact):
+        print(note, file=sys.stderr)
     gen = generation_kwargs(args)
     pipe.options(**gen)  # invalid options fail before any work
     failed = len(errors) + _answer_files(pipe, paths, args, gen, max_pixels)

@@ -7,7 +7,14 @@ from pathlib import Path
 from runtime import synthetic
 from runtime.artifact.memory import weights_line
 from runtime.backends.onnxrt import providers_for
-from runtime.cli.generate import add_thread_options, expand_images, text_argument, thread_settings
+from runtime.backends.stage_runners import placement_line
+from runtime.cli.generate import (
+    add_engine_options,
+    add_thread_options,
+    expand_images,
+    text_argument,
+    thread_settings,
+)
 from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError, ImageError, require, require_installed
 from runtime.preprocess import load_image
@@ -31,8 +38,7 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=20, help="forced generated length, so runs compare")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-trt", "tensorrt"))
+    add_engine_options(p)
     p.add_argument("--reference", metavar="MODEL", help="also time transformers' generate on this checkpoint")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference's LLM")
     add_thread_options(p)
@@ -64,7 +70,8 @@ def load_images(args) -> list:
 
 def run(args) -> int:
     opts = ProfileOptions(batch_size=args.batch_size, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
-                          prompt=args.prompt, device=args.device, backend=args.backend, threads=thread_settings(args))
+                          prompt=args.prompt, device=args.device, backend=args.backend, threads=thread_settings(args),
+                          precision=args.precision)
     for flag in ("json", "csv", "trace", "plot"):  # checked before the runs, which they would lose
         if getattr(args, flag):
             check_output_file(f"--{flag}", getattr(args, flag))
@@ -74,7 +81,8 @@ def run(args) -> int:
         for module in ("torch", "transformers"):  # run by a child process: checked, not imported
             require_installed(module, "export", "--reference")
     text_argument(args.prompt, "--prompt")
-    providers_for(args.device)  # an unknown or unavailable device fails before any work
+    if args.backend != "openvino":  # an unknown or unavailable device fails before any work
+        providers_for(args.device)
     images = load_images(args)
     with Sampler() as sampler:
         profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
@@ -87,11 +95,14 @@ def run(args) -> int:
     print(report.table(profiles, reference))
     for p in profiles:  # what each directory's weights take, stage by stage (runtime.artifact.memory)
         print(f"{Path(p['artifacts']).name}: {weights_line(p['weights'])}")
+    for p in profiles:  # which engine, device and precision ran each stage
+        print(f"{Path(p['artifacts']).name} placement: {placement_line(p['placement'])}")
     env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
     tegra = sampler.summary()
     if tegra:
         print(f"tegrastats: {tegra}")
-    settings = {k: getattr(opts, k) for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device", "backend")}
+    settings = {k: getattr(opts, k)
+                for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device", "backend", "precision")}
     if args.json:
         report.to_json(args.json, profiles, env, settings, reference, tegra)
     if args.csv:

@@ -30,6 +30,7 @@ class ProfileOptions:
     device: str = "cpu"
     backend: str = "onnxruntime"
     threads: ThreadSettings = ThreadSettings()
+    precision: str = "f32"  # OpenVINO's (backend "openvino")
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -50,7 +51,8 @@ def batches(images: Sequence, batch_size: int, count: int):
 
 def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dict:
     """Returns per-stage statistics, throughput and the raw per-run timings."""
-    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend, threads=opts.threads)
+    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend, threads=opts.threads,
+                                        precision=opts.precision)
     prompt = pipe.caption_prompt(opts.prompt)
     gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
     runs = []
@@ -73,6 +75,8 @@ def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dic
         "precision": {s: manifest["stages"][s]["precision"] for s in pipe.stage_names},
         # How the decoder keeps its KV cache (exporter --kv-cache): it changes the decode step's cost.
         "kv_cache": pipe.model.get("kv_cache", "concat"),
+        # Which engine ran each stage, on which device, in which precision (and why not the backend's).
+        "placement": pipe.artifact.placement,
         "stage_order": list(order),
         "stages": stages,
         "tokens_per_s": opts.batch_size * opts.new_tokens / mean_total,

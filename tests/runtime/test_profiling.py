@@ -75,7 +75,11 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     assert env["onnxruntime_threads"] == {"spin": "auto", "intra_op_threads": 0,  # the default settings
                                           "allow_spinning": {"vision": False, "qformer": False, "decoder": True}}
     assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
-                                "device": "cpu", "backend": "onnxruntime"}
+                                "device": "cpu", "backend": "onnxruntime", "precision": "f32"}
+    placement = data["profiles"][0]["placement"]  # which engine ran each stage
+    assert {stage: p["engine"] for stage, p in placement.items()} == dict.fromkeys(
+        ("vision", "qformer", "decoder"), "onnxruntime")
+    assert "placement: vision: onnxruntime CPUExecutionProvider" in proc.stdout
     assert len(data["profiles"]) == 2
     p = data["profiles"][0]
     assert len(p["runs"]) == 3 and p["stages"]["decode_step"]["n"] == 3 * 4
