@@ -5,7 +5,10 @@ or skip-with-reason; a backend asked for by name that cannot run is a failure, n
 
 from __future__ import annotations
 
+import hashlib
+import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,57 @@ def stage_cosines(reference, other, images, batches=(1,)) -> dict[str, float]:
                 raise Blip2EdgeError(f"{stage} at batch {batch}: shape {b.shape}, the CPU gives {a.shape}")
             out[f"{stage}@{batch}"] = round(cosine(a, b), 5)
     return out
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """What shows that a cache file was written again: ONNX Runtime writes its TensorRT engine
+    in place (same name, same inode, often the same size), and a rebuild on a coarse-clock or
+    fast filesystem may even keep the mtime, so the content hash is compared too."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    sha256: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_snapshot(directory: Path) -> dict[str, CacheFile]:
+    """Every regular file under `directory` (the TensorRT provider's `.engine`, `.profile` and
+    `.timing` caches), by path relative to it. ONNX Runtime names an engine file after its
+    subgraph (prefix, graph hash, compute capability), so an engine built again for a shape
+    outside the profile overwrites the same name: the names alone never show a rebuild."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):  # folders, links: ONNX Runtime writes plain files
+            continue
+        out[path.relative_to(directory).as_posix()] = CacheFile(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                                                 _sha256(path))
+    return out
+
+
+def cache_changes(before: dict[str, CacheFile], after: dict[str, CacheFile]) -> list[str]:
+    """What was written between two snapshots: 'new NAME', 'rewritten NAME', 'removed NAME'."""
+    changes = [f"new {name}" for name in after if name not in before]
+    changes += [f"rewritten {name}" for name in after if name in before and after[name] != before[name]]
+    changes += [f"removed {name}" for name in before if name not in after]
+    return changes
+
+
+def engine_files(snapshot: dict[str, CacheFile]) -> list[str]:
+    return [name for name in snapshot if name.endswith(".engine")]
 
 
 class ArtifactRun:
@@ -192,10 +246,17 @@ class ArtifactRun:
 
         cache = ort_trt_cache_dir(self.artifacts, ort.__version__, nvidia_device())
         check = self.compare("onnxruntime-trt", pipe)
-        before = sorted(p.name for p in cache.glob("*.engine"))
+        if check.status != PASS:
+            return check
+        before = cache_snapshot(cache)
+        if not engine_files(before):
+            return Check("onnxruntime-trt", FAIL, f"the TensorRT provider wrote no engine into its cache {cache}, "
+                                                  "so whether it builds each stage once cannot be shown")
         pipe.caption(self.images[:1], max_new_tokens=MAX_NEW_TOKENS * 2)  # longer: new past lengths
-        after = sorted(p.name for p in cache.glob("*.engine"))
-        if check.status == PASS and after != before:
-            return Check("onnxruntime-trt", FAIL, f"the TensorRT provider built new engines for new decoder lengths "
-                                                  f"({len(before)} -> {len(after)} in {cache}): its profile is too small")
-        return check
+        changes = cache_changes(before, cache_snapshot(cache))
+        if changes:
+            return Check("onnxruntime-trt", FAIL, f"the TensorRT provider built engines again for longer decoder "
+                                                  f"inputs ({', '.join(changes[:4])} in {cache}): its profile is "
+                                                  "too small")
+        return Check("onnxruntime-trt", PASS, f"{check.detail}; no engine built again for longer decoder inputs "
+                                              f"({len(engine_files(before))} cached engines unchanged)")

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.doctor.runs import cosine
+from runtime.doctor.runs import cache_changes, cache_snapshot, cosine, engine_files
 from tests.conftest import run_cli
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -170,9 +170,11 @@ def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_concat_arti
     expected = [r.tokens for r in Blip2Pipeline.from_artifacts(art).caption(ims, max_new_tokens=8)]
     assert [r.tokens for r in pipe.caption(ims, max_new_tokens=8)] == expected
     cache = ort_trt_cache_dir(art, ort.__version__, nvidia_device())
-    before = sorted(p.name for p in cache.glob("*.engine"))
-    pipe.caption(ims[:1], max_new_tokens=24)  # longer past lengths: no new engine inside the profile
-    assert sorted(p.name for p in cache.glob("*.engine")) == before
+    before = cache_snapshot(cache)
+    assert engine_files(before), f"no engine cached in {cache}"
+    pipe.caption(ims[:1], max_new_tokens=24)  # longer past lengths: no engine built again inside the profile
+    # A rebuild overwrites the same file name: compared by content, size, mtime and inode.
+    assert cache_changes(before, cache_snapshot(cache)) == []
 
 
 @needs_trt
