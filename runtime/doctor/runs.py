@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.stage_runners import VISUAL_STAGES
 from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment
 from runtime.errors import Blip2EdgeError
 
@@ -35,7 +36,6 @@ MIN_COSINE = 0.99
 TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
 # The GPU pipelines doctor compares with the CPU: TF32 off in ONNX Runtime's CUDA provider.
 STRICT = ThreadSettings(tf32=False)
-ENGINE_STAGES = ("vision", "qformer")
 
 
 def strict_fp32(environ=os.environ) -> str:
@@ -48,7 +48,7 @@ def strict_fp32(environ=os.environ) -> str:
             "and their captions may then differ from the CPU's")
 
 
-def tf32_stages(entries: dict, stages=ENGINE_STAGES) -> list[str]:
+def tf32_stages(entries: dict, stages=VISUAL_STAGES) -> list[str]:
     """The stages whose engines (engines.json entries) may use TF32: built without --no-tf32,
     or before build-engines recorded the flag (TensorRT's default was on)."""
     return [s for s in stages if s in entries and (entries[s].get("flags") or {}).get("tf32", True) is not False]
