@@ -123,7 +123,7 @@ STEP_STAGES = ("decoder",)
 
 @dataclass(frozen=True)
 class ThreadSettings:
-    """ONNX Runtime's intra-op threads, per stage.
+    """ONNX Runtime's session settings, per stage: intra-op threads, and TF32 on CUDA.
 
     ORT's worker threads keep spinning for a while after a run; the next stage's session then
     competes with them for the cores (bench/THREADS_RESULTS.md: on 2 cores the uint8 Q-Former ran
@@ -133,11 +133,16 @@ class ThreadSettings:
     - "on": ORT's own default for every stage; "off": no stage spins.
     `stage_spin` overrides single stages: (("qformer", True),). `intra_op_threads`: threads per
     session, 0 = ORT's default (one per physical core).
+    `tf32`: FP32 matrix products and convolutions on CUDA may use TF32 tensor cores (Ampere and
+    newer: faster, inputs rounded to 10-bit mantissas), ONNX Runtime's default. False: full FP32
+    (the CUDA provider's use_tf32=0, ONNX Runtime 1.18+), what a token-for-token comparison with
+    the CPU needs (doctor, the GPU tests). The CPU, and FP16 graphs' FP16 math, are unaffected.
     """
 
     spin: str = "auto"
     intra_op_threads: int = 0
     stage_spin: tuple[tuple[str, bool], ...] = ()
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         if self.spin not in SPIN_MODES:
@@ -150,6 +155,8 @@ class ThreadSettings:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], bool)):
                 raise OptionError(f"stage_spin entries are (stage name, bool) pairs, got {item!r}")
+        if not isinstance(self.tf32, bool):
+            raise OptionError(f"tf32 must be True or False, got {self.tf32!r}")
 
     def allow_spinning(self, stage: str) -> bool:
         overrides = dict(self.stage_spin)
@@ -160,7 +167,7 @@ class ThreadSettings:
     def describe(self, stages) -> dict:
         """What the profiler records: the policy and what it gives each stage."""
         return {"spin": self.spin, "intra_op_threads": self.intra_op_threads,
-                "allow_spinning": {s: self.allow_spinning(s) for s in stages}}
+                "allow_spinning": {s: self.allow_spinning(s) for s in stages}, "tf32": self.tf32}
 
 
 # ONNX Runtime's CUDA arena grows by powers of two by default; on a Jetson it shares the unified
@@ -176,24 +183,42 @@ PROVIDER_HINTS = {
 }
 
 
-def cuda_provider(gpu_mem_limit_mb: int = 0) -> tuple[str, dict]:
+# ONNX Runtime's CUDA provider took `use_tf32` in 1.18 (onnxruntime PRs 19357 and 19426: cuBLAS
+# GEMMs and cuDNN convolutions); older builds refuse an unknown option.
+TF32_OPTION_SINCE = (1, 18)
+
+
+def cuda_provider(gpu_mem_limit_mb: int = 0, tf32: bool = True) -> tuple[str, dict]:
     """ONNX Runtime's CUDA provider; gpu_mem_limit_mb > 0 caps its arena (Jetson: leave room
-    for TensorRT and the rest of the system in the shared memory)."""
+    for TensorRT and the rest of the system in the shared memory); tf32=False turns TF32 off
+    (use_tf32=0; left out when True, so ONNX Runtime's default applies and older builds load)."""
     options = dict(CUDA_OPTIONS)
     if gpu_mem_limit_mb > 0:
         options["gpu_mem_limit"] = gpu_mem_limit_mb << 20
+    if not tf32:
+        options["use_tf32"] = "0"
     return ("CUDAExecutionProvider", options)
 
 
-def providers_for(device: str, gpu_mem_limit_mb: int = 0) -> list:
-    """Execution providers for a device name; `auto` falls back to the CPU with a warning."""
+def check_tf32_option(tf32: bool, ort_version: str) -> None:
+    """TF32 off needs the CUDA provider's use_tf32 option: one line naming the version."""
+    release = tuple(int(p) for p in ort_version.split("+")[0].split(".")[:2] if p.isdigit())
+    if not tf32 and release < TF32_OPTION_SINCE:
+        raise Blip2EdgeError(f"TF32 off (tf32=False, --no-tf32) needs onnxruntime-gpu 1.18 or newer (its CUDA provider's "
+                             f"use_tf32 option); this is {ort_version}: upgrade it, or leave TF32 on")
+
+
+def providers_for(device: str, gpu_mem_limit_mb: int = 0, tf32: bool = True) -> list:
+    """Execution providers for a device name; `auto` falls back to the CPU with a warning.
+    tf32: see ThreadSettings.tf32."""
     if device not in DEVICES:
         raise OptionError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
     available = available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
-        return [cuda_provider(gpu_mem_limit_mb), "CPUExecutionProvider"]
+        check_tf32_option(tf32, import_onnxruntime().__version__)
+        return [cuda_provider(gpu_mem_limit_mb, tf32), "CPUExecutionProvider"]
     if device == "cuda":
         raise Blip2EdgeError(
             "--device cuda: ONNX Runtime has no CUDA provider here; " + (flavour_conflict(onnxruntime_distributions()) or
@@ -232,9 +257,11 @@ def tensorrt_provider(cache_dir: Path, shapes: dict, fp16: bool, int8: bool) -> 
     })
 
 
-def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=None) -> list:
+def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=None, tf32: bool = True) -> list:
     """TensorRT EP first (with `stage`'s profile from `ranges`, default ProfileRanges()), then
-    CUDA, then CPU for whatever neither takes."""
+    CUDA, then CPU for whatever neither takes. `tf32` reaches the CUDA provider only: the
+    TensorRT provider has no option for it (its engines allow TF32, TensorRT's default, unless
+    NVIDIA_TF32_OVERRIDE=0 is set when they are built)."""
     from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
     from runtime.backends.tensorrt.profiles import ProfileRanges, stage_profile
 
@@ -246,7 +273,8 @@ def gpu_providers(artifacts: Path, stage: dict, fp16: bool, int8: bool, ranges=N
     cache = ort_trt_cache_dir(artifacts, ort.__version__, nvidia_device())
     cache.mkdir(parents=True, exist_ok=True)
     shapes = stage_profile(stage, ranges or ProfileRanges())
-    return [tensorrt_provider(cache, shapes, fp16, int8), cuda_provider(), "CPUExecutionProvider"]
+    check_tf32_option(tf32, ort.__version__)
+    return [tensorrt_provider(cache, shapes, fp16, int8), cuda_provider(tf32=tf32), "CPUExecutionProvider"]
 
 
 def check_provider(got: list[str], wanted: str | None, path: Path) -> None:

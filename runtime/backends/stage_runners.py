@@ -113,7 +113,7 @@ def build_runners(manifest: Manifest, device: str, backend: str, stage_names: tu
 def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[str, ...],
              threads: ThreadSettings, position_limit: int | None) -> dict:
     if backend == "onnxruntime":
-        providers = providers_for(device)
+        providers = providers_for(device, tf32=threads.tf32)
         # --device cuda must really run on CUDA (a missing cuDNN makes ONNX Runtime fall back).
         return {s: stage_runner(manifest.stage_file(s), providers, s, threads, required_provider(device))
                 for s in stage_names}
@@ -124,12 +124,12 @@ def _runners(manifest: Manifest, device: str, backend: str, stage_names: tuple[s
         # One provider list per stage: each has its own explicit TensorRT profile shapes.
         ranges = pipeline_ranges(manifest.model, position_limit)
         return {s: stage_runner(manifest.stage_file(s),
-                                gpu_providers(manifest.root, manifest.stages[s], fp16, int8, ranges),
+                                gpu_providers(manifest.root, manifest.stages[s], fp16, int8, ranges, threads.tf32),
                                 s, threads, required_provider(device, backend)) for s in stage_names}
     gpu = device_info()  # names the 'tensorrt' extra when it is missing
     runners = {s: TrtRunner(find_engine(manifest, s, gpu), manifest.stages[s]) for s in VISUAL_STAGES}
     # The LLM stages run on ONNX Runtime CUDA (KV cache on the device with I/O binding).
-    runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda"), s, threads,
+    runners.update({s: stage_runner(manifest.stage_file(s), providers_for("cuda", tf32=threads.tf32), s, threads,
                                     required_provider("cuda", backend))
                     for s in stage_names if s not in VISUAL_STAGES})
     return runners

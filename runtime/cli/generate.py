@@ -76,6 +76,9 @@ def add_thread_options(p: argparse.ArgumentParser) -> None:
                         "next stage; on: every stage (ONNX Runtime's default); off: none")
     g.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
                    help="threads per stage session (default 0: ONNX Runtime's, one per physical core)")
+    g.add_argument("--no-tf32", action="store_true",
+                   help="on CUDA, full FP32 in FP32 graphs: ONNX Runtime otherwise lets matrix products use TF32 on "
+                        "Ampere and newer (faster, inputs rounded to 10-bit mantissas)")
 
 
 def thread_settings(args):
@@ -83,7 +86,7 @@ def thread_settings(args):
 
     if args.intra_op_threads < 0:
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
-    return ThreadSettings(spin=args.spin, intra_op_threads=args.intra_op_threads)
+    return ThreadSettings(spin=args.spin, intra_op_threads=args.intra_op_threads, tf32=not args.no_tf32)
 
 
 def generation_kwargs(args) -> dict:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from runtime import synthetic
-from runtime.backends.onnxrt import providers_for
+from runtime.backends.onnxrt import ThreadSettings, providers_for
 from runtime.errors import Blip2EdgeError, install_command
 from runtime.pipeline import Blip2Pipeline
 
@@ -35,7 +35,8 @@ def test_cuda_tokens_match_cpu(toy_concat_artifacts):
     """fp32 on CUDA: the concat KV cache (the shared one's CUDA kernel is fp16 only)."""
     images = [im for _, im in synthetic.make_scenes(4, seed=8)]
     cpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cpu")
-    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda")
+    # TF32 off: it rounds FP32 matrix products' inputs, which changes tokens on random weights with beams.
+    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda", threads=ThreadSettings(tf32=False))
     assert gpu.io_binding
     for kw in (dict(), dict(num_beams=3)):
         assert [r.tokens for r in gpu.caption(images, **kw)] == [r.tokens for r in cpu.caption(images, **kw)]

@@ -92,8 +92,8 @@ def test_doctor_runs_the_cpu_pipeline_and_skips_what_this_machine_lacks(toy_arti
     assert "caption '" in checks["cpu"]["detail"]
     assert data["environment"]["onnxruntime"] == ort.__version__
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        assert checks["cuda"]["status"] == SKIP and "blip2-edge[gpu]" in checks["cuda"]["detail"]
-        assert checks["tensorrt"]["status"] == SKIP and "blip2-edge[tensorrt]" in checks["tensorrt"]["detail"]
+        assert checks["cuda"]["status"] == SKIP and install_command("gpu") in checks["cuda"]["detail"]
+        assert checks["tensorrt"]["status"] == SKIP and install_command("tensorrt") in checks["tensorrt"]["detail"]
         assert checks["onnxruntime-trt"]["status"] == SKIP
     assert "PASS  cpu:" in proc.stdout
 

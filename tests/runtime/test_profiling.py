@@ -73,7 +73,8 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     env = data["environment"]
     assert env["cores"] == os.cpu_count() and "CPUExecutionProvider" in env["providers"]
     assert env["onnxruntime_threads"] == {"spin": "auto", "intra_op_threads": 0,  # the default settings
-                                          "allow_spinning": {"vision": False, "qformer": False, "decoder": True}}
+                                          "allow_spinning": {"vision": False, "qformer": False, "decoder": True},
+                                          "tf32": True}
     assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
                                 "device": "cpu", "backend": "onnxruntime", "precision": "f32"}
     placement = data["profiles"][0]["placement"]  # which engine ran each stage

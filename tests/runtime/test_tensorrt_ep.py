@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 
 from runtime.artifact.manifest import load_manifest
-from runtime.backends.onnxrt import OrtRunner, check_provider, cuda_provider, profile_option, required_provider, tensorrt_provider
+from runtime.backends.onnxrt import (
+    OrtRunner,
+    check_provider,
+    check_tf32_option,
+    cuda_provider,
+    profile_option,
+    required_provider,
+    tensorrt_provider,
+)
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.errors import Blip2EdgeError, install_command
 from tests.conftest import run_cli
@@ -52,6 +60,26 @@ def test_profile_option_format():
 def test_cuda_arena_grows_only_by_what_is_asked_and_can_be_capped():
     assert cuda_provider() == ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
     assert cuda_provider(2048)[1]["gpu_mem_limit"] == 2048 << 20
+
+
+def test_tf32_off_is_the_cuda_providers_use_tf32_option():
+    """ONNX Runtime parses it as a bool from "0"/"1"/"true"/"false"; left out, its default (on)
+    applies, so an ONNX Runtime older than the option still loads the default settings."""
+    assert cuda_provider(tf32=False) == ("CUDAExecutionProvider",
+                                         {"arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"})
+    assert "use_tf32" not in cuda_provider(1024)[1] and cuda_provider(1024, tf32=False)[1]["gpu_mem_limit"] == 1 << 30
+
+
+@pytest.mark.parametrize("version, refused", [("1.17.3", True), ("1.9.0", True), ("1.18.0", False),
+                                              ("1.22.0+cu126", False), ("1.30.1", False)])
+def test_tf32_off_needs_an_onnxruntime_with_the_option(version, refused):
+    check_tf32_option(True, version)  # TF32 on: any version
+    if not refused:
+        check_tf32_option(False, version)
+        return
+    with pytest.raises(Blip2EdgeError) as err:
+        check_tf32_option(False, version)
+    assert "\n" not in str(err.value) and "1.18 or newer" in str(err.value) and version in str(err.value)
 
 
 def test_required_provider():

@@ -1,5 +1,10 @@
 """What only a device proves: real engines built, run, compared and freed. Marked `gpu`; they skip
-with a reason here (no GPU, no TensorRT). bench/gpu_check.sh runs them in one call."""
+with a reason here (no GPU, no TensorRT). `bench/gpu_check.sh --full` runs them in one call.
+
+Captions are compared with the CPU's token for token, so everything here computes FP32 without
+TF32 (on by default in TensorRT and ONNX Runtime's CUDA provider, Ampere and newer): engines built
+with --no-tf32, CUDA sessions with ThreadSettings(tf32=False), and NVIDIA_TF32_OVERRIDE=0 for the
+TensorRT provider, which has no option of its own."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.doctor.runs import cosine
+from runtime.backends.onnxrt import ThreadSettings
+from runtime.doctor.runs import TF32_OVERRIDE, cache_changes, cache_snapshot, cosine, engine_files
 from tests.conftest import run_cli
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -27,6 +33,7 @@ needs_trt = pytest.mark.skipif(not (HAS_TRT and HAS_GPU), reason="needs TensorRT
 needs_cuda_ep = pytest.mark.skipif("CUDAExecutionProvider" not in _ort_providers(),
                                    reason="needs onnxruntime-gpu with its CUDA provider")
 pytestmark = pytest.mark.gpu
+STRICT = ThreadSettings(tf32=False)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +43,13 @@ def built(toy_concat_artifacts, tmp_path_factory):
         pytest.skip("needs TensorRT and an NVIDIA GPU")
     art = shutil.copytree(toy_concat_artifacts, tmp_path_factory.mktemp("gpu") / "art")
     cache = art.parent / "timing.cache"
-    proc = run_cli("build-engines", art, "--contexts", "2", "--max-batch", "3", "--timing-cache", cache)
+    proc = run_cli("build-engines", art, "--contexts", "2", "--max-batch", "3", "--timing-cache", cache, "--no-tf32")
     assert proc.returncode == 0, proc.stderr
     assert cache.stat().st_size > 0
+    from runtime.backends.tensorrt.engines import ENGINE_MANIFEST, read_engine_manifest
+
+    (manifest,) = (art / "engines").glob(f"trt*/{ENGINE_MANIFEST}")
+    assert all(e["flags"]["tf32"] is False for e in read_engine_manifest(manifest)["engines"].values())
     return art
 
 
@@ -54,7 +65,7 @@ def test_engines_match_ort_cpu_at_batch_1_at_the_maximum_and_split_above_it(buil
     from runtime.pipeline import Blip2Pipeline
 
     cpu = Blip2Pipeline.from_artifacts(built)
-    trt = Blip2Pipeline.from_artifacts(built, backend="tensorrt")
+    trt = Blip2Pipeline.from_artifacts(built, backend="tensorrt", threads=STRICT)
     try:
         runner = trt.runners["vision"]
         assert runner.max_batch == 3 and runner.engine.num_optimization_profiles == 2
@@ -79,7 +90,7 @@ def test_tensorrt_captions_equal_cpu_and_two_threads_equal_sequential(built):
     from runtime.pipeline import Blip2Pipeline
 
     cpu = Blip2Pipeline.from_artifacts(built)
-    trt = Blip2Pipeline.from_artifacts(built, backend="tensorrt")
+    trt = Blip2Pipeline.from_artifacts(built, backend="tensorrt", threads=STRICT)
     ims = images(4)
     try:
         expected = [r.tokens for r in cpu.caption(ims, max_new_tokens=12)]
@@ -151,28 +162,31 @@ def test_cuda_device_captions_equal_cpu(toy_concat_artifacts):
 
     ims = images(2)
     cpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts)
-    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda")
+    gpu = Blip2Pipeline.from_artifacts(toy_concat_artifacts, device="cuda", threads=STRICT)
     assert gpu.runners["decoder"].session.get_providers()[0] == "CUDAExecutionProvider"
     assert [r.tokens for r in gpu.caption(ims, max_new_tokens=12)] == [r.tokens for r in cpu.caption(ims, max_new_tokens=12)]
 
 
 @pytest.mark.skipif("TensorrtExecutionProvider" not in _ort_providers(), reason="needs ONNX Runtime's TensorRT provider")
-def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_concat_artifacts, tmp_path):
+def test_ort_trt_ep_is_really_tensorrt_and_builds_once_per_stage(toy_concat_artifacts, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     from runtime.backends.tensorrt.engines import nvidia_device, ort_trt_cache_dir
     from runtime.pipeline import Blip2Pipeline
 
+    monkeypatch.setenv(TF32_OVERRIDE, "0")  # read when TensorRT builds: a fresh cache is built below
     art = shutil.copytree(toy_concat_artifacts, tmp_path / "art")
-    pipe = Blip2Pipeline.from_artifacts(art, backend="onnxruntime-trt")
+    pipe = Blip2Pipeline.from_artifacts(art, backend="onnxruntime-trt", threads=STRICT)
     assert all(r.session.get_providers()[0] == "TensorrtExecutionProvider" for r in pipe.runners.values())
     ims = images(2)
     expected = [r.tokens for r in Blip2Pipeline.from_artifacts(art).caption(ims, max_new_tokens=8)]
     assert [r.tokens for r in pipe.caption(ims, max_new_tokens=8)] == expected
     cache = ort_trt_cache_dir(art, ort.__version__, nvidia_device())
-    before = sorted(p.name for p in cache.glob("*.engine"))
-    pipe.caption(ims[:1], max_new_tokens=24)  # longer past lengths: no new engine inside the profile
-    assert sorted(p.name for p in cache.glob("*.engine")) == before
+    before = cache_snapshot(cache)
+    assert engine_files(before), f"no engine cached in {cache}"
+    pipe.caption(ims[:1], max_new_tokens=24)  # longer past lengths: no engine built again inside the profile
+    # A rebuild overwrites the same file name: compared by content, size, mtime and inode.
+    assert cache_changes(before, cache_snapshot(cache)) == []
 
 
 @needs_trt

@@ -12,7 +12,13 @@ import pytest
 
 from runtime.artifact.manifest import load_manifest
 from runtime.backends.tensorrt import versions
-from runtime.backends.tensorrt.builder import BuildOptions, attach_timing_cache, network_flags, serialized_timing_cache
+from runtime.backends.tensorrt.builder import (
+    BuildOptions,
+    attach_timing_cache,
+    network_flags,
+    serialized_timing_cache,
+    set_tf32,
+)
 from runtime.backends.tensorrt.pool import DeviceBuffers, SlotPool
 from runtime.backends.tensorrt.profiles import ProfileRanges, Range, stage_profile
 from runtime.backends.tensorrt.shapes import ProfileShapeError, batch_limit, batch_slices, check_shapes
@@ -126,10 +132,44 @@ def test_network_is_strongly_typed_on_10_and_11():
 
 def test_build_options_are_checked():
     assert BuildOptions(contexts=3).flags() == {"strongly_typed": True, "workspace_mb": 2048,
-                                                "optimization_level": 3, "contexts": 3}
+                                                "optimization_level": 3, "contexts": 3, "tf32": True}
     for bad in ({"contexts": 0}, {"contexts": 9}, {"optimization_level": 6}, {"workspace_mb": 10}):
         with pytest.raises(OptionError):
             BuildOptions(**bad)
+
+
+class FlagsSeam:
+    """IBuilderConfig's set_flag / clear_flag / get_flag over a bit set that starts as TensorRT's
+    default (TF32 allowed); BuilderFlag.TF32 is 6 in 10.3's and 11's NvInfer.h."""
+
+    def __init__(self):
+        self.bits = {6}
+
+    def set_flag(self, flag):
+        self.bits.add(flag)
+
+    def clear_flag(self, flag):
+        self.bits.discard(flag)
+
+    def get_flag(self, flag):
+        return flag in self.bits
+
+
+@pytest.mark.parametrize("argv, tf32", [([], True), (["--no-tf32"], False)])
+def test_build_engines_no_tf32_clears_the_builder_flag_and_is_recorded(argv, tf32):
+    from runtime.backends.tensorrt.cli import build_options
+    from runtime.cli.main import build_parser
+
+    argv = ["build-engines", "out/model", *argv]
+    opts = build_options(build_parser(argv).parse_args(argv))
+    assert opts.tf32 is tf32 and opts.flags()["tf32"] is tf32  # engines.json's flags
+    trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32=6))
+    config = FlagsSeam()
+    set_tf32(config, trt, opts.tf32)
+    assert config.get_flag(6) is tf32
+    config.bits.clear()  # a TensorRT whose default were off: the flag is set explicitly
+    set_tf32(config, trt, opts.tf32)
+    assert config.get_flag(6) is tf32
 
 
 # ---- timing cache -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_which_stages_spin(settings, spinning):
 
 @pytest.mark.parametrize("kw", [{"spin": "sometimes"}, {"intra_op_threads": -1}, {"intra_op_threads": 1.5},
                                 {"intra_op_threads": True}, {"stage_spin": (("decoder", "yes"),)},
-                                {"stage_spin": ("decoder",)}])
+                                {"stage_spin": ("decoder",)}, {"tf32": "no"}, {"tf32": 0}])
 def test_bad_settings_are_option_errors(kw):
     with pytest.raises(OptionError):
         ThreadSettings(**kw)
@@ -77,7 +77,8 @@ def test_cli_spin_flags(toy_artifacts, tmp_path):
 def test_profile_records_the_thread_settings(toy_artifacts, tmp_path):
     out = tmp_path / "p.json"
     proc = run_cli("profile", toy_artifacts, "--synthetic", "1", "--runs", "1", "--warmup", "0", "--new-tokens", "2",
-                   "--spin", "on", "--intra-op-threads", "2", "--json", out)
+                   "--spin", "on", "--intra-op-threads", "2", "--no-tf32", "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["environment"]["onnxruntime_threads"] == {
-        "spin": "on", "intra_op_threads": 2, "allow_spinning": {"vision": True, "qformer": True, "decoder": True}}
+        "spin": "on", "intra_op_threads": 2, "allow_spinning": {"vision": True, "qformer": True, "decoder": True},
+        "tf32": False}

@@ -7,11 +7,17 @@ BuilderFlag.FP16/INT8, OBEY_PRECISION_CONSTRAINTS, layer.precision and set_outpu
 STRONGLY_TYPED flag gives the same on TensorRT 10. Nothing is pinned to FP32 by the builder:
 INormalizationLayer accumulates in FP32 already, and pinning adds reformat layers.
 
+TF32 is the one precision choice left to the builder (BuilderFlag.TF32, in 10.3 and 11.x, valid
+on strongly typed networks): TensorRT allows it by default, so FP32 matrix products and
+convolutions round their inputs to 10-bit mantissas on Ampere and newer. `BuildOptions.tf32`
+keeps that default; False (build-engines --no-tf32) clears the flag, for full FP32 engines whose
+outputs a comparison with the CPU can demand token for token.
+
 Written against the Python bindings of TensorRT 10.3 and 11.0 (python/src/infer/pyCore.cpp):
 Builder.create_network, OnnxParser.parse_from_file, IBuilderConfig.set_memory_pool_limit /
 builder_optimization_level / progress_monitor / create_timing_cache / set_timing_cache (returns
 a bool) / get_timing_cache (may be None), IOptimizationProfile.set_shape,
-Builder.build_serialized_network (None on failure). Not run on this project's machines.
+IBuilderConfig.set_flag / clear_flag, Builder.build_serialized_network (None on failure). Not run on this project's machines.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class BuildOptions:
     # Identical optimization profiles, one per execution context the runner may use at once
     # (TensorRT requires a profile per concurrently used context).
     contexts: int = 1
+    # FP32 layers may use TF32 (TensorRT's default); False: full FP32.
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.optimization_level <= 5:
@@ -51,7 +59,7 @@ class BuildOptions:
 
     def flags(self) -> dict:
         return {"strongly_typed": True, "workspace_mb": self.workspace_mb,
-                "optimization_level": self.optimization_level, "contexts": self.contexts}
+                "optimization_level": self.optimization_level, "contexts": self.contexts, "tf32": self.tf32}
 
 
 def network_flags(trt) -> int:
@@ -60,6 +68,15 @@ def network_flags(trt) -> int:
     if tensorrt_major(trt) >= 11:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def set_tf32(config, trt, tf32: bool) -> None:
+    """Sets or clears BuilderFlag.TF32 explicitly, so that engines.json's `tf32` is what the
+    engine was built with whatever a TensorRT version's default."""
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
 
 
 def _progress_monitor(trt):
@@ -131,6 +148,7 @@ def build_engine(onnx_path: Path, stage: dict, opts: BuildOptions) -> BuiltEngin
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     config.builder_optimization_level = opts.optimization_level
+    set_tf32(config, trt, opts.tf32)
     config.progress_monitor = _progress_monitor(trt)
     shapes = stage_profile(stage, opts.ranges)
     for _ in range(opts.contexts):

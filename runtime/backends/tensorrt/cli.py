@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--contexts", type=int, default=1,
                    help="execution contexts the runner may use at once (one optimization profile each); threads "
                         "beyond this wait their turn")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="full FP32 in FP32 layers: TensorRT otherwise lets them use TF32 on Ampere and newer (faster, "
+                        "inputs rounded to 10-bit mantissas), so an FP32 engine's captions may differ from the CPU's")
     p.add_argument("--rebuild-stale", action="store_true", help="keep current engines, rebuild only stale ones")
     p.set_defaults(run=run)
 
@@ -55,7 +58,8 @@ def build_options(args):
                            instruction=Range(args.min_instruction, args.opt_instruction, args.max_instruction,
                                              "--min/opt/max-instruction"))
     return BuildOptions(workspace_mb=args.workspace, ranges=ranges, timing_cache=args.timing_cache,
-                        optimization_level=args.builder_optimization_level, contexts=args.contexts)
+                        optimization_level=args.builder_optimization_level, contexts=args.contexts,
+                        tf32=not args.no_tf32)
 
 
 def check_stages(manifest, stages, fp16: bool, int8: bool) -> None:
