@@ -12,6 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
+from runtime.errors import install_command
 from runtime.synthetic import make_scenes
 from tests.conftest import REPO, run_cli
 from tests.runtime.serving_support import free_ports, inputs, png_bytes, running, serve_python_env
@@ -214,7 +215,7 @@ def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
     r = run_cli("serve", toy_artifacts, "--python-env", bare)
     assert r.returncode == 2, r.stderr
-    assert "blip2-edge[serve]" in r.stderr and r.stderr.count("\n") == 1
+    assert install_command("serve") in r.stderr and r.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, words", [
