@@ -76,14 +76,24 @@ def wait_ready(http_port: int, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"server not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM, then SIGKILL if it does not end in time; returns the exit status."""
+def stop(proc: subprocess.Popen, group: bool = False) -> int:
+    """SIGTERM, then SIGKILL if it does not end in time; returns the exit status. `group`: the
+    signals go to its process group (a shell line started in a session of its own)."""
+    def send(sig):
+        if group:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        else:
+            proc.send_signal(sig)
+
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        send(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            send(signal.SIGKILL)
             proc.wait(timeout=30)
     return proc.returncode
 
@@ -106,16 +116,18 @@ class Server:
 
 
 @contextmanager
-def running(cmd: list[str], ports: list[int], log: Path, env: dict | None = None):
-    """Starts `cmd` (a server on `ports`), waits until ready, yields a Server, always stops it."""
+def running(cmd: list[str] | str, ports: list[int], log: Path, env: dict | None = None, cwd: Path = REPO):
+    """Starts `cmd` (a server on `ports`; a string: a shell line, run by bash in a session of its
+    own), waits until ready, yields a Server, always stops it."""
+    shell = isinstance(cmd, str)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                                env=env)
+        proc = subprocess.Popen(["bash", "-c", cmd] if shell else cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=shell)
     try:
         wait_ready(ports[0], proc, log)
         yield Server(proc, ports, log)
     finally:
-        stop(proc)
+        stop(proc, group=shell)
 
 
 def serve_command(artifacts: Path, ports: list[int], python_env: Path, *extra: str) -> list[str]:
@@ -153,3 +165,4 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
     data[ihdr + 17:ihdr + 21] = crc.to_bytes(4, "big")
     return bytes(data)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from runtime.serving.server import NO_GPU_LINES
 from runtime.synthetic import make_scenes
 from tests.runtime.serving_support import (
     REQUEST_TIMEOUT_S,
@@ -233,6 +235,16 @@ def test_grpc_streaming_bad_request_is_an_error_response(server, images):
     assert not isinstance(error, list) and "not an image" in str(error)
     error = stream(server, images[0], "", num_beams=0)
     assert not isinstance(error, list) and "num_beams must be an integer >= 1" in str(error)
+
+
+def test_gpu_start_up_messages_are_explained_not_shown(server):
+    """Triton's CUDA/NVML/DCGM lines of a machine without a GPU driver never reach serve's output;
+    one note says why (where the machine has no NVIDIA driver, Triton prints them)."""
+    log = server.log.read_text()
+    assert "ready: blip2 at http://127.0.0.1:" in log  # the log is serve's whole output
+    assert not [line for line in log.splitlines() if any(s in line for s in NO_GPU_LINES)]
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        assert log.count("note: no NVIDIA GPU driver here") == 1
 
 
 def test_metrics_endpoint_counts_requests(server):

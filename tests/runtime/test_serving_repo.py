@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -45,6 +46,7 @@ def test_existing_output_is_refused_and_left_alone(toy_artifacts, tmp_path):
     (out / "mine.txt").write_text("keep")
     r = run_cli("triton-repo", toy_artifacts, out)
     assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
+    assert "already exists; triton-repo writes a new directory" in r.stderr  # it has no --overwrite to suggest
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 
@@ -68,34 +70,103 @@ def test_artifacts_serving_cannot_run_are_refused(retrieval_tiny_artifacts, inst
         assert not out.exists()
 
 
-def test_served_by_the_bundled_tritonserver(toy_artifacts, tmp_path):
-    """The repository alone, under `tritonserver --model-repository OUT` (with the bundled
-    Python backend), answers as the pipeline does. --code-root: this checkout's runtime, since
-    the test's model environment may have another blip2-edge installed."""
+def printed_command(stdout: str) -> str:
+    """The shell line triton-repo prints to serve its repository on this machine."""
+    lines = stdout.splitlines()
+    (i,) = [n for n, line in enumerate(lines) if line.startswith("serve it on this machine")]
+    return lines[i + 1].strip()
+
+
+def test_the_printed_command_serves_the_repository(toy_artifacts, tmp_path):
+    """The command triton-repo prints, run exactly as printed by a shell started elsewhere (the
+    bundled tritonserver, its backend directory, the environment it needs), loads the
+    repository and answers as the pipeline does; SIGTERM stops it. Loopback only.
+    --code-root: this checkout's runtime, since the model environment may have another
+    blip2-edge installed (or none)."""
     python_env = serve_python_env()
     from runtime.pipeline import Blip2Pipeline
-    from runtime.serving import server
 
     out = tmp_path / "repo"
-    r = run_cli("triton-repo", toy_artifacts, out, "--name", "toy", "--code-root", REPO)
-    assert r.returncode == 0, r.stderr
     ports = free_ports(3)
-    env = server.check_model_env(python_env)
-    cmd = server.server_command(env, out, server.backend_home(env, tmp_path / "home"), *ports, "127.0.0.1", 10)
+    r = run_cli("triton-repo", toy_artifacts, out, "--name", "toy", "--code-root", REPO, "--python-env", python_env,
+                "--address", "127.0.0.1", "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                "--exit-timeout", 10)
+    assert r.returncode == 0, r.stderr
+    line = printed_command(r.stdout)
+    assert "tritonserver --model-repository=" in line and "--backend-directory=" in line
+    assert "--http-address=127.0.0.1" in line and "--grpc-address=127.0.0.1" in line
     import tritonclient.http as httpclient
 
     pipe = Blip2Pipeline.from_artifacts(toy_artifacts)
     image = png_bytes(make_scenes(1, seed=5)[0][1])
-    with running(cmd, ports, tmp_path / "tritonserver.log", env=server.server_env(env)) as s:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running(line, ports, tmp_path / "tritonserver.log", cwd=elsewhere) as s:
         client = s.http()
         try:
             res = client.infer("toy", inputs(httpclient, image, "a photo of"), parameters={"num_beams": 2},
                                timeout=120)
         finally:
             client.close()
+    assert s.proc.returncode == 0, (tmp_path / "tritonserver.log").read_text()[-2000:]
     want = pipe.generate([Image.open(io.BytesIO(image))], ["a photo of"], num_beams=2)[0]
     assert res.as_numpy("text")[0, 0].decode() == want.text
     assert res.as_numpy("tokens")[0].tolist() == want.tokens
+
+
+def test_printed_command_says_what_it_needs(toy_artifacts, tmp_path):
+    """Without --code-root, a model environment without blip2-edge is named; the ensemble (no
+    ONNX Runtime backend in the bundled tritonserver) gets no command, and says why."""
+    python_env = serve_python_env()
+    from runtime.serving import server
+
+    r = run_cli("triton-repo", toy_artifacts, tmp_path / "repo", "--python-env", python_env)
+    assert r.returncode == 0, r.stderr
+    printed_command(r.stdout)
+    if not server.inspect_env(python_env).blip2_edge:
+        assert f"first install blip2-edge in {python_env}" in r.stdout
+    r = run_cli("triton-repo", toy_artifacts, tmp_path / "ens", "--ensemble")
+    assert r.returncode == 0, r.stderr
+    assert "not served here: the ensemble needs Triton's ONNX Runtime backend" in r.stdout
+    assert "serve it on this machine" not in r.stdout and "docs/serving.md, Fleets" in r.stdout
+
+
+def test_lasting_backend_directory_is_made_again_when_stale(tmp_path, monkeypatch):
+    """The printed command's backend directory: links to the bundled backend and the stub for
+    this Python; a changed or removed one is made again, whole."""
+    python_env = serve_python_env()
+    from runtime.serving import server
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env = server.check_model_env(python_env)
+    backends = server.lasting_backend_home(env)
+    assert str(backends).startswith(str(tmp_path / "cache" / "blip2-edge" / "triton-backends"))
+    stub = backends / "python" / server.STUB
+    assert stub.resolve() == (env.dist / "python_backend_stubs" / env.python / server.STUB).resolve()
+    assert (backends / "python" / "libtriton_python.so").resolve().is_file()
+    stub.unlink()
+    stub.symlink_to(tmp_path)  # stale: points elsewhere
+    assert server.lasting_backend_home(env) == backends
+    assert stub.resolve() == (env.dist / "python_backend_stubs" / env.python / server.STUB).resolve()
+    assert [p.name for p in backends.parent.parent.iterdir()] == [backends.parent.name]  # nothing partial left
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--code-root", "/nonexistent"], "--code-root /nonexistent: no such directory"),
+    (["--code-root", "HERE"], "not a blip2-edge checkout"),
+    (["--ensemble", "--stream"], "--stream applies to the Python-backend repository only"),
+    (["--device", "gpu"], "--device 'gpu': use one of cpu, cuda, auto"),
+    (["--address", "bad host!"], "not an IP address or a host name"),
+    (["--http-port", "70000"], "--http-port must be in [1, 65535]"),
+    (["--exit-timeout", "-1"], "--exit-timeout must be in"),
+    (["--python-env", "/nonexistent"], "no bin/python"),
+])
+def test_triton_repo_option_errors_are_one_line_and_write_nothing(toy_artifacts, tmp_path, args, words):
+    out = tmp_path / "repo"
+    args = [str(tmp_path) if a == "HERE" else a for a in args]
+    r = run_cli("triton-repo", toy_artifacts, out, *args)
+    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists()
 
 
 def test_ensemble_variant_is_written(toy_artifacts, tmp_path):
@@ -224,10 +295,58 @@ def test_serve_without_pytriton_names_the_extra(toy_artifacts, tmp_path):
     (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms"),
     (["--name", "a/b"], "model name"),
     (["--name", "x", "--name", "y"], "--name given 2 times"),
+    (["--address", "bad host!"], "--address 'bad host!': not an IP address or a host name"),
+    (["--address", ""], "not an IP address or a host name"),
+    (["--address", "203.0.113.7"], "--address 203.0.113.7: not an address of this machine"),  # TEST-NET-3
+    (["--device", "gpu"], "--device 'gpu'"),
+    (["--exit-timeout", "3e9"], "--exit-timeout must be in [0, 2147483647]"),
+    (["--intra-op-threads", "-1"], "--intra-op-threads"),
 ])
 def test_serve_option_errors_are_one_line(toy_artifacts, args, words):
     r = run_cli("serve", toy_artifacts, *args)
     assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_serve_port_in_use_is_one_line_before_triton_starts(toy_artifacts):
+    """A port another server listens on: one line naming the flag and the port, before Triton
+    (or even the model environment) is tried; nothing of Triton's log."""
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag in ("--http-port", "--grpc-port", "--metrics-port"):
+            others = [p for p in free_ports(3) if p != port][:2]
+            ports = dict(zip([f for f in ("--http-port", "--grpc-port", "--metrics-port") if f != flag], others))
+            ports[flag] = port
+            t0 = time.monotonic()
+            r = run_cli("serve", toy_artifacts, "--address", "127.0.0.1", *[str(x) for kv in ports.items() for x in kv])
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr == f"error: {flag} {port}: already in use on 127.0.0.1 (another server?); choose a free port\n"
+            assert time.monotonic() - t0 < 60
+
+
+def test_serve_in_a_numpy2_environment_points_at_python_env(toy_artifacts, tmp_path):
+    """The command's own environment has numpy 2 and no nvidia-pytriton (what a first try
+    meets): installing the extra there is the wrong advice; the line says to use a separate
+    environment through --python-env. The environment: a bare venv that sees this interpreter's
+    packages (numpy 2 here) and no nvidia-pytriton."""
+    import importlib.util
+    import sysconfig
+
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) < 2 or importlib.util.find_spec("pytriton") is not None:
+        pytest.skip("needs numpy 2 and no nvidia-pytriton in the test's interpreter")
+    env = tmp_path / "numpy2-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    (site / "layers.pth").write_text(f"{sysconfig.get_path('purelib')}\n")
+    r = run_cli("serve", toy_artifacts, "--python-env", env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "nvidia-pytriton" in r.stderr and f"numpy {np.__version__}" in r.stderr and "--python-env DIR" in r.stderr
 
 
 def test_several_directories_are_several_models(toy_artifacts, tmp_path):
