@@ -7,6 +7,7 @@ without a server (tests/runtime/test_serving_jobs.py) and the Python-backend mod
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass, replace
@@ -25,7 +26,11 @@ log = logging.getLogger(__name__)
 # options as optional inputs would split the batch whenever two requests set different ones.
 # The names and meanings are GenerationOptions' (transformers'); so are the checks.
 OPTION_PARAMETERS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
-                     "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
+                     "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "stop_strings")
+# stop_strings travels as a string holding a JSON list (KServe v2 parameters are scalars: Triton
+# refuses a list); each string is matched against the text at every step, so both are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 64
 # A request's prompt is refused above this many UTF-8 bytes, before it is tokenized; the model's
 # position limit (OPT) is checked after, per request.
 MAX_PROMPT_BYTES = 4096
@@ -91,12 +96,40 @@ def options_from(parameters: dict) -> dict:
         raise RequestError(f"unknown request parameter(s) {', '.join(unknown)}; generation options: "
                            f"{', '.join(OPTION_PARAMETERS)}")
     kwargs = dict(parameters)
+    if "stop_strings" in kwargs:
+        kwargs["stop_strings"] = stop_strings(kwargs["stop_strings"])
     stop = kwargs.get("early_stopping")
     if isinstance(stop, str):
         if stop.strip().lower() not in EARLY_STOPPING:
             raise RequestError(f"parameter early_stopping must be true, false or never; got {stop!r}")
         kwargs["early_stopping"] = EARLY_STOPPING[stop.strip().lower()]
     return kwargs
+
+
+def stop_strings(value) -> tuple[str, ...]:
+    """The stop_strings parameter: a JSON list of non-empty strings, sent as a string (a list
+    itself where the caller is not Triton); [] means none (not even the model's own)."""
+    example = """'["Question:", "."]'"""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise RequestError(f"parameter stop_strings must be a JSON list of non-empty strings, sent as a string "
+                           f"(e.g. {example}); got {shown}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise RequestError(f"parameter stop_strings: {len(value)} strings is over the limit of {MAX_STOP_STRINGS}")
+    for s in value:
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise RequestError(f"parameter stop_strings: a string of {len(s)} characters is over the limit of "
+                               f"{MAX_STOP_STRING_CHARS}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("parameter stop_strings: not valid text (a lone surrogate escape)") from None
+    return tuple(value)
 
 
 def image_bytes(inputs: dict) -> bytes:

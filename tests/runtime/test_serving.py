@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,6 +127,11 @@ BAD_REQUESTS = {
     "max_new_tokens not an integer": (dict(max_new_tokens=5.5), "max_new_tokens"),
     "unknown option": (dict(max_tokens=5), "unknown request parameter"),
     "max_new_tokens over the positions": (dict(max_new_tokens=100_000), "max_new_tokens"),
+    "stop_strings not a JSON list": (dict(stop_strings="Question:"), "stop_strings must be a json list"),
+    "stop_strings with an empty string": (dict(stop_strings='["a", ""]'), "stop_strings must be a json list"),
+    "stop_strings of numbers": (dict(stop_strings="[1, 2]"), "stop_strings must be a json list"),
+    "too many stop_strings": (dict(stop_strings=json.dumps(["x"] * 17)), "over the limit of 16"),
+    "a stop string too long": (dict(stop_strings=json.dumps(["x" * 65])), "over the limit of 64"),
 }
 
 
@@ -235,6 +241,34 @@ def test_grpc_streaming_bad_request_is_an_error_response(server, images):
     assert not isinstance(error, list) and "not an image" in str(error)
     error = stream(server, images[0], "", num_beams=0)
     assert not isinstance(error, list) and "num_beams must be an integer >= 1" in str(error)
+
+
+def test_stop_strings_parameter_ends_the_text_as_the_pipeline_does(server, pipe, images):
+    """stop_strings, a JSON list sent as a string: over HTTP, gRPC and the stream, each answer is
+    the pipeline's with the same stop strings (cut before the first), and "[]" turns off the
+    model's own (OPT's newline) as the pipeline's empty list does."""
+    full = expected(pipe, images[1])[0]
+    stop = full.split()[2]  # a word the caption reaches
+    for protocol in ("http", "grpc"):
+        answer = ask(server, images[1], protocol=protocol, stop_strings=json.dumps([stop, "never said"]))
+        assert answer == expected(pipe, images[1], stop_strings=[stop, "never said"])
+        assert stop not in answer[0] and len(answer[0]) < len(full)
+    pieces = stream(server, images[1], "", stop_strings=json.dumps([stop]))
+    assert isinstance(pieces, list) and "".join(pieces) == expected(pipe, images[1], "", stop_strings=[stop])[0]
+    assert ask(server, images[1], stop_strings="[]") == expected(pipe, images[1], stop_strings=[])
+
+
+def test_malformed_json_body_is_tritons_500(server):
+    """docs/serving.md: Triton's own HTTP front end answers a body that is not JSON with a 500
+    before any model sees it; the server stays up."""
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/blip2/infer"
+    for body in (b"{bad", b'{"inputs": 5}'):
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=30)
+        assert info.value.code == 500
+        assert "parse" in json.load(info.value)["error"].lower()
+    assert http_status(f"http://127.0.0.1:{server.http_port}/v2/health/ready") == 200
 
 
 def test_gpu_start_up_messages_are_explained_not_shown(server):

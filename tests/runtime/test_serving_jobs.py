@@ -3,6 +3,8 @@ batch, on the toy model's real pipeline."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,6 +80,15 @@ def test_a_default_max_new_tokens_is_fitted_per_request(pipe, scenes):
     ("prompt", {}, RequestError, "not valid UTF-8"),
     (None, {"num_beams": 200000}, RequestError, "num_beams=200000 is over this server's limit"),
     (None, {"max_new_tokens": 100000}, RequestError, "max_new_tokens=100000 is over this server's limit"),
+    (None, {"stop_strings": "Question:"}, RequestError, "stop_strings must be a JSON list of non-empty strings"),
+    (None, {"stop_strings": '"Question:"'}, RequestError, "stop_strings must be a JSON list"),
+    (None, {"stop_strings": '["a", ""]'}, RequestError, "stop_strings must be a JSON list"),
+    (None, {"stop_strings": '{"a": 1}'}, RequestError, "stop_strings must be a JSON list"),
+    (None, {"stop_strings": 3}, RequestError, "stop_strings must be a JSON list"),
+    (None, {"stop_strings": '["\\ud800"]'}, RequestError, "stop_strings: not valid text"),
+    (None, {"stop_strings": '["x"]' * 2}, RequestError, "stop_strings must be a JSON list"),
+    (None, {"stop_strings": json.dumps(["x"] * 17)}, RequestError, "17 strings is over the limit of 16"),
+    (None, {"stop_strings": json.dumps(["x" * 65])}, RequestError, "65 characters is over the limit of 64"),
 ])
 def test_bad_requests_raise_user_errors_naming_the_fault(pipe, scenes, inputs, params, error, words):
     if inputs is None:
@@ -87,6 +98,23 @@ def test_bad_requests_raise_user_errors_naming_the_fault(pipe, scenes, inputs, p
     with pytest.raises(error) as info:
         parse(pipe, inputs, params)
     assert isinstance(info.value, Blip2EdgeError) and words in str(info.value)
+
+
+def test_stop_strings_parameter_is_the_pipelines_option(pipe, scenes):
+    """A JSON list (sent as a string) becomes the pipeline's stop_strings: the answer is the
+    pipeline's with them, cut before the first; requests with other stop strings are another
+    group; "[]" is the pipeline's empty tuple (the model's own stop strings off)."""
+    full = pipe.generate([scenes[0]], [pipe.caption_prompt(None)])[0].text
+    stop = full.split()[2]
+    job = parse(pipe, request(scenes[0]), {"stop_strings": json.dumps([stop, "Question:"])})
+    assert job.options.stop_strings == (stop, "Question:") and job.kwargs["stop_strings"] == (stop, "Question:")
+    plain = parse(pipe, request(scenes[0]), {})
+    assert group_key(0, job) != group_key(1, plain)
+    result, alone = run_batch(pipe, [job, plain])
+    assert result.text == pipe.generate([job.image], [job.prompt], stop_strings=[stop, "Question:"])[0].text
+    assert stop not in result.text and len(result.text) < len(full) and alone.text == full
+    assert parse(pipe, request(scenes[0]), {"stop_strings": "[]"}).options.stop_strings == ()
+    assert parse(pipe, request(scenes[0]), {"stop_strings": [stop]}).options.stop_strings == (stop,)
 
 
 def test_a_failing_group_fails_only_its_own_requests(pipe, scenes):
