@@ -166,3 +166,14 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     data[ihdr + 17:ihdr + 21] = crc.to_bytes(4, "big")
     return bytes(data)
 
+
+# ---- the examples in docs/serving.md -------------------------------------------------------
+
+def doc_block(test_name: str) -> str:
+    """The code block of docs/serving.md that follows the comment naming `test_name` (the page's
+    examples are run as written, so that they cannot go stale)."""
+    text = (REPO / "docs" / "serving.md").read_text()
+    marker = text.index(f"<!-- tested by tests/runtime/test_serving.py: {test_name} -->")
+    start = text.index("```", marker)
+    start = text.index("\n", start) + 1
+    return text[start:text.index("\n```", start) + 1]

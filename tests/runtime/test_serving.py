@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,10 +21,12 @@ from PIL import Image
 
 from runtime.serving.server import NO_GPU_LINES
 from runtime.synthetic import make_scenes
+from tests.conftest import run_cli
 from tests.runtime.serving_support import (
     REQUEST_TIMEOUT_S,
     STOP_TIMEOUT_S,
     bomb_png,
+    doc_block,
     free_ports,
     http_status,
     inputs,
@@ -269,6 +272,57 @@ def test_malformed_json_body_is_tritons_500(server):
         assert info.value.code == 500
         assert "parse" in json.load(info.value)["error"].lower()
     assert http_status(f"http://127.0.0.1:{server.http_port}/v2/health/ready") == 200
+
+
+@pytest.fixture(scope="module")
+def doc_dir(tmp_path_factory):
+    """Where the documented examples run: imgs/ written by the documented make-images command."""
+    work = tmp_path_factory.mktemp("docs")
+    r = run_cli("make-images", "imgs", "-n", "2", cwd=work)
+    assert r.returncode == 0 and r.stdout.startswith("imgs/scene-000.png\t"), r.stderr
+    return work
+
+
+def _binary_infer(url: str, image: bytes, parameters: dict) -> dict:
+    """What the documented curl line sends, built here: the JSON header, then the BYTES element
+    (its length, 4 bytes little-endian, then the image), POSTed with its header length."""
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(image) + 4}}],
+                         "parameters": parameters}, separators=(",", ":")).encode()
+    body = header + len(image).to_bytes(4, "little") + image
+    request = urllib.request.Request(url, data=body, headers={"Inference-Header-Content-Length": str(len(header)),
+                                                              "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as r:
+        return json.load(r)
+
+
+def test_documented_curl_request(server, pipe, doc_dir):
+    """docs/serving.md's curl example, run as written (only the port differs) from a folder
+    holding imgs/: its answer is the pipeline's (curl missing: the same bytes through urllib)."""
+    block = doc_block("test_documented_curl_request")
+    image = (doc_dir / "imgs" / "scene-000.png").read_bytes()
+    if shutil.which("curl"):
+        proc = subprocess.run(["bash", "-c", block.replace("localhost:8000", f"127.0.0.1:{server.http_port}")],
+                              cwd=doc_dir, capture_output=True, timeout=REQUEST_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+    else:
+        answer = _binary_infer(f"http://127.0.0.1:{server.http_port}/v2/models/blip2/infer", image,
+                               {"max_new_tokens": 20})
+    outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+    assert (outputs["text"][0], outputs["tokens"]) == expected(pipe, image, max_new_tokens=20)
+
+
+def test_documented_grpc_streaming_client(server, pipe, doc_dir):
+    """docs/serving.md's streaming client, run as written (only the port differs): the pieces it
+    prints are the pipeline's text."""
+    code = doc_block("test_documented_grpc_streaming_client").replace("localhost:8001",
+                                                                      f"127.0.0.1:{server.grpc_port}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=doc_dir, capture_output=True, text=True,
+                          timeout=REQUEST_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    image = (doc_dir / "imgs" / "scene-000.png").read_bytes()
+    assert proc.stdout == expected(pipe, image, max_new_tokens=20)[0] + "\n"
 
 
 def test_gpu_start_up_messages_are_explained_not_shown(server):
