@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.artifact.verified_files import cache_file
-from runtime.errors import Blip2EdgeError, MissingExtraError, OptionError
+from runtime.errors import Blip2EdgeError, MissingExtraError, OptionError, install_command
 
 STUB = "triton_python_backend_stub"
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -124,7 +124,7 @@ def check_model_env(prefix: Path) -> ModelEnv:
         raise ServingSetupError(
             f"{prefix}: numpy {env.numpy}; the Python backend bundled with nvidia-pytriton (Triton 2.51) "
             "corrupts input tensors under numpy 2 (pytriton requires numpy<2): run the model in an environment with "
-            "numpy<2, e.g. a venv made for 'pip install blip2-edge[serve]', given with --python-env")
+            f"numpy<2, e.g. a venv made with '{install_command('serve')}', given with --python-env")
     stub = env.dist / "python_backend_stubs" / env.python / STUB
     if not stub.is_file():
         found = sorted(p.name for p in (env.dist / "python_backend_stubs").iterdir())
