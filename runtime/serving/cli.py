@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from runtime.cli.generate import _integer
-from runtime.errors import Blip2EdgeError, OptionError
+from runtime.errors import Blip2EdgeError, OptionError, install_command
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve artifact directories on Triton Inference Server",
                        description="Serve artifact directories on Triton Inference Server (KServe v2 over HTTP "
                                    "and gRPC, dynamic batching, Prometheus metrics), with the tritonserver that "
-                                   "nvidia-pytriton ships ('blip2-edge[serve]').")
+                                   f"nvidia-pytriton ships ({install_command('serve')}).")
     _add_model_options(p)
     _add_server_options(p, printed=False)
     p.set_defaults(run=run_serve)
