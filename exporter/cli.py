@@ -41,6 +41,9 @@ def register(sub) -> None:
                         "each step (every provider, TensorRT's included); auto (default): shared for fp32, concat "
                         "for fp16. Flan-T5 always concatenates")
     p.add_argument("--no-validate", dest="validate", action="store_false")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse up front, writing nothing, when the expected peak memory (printed before loading) "
+                        "exceeds SIZE, e.g. 12GB or 11.5GiB; the memory available now is the limit in any case")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")
@@ -102,6 +105,7 @@ def run_export(args) -> int:
 
     opts = ExportOptions(
         opset=args.opset, atol=args.atol, validate=args.validate, overwrite=args.overwrite, kv_cache=args.kv_cache,
+        max_memory=None if args.max_memory is None else parse_size(args.max_memory),
         load=LoadOptions(revision=args.revision, local_files_only=args.local_files_only,
                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype),
     )
