@@ -9,6 +9,7 @@ from pathlib import Path
 from runtime.backends.onnxrt import import_onnxruntime
 from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError, require
+from runtime.host_memory import parse_size
 
 
 def register(sub) -> None:
@@ -54,6 +55,9 @@ def register(sub) -> None:
     p.add_argument("--calibration-cache", type=Path, metavar="FILE",
                    help="JSON file of activation ranges: reused when it matches, written otherwise")
     p.add_argument("--no-gate", dest="gate", action="store_false", help="keep the artifacts even if a gate fails")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse up front, writing nothing, when the expected peak memory (printed before loading) "
+                        "exceeds SIZE, e.g. 12GB or 11.5GiB; the memory available now is the limit in any case")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
     p.add_argument("--allow-requantize", action="store_true", help="accept an already-quantized input")
@@ -91,6 +95,7 @@ def run(args) -> int:
                        lm_head=args.lm_head, embed_fp16=args.embed_fp16),
         calibration_cache=args.calibration_cache, gate=args.gate, overwrite=args.overwrite,
         allow_requantize=args.allow_requantize,
+        max_memory=None if args.max_memory is None else parse_size(args.max_memory),
     )
     quantize(args.artifacts, args.out_dir, opts)
     return 0

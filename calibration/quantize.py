@@ -22,16 +22,18 @@ from calibration import gates as gates_mod
 from calibration.fidelity import fidelity_report, report_lines
 from calibration.kept_report import keep_report
 from calibration.llm import LLMOptions, quantize_decoder
+from calibration.memory import quantize_peak
 from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage
 from runtime import synthetic
 from runtime.artifact.confinement import confined_path
 from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
-from runtime.artifact.writer import atomic_directory
+from runtime.artifact.writer import atomic_directory, check_target
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
 from runtime.generation.shared_kv_cache import check_artifact_placement
+from runtime.host_memory import check_fits
 from runtime.loaded_artifact import LoadedArtifact
 from runtime.pipeline import Blip2Pipeline
 from runtime.retriever import Blip2Retriever
@@ -50,6 +52,8 @@ class QuantizeOptions:
     gates: gates_mod.Gates = field(default_factory=gates_mod.Gates)
     overwrite: bool = False
     allow_requantize: bool = False
+    # Bytes the run may use at its peak (--max-memory); the machine's available memory in any case.
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_calib < 1:
@@ -193,6 +197,10 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")
     out = Path(out_dir)
+    check_target(out, opts.overwrite)  # before the memory check; again under the lock
+    # The expected peak (calibration/memory.py) against the memory available and --max-memory,
+    # before anything is loaded or written.
+    log(check_fits("quantize", quantize_peak(src, opts.llm.precision)["peak"], opts.max_memory))
     # OUT_DIR is checked and locked before calibration images are gathered, and checked again at
     # the rename.
     with atomic_directory(out, opts.overwrite) as tmp:

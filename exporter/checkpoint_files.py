@@ -139,15 +139,17 @@ def build_llama_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 
 def save_checkpoint(model, tokenizer, out_dir: Path, image_size: int, qformer_tokenizer=None,
-                    image_tokens: bool = True) -> None:
+                    image_tokens: bool = True, max_shard_size: int | str = "5GB") -> None:
     """Saves model weights (safetensors), tokenizer and processor files into `out_dir`; with
     `qformer_tokenizer`, an InstructBLIP processor (the Q-Former's tokenizer in its subfolder).
     image_tokens=False: a processor that puts no query placeholders before the text (retrieval
-    checkpoints without image_token_index)."""
+    checkpoints without image_token_index). Weights over `max_shard_size` (bytes, or "5GB" as
+    transformers writes it) go into shards, model-0000k-of-0000N.safetensors, with
+    model.safetensors.index.json mapping each tensor to its shard, as on the hub."""
     from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size},
         image_mean=OPENAI_CLIP_MEAN,

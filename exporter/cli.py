@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exporter.random_models import RELEASED, SIZES
 from runtime.errors import require
+from runtime.host_memory import parse_size
 
 TOY = "toy"  # the embedded default model (OPT decoder)
 TOY_T5 = "toy-t5"  # the embedded toy with a Flan-T5-style encoder-decoder
@@ -39,6 +41,9 @@ def register(sub) -> None:
                         "each step (every provider, TensorRT's included); auto (default): shared for fp32, concat "
                         "for fp16. Flan-T5 always concatenates")
     p.add_argument("--no-validate", dest="validate", action="store_false")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse up front, writing nothing, when the expected peak memory (printed before loading) "
+                        "exceeds SIZE, e.g. 12GB or 11.5GiB; the memory available now is the limit in any case")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a blip2-edge artifact directory (anything else is refused)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")
@@ -46,19 +51,27 @@ def register(sub) -> None:
     p.set_defaults(run=run_export)
 
     p = sub.add_parser("make-model", help="write a random-weight BLIP-2 checkpoint (tests, benchmarks)")
-    p.add_argument("size", choices=("tiny", "bench", "full"))
+    p.add_argument("size", choices=(*SIZES, *RELEASED), metavar="SIZE",
+                   help="tiny, bench, full (with --arch/--llm below), or a released checkpoint's shapes by name: "
+                        f"{', '.join(RELEASED)}")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default="blip-2",
-                   help="instructblip: the Q-Former also reads the instruction (full: instructblip-flan-t5-xl with "
-                        "--llm t5, instructblip-vicuna-7b with --llm llama, blip2-opt-2.7b's OPT with --llm opt); "
-                        "retrieval: Blip2ForImageTextRetrieval "
+    p.add_argument("--arch", choices=("blip-2", "instructblip", "retrieval"), default=None,
+                   help="blip-2 (default); instructblip: the Q-Former also reads the instruction (full: "
+                        "instructblip-flan-t5-xl with --llm t5, instructblip-vicuna-7b with --llm llama, "
+                        "blip2-opt-2.7b's OPT with --llm opt); retrieval: Blip2ForImageTextRetrieval "
                         "(ITC/ITM heads, no LLM; full = Salesforce/blip2-itm-vit-g shapes)")
-    p.add_argument("--llm", choices=("opt", "t5", "llama"), default="opt", help="language model family (default: opt)")
+    p.add_argument("--llm", choices=("opt", "t5", "llama"), default=None, help="language model family (default: opt)")
     p.add_argument("--variant", choices=("default", "post-ln", "no-bias", "relu", "tied", "shallow-decoder", "mha",
                                          "head16"), default="default",
                    help="opt: default, post-ln, no-bias; t5: default (Flan-T5: gated-GELU, untied), relu, tied, "
                         "shallow-decoder (half as many decoder layers as encoder layers); "
                         "llama: default (grouped-query attention in tiny), mha, head16")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
+                   help="weights' dtype (default: fp16 for full and the released shapes, as the hub's are "
+                        "deployed; fp32 for tiny and bench)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file (default 5GB, as transformers writes): larger weights go into "
+                        "model-0000k-of-0000N.safetensors shards with model.safetensors.index.json, as on the hub")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_model)
 
@@ -92,6 +105,7 @@ def run_export(args) -> int:
 
     opts = ExportOptions(
         opset=args.opset, atol=args.atol, validate=args.validate, overwrite=args.overwrite, kv_cache=args.kv_cache,
+        max_memory=None if args.max_memory is None else parse_size(args.max_memory),
         load=LoadOptions(revision=args.revision, local_files_only=args.local_files_only,
                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype),
     )
@@ -101,26 +115,37 @@ def run_export(args) -> int:
 
 def run_make_model(args) -> int:
     _need_export_extra("blip2-edge make-model")
-    from exporter.random_models import make_model
+    from exporter.random_models import make_model, resolve_shape
     from runtime.errors import Blip2EdgeError
 
     if args.out_dir.exists():
         raise Blip2EdgeError(f"{args.out_dir}: already exists")
+    shard = parse_size(args.max_shard_size, "--max-shard-size")
+    dtype = args.dtype or ("fp16" if args.size not in ("tiny", "bench") else "fp32")
     if args.arch == "retrieval":
         from exporter.random_models import make_retrieval_model
 
-        if args.llm != "opt" or args.variant != "default":  # the parser's defaults: not given
+        if args.llm is not None or args.variant != "default":
             raise Blip2EdgeError("--arch retrieval has no language model: --llm and --variant do not apply")
-
+        if args.size not in SIZES:
+            raise Blip2EdgeError(f"--arch retrieval takes tiny, bench or full (blip2-itm-vit-g's shapes), "
+                                 f"not {args.size}")
         make_retrieval_model(args.size, args.out_dir, seed=args.seed)
         print(f"wrote a random-weight '{args.size}' BLIP-2 retrieval (ITC/ITM) checkpoint to {args.out_dir}")
         return 0
+    if args.size in RELEASED and args.variant != "default":
+        raise Blip2EdgeError(f"{args.size} is a released checkpoint's shape: --variant does not apply "
+                             "(use full with --llm and --variant)")
+    _, llm, arch, _ = resolve_shape(args.size, args.llm, args.arch)
     try:
-        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=args.llm, arch=args.arch)
+        make_model(args.size, args.out_dir, variant=args.variant, seed=args.seed, llm=llm, arch=arch, dtype=dtype,
+                   max_shard_size=shard)
     except ValueError as exc:  # a variant of the other family
         raise Blip2EdgeError(str(exc)) from None
-    kind = "InstructBLIP" if args.arch == "instructblip" else "BLIP-2"
-    print(f"wrote a random-weight '{args.size}' {args.llm} ({args.variant}) {kind} checkpoint to {args.out_dir}")
+    kind = "InstructBLIP" if arch == "instructblip" else "BLIP-2"
+    shards = len(list(args.out_dir.glob("model-*-of-*.safetensors")))
+    print(f"wrote a random-weight '{args.size}' {llm} ({args.variant}) {kind} checkpoint ({dtype}"
+          f"{f', {shards} shards' if shards else ''}) to {args.out_dir}")
     return 0
 
 

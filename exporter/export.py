@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 from exporter.families import export_family
-from exporter.loading import LoadOptions, load_model
+from exporter.loading import LoadOptions, check_local_weights, load_config, load_model
+from exporter.memory_estimate import export_peak, stage_parameters, stored_sizes
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
 from exporter.processor_spec import preprocessing_of, tokenizer_spec
 from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
 from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
-from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory
+from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory, check_target
 from runtime.errors import Blip2EdgeError
+from runtime.host_memory import check_fits, format_size
 
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 
@@ -31,6 +33,8 @@ class ExportOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     # The decoder's KV cache form (ExportFamily.resolve_kv_cache): auto, concat or shared.
     kv_cache: str = "auto"
+    # Bytes the run may use at its peak (--max-memory); the machine's available memory in any case.
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         check_opset(self.opset)  # torch's and onnxruntime's range, before anything is loaded
@@ -109,14 +113,57 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
     return manifest
 
 
+def _config_before_loading(model: str, load: LoadOptions):
+    """The checkpoint's config, read before any weight (its directory checked as load_model
+    checks it); None for a path that does not exist, which load_model then names."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        check_local_weights(path, load.allow_pickle)
+    elif path.exists() or path.is_absolute() or model.startswith((".", "~")):
+        return None
+    return load_config(model, load)
+
+
+def _exports_in(config, model: str, dtype: str) -> bool:
+    """Whether the family exports this config in `dtype` (a refusal is not an option to offer)."""
+    try:
+        export_family(config, model).check(config, model, dtype)
+    except Blip2EdgeError:
+        return False
+    return True
+
+
+def check_memory(model: str, opts: ExportOptions, log: Callable[[str], None]) -> None:
+    """The expected peak of this export (exporter/memory_estimate.py) against the memory
+    available and --max-memory, before anything is loaded or written: a refusal is one line that
+    names what would fit (--no-validate, --dtype fp16)."""
+    config = _config_before_loading(model, opts.load)
+    if config is None:
+        return
+    params = stage_parameters(config)
+    stored = stored_sizes(model)
+    dtype = opts.load.dtype
+    peak = export_peak(config, dtype, opts.validate, params, stored)
+    others = {}
+    if opts.validate:
+        others["--no-validate"] = export_peak(config, dtype, False, params, stored)["peak"]
+    if dtype == "fp32" and _exports_in(config, model, "fp16"):
+        others["--dtype fp16"] = export_peak(config, "fp16", opts.validate, params, stored)["peak"]
+    log(check_fits("export", peak["peak"], opts.max_memory, alternatives=others,
+                   note=f" (+ {format_size(peak['mapped'])} of checkpoint mapped from disk, which can be dropped)"))
+
+
 def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = None,
            log: Callable[[str], None] = print) -> dict:
     """Exports `model` (hub id or directory) into `out_dir`; returns the validation report
-    (empty when validation is off). Nothing appears at `out_dir` unless everything succeeded."""
+    (empty when validation is off). Nothing appears at `out_dir` unless everything succeeded,
+    and nothing at all is written when the expected peak memory does not fit (check_memory)."""
 
     opts = opts or ExportOptions()
     out = Path(out_dir)
     report: dict = {}
+    check_target(out, opts.overwrite)  # before the estimate reads the config; again under the lock
+    check_memory(model, opts, log)
     # OUT_DIR is checked and locked before the (slow) model load, and checked again at the rename.
     with atomic_directory(out, opts.overwrite) as tmp:
         t0 = time.perf_counter()

@@ -1,31 +1,81 @@
-"""Weight memory per precision from a config alone: the parameters each exported stage uses,
-times the bytes the exporter (FP32, FP16) and `quantize` (INT8 / INT4) store per parameter.
+"""Memory from a config alone: the weights of each exported stage per precision, and the peak
+memory of `export`, which it prints (and checks against the memory available and --max-memory)
+before loading anything.
 
-For checkpoints too large to export here (instructblip-vicuna-7b's LLaMA). The parameters are
-counted on the stage wrappers the exporter traces (exporter/families), built on the meta device
-and run once on meta example inputs, so only parameters the graphs really read count (BLIP-2's
-Q-Former has a text feed-forward path that the query-only graph never uses). tests/exporter/
-test_memory_estimate.py checks the estimate against real artifacts' files (runtime.artifact.memory).
+    python -m exporter.memory_estimate full --llm llama          # both tables for a make-model shape
+    python -m exporter.memory_estimate instructblip-flan-t5-xxl  # or a released checkpoint's (docs/families.md)
 
-    python -m exporter.memory_estimate full --llm llama      # the table in docs/families.md
+## Weights per stage
+
+For checkpoints too large to export here. The parameters are counted on the stage wrappers the
+exporter traces (exporter/families), built on the meta device and run once on meta example
+inputs, so only parameters the graphs really read count (BLIP-2's Q-Former has a text
+feed-forward path that the query-only graph never uses). tests/exporter/test_memory_estimate.py
+checks the estimate against real artifacts' files (runtime.artifact.memory).
 
 Bytes per parameter:
   fp32   4
-  fp16   2, except the modules transformers keeps in fp32 (BLIP-2: query tokens, Q-Former)
+  fp16   2, except the modules transformers keeps in fp32 (BLIP-2: query tokens, Q-Former; T5: wo)
   int8   visual stages: weight MatMul/Conv/Gemm int8 (+ one fp32 scale per output channel);
-         LLM stages: weight-only 8 bits + one fp32 scale per block of 32; lm_head int8; the rest fp32
+         LLM stages: weight-only 8 bits + one fp32 scale per block of 128; lm_head int8; the rest fp32
   int4   as int8 with 4-bit LLM weights (lm_head stays int8, quantize's default)
 The embedding table is the float array the runtime holds (fp32, fp16 for an fp16 export).
+
+## The peak of `export`, as it runs today
+
+`export` loads the whole model, exports each stage with torch.onnx.export (TorchScript), then
+validates: ONNX Runtime sessions of every graph beside the torch model. What must fit is the
+anonymous memory (RssAnon); torch maps weights stored in the export dtype from the safetensors
+files (file pages the kernel can drop under pressure and read again), which `top` counts too:
+
+    held      = 0.30 GB (interpreter, torch, transformers, onnx, onnxruntime)
+                + the weights cast on load (stored in another dtype than the export's: a copy)
+    load        held
+    export s    held + 0.9 GB + c x S_s    S_s the stage's weights in the export dtype; c: 2.85 for
+                a graph under 2 GiB (torch serializes it whole, it is reloaded to place its data),
+                0.55 over (one file per tensor); LLaMA's LLM stages 5.3 and at most 1.1
+                (ExportFamily.trace_copies)
+    validation  held + r x G            G every graph's weights; r = 1.5 for fp32, 2.5 for fp16
+                (ONNX Runtime's CPU provider casts fp16 weights to fp32)
+    peak = the largest phase;  mapped = 0.12 GB + the checkpoint's tensors as stored
+
+Measured with bench/export_bench.py (per-phase RssAnon sampled every 20 ms from outside the
+process; bench/RESULTS.md, "Export and quantize memory"), on this 24 GB, 2-core machine (GB):
+
+    export                          stage S (GB)        measured anon (phase)      estimate
+    bench fp32 (OPT-125m)           vision 0.34         1.77-1.89 + 0.27 held      2.18
+                                    qformer 0.43        2.18-2.38                  2.34
+                                    decoder 0.50        2.14-2.37                  2.63
+                                    validation G 1.40   2.33                       2.40
+    bench fp16 (fp32 checkpoint)    qformer 0.42        2.61                       2.76
+                                    validation G 0.90   2.64                       2.97
+    bench-t5 fp32                   validation G 1.73   2.64                       2.90
+    bench-llama fp32                decoder 1.16        6.88-7.34                  7.34
+    blip2-opt-2.7b fp16 (fp16       vision 1.97         6.79                       6.82
+      shards, as the hub's)         decoder 5.30        3.95                       4.12
+                                    validation G 7.95   20.21 (VmRSS 23.92)        20.19 + 7.8 mapped
+
+The blip2-opt-2.7b run succeeded with 20.2 GB anonymous because the kernel dropped torch's mapped
+weights (VmRSS stopped at 23.9 GB, validation took 4 minutes instead of 1). Each stage's export
+also carries what the earlier ones left behind (allocator fragmentation): that is in the 0.9 GB
+and the factors, which are fitted on the sequence, not on a stage exported alone. The tiny
+models' peak is 0.28 GB; their estimate says 1.2 (the 0.9 GB term): an overestimate where it
+costs nothing. Change the export's phases (stage-by-stage export, validation without the torch
+model beside the sessions) and this model changes with them: refit it with bench/export_bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import struct
 from contextlib import contextmanager
+from pathlib import Path
 
 from exporter.families import export_family
-from exporter.loading import SUPPORTED_ARCHITECTURES
-from exporter.random_models import SIZES, build_config
+from exporter.loading import RETRIEVAL_CLASSES, SUPPORTED_ARCHITECTURES
+from exporter.random_models import RELEASED, SIZES, build_config
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VISUAL = ("vision", "qformer")
@@ -70,21 +120,47 @@ def used_parameters(stage, inputs: tuple) -> list:
     return out
 
 
-def stage_parameters(config) -> dict:
-    """stage -> list of (name, numel, kind, kept in fp32, output channels): kind "matrix",
-    "lm_head" or "other"; and the embedding table's size under "embeddings"."""
+def meta_model(config):
+    """The transformers model `export` loads for `config` (BLIP-2, InstructBLIP or the retrieval
+    model), built on the meta device: shapes, no memory."""
     import torch
     import transformers
 
     family = export_family(config)
-    dims = family.model_dims(config)
-    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[config.model_type][0])  # BLIP-2 or InstructBLIP
+    names = RETRIEVAL_CLASSES if family.runtime.task == "retrieval" else SUPPORTED_ARCHITECTURES[config.model_type]
     with torch.device("meta"):
-        model = model_class(config)
+        return getattr(transformers, names[0])(config)
+
+
+def kept_in_fp32(model):
+    """name -> whether an fp16 load keeps that parameter in fp32: transformers' own rule
+    (from_pretrained's regex over `_keep_in_fp32_modules`: BLIP-2's query tokens and Q-Former),
+    with the language model's list too (T5's feed-forward output `wo`: the fp16 T5 export keeps
+    it in fp32 as transformers runs T5, and InstructBLIP's list already carries it)."""
+    names = list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    lm = getattr(model, "language_model", None)
+    names += list(getattr(lm, "_keep_in_fp32_modules", None) or ())
+    if not names:
+        return lambda name: False
+    pattern = re.compile("|".join(rf"((^|\.){re.escape(n)}($|\.))" for n in sorted(set(names))))
+    return lambda name: pattern.search(name) is not None
+
+
+def stage_parameters(config) -> dict:
+    """stage -> list of (name, numel, kind, kept in fp32, output channels): kind "matrix",
+    "lm_head" or "other"; the embedding table's size under "embeddings" (0 for retrieval, which
+    has none), and the whole model as `export` loads it under "model": (name, numel, kept in fp32)
+    of every parameter and buffer."""
+    import torch
+
+    family = export_family(config)
+    dims = family.model_dims(config)
+    model = meta_model(config)
+    with torch.device("meta"):
         examples = family.example_inputs(model, dims)
         # example_int builds int64 ones on the default device; every tensor must be on meta.
         examples = {k: tuple(t.to("meta") for t in v) for k, v in examples.items()}
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    kept = kept_in_fp32(model)
     full_names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     with torch.no_grad(), torch.device("meta"):  # tensors the wrappers create inside forward too
@@ -93,10 +169,12 @@ def stage_parameters(config) -> dict:
             rows = []
             for _, p, matrix in used_parameters(stage, examples[name]):
                 kind = "lm_head" if head is not None and p is head.weight else "matrix" if matrix else "other"
-                fp32_kept = full_names.get(id(p), "").startswith(keep_fp32) if keep_fp32 else False
-                rows.append((full_names.get(id(p), "?"), p.numel(), kind, fp32_kept, p.shape[0]))
+                full = full_names.get(id(p), "?")
+                rows.append((full, p.numel(), kind, kept(full), p.shape[0]))
             out[name] = rows
-    out["embeddings"] = model.get_input_embeddings().weight.numel()
+    out["embeddings"] = model.get_input_embeddings().weight.numel() if family.runtime.task != "retrieval" else 0
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+    out["model"] = [(n, t.numel(), kept(n)) for n, t in tensors]
     return out
 
 
@@ -120,7 +198,7 @@ def estimate(params: dict, precision: str) -> dict:
     """Bytes per stage and the embedding table at `precision`, as runtime.artifact.memory reports them."""
     stages = {}
     for name, rows in params.items():
-        if name == "embeddings":
+        if name in ("embeddings", "model"):
             continue
         total = 0.0
         for _, numel, kind, kept, channels in rows:
@@ -130,11 +208,109 @@ def estimate(params: dict, precision: str) -> dict:
     return {"stages": stages, "embeddings": emb, "total": emb + sum(stages.values())}
 
 
+# ---- the peak of `export` --------------------------------------------------------------------
+# Anonymous memory (RssAnon: what must fit, or the OOM killer ends the run), in bytes, fitted on
+# bench/export_bench.py's per-phase samples (docstring above). Weights torch maps from the
+# checkpoint's files (same dtype on disk as exported) are counted apart: the kernel can drop
+# those pages under pressure and read them again.
+BASE = 0.30e9  # interpreter + torch, transformers, onnx, onnxruntime imported (tiny: 0.28)
+BASE_MAPPED = 0.12e9  # their shared libraries (tiny: VmRSS 0.40 - RssAnon 0.28)
+TRACE_FIXED = 0.9e9  # torch.onnx.export of any stage, beside its weights
+# x the stage's weights for the visual stages, graph under / over 2 GiB (serialized whole and
+# reloaded, or one file per tensor); an LLM stage takes its family's (ExportFamily.trace_copies).
+VISUAL_TRACE_COPIES = (2.85, 0.55)
+PROTOBUF_LIMIT = 2**31  # torch switches to external data past it
+ORT = {"fp32": 1.5, "fp16": 2.5}  # ONNX Runtime CPU sessions of all graphs, x their weights (fp16: Cast to fp32)
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def stored_sizes(checkpoint) -> dict | None:
+    """tensor name -> bytes per element as stored, from the safetensors headers of a local
+    checkpoint directory (8 bytes and a JSON header per file; no weight is read); None when
+    there is no such directory or a header cannot be read."""
+    root = Path(str(checkpoint)).expanduser()
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    out = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > 100 * 2**20:
+                    return None
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            return None
+        out.update({k: _BYTES.get(v.get("dtype"), 4) for k, v in header.items()
+                    if k != "__metadata__" and isinstance(v, dict)})
+    return out or None
+
+
+def _config_size(config) -> int:
+    fields = vars(config)  # transformers >= 4.56 keeps `dtype`, older ones `torch_dtype` (a warning to read now)
+    dtype = str(fields.get("dtype") or fields.get("torch_dtype") or "float32")
+    return 2 if dtype.endswith(("float16", "bfloat16")) else 4
+
+
+def model_bytes(params: dict, dtype: str) -> int:
+    """The whole model as from_pretrained holds it in `dtype` (fp16 keeps its fp32 modules)."""
+    return sum(n * (4 if dtype == "fp32" or kept else 2) for _, n, kept in params["model"])
+
+
+def export_peak(config, dtype: str, validate: bool = True, params: dict | None = None,
+                stored: dict | None = None) -> dict:
+    """The expected peak of `export` in bytes: "peak" the anonymous memory (what must fit),
+    "mapped" the checkpoint's weights torch maps from its files (resident when touched, dropped
+    under pressure), "rss" their sum (what `top` shows with memory to spare), and each phase's
+    anonymous peak. `stored`: the checkpoint's bytes per element per tensor (stored_sizes); the
+    config's dtype for every tensor without it (a hub id before download)."""
+    params = params if params is not None else stage_parameters(config)
+    default = _config_size(config)
+    loaded = converted = on_disk = 0
+    for name, n, kept in params["model"]:
+        size = 4 if dtype == "fp32" or kept else 2
+        disk = (stored or {}).get(name, default)
+        loaded += n * size
+        on_disk += n * disk  # every tensor is read through the mapping, cast or not
+        if disk != size:
+            converted += n * size  # cast on load: a copy in anonymous memory; the rest stays mapped
+    weights = estimate(params, dtype)
+    family = export_family(config)
+    held = BASE + converted
+    phases = {"load": held}
+    for name, size in weights["stages"].items():
+        copies = VISUAL_TRACE_COPIES if name in family.runtime.visual_stages else family.trace_copies
+        phases[f"export {name}"] = held + TRACE_FIXED + copies[size >= PROTOBUF_LIMIT] * size
+    if validate:
+        phases["validation"] = held + ORT[dtype] * weights["total"]
+    phases = {k: int(v) for k, v in phases.items()}
+    mapped = int(BASE_MAPPED + on_disk)
+    peak = max(phases.values())
+    return {"peak": peak, "mapped": mapped, "rss": peak + mapped, "phases": phases, "model": loaded,
+            "converted": converted, "stages": weights["stages"]}
+
+
+def peak_table(config, label: str) -> str:
+    """export's expected peak per dtype, with and without validation."""
+    params = stage_parameters(config)
+    lines = [f"expected peak memory of `export` for {label} (GB): anonymous (must fit) + checkpoint mapped "
+             "from disk, when the checkpoint is stored in the export dtype:",
+             f"{'dtype':<7}{'validate':<10}{'largest stage':>14}{'peak':>8}{'+ mapped':>10}  peak phase"]
+    for dtype in ("fp32", "fp16"):
+        size = 4 if dtype == "fp32" else 2
+        stored = {name: (4 if kept and dtype == "fp16" else size) for name, _, kept in params["model"]}
+        for validate in (True, False):
+            e = export_peak(config, dtype, validate, params, stored)
+            phase = max(e["phases"], key=e["phases"].get)
+            lines.append(f"{dtype:<7}{'yes' if validate else 'no':<10}{max(e['stages'].values()) / 1e9:>14.2f}"
+                         f"{e['peak'] / 1e9:>8.1f}{e['mapped'] / 1e9:>10.1f}  {phase}")
+    return "\n".join(lines)
+
+
 def table(config, label: str) -> str:
     params = stage_parameters(config)
     rows = {p: estimate(params, p) for p in PRECISIONS}
     names = [*rows["fp32"]["stages"], "embeddings", "total"]
-    counts = {n: sum(r[1] for r in params[n]) for n in params if n != "embeddings"}
+    counts = {n: sum(r[1] for r in params[n]) for n in params if n not in ("embeddings", "model")}
     counts["embeddings"] = params["embeddings"]
     counts["total"] = sum(counts.values())
     lines = [f"weight memory of {label} (GB, 1e9 bytes), computed from parameter counts:",
@@ -146,13 +322,18 @@ def table(config, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="weight memory per precision of a make-model shape")
-    ap.add_argument("size", choices=SIZES)
-    ap.add_argument("--llm", default="llama")
-    ap.add_argument("--arch", default="blip-2", help="blip-2 or instructblip")
+    ap = argparse.ArgumentParser(description="weight memory per precision, and export's expected peak memory, of a "
+                                             "make-model shape")
+    ap.add_argument("size", choices=(*SIZES, *RELEASED))
+    ap.add_argument("--llm", default=None, help="opt, t5 or llama (default: llama, or the released shape's)")
+    ap.add_argument("--arch", default=None, help="blip-2 or instructblip (default: blip-2, or the released shape's)")
     args = ap.parse_args(argv)
-    print(table(build_config(args.size, llm=args.llm, arch=args.arch),
-                f"make-model {args.size} --llm {args.llm} --arch {args.arch}"))
+    llm = args.llm or (None if args.size in RELEASED else "llama")
+    config = build_config(args.size, llm=llm, arch=args.arch)
+    label = args.size if args.size in RELEASED else f"make-model {args.size} --llm {llm} --arch {args.arch or 'blip-2'}"
+    print(table(config, label))
+    print()
+    print(peak_table(config, label))
     return 0
 
 

@@ -7,6 +7,14 @@
            Salesforce/instructblip-vicuna-7b's vision and LLaMA shapes (ViT-g/14 + Vicuna-7b),
            about 16 GB in fp16
 
+Released shapes by name (RELEASED: `make-model blip2-opt-6.7b DIR`): blip2-opt-2.7b, blip2-opt-6.7b,
+blip2-flan-t5-xl, blip2-flan-t5-xxl, instructblip-flan-t5-xl, instructblip-flan-t5-xxl,
+instructblip-vicuna-7b, instructblip-vicuna-13b: `full`'s ViT-g/14 and Q-Former with the named
+checkpoint's LLM (the ...-2.7b, -xl and -7b names are `full` with the matching --arch / --llm).
+They are written as the hub's are: fp16 safetensors in shards of at most `max_shard_size`
+(model-00001-of-0000N.safetensors + model.safetensors.index.json), so that exporting one takes
+the hub path.
+
 Retrieval checkpoints (Blip2ForImageTextRetrieval: ITC/ITM heads, no LLM) come from
 make_retrieval_model: tiny, bench (ViT-B/16 + the 12-layer Q-Former), full (Salesforce/blip2-itm-vit-g
 shapes: ViT-g/14 + BERT-base Q-Former, 256-d embeddings, about 4.6 GB in fp32).
@@ -73,6 +81,24 @@ _LLAMA = {
     "full": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, max_position_embeddings=2048),
 }
+# Released checkpoints: name -> (arch, llm, changes to the `full` LLM shapes). The hub's configs:
+# facebook/opt-6.7b, google/flan-t5-xxl, lmsys/vicuna-13b-v1.1 (+ InstructBLIP's [PAD]).
+_OPT_6_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384)
+_T5_XXL = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24, num_decoder_layers=24)
+_VICUNA_13B = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                   intermediate_size=13824)
+RELEASED = {
+    "blip2-opt-2.7b": ("blip-2", "opt", {}),
+    "blip2-opt-6.7b": ("blip-2", "opt", _OPT_6_7B),
+    "blip2-flan-t5-xl": ("blip-2", "t5", {}),
+    "blip2-flan-t5-xxl": ("blip-2", "t5", _T5_XXL),
+    "instructblip-flan-t5-xl": ("instructblip", "t5", {}),
+    "instructblip-flan-t5-xxl": ("instructblip", "t5", _T5_XXL),
+    "instructblip-vicuna-7b": ("instructblip", "llama", {}),
+    "instructblip-vicuna-13b": ("instructblip", "llama", _VICUNA_13B),
+}
+# transformers' save_pretrained default; the hub's BLIP-2 repositories use 10GB shards (fp32).
+DEFAULT_SHARD_SIZE = 5 * 10**9
 _LLAMA_VOCAB = {"tiny": 512, "bench": 32001, "full": 32001}
 _VOCAB = {"tiny": 512, "bench": 50272, "full": 50272}
 _T5_VOCAB = {"tiny": 512, "bench": 32128, "full": 32128}
@@ -92,10 +118,29 @@ CORPUS = [
 ]
 
 
-def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_token_id: int | None = None) -> dict:
+def resolve_shape(size: str, llm: str | None = None, arch: str | None = None) -> tuple[str, str, str, dict]:
+    """(size of the vision and Q-Former shapes, llm, arch, changes to that size's LLM shapes) for a
+    size (llm default opt, arch default blip-2) or a released name (whose llm and arch a caller
+    may repeat, not contradict)."""
+    if size in RELEASED:
+        want_arch, want_llm, changes = RELEASED[size]
+        for option, given, want in (("--arch", arch, want_arch), ("--llm", llm, want_llm)):
+            if given is not None and given != want:
+                raise OptionError(f"{size} is {option} {want}, not {given}: leave {option} out")
+        return "full", want_llm, want_arch, changes
+    if size not in SIZES:
+        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)} or a released shape "
+                          f"({', '.join(RELEASED)})")
+    return size, llm or "opt", arch or "blip-2", {}
+
+
+def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_token_id: int | None = None,
+                 changes: dict | None = None) -> dict:
+    changes = changes or {}
     if llm == "llama":
         text = dict(model_type="llama", vocab_size=vocab_size or _LLAMA_VOCAB[size], bos_token_id=1, eos_token_id=2,
-                    pad_token_id=pad_token_id, rms_norm_eps=1e-6, tie_word_embeddings=False, **_LLAMA[size])
+                    pad_token_id=pad_token_id, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    **{**_LLAMA[size], **changes})
         if variant == "mha":  # no grouped-query attention
             text.update(num_key_value_heads=text["num_attention_heads"])
         elif variant == "head16":  # heads of 16: GroupQueryAttention's own rotary (runtime.families.llama)
@@ -104,7 +149,7 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_
     if llm == "t5":
         text = dict(model_type="t5", vocab_size=vocab_size or _T5_VOCAB[size], pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    **_T5[size])
+                    **{**_T5[size], **changes})
         if variant == "relu":
             text.update(feed_forward_proj="relu")
         elif variant == "tied":
@@ -112,8 +157,9 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_
         elif variant == "shallow-decoder":  # transformers' generate takes fewer decoder layers, not more
             text.update(num_decoder_layers=text["num_layers"] // 2)
         return text
-    text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=_OPT[size]["hidden_size"],
-                pad_token_id=1, bos_token_id=2, eos_token_id=2, **_OPT[size])
+    opt = {**_OPT[size], **changes}
+    text = dict(model_type="opt", vocab_size=vocab_size or _VOCAB[size], word_embed_proj_dim=opt["hidden_size"],
+                pad_token_id=1, bos_token_id=2, eos_token_id=2, **opt)
     if variant == "post-ln":
         text.update(do_layer_norm_before=False)
     elif variant == "no-bias":
@@ -123,18 +169,19 @@ def _text_config(size: str, variant: str, llm: str, vocab_size: int | None, pad_
 
 
 def build_config(size: str, variant: str = "default", vocab_size: int | None = None, image_token_index: int = 0,
-                 llm: str = "opt", pad_token_id: int | None = None, arch: str = "blip-2"):
+                 llm: str | None = None, pad_token_id: int | None = None, arch: str | None = None):
+    """The config of a size (tiny, bench, full) or a released shape (RELEASED); llm defaults to
+    opt and arch to blip-2, or to the released shape's."""
     from transformers import Blip2Config, InstructBlipConfig
 
+    size, llm, arch, changes = resolve_shape(size, llm, arch)
     if arch not in ARCHITECTURES:
         raise OptionError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHITECTURES)}")
-    if size not in SIZES:
-        raise OptionError(f"unknown size '{size}'; valid: {', '.join(SIZES)}")
     if llm not in LLMS:
         raise OptionError(f"unknown llm '{llm}'; valid: {', '.join(LLMS)}")
     if variant not in VARIANTS[llm]:
         raise OptionError(f"unknown {llm} variant '{variant}'; valid: {', '.join(VARIANTS[llm])}")
-    text = _text_config(size, variant, llm, vocab_size, pad_token_id)
+    text = _text_config(size, variant, llm, vocab_size, pad_token_id, changes)
     qformer = dict(encoder_hidden_size=_VISION[size]["hidden_size"], vocab_size=16, **_QFORMER[size])
     # Blip2VisionConfig's default initializer_range (1e-10) makes a randomly initialised ViT's
     # output nearly constant, which would hide vision-stage bugs from the parity tests.
@@ -148,14 +195,16 @@ def build_config(size: str, variant: str = "default", vocab_size: int | None = N
 
 
 def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: int = 0, dtype: str = "fp32",
-               llm: str = "opt", arch: str = "blip-2") -> Path:
+               llm: str | None = None, arch: str | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     """Writes a random-weight BLIP-2 or InstructBLIP checkpoint (safetensors, tokenizers,
-    processor) to `out_dir`.
+    processor) to `out_dir`; `size` is tiny, bench, full or a released shape (RELEASED).
 
     dtype "fp16" builds the weights in half precision from the start (the `full` model is 15 GB
-    in fp32), except the Q-Former and query tokens, which transformers keeps in fp32."""
+    in fp32), except the Q-Former and query tokens, which transformers keeps in fp32. Weights
+    over `max_shard_size` bytes are split into shards with an index, as on the hub."""
     if dtype not in ("fp32", "fp16"):
         raise OptionError(f"unknown dtype '{dtype}'; valid: fp32, fp16")
+    base, llm, arch, _ = resolve_shape(size, llm, arch)
     import torch
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
@@ -170,13 +219,13 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
 
     out_dir = Path(out_dir)
     build = {"t5": build_t5_tokenizer, "llama": build_llama_tokenizer}.get(llm, build_opt_tokenizer)
-    tokenizer = build(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[size])
+    tokenizer = build(CORPUS * 20, vocab_size=_TOKENIZER_VOCAB[base])
     # The model's vocabulary is larger than the tokenizer's (as OPT's 50272 > 50265, T5's 32128 >
     # 32100): the image placeholder sits at the end of the tokenizer, inside the model's range.
     config = build_config(size, variant, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), llm=llm,
                           pad_token_id=tokenizer.pad_token_id, arch=arch)
     instruct = arch == "instructblip"
-    qformer_tokenizer = build_bert_tokenizer(CORPUS * 20, _QFORMER_TOKENIZER_VOCAB[size]) if instruct else None
+    qformer_tokenizer = build_bert_tokenizer(CORPUS * 20, _QFORMER_TOKENIZER_VOCAB[base]) if instruct else None
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16 if dtype == "fp16" else torch.float32)
@@ -192,7 +241,8 @@ def make_model(size: str, out_dir: str | Path, variant: str = "default", seed: i
     with torch.no_grad():
         model.query_tokens.normal_(0, 0.02)
     model.eval()
-    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, qformer_tokenizer)
+    save_checkpoint(model, tokenizer, out_dir, config.vision_config.image_size, qformer_tokenizer,
+                    max_shard_size=max_shard_size)
     return out_dir
 
 

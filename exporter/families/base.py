@@ -31,6 +31,10 @@ class ExportFamily:
     # The decoder KV cache forms the family exports (runtime.stages.KV_CACHE_FORMS); a family
     # with more than one records its choice as the manifest's model.kv_cache.
     kv_cache_forms: tuple[str, ...] = ("concat",)
+    # What torch.onnx.export holds beside the model while it exports one of the family's LLM
+    # stages, per byte of the stage's weights: (graph under 2 GiB, serialized whole; over 2 GiB,
+    # one file per tensor). Measured by bench/export_bench.py; exporter/memory_estimate.py.
+    trace_copies: tuple[float, float] = (2.85, 0.55)
 
     def resolve_kv_cache(self, requested: str, dtype: str, head_dim: int | None) -> str | None:
         """--kv-cache auto|concat|shared -> the form written (None: the family has one form).

@@ -227,3 +227,42 @@ def test_an_onnx_runtime_without_the_calibration_cache_is_named(monkeypatch):
     with pytest.raises(Blip2EdgeError, match=r"takes calibration_cache_path .*pip install -U 'onnxruntime>=1.32'"):
         check_onnxruntime_quantizer()
     monkeypatch.setattr(q, "quantize_static", real)
+
+
+def test_a_max_memory_too_small_is_refused_before_anything_is_written(toy_artifacts, tmp_path):
+    """quantize prints its expected peak (calibration/memory.py) and refuses, in one line and
+    writing nothing, a --max-memory it would exceed."""
+    proc = run_cli("quantize", toy_artifacts, tmp_path / "new" / "q", "--synthetic", "8", "--llm", "int4",
+                   "--max-memory", "50MB")
+    assert_one_line_error(proc, "quantize needs about")
+    assert "more than --max-memory 50 MB" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # not OUT_DIR, not its parent, no lock
+
+
+@pytest.mark.parametrize("value, message", [("3", "--max-memory '3': no unit"),
+                                            ("3 gigs", "--max-memory '3 gigs': unknown unit 'gigs'")])
+def test_max_memory_parse_errors(toy_artifacts, tmp_path, value, message):
+    assert_one_line_error(run_cli("quantize", toy_artifacts, tmp_path / "q", "--synthetic", "8", "--max-memory",
+                                  value), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_estimate_is_printed_first_and_a_budget_that_fits_runs(toy_artifacts, tmp_path):
+    lines = []
+    quantize(toy_artifacts, tmp_path / "q", QuantizeOptions(num_calib=8, held_out=4, gate=False, max_memory=32 * 10**9),
+             log=lines.append)
+    assert lines[0].startswith("quantize: expected peak memory ") and \
+        lines[0].endswith(("(--max-memory)", "(available memory)")), lines[0]
+    assert (tmp_path / "q" / "manifest.json").is_file()
+
+
+def test_the_estimate_has_a_phase_per_step_of_the_run(tiny_artifacts):
+    from calibration.memory import quantize_peak
+    from runtime.artifact.manifest import load_manifest
+
+    tiny = quantize_peak(load_manifest(tiny_artifacts), "int4")
+    assert tiny["peak"] == max(tiny["phases"].values())
+    assert set(tiny["phases"]) == {"reference", "calibrate vision", "calibrate qformer", "quantize decoder",
+                                   "fidelity"}
+    assert "quantize decoder" not in quantize_peak(load_manifest(tiny_artifacts), "none")["phases"]
+    assert tiny["phases"]["reference"] > 0.1e9 + tiny["source"]  # ONNX Runtime holds more than the files

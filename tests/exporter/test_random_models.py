@@ -114,3 +114,87 @@ def test_retrieval_refuses_language_model_options(tmp_path, extra):
     proc = run_cli("make-model", "tiny", tmp_path / "r", "--arch", "retrieval", *extra)
     assert proc.returncode == 2 and "--arch retrieval has no language model" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_released_shapes_by_name():
+    """make-model's released names: `full`'s ViT-g and Q-Former with the named checkpoint's LLM."""
+    opt = build_config("blip2-opt-6.7b").text_config
+    assert (opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads, opt.ffn_dim, opt.word_embed_proj_dim,
+            opt.vocab_size) == (4096, 32, 32, 16384, 4096, 50272)
+    xxl = build_config("instructblip-flan-t5-xxl")
+    assert xxl.model_type == "instructblip"
+    assert (xxl.text_config.d_model, xxl.text_config.num_heads, xxl.text_config.d_ff, xxl.text_config.num_layers) == \
+        (4096, 64, 10240, 24)
+    v13 = build_config("instructblip-vicuna-13b").text_config
+    assert (v13.hidden_size, v13.num_hidden_layers, v13.num_attention_heads, v13.intermediate_size) == \
+        (5120, 40, 40, 13824)
+    # The -2.7b / -xl / -7b names are `full` with the matching --arch and --llm.
+    for name, arch, llm in (("blip2-opt-2.7b", "blip-2", "opt"), ("blip2-flan-t5-xl", "blip-2", "t5"),
+                            ("instructblip-flan-t5-xl", "instructblip", "t5"),
+                            ("instructblip-vicuna-7b", "instructblip", "llama")):
+        assert build_config(name).to_dict() == build_config("full", llm=llm, arch=arch).to_dict()
+        assert build_config(name).vision_config.hidden_size == 1408
+    with pytest.raises(ValueError, match="blip2-opt-6.7b is --llm opt, not t5: leave --llm out"):
+        build_config("blip2-opt-6.7b", llm="t5")
+
+
+def test_sharded_checkpoint_loads_and_exports_like_the_unsharded_one(tmp_path, tiny_checkpoint, tiny_artifacts):
+    """make-model --max-shard-size writes the hub's layout (model-0000k-of-0000N.safetensors and
+    model.safetensors.index.json): the same tensors, and an export of identical graphs."""
+    import json
+
+    from safetensors import safe_open
+
+    from exporter.export import export
+    from runtime.artifact.manifest import load_manifest
+    from tests.conftest import run_cli
+
+    sharded = tmp_path / "sharded"
+    proc = run_cli("make-model", "tiny", sharded, "--max-shard-size", "100KB")  # the fixture's: seed 0, fp32
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (sharded / "model.safetensors").exists()
+    assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+
+    def tensors(files):
+        out = {}
+        for f in files:
+            with safe_open(str(f), framework="np") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        return out
+
+    one = tensors([tiny_checkpoint / "model.safetensors"])
+    many = tensors(shards)
+    assert set(many) == set(one) == set(index["weight_map"])
+    assert all((many[k] == one[k]).all() for k in one)
+    assert sum(s.stat().st_size for s in shards) < 2 * (tiny_checkpoint / "model.safetensors").stat().st_size
+
+    export(str(sharded), tmp_path / "art", log=lambda s: None)
+    got, want = load_manifest(tmp_path / "art"), load_manifest(tiny_artifacts)
+    assert {n: got.data["files"][s["file"]] for n, s in got.stages.items()} == \
+        {n: want.data["files"][s["file"]] for n, s in want.stages.items()}  # byte-identical graphs
+
+
+@pytest.mark.parametrize("size, message", [("12", "--max-shard-size '12': no unit"),
+                                           ("1.5XB", "--max-shard-size '1.5XB': unknown unit 'XB'"),
+                                           ("0MB", "--max-shard-size '0MB': must be more than zero")])
+def test_max_shard_size_errors_are_one_line_and_write_nothing(tmp_path, size, message):
+    from tests.conftest import run_cli
+
+    proc = run_cli("make-model", "tiny", tmp_path / "m", "--max-shard-size", size)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_released_shape_refuses_a_contradicting_option(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("make-model", "instructblip-vicuna-13b", tmp_path / "m", "--arch", "blip-2")
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "error: instructblip-vicuna-13b is --arch instructblip, not blip-2: leave --arch out", proc.stderr
+    proc = run_cli("make-model", "blip2-opt-6.7b", tmp_path / "m", "--variant", "no-bias")
+    assert proc.returncode == 2 and "--variant does not apply" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

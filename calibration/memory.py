@@ -1,0 +1,79 @@
+"""The expected peak memory of `quantize`, from the source artifact directory's files, before
+anything is loaded: `quantize` prints it and refuses in one line when it does not fit the memory
+available or --max-memory (runtime/host_memory.py).
+
+What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, what must fit):
+
+    base       the interpreter with onnx and onnxruntime (no torch)                         0.1 GB
+    reference  the source's ONNX Runtime sessions, every stage, for the whole run:          R x G
+               R = 1.4 for fp32 graphs, 2.5 for fp16 ones (the CPU provider casts fp16 weights
+               to fp32), G = the source's graph files (runtime.artifact.memory)
+    then the largest of, one after the other:
+      calibration of the vision stage: the augmented graph's session     2.25 x S_vision
+               and one batch (CALIB_BATCH = 8 images) of every            + 11 x S_vision x P / H
+               intermediate output, which grow with the tokens P and
+               shrink per weight with the width H (ViT-B: 197 / 768)
+      calibration of another visual stage (the Q-Former: 32 queries)      2.7 x S
+      weight-only quantization of an LLM stage: onnx.load of the graph    2.0 x S_llm
+               and MatMulNBits' quantized initializers
+      the fidelity report: the quantized pipeline beside the reference    1.5 x G_quantized
+
+Fitted on bench/export_bench.py's per-phase samples of `quantize --llm int4 --synthetic 8` from
+fp32 exports (GB; anonymous memory; bench/RESULTS.md, "Export and quantize memory"):
+
+    source         G      vision  qformer  LLM stage   measured: calibrate vision / qformer / LLM   estimate
+    bench (OPT)    1.40   0.34    0.40     0.50                  3.83 / 3.14 / 2.98                 3.80 / 3.13 / 3.06
+    bench-t5       1.73   0.34    0.40     0.50                  4.27 / 3.54 / 3.45                 4.26 / 3.60 / 3.52
+    bench-llama    2.03   0.34    0.40     1.16                  4.71 / 3.81 / 4.71                 4.69 / 4.03 / 5.27
+
+The vision term is measured on ViT-B at 224 only (an fp16 source cannot be quantized today, and an
+fp32 export of ViT-g does not fit this machine beside its validation): for ViT-g/14 (P 257, H
+1408, 3.94 GB in fp32) it gives 8.9 + 7.9 GB.
+"""
+
+from __future__ import annotations
+
+from runtime.artifact.manifest import Manifest
+from runtime.artifact.memory import artifact_weights
+from runtime.families import family_for
+
+BASE = 0.1e9
+SOURCE = {"fp32": 1.4, "fp16": 2.5}  # ONNX Runtime CPU sessions of the source, x their files
+CALIBRATION = 2.25  # x the vision stage's files: the augmented graph's session
+ACTIVATIONS = 11.0  # x the vision stage's files x tokens / width: one batch of intermediate outputs
+CALIBRATION_OTHER = 2.7  # x another visual stage's files (the Q-Former's few queries: little activation)
+WEIGHT_ONLY = 2.0  # x the LLM stage's files
+QUANTIZED = 1.5  # the quantized pipeline's sessions, x its (estimated) files
+# Bytes per source byte of a quantized graph: INT8 QDQ visual stages, MatMulNBits LLM stages
+# (4 or 8 bits + one fp32 scale per block of 128), per source precision.
+_SHRINK = {"visual": 1.0 / 4, "int4": (0.5 + 4 / 128) / 4, "int8": (1 + 4 / 128) / 4, "none": 1.0}
+
+
+def quantize_peak(manifest: Manifest, llm: str) -> dict:
+    """The expected anonymous peak of `quantize` (bytes) with --llm `llm`, and of each phase."""
+    family = family_for(manifest.data)
+    weights = artifact_weights(manifest)
+    stages = {name: s["bytes"] for name, s in weights["stages"].items()}
+    precision = {s["precision"] for s in weights["stages"].values()}
+    half = precision == {"fp16"}
+    held = BASE + SOURCE["fp16" if half else "fp32"] * weights["total"]
+    scale = 2.0 if half else 1.0  # an fp16 graph holds half the bytes per weight of the fp32 it shrinks from
+    quantized = weights["embeddings"]
+    phases = {"reference": held}
+    for name, size in stages.items():
+        if name == "vision":
+            model = manifest.model
+            ratio = model["num_patches"] / model["vision_hidden"]
+            phases[f"calibrate {name}"] = held + CALIBRATION * size + ACTIVATIONS * size * scale * ratio
+            quantized += size * _SHRINK["visual"] * scale
+        elif name in family.visual_stages:
+            phases[f"calibrate {name}"] = held + CALIBRATION_OTHER * size
+            quantized += size * _SHRINK["visual"] * scale
+        elif name in family.weight_only_stages and llm != "none":
+            phases[f"quantize {name}"] = held + WEIGHT_ONLY * size
+            quantized += size * _SHRINK[llm] * scale
+        else:
+            quantized += size
+    phases["fidelity"] = held + QUANTIZED * quantized
+    phases = {k: int(v) for k, v in phases.items()}
+    return {"peak": max(phases.values()), "phases": phases, "source": weights["total"]}
