@@ -27,7 +27,9 @@ def artifact_weights(manifest: Manifest) -> dict:
         files = [stage["file"], *stage.get("external_data", [])]
         size = sum(_size(manifest, f, f"stages.{name}") for f in files)
         stages[name] = {"precision": stage["precision"], "bytes": size}
-    emb = _size(manifest, manifest.data["embeddings"]["file"], "embeddings.file")
+    # A retrieval artifact has no LLM, so no embedding table.
+    embeddings = manifest.data.get("embeddings")
+    emb = _size(manifest, embeddings["file"], "embeddings.file") if embeddings else 0
     return {"stages": stages, "embeddings": emb, "total": emb + sum(s["bytes"] for s in stages.values())}
 
 
