@@ -148,8 +148,22 @@ def retrieval_tiny_other_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
+def instructblip_t5_tiny_checkpoint(tmp_path_factory) -> Path:
     from exporter.random_models import make_model
 
-    ckpt = make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
-    return exported(tmp_path_factory, ckpt, "ib-t5-tiny")
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
+
+
+@pytest.fixture(scope="session")
+def instructblip_t5_tiny_artifacts(tmp_path_factory, instructblip_t5_tiny_checkpoint) -> Path:
+
+    return exported(tmp_path_factory, instructblip_t5_tiny_checkpoint, "ib-t5-tiny")
+
+
+@pytest.fixture(scope="session")
+def instructblip_llama_tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random InstructBLIP with a LLaMA (Vicuna-style) LLM."""
+    from exporter.random_models import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-llama-tiny", llm="llama", seed=5,
+                      arch="instructblip")
