@@ -11,7 +11,8 @@ test_memory_estimate.py checks the estimate against real artifacts' files (runti
 
 Bytes per parameter:
   fp32   4
-  fp16   2, except the modules transformers keeps in fp32 (BLIP-2: query tokens, Q-Former)
+  fp16   2, except the modules transformers keeps in fp32 (BLIP-2: query tokens, Q-Former;
+         T5's feed-forward output projections `wo`)
   int8   visual stages: weight MatMul/Conv/Gemm int8 (+ one fp32 scale per output channel);
          LLM stages: weight-only 8 bits + one fp32 scale per block of 32; lm_head int8; the rest fp32
   int4   as int8 with 4-bit LLM weights (lm_head stays int8, quantize's default)
@@ -24,7 +25,7 @@ import argparse
 from contextlib import contextmanager
 
 from exporter.families import export_family
-from exporter.loading import SUPPORTED_ARCHITECTURES
+from exporter.loading import SUPPORTED_ARCHITECTURES, keeps_fp32, kept_in_fp32
 from exporter.random_models import SIZES, build_config
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -78,7 +79,8 @@ def stage_parameters(config) -> dict:
 
     family = export_family(config)
     dims = family.model_dims(config)
-    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[config.model_type][0])  # BLIP-2 or InstructBLIP
+    # BLIP-2 or InstructBLIP, with the fp32 modules a float16 load keeps (exporter.loading)
+    model_class = keeps_fp32(getattr(transformers, SUPPORTED_ARCHITECTURES[config.model_type][0]), family)
     with torch.device("meta"):
         model = model_class(config)
         examples = family.example_inputs(model, dims)
@@ -93,7 +95,7 @@ def stage_parameters(config) -> dict:
             rows = []
             for _, p, matrix in used_parameters(stage, examples[name]):
                 kind = "lm_head" if head is not None and p is head.weight else "matrix" if matrix else "other"
-                fp32_kept = full_names.get(id(p), "").startswith(keep_fp32) if keep_fp32 else False
+                fp32_kept = kept_in_fp32(full_names.get(id(p), ""), keep_fp32)
                 rows.append((full_names.get(id(p), "?"), p.numel(), kind, fp32_kept, p.shape[0]))
             out[name] = rows
     out["embeddings"] = model.get_input_embeddings().weight.numel()

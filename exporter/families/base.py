@@ -31,6 +31,11 @@ class ExportFamily:
     # The decoder KV cache forms the family exports (runtime.stages.KV_CACHE_FORMS); a family
     # with more than one records its choice as the manifest's model.kv_cache.
     kv_cache_forms: tuple[str, ...] = ("concat",)
+    # The LLM's modules that transformers keeps in float32 when the model is loaded in float16
+    # (the LLM class's `_keep_in_fp32_modules`, matched as transformers matches them: a name
+    # component). exporter.loading keeps them float32 under every wrapper class, and the graphs
+    # compute them in float32 between casts.
+    keep_in_fp32: tuple[str, ...] = ()
 
     def resolve_kv_cache(self, requested: str, dtype: str, head_dim: int | None) -> str | None:
         """--kv-cache auto|concat|shared -> the form written (None: the family has one form).
