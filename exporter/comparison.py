@@ -1,7 +1,8 @@
 """The comparison primitives of export validation, below both the validator and the families'
 per-stage checks: one output dict against another (optimum's order: names, then shapes, then
-values within atol scaled by the output's magnitude), the merged report of two runs, and the
-inputs every validation feeds (synthetic images, two prompts of different lengths)."""
+values within atol scaled by the output's magnitude; an inf or NaN on either side fails, named
+as such: a float16 overflow), the merged report of two runs, and the inputs every validation
+feeds (synthetic images, two prompts of different lengths)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from runtime import synthetic
 from runtime.errors import Blip2EdgeError
 
 VALIDATION_PROMPTS = ("", "Question: what colour is it? Answer:")
+# Where validation runs the exported graphs: ONNX Runtime's CPU provider, every family and dtype
+# (exporter.validate.validated_with records it in validation.json).
+VALIDATION_PROVIDERS = ("CPUExecutionProvider",)
 
 
 class ValidationError(Blip2EdgeError):
@@ -26,6 +30,8 @@ class OutputCheck:
     max_abs_diff: float
     tolerance: float  # atol * max(1, max |expected|)
     ok: bool
+    # "": every value finite on both sides; else where an inf/NaN is ("reference", "exported" or both)
+    nonfinite: str = ""
 
 
 def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
@@ -38,8 +44,12 @@ def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
         if tuple(got.shape) != tuple(ref.shape):
             checks.append(OutputCheck(name, list(got.shape), float("inf"), atol, False))
             continue
-        ref64 = ref.astype(np.float64)
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref64))) if ref.size else 0.0
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        bad = [side for side, a in (("reference", ref64), ("exported", got64)) if not np.isfinite(a).all()]
+        if bad:
+            checks.append(OutputCheck(name, list(got.shape), float("inf"), atol, False, " and ".join(bad)))
+            continue
+        diff = float(np.max(np.abs(got64 - ref64))) if ref.size else 0.0
         tolerance = atol * max(1.0, float(np.max(np.abs(ref64))) if ref.size else 1.0)
         checks.append(OutputCheck(name, list(got.shape), diff, tolerance, bool(diff <= tolerance)))
     worst = max(checks, key=lambda c: c.max_abs_diff)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,6 +132,29 @@ def check_supported(config, model: str, dtype: str = "fp32") -> None:
         )
 
 
+def keeps_fp32(model_class, family):
+    """The class that loads `family`'s checkpoints in float16: `model_class` itself when its
+    `_keep_in_fp32_modules` already names the LLM's (family.keep_in_fp32), else a subclass that
+    adds them. transformers' InstructBLIP classes merge their LLM's list when built; its BLIP-2
+    classes do not (4.57: Blip2ForConditionalGeneration keeps the query tokens and Q-Former only),
+    so a BLIP-2 Flan-T5 loaded in float16 would run T5's `wo` in float16, which T5 itself declares
+    must stay float32 (and which overflows float16 in the XL/XXL checkpoints). from_pretrained
+    then reads those weights as float32 from the checkpoint, as it does for T5 alone."""
+    keep = list(model_class._keep_in_fp32_modules or [])
+    missing = [m for m in family.keep_in_fp32 if m not in keep]
+    if not missing:
+        return model_class
+    return type(model_class.__name__, (model_class,), {
+        "__module__": model_class.__module__, "__qualname__": model_class.__qualname__,
+        "_keep_in_fp32_modules": keep + missing})
+
+
+def kept_in_fp32(parameter: str, modules) -> bool:
+    """Whether `parameter` (a dotted name) is in one of `modules`, matched as from_pretrained
+    matches `_keep_in_fp32_modules`: a whole name component ("wo" in "...DenseReluDense.wo.weight")."""
+    return any(re.search(rf"(^|\.){re.escape(m)}($|\.)", parameter) for m in modules)
+
+
 class _DropSlowProcessorNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Using a slow image processor")
@@ -174,6 +198,8 @@ def load_model(model: str, opts: LoadOptions):
     retrieval = family.runtime.task == "retrieval"
     names = RETRIEVAL_CLASSES if retrieval else SUPPORTED_ARCHITECTURES[config.model_type]
     model_class, processor_class = (getattr(transformers, name) for name in names)
+    if opts.dtype == "fp16":
+        model_class = keeps_fp32(model_class, family)
     try:
         hf_model = model_class.from_pretrained(
             model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,

@@ -9,13 +9,27 @@ optimum's own `validate_model_outputs` is not used: it feeds random dummy inputs
 an OnnxConfig, while these checks feed real images, the real image features into the Q-Former,
 and real prompts laid out as the family lays them out into the LLM stages (each family's
 `validate_llm` in exporter/families/).
+
+Every family and dtype runs its graphs, as exported, on ONNX Runtime's CPU provider; the
+PyTorch reference runs in the export's dtype. ONNX Runtime runs a float16 graph on the CPU by
+computing most ops in float32 between casts it inserts, so for fp16 exports the float16
+arithmetic itself (rounding, overflow) is in the reference, which must be finite: an inf or NaN
+on either side fails the stage by name. `validated_with` in validation.json records the path.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
-from exporter.comparison import VALIDATION_PROMPTS, ValidationError, compare, to_numpy, validation_images
+from exporter.comparison import (
+    VALIDATION_PROMPTS,
+    VALIDATION_PROVIDERS,
+    ValidationError,
+    compare,
+    to_numpy,
+    validation_images,
+)
 from exporter.families import export_family
 from exporter.hf_model import float_dtype, generated_from
 from exporter.torch_stages import VisionStage
@@ -39,7 +53,7 @@ def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
 
     family = export_family(hf_model.config)
     manifest = _staged(artifacts)
-    run = {s: OrtRunner(manifest.stage_file(s), ["CPUExecutionProvider"])
+    run = {s: OrtRunner(manifest.stage_file(s), list(VALIDATION_PROVIDERS))
            for s in family.runtime.stage_names(manifest.model)}
     dtype = float_dtype(hf_model)
     reports = []
@@ -84,14 +98,35 @@ def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
     return ids
 
 
+FP16_ON_CPU = (
+    "ONNX Runtime's CPU provider runs the float16 graphs as written where it has float16 kernels, and "
+    "the other ops in float32 between casts it inserts, without rounding to float16 between them: "
+    "float16 rounding and overflow show in the PyTorch float16 reference (every stage's outputs must be "
+    "finite and within atol of it), not necessarily in the graph run; on a GPU every float16 op rounds")
+
+
+def validated_with(manifest: Manifest) -> dict:
+    """How validation ran, for validation.json: the engine and provider that ran the graphs as
+    exported (every family, fp32 and fp16), and what the PyTorch reference was."""
+    precisions = sorted({s["precision"] for s in manifest.stages.values()})
+    path = {"runtime": f"onnxruntime {version('onnxruntime')}", "providers": list(VALIDATION_PROVIDERS),
+            "graphs": "/".join(precisions),
+            "reference": f"transformers {version('transformers')} on PyTorch {version('torch')}, CPU, "
+                         f"in the export's dtype"}
+    if "fp16" in precisions:
+        path["fp16"] = FP16_ON_CPU
+    return path
+
+
 def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
     """`artifacts`: a directory, or a Manifest held in memory."""
 
     family = export_family(hf_model.config)
+    path = validated_with(_staged(artifacts))
     if family.runtime.task == "retrieval":  # its own stages and end-to-end scores, no generation
-        return family.validate(hf_model, processor, _staged(artifacts), atol)
+        return {**family.validate(hf_model, processor, _staged(artifacts), atol), "validated_with": path}
     stages = validate_stages(hf_model, processor, artifacts, atol)
-    report = {"atol": atol, "stages": stages}
+    report = {"atol": atol, "validated_with": path, "stages": stages}
     if check_generation:
         report["generation"] = validate_generation(hf_model, processor, artifacts)
     report["ok"] = all(s["ok"] for s in stages) and report.get("generation", {"ok": True})["ok"]
@@ -100,10 +135,15 @@ def validate_artifacts(hf_model, processor, artifacts, atol: float, check_genera
 
 def summary_lines(report: dict) -> list[str]:
     lines = []
+    path = report.get("validated_with")
+    if path:
+        lines.append(f"  {path['graphs']} graphs on {path['runtime']} ({', '.join(path['providers'])})")
     for s in report["stages"]:
         verdict = "ok" if s["ok"] else "FAILED"
-        lines.append(f"  {s['stage']:<8} max abs diff {s['max_abs_diff']:.2e} ({s['worst_output']})  "
-                     f"atol {s['atol']:.0e}  {verdict}")
+        nonfinite = [o["name"] for o in s["outputs"] if o.get("nonfinite")]
+        diff = f"inf/NaN in {', '.join(nonfinite)}" if nonfinite else \
+            f"max abs diff {s['max_abs_diff']:.2e} ({s['worst_output']})"
+        lines.append(f"  {s['stage']:<8} {diff}  atol {s['atol']:.0e}  {verdict}")
     if "generation" in report:
         g = report["generation"]
         n = sum(c["match"] for c in g["cases"])
@@ -120,6 +160,13 @@ def failure_message(report: dict) -> str:
     for s in report["stages"]:
         if not s["ok"]:
             bad = [o for o in s["outputs"] if not o["ok"]]
+            o = next((o for o in bad if o.get("nonfinite")), None)
+            if o is not None:
+                where = {"reference": "in PyTorch's reference", "exported": "in the exported graph's output"}.get(
+                    o["nonfinite"], "in PyTorch's reference and the exported graph's output")
+                cause = (": a float16 overflow; export --dtype fp32"
+                         if "fp16" in report.get("validated_with", {}).get("graphs", "") else "")
+                return f"validation failed: stage '{s['stage']}' output '{o['name']}' has inf/NaN {where}{cause}"
             o = max(bad, key=lambda o: o["max_abs_diff"])
             return (f"validation failed: stage '{s['stage']}' output '{o['name']}' differs from PyTorch by "
                     f"{o['max_abs_diff']:.3e} (allowed {o['tolerance']:.1e}: atol {s['atol']:.0e} x max(1, max |output|))")

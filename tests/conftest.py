@@ -84,6 +84,25 @@ def toy_hf():
     return load_model(str(CHECKPOINT_DIR), LoadOptions())
 
 
+def scaled_t5_toy(out: Path, suffixes: tuple[str, ...], factor: float) -> Path:
+    """A copy of the Flan-T5 toy checkpoint at `out`, its weights whose names end with `suffixes`
+    multiplied by `factor` (float16 overflow cases: tests/runtime/test_parity_t5.py)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from exporter.toy import CHECKPOINT_T5_DIR
+
+    shutil.copytree(CHECKPOINT_T5_DIR, out)
+    weights = load_file(out / "model.safetensors")
+    scaled = [k for k in weights if k.endswith(suffixes)]
+    assert scaled, suffixes
+    for k in scaled:
+        weights[k] = weights[k] * factor
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs the real console entry point in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
@@ -148,8 +167,22 @@ def retrieval_tiny_other_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def instructblip_t5_tiny_artifacts(tmp_path_factory) -> Path:
+def instructblip_t5_tiny_checkpoint(tmp_path_factory) -> Path:
     from exporter.random_models import make_model
 
-    ckpt = make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
-    return exported(tmp_path_factory, ckpt, "ib-t5-tiny")
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-t5-tiny", llm="t5", seed=3, arch="instructblip")
+
+
+@pytest.fixture(scope="session")
+def instructblip_t5_tiny_artifacts(tmp_path_factory, instructblip_t5_tiny_checkpoint) -> Path:
+
+    return exported(tmp_path_factory, instructblip_t5_tiny_checkpoint, "ib-t5-tiny")
+
+
+@pytest.fixture(scope="session")
+def instructblip_llama_tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random InstructBLIP with a LLaMA (Vicuna-style) LLM."""
+    from exporter.random_models import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("ckpt") / "ib-llama-tiny", llm="llama", seed=5,
+                      arch="instructblip")

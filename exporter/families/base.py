@@ -35,6 +35,11 @@ class ExportFamily:
     # stages, per byte of the stage's weights: (graph under 2 GiB, serialized whole; over 2 GiB,
     # one file per tensor). Measured by bench/export_bench.py; exporter/memory_estimate.py.
     trace_copies: tuple[float, float] = (2.85, 0.55)
+    # The LLM's modules that transformers keeps in float32 when the model is loaded in float16
+    # (the LLM class's `_keep_in_fp32_modules`, matched as transformers matches them: a name
+    # component). exporter.loading keeps them float32 under every wrapper class, and the graphs
+    # compute them in float32 between casts.
+    keep_in_fp32: tuple[str, ...] = ()
 
     def resolve_kv_cache(self, requested: str, dtype: str, head_dim: int | None) -> str | None:
         """--kv-cache auto|concat|shared -> the form written (None: the family has one form).

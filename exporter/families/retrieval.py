@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.comparison import compare, to_numpy, validation_images
+from exporter.comparison import VALIDATION_PROVIDERS, compare, to_numpy, validation_images
 from exporter.families.base import ExportFamily
 from exporter.torch_stages import VisionStage
 from runtime.backends.onnxrt import OrtRunner
@@ -131,7 +131,7 @@ class RetrievalExport(ExportFamily):
         """Each stage against its torch wrapper on real images and texts, then the runtime's
         itc/itm/embeddings against Blip2ForImageTextRetrieval.forward itself."""
 
-        run = {s: OrtRunner(manifest.stage_file(s), ["CPUExecutionProvider"]) for s in self.runtime.stage_names({})}
+        run = {s: OrtRunner(manifest.stage_file(s), list(VALIDATION_PROVIDERS)) for s in self.runtime.stage_names({})}
         images = validation_images(3)
         texts = list(VALIDATION_TEXTS)
         reports = []

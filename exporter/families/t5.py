@@ -9,6 +9,13 @@ trace to graphs with a dynamic past length; optimum's T5 export takes `input_ids
 step by step (no 1/sqrt(d) scaling; one relative-position bias, from the first layer, shared by
 all layers; cross-attention without position bias), and the export is checked against
 `generate`.
+
+float16 as transformers runs T5 in it: the feed-forward output projection `wo` stays float32
+(T5's `_keep_in_fp32_modules`; the loader keeps it so for BLIP-2 too, exporter/loading.py), its
+input is cast up before it (T5DenseActDense / T5DenseGatedActDense, called as they are), and the
+residual stream, float16 + float32, is float32 from the first feed-forward on; while it is still
+float16 (the first block's attention sums) T5Block's clamp replaces an overflow with the largest
+finite value (`_clamp_fp16`). The graphs get the casts and the clamp where torch computes them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,18 @@ def _position_bias(attn, q_pos, k_pos, bidirectional: bool):
     return attn.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)  # (1, H, T, S)
 
 
+def _clamp_fp16(hidden):
+    """T5Block's guard after each of its sub-layers, where the hidden states are float16: an inf
+    anywhere clamps the whole tensor to +-(max - 1000), else to +-max (transformers' clamp_value).
+    float32 states (from the first float32 `wo` on) pass unchanged, as in transformers."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    big = torch.finfo(torch.float16).max
+    # |x| == inf is torch.isinf(x) (NaN is neither); torch.onnx would cast to double for IsInf.
+    limit = torch.where((hidden.abs() == float("inf")).any(), big - 1000, big).to(hidden.dtype)
+    return torch.clamp(hidden, min=-limit, max=limit)
+
+
 def _padding_bias(mask, dtype):  # (B, S) -> (B, 1, 1, S), as T5Stack / invert_attention_mask
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
@@ -69,8 +88,9 @@ class T5EncoderStage(nn.Module):
             attn = sa.SelfAttention
             k = _split_heads(attn.k(normed), attn.n_heads, attn.key_value_proj_dim)
             v = _split_heads(attn.v(normed), attn.n_heads, attn.key_value_proj_dim)
-            hidden = hidden + _attend(attn, normed, k, v, bias)
-            hidden = block.layer[-1](hidden)  # T5LayerFF: layer norm, (gated) feed-forward, residual
+            hidden = _clamp_fp16(hidden + _attend(attn, normed, k, v, bias))
+            # T5LayerFF: layer norm, (gated) feed-forward (wo in its own dtype), residual
+            hidden = _clamp_fp16(block.layer[-1](hidden))
         return self.final_layer_norm(hidden)
 
 
@@ -125,11 +145,11 @@ class T5DecoderStage(nn.Module):
             k = torch.cat([past[2 * i], _split_heads(attn.k(normed), attn.n_heads, attn.key_value_proj_dim)], dim=2)
             v = torch.cat([past[2 * i + 1], _split_heads(attn.v(normed), attn.n_heads, attn.key_value_proj_dim)], dim=2)
             presents += [k, v]
-            hidden = hidden + _attend(attn, normed, k, v, self_bias)
+            hidden = _clamp_fp16(hidden + _attend(attn, normed, k, v, self_bias))
             ca = block.layer[1]
-            hidden = hidden + _attend(ca.EncDecAttention, ca.layer_norm(hidden), cross[2 * i], cross[2 * i + 1],
-                                      cross_bias)
-            hidden = block.layer[-1](hidden)
+            hidden = _clamp_fp16(hidden + _attend(ca.EncDecAttention, ca.layer_norm(hidden), cross[2 * i],
+                                                  cross[2 * i + 1], cross_bias))
+            hidden = _clamp_fp16(block.layer[-1](hidden))
         last = self.final_layer_norm(hidden[:, -1, :])  # (B, D): only the next token's logits leave
         if self.output_scale is not None:
             last = last * self.output_scale
@@ -138,6 +158,8 @@ class T5DecoderStage(nn.Module):
 
 class T5Export(ExportFamily):
     name = "t5"
+    # transformers' T5PreTrainedModel._keep_in_fp32_modules: float16 exports keep it float32.
+    keep_in_fp32 = ("wo",)
 
     def check(self, config, model: str, dtype: str) -> None:
         t = config.text_config
@@ -148,11 +170,6 @@ class T5Export(ExportFamily):
                 f"'{model}': T5 with more decoder layers (num_decoder_layers {t.num_decoder_layers}) than encoder "
                 f"layers (num_layers {t.num_layers}) is not supported: transformers' generate sizes its KV cache by "
                 "num_layers and fails on such configs, so there is no reference to validate the export against")
-        if dtype == "fp16":
-            raise Blip2EdgeError(
-                f"'{model}': --dtype fp16 is refused for Flan-T5: T5's feed-forward activations overflow float16 "
-                "(inf/NaN, then garbage text) in the larger checkpoints; export fp32 and shrink it with "
-                "'blip2-edge quantize --llm int8' or '--llm int4' instead")
 
     def llm_dims(self, t) -> dict:
         return {
