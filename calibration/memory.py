@@ -10,7 +10,7 @@ What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, wha
                to fp32), G = the source's graph files (runtime.artifact.memory)
     then the largest of, one after the other:
       calibration of the vision stage: the augmented graph's session     2.25 x S_vision
-               and one batch (CALIB_BATCH = 8 images) of every            + 11 x S_vision x P / H
+               and one batch (CALIB_BATCH = 8 images) of every            + 13.5 x S_vision x P / H
                intermediate output, which grow with the tokens P and
                shrink per weight with the width H (ViT-B: 197 / 768)
       calibration of another visual stage (the Q-Former: 32 queries)      2.7 x S
@@ -19,16 +19,17 @@ What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, wha
       the fidelity report: the quantized pipeline beside the reference    1.5 x G_quantized
 
 Fitted on bench/export_bench.py's per-phase samples of `quantize --llm int4 --synthetic 8` from
-fp32 exports (GB; anonymous memory; bench/RESULTS.md, "Export and quantize memory"):
+fp32 exports, two runs each (GB; anonymous memory; bench/EXPORT_RESULTS.md):
 
     source         G      vision  qformer  LLM stage   measured: calibrate vision / qformer / LLM   estimate
-    bench (OPT)    1.40   0.34    0.40     0.50                  3.83 / 3.14 / 2.98                 3.80 / 3.13 / 3.06
-    bench-t5       1.73   0.34    0.40     0.50                  4.27 / 3.54 / 3.45                 4.26 / 3.60 / 3.52
-    bench-llama    2.03   0.34    0.40     1.16                  4.71 / 3.81 / 4.71                 4.69 / 4.03 / 5.27
+    bench (OPT)    1.40   0.34    0.40     0.50           3.83-3.97 / 3.14 / 2.94-2.98              4.02 / 3.14 / 3.06
+    bench-t5       1.73   0.34    0.40     0.50           4.27-4.47 / 3.54-3.56 / 3.07-3.45         4.48 / 3.61 / 3.52
+    bench-llama    2.03   0.34    0.40     1.16           4.67-4.71 / 3.81-3.83 / 4.63-4.71         4.90 / 4.03 / 5.27
 
-The vision term is measured on ViT-B at 224 only (an fp16 source cannot be quantized today, and an
-fp32 export of ViT-g does not fit this machine beside its validation): for ViT-g/14 (P 257, H
-1408, 3.94 GB in fp32) it gives 8.9 + 7.9 GB.
+The vision term is measured on ViT-B at 224 only (an fp16 source cannot be quantized today: its
+QDQ graphs carry fp16 scales that opset 17's DequantizeLinear refuses, and an fp32 export of ViT-g
+does not fit this machine beside its validation): for ViT-g/14 (P 257, H 1408, 3.94 GB in fp32)
+it gives 8.9 + 9.7 GB.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from runtime.families import family_for
 BASE = 0.1e9
 SOURCE = {"fp32": 1.4, "fp16": 2.5}  # ONNX Runtime CPU sessions of the source, x their files
 CALIBRATION = 2.25  # x the vision stage's files: the augmented graph's session
-ACTIVATIONS = 11.0  # x the vision stage's files x tokens / width: one batch of intermediate outputs
+ACTIVATIONS = 13.5  # x the vision stage's files x tokens / width: one batch of intermediate outputs
 CALIBRATION_OTHER = 2.7  # x another visual stage's files (the Q-Former's few queries: little activation)
 WEIGHT_ONLY = 2.0  # x the LLM stage's files
 QUANTIZED = 1.5  # the quantized pipeline's sessions, x its (estimated) files

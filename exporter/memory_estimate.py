@@ -33,24 +33,25 @@ files (file pages the kernel can drop under pressure and read again), which `top
     load        held
     export s    held + 0.9 GB + c x S_s    S_s the stage's weights in the export dtype; c: 2.85 for
                 a graph under 2 GiB (torch serializes it whole, it is reloaded to place its data),
-                0.55 over (one file per tensor); LLaMA's LLM stages 5.3 and at most 1.1
+                0.55 over (one file per tensor); LLaMA's LLM stages 5.35 and at most 1.1
                 (ExportFamily.trace_copies)
     validation  held + r x G            G every graph's weights; r = 1.5 for fp32, 2.5 for fp16
                 (ONNX Runtime's CPU provider casts fp16 weights to fp32)
     peak = the largest phase;  mapped = 0.12 GB + the checkpoint's tensors as stored
 
 Measured with bench/export_bench.py (per-phase RssAnon sampled every 20 ms from outside the
-process; bench/RESULTS.md, "Export and quantize memory"), on this 24 GB, 2-core machine (GB):
+process; bench/EXPORT_RESULTS.md), on this 24 GB, 2-core machine (GB):
 
     export                          stage S (GB)        measured anon (phase)      estimate
-    bench fp32 (OPT-125m)           vision 0.34         1.77-1.89 + 0.27 held      2.18
-                                    qformer 0.43        2.18-2.38                  2.34
+    bench fp32 (OPT-125m)           vision 0.34         2.04-2.16                  2.18
+                                    qformer 0.43        2.18-2.39                  2.34
                                     decoder 0.50        2.14-2.37                  2.63
-                                    validation G 1.40   2.33                       2.40
-    bench fp16 (fp32 checkpoint)    qformer 0.42        2.61                       2.76
-                                    validation G 0.90   2.64                       2.97
-    bench-t5 fp32                   validation G 1.73   2.64                       2.90
-    bench-llama fp32                decoder 1.16        6.88-7.34                  7.34
+                                    validation G 1.40   2.24-2.33                  2.40
+    bench fp16 (fp32 checkpoint)    qformer 0.42        2.60-2.61                  2.76
+                                    validation G 0.90   2.64-2.65                  2.97
+    bench-t5 fp32                   validation G 1.73   2.64-2.71                  2.90
+    bench-llama fp32                decoder 1.16        6.88-7.37                  7.40
+    bench-llama fp16 (fp32 ckpt)    decoder 0.58        4.43                       5.12
     blip2-opt-2.7b fp16 (fp16       vision 1.97         6.79                       6.82
       shards, as the hub's)         decoder 5.30        3.95                       4.12
                                     validation G 7.95   20.21 (VmRSS 23.92)        20.19 + 7.8 mapped
