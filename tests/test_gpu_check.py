@@ -50,7 +50,7 @@ def test_gpu_check_without_a_gpu_exits_non_zero_with_at_most_8_files(tmp_path):
     assert "nothing was tested on the GPU" in (out / "gpu_check.log").read_text()
 
 
-def test_a_wrapper_that_differs_in_fp16_is_a_failure_except_where_fp16_is_refused():
+def test_a_wrapper_that_differs_in_fp16_is_a_failure_for_every_family_exported_in_fp16():
     import torch
 
     toys = check.toy_checkpoints()
@@ -63,8 +63,8 @@ def test_a_wrapper_that_differs_in_fp16_is_a_failure_except_where_fp16_is_refuse
     t5_32, t5_16 = check.load_toy(toys["t5"], torch.float32), check.load_toy(toys["t5"], torch.float16)
     with torch.no_grad():
         t5_16.get_output_embeddings().weight.copy_(torch.randn_like(t5_16.get_output_embeddings().weight))
-    result = check.check_wrappers(t5_32, t5_16, "cpu", "the t5 toy")  # T5 is exported in fp32 only
-    assert result["status"] == "pass" and "refusal of fp16" in result["detail"]
+    result = check.check_wrappers(t5_32, t5_16, "cpu", "the t5 toy")  # T5 is exported in fp16 too now
+    assert result["status"] == "fail" and result["metrics"]["fp16_exported"]
 
 
 def test_the_full_modes_verdict_from_a_real_junit_report_and_doctor_report(tmp_path):
