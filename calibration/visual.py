@@ -195,16 +195,46 @@ def _has_external_data(path: Path) -> bool:
     return path.with_name(path.name + ".data").exists()
 
 
-def write_qdq(src: Path, dst: Path, nodes: list[str], opts: VisualOptions, cache_file: Path) -> None:
-    """The QDQ graph of `src` with `nodes` quantized, from the activation ranges in `cache_file`."""
+# DequantizeLinear/QuantizeLinear take float16 scales from opset 19 on (ONNX's operator changelog:
+# T2 gained float16 and bfloat16 in version 19). onnxruntime's quantizer gives a float16 graph's
+# Q/DQ pairs float16 scales, which opset 17 (the export's default) refuses at load.
+FLOAT16_QDQ_OPSET = 19
+
+
+def graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def qdq_input(src: Path, float_dtype):
+    """What quantize_static reads: `src` itself, or for a float16 graph below FLOAT16_QDQ_OPSET
+    the graph converted to that opset by onnx's version converter (which rewrites the ops whose
+    definition changed; the weights are read into the converted proto afterwards, so the converter
+    never serializes them). TensorRT 10 and every ONNX Runtime provider parse opset 19."""
+    if np.dtype(float_dtype) != np.float16 or graph_opset(src) >= FLOAT16_QDQ_OPSET:
+        return str(src)
+    import onnx
+    from onnx import external_data_helper, version_converter
+
+    model = version_converter.convert_version(onnx.load(str(src), load_external_data=False), FLOAT16_QDQ_OPSET)
+    external_data_helper.load_external_data_for_model(model, str(src.parent))
+    return model
+
+
+def write_qdq(src, dst: Path, nodes: list[str], opts: VisualOptions, cache_file: Path,
+              external_data: bool) -> None:
+    """The QDQ graph of `src` (a path or ModelProto) with `nodes` quantized, from the activation
+    ranges in `cache_file`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(
-        str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
+        src, str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
         nodes_to_quantize=nodes, per_channel=opts.per_channel,
         activation_type=QuantType.QInt8 if opts.symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=_ort_method(opts.method),
-        use_external_data_format=_has_external_data(src), calibration_cache_path=str(cache_file),
+        use_external_data_format=external_data, calibration_cache_path=str(cache_file),
         extra_options=opts.extra_options(),
     )
 
@@ -222,7 +252,7 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
         if not cache_file.exists():
             calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp),
                       qformer_feeds)
-        write_qdq(src, dst, nodes, opts, cache_file)
+        write_qdq(qdq_input(src, float_dtype), dst, nodes, opts, cache_file, _has_external_data(src))
         cache.store(stage, graph_sha, opts, cache_file)
     return {"quantized_nodes": len(nodes), "op_types": list(WEIGHT_OPS)}
 

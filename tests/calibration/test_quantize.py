@@ -360,7 +360,7 @@ def test_every_weight_op_quantized_for_its_target(tmp_path, target):
     calibrator.collect_data(_Batches([{"x": x}]))
     save_tensors_data(calibrator.compute_data(), tmp_path / "ranges.json")
     out = tmp_path / "q.onnx"
-    write_qdq(src, out, nodes, visual, tmp_path / "ranges.json")
+    write_qdq(str(src), out, nodes, visual, tmp_path / "ranges.json", external_data=False)
     if target == "cpu":
         assert sorted(int32_biases(out)) == ["Conv", "Gemm", "Gemm"]
     else:
@@ -425,3 +425,47 @@ def test_accuracy_gate_allows_exactly_its_points(fp32, quantized, passed):
               "end_to_end": {"fp32_accuracy": fp32, "quantized_accuracy": quantized}}
     accuracy = [g for g in evaluate(report, Gates(), "int8") if g["name"].startswith("accuracy")]
     assert [g["passed"] for g in accuracy] == [passed]
+
+
+@pytest.fixture(scope="module")
+def toy_fp16_artifacts(tmp_path_factory):
+    from exporter.loading import LoadOptions
+    from exporter.toy import CHECKPOINT_DIR
+    from tests.conftest import exported
+
+    return exported(tmp_path_factory, CHECKPOINT_DIR, "toy-fp16", load=LoadOptions(dtype="fp16"))
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_a_float16_export_quantizes(toy_fp16_artifacts, tmp_path, target):
+    """An fp16 export (what a GPU runs, and the only export of a 7B model that fits this machine)
+    quantizes: its visual QDQ graphs move to opset 19, the first whose DequantizeLinear takes the
+    float16 scales onnxruntime's quantizer gives them (opset 17 refuses them at load), the LLM's
+    MatMulNBits keep float16 scales, and the artifact captions as the FP32 toy does."""
+    from onnx import TensorProto
+
+    from runtime import synthetic
+
+    out = tmp_path / "q"
+    report = quantize(toy_fp16_artifacts, out, opts(num_calib=8, held_out=8, visual=VisualOptions(target=target),
+                                                    llm=LLMOptions(precision="int4")), **QUIET)
+    assert all(g["passed"] for g in report["gates"] if g["passed"] is not None)
+    m = load_manifest(out)
+    for stage in ("vision", "qformer"):
+        model = onnx.load(str(out / f"{stage}.onnx"))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
+        inits = {t.name: t for t in model.graph.initializer}
+        scales = {inits[n.input[1]].data_type for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        # BLIP-2 keeps the Q-Former in float32 under fp16 (its _keep_in_fp32_modules): float32 scales there.
+        assert TensorProto.FLOAT16 in scales and (stage == "qformer" or scales == {TensorProto.FLOAT16}), stage
+        assert m.stages[stage]["inputs"][0]["dtype"] == "float16"
+        if target == "gpu":
+            check_tensorrt_readable(out / f"{stage}.onnx")
+    decoder = onnx.load(str(out / "decoder.onnx"))
+    inits = {t.name: t for t in decoder.graph.initializer}
+    nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and {inits[n.input[2]].data_type for n in nbits} == {TensorProto.FLOAT16}
+    assert not [n for n in decoder.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    scenes = synthetic.make_scenes(8, seed=404)
+    texts = [r.text for r in Blip2Pipeline.from_artifacts(out).caption([im for _, im in scenes])]
+    assert sum(t == s.caption for t, (s, _) in zip(texts, scenes)) >= 7, texts
