@@ -39,7 +39,7 @@ from runtime.artifact.memory import artifact_weights
 from runtime.families import family_for
 
 BASE = 0.1e9
-SOURCE = {"fp32": 1.4, "fp16": 2.5}  # ONNX Runtime CPU sessions of the source, x their files
+SOURCE = {"fp32": 1.4, "fp16": 1.2}  # ONNX Runtime CPU sessions of the source, x their files (fp16: low_memory)
 CALIBRATION = 2.25  # x the vision stage's files: the augmented graph's session
 ACTIVATIONS = 13.5  # x the vision stage's files x tokens / width: one batch of intermediate outputs
 CALIBRATION_OTHER = 2.7  # x another visual stage's files (the Q-Former's few queries: little activation)

@@ -30,6 +30,7 @@ from runtime import synthetic
 from runtime.artifact.confinement import confined_path
 from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.artifact.writer import atomic_directory, check_target
+from runtime.backends.onnxrt import ThreadSettings
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
 from runtime.generation.shared_kv_cache import check_artifact_placement
@@ -208,8 +209,10 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         if source.skipped:
             log(f"skipped {source.skipped} unreadable images")
         # The source on the CPU, loaded once: its vision stage feeds calibration, then it is the
-        # FP32 (or FP16) reference of the fidelity report.
-        reference = LoadedArtifact(src, family.task)
+        # FP32 (or FP16) reference of the fidelity report. FP16 graphs on sessions that keep one
+        # copy of the weights (the CPU provider would otherwise hold float32 copies beside them).
+        half = {s["precision"] for s in src.stages.values()} == {"fp16"}
+        reference = LoadedArtifact(src, family.task, threads=ThreadSettings(low_memory=half))
         # The fidelity report reads the new manifest from memory: on disk it is written last, so a
         # directory left by a killed run, or one below a gate, is never loadable.
         staged = Manifest(tmp, checksummed(tmp, write_quantized(reference, tmp, source, opts, log)))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exporter.deferred_runs import DeferredReport, PendingRun, deferred
 from runtime import synthetic
 from runtime.errors import Blip2EdgeError
 
@@ -34,7 +35,11 @@ class OutputCheck:
     nonfinite: str = ""
 
 
-def compare(stage: str, expected: dict, actual: dict, atol: float) -> dict:
+def compare(stage: str, expected: dict, actual, atol: float):
+    """`actual`: the graph's outputs, or a PendingRun of them (a DeferredReport is returned:
+    exporter/deferred_runs.py)."""
+    if isinstance(actual, PendingRun):
+        return DeferredReport([actual], lambda got: compare(stage, expected, got, atol))
     missing = sorted(set(expected) - set(actual))
     if missing:
         raise ValidationError(f"validation: stage {stage} lacks outputs {', '.join(missing)}")
@@ -61,9 +66,15 @@ def to_numpy(t):
     return t.detach().float().numpy() if t.dtype.is_floating_point else t.detach().numpy()
 
 
-def merge_reports(report: dict, other: dict, prefix: str) -> dict:
+def merge_reports(report, other, prefix: str):
     """One stage's report over two runs (e.g. prefill and a cached step): `other`'s outputs are
-    listed with `prefix`, the verdict and the worst output cover both."""
+    listed with `prefix`, the verdict and the worst output cover both. Either may be deferred."""
+    if deferred(report) or deferred(other):
+        parts = [r if isinstance(r, DeferredReport) else DeferredReport([], lambda r=r: r) for r in (report, other)]
+        split = len(parts[0].runs)
+        return DeferredReport(parts[0].runs + parts[1].runs,
+                              lambda *outs: merge_reports(parts[0].finish(*outs[:split]),
+                                                          parts[1].finish(*outs[split:]), prefix))
     report["outputs"] += [dict(o, name=f"{prefix}{o['name']}") for o in other["outputs"]]
     report["ok"] = report["ok"] and other["ok"]
     if other["max_abs_diff"] > report["max_abs_diff"]:

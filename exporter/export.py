@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from exporter.loading import LoadOptions, check_local_weights, load_config, load
 from exporter.memory_estimate import export_peak, stage_parameters, stored_sizes
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
 from exporter.processor_spec import preprocessing_of, tokenizer_spec
-from exporter.validate import ValidationError, failure_message, summary_lines, validate_artifacts
+from exporter.validate import ValidationError, check_references, collect_references, failure_message, summary_lines
 from runtime.artifact.manifest import FORMAT, SCHEMA_VERSION, Manifest, checksummed, write_manifest
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD, atomic_directory, check_target
 from runtime.errors import Blip2EdgeError
@@ -176,7 +177,13 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
         # left by a killed or failed run is never loadable.
         staged = Manifest(tmp, checksummed(tmp, write_artifacts(hf_model, processor, source, tmp, opts, log)))
         if opts.validate:
-            report = validate_artifacts(hf_model, processor, staged, opts.tolerance, check_generation=True)
+            # PyTorch's references first, then the graphs with the model freed: the two never
+            # hold the weights side by side (exporter/deferred_runs.py).
+            references = collect_references(hf_model, processor, staged, opts.tolerance, check_generation=True)
+            del hf_model
+            gc.collect()
+            log(f"  computed PyTorch's references, freed the model ({time.perf_counter() - t0:.1f}s)")
+            report = check_references(references, staged)
             if opts.load.dtype != "fp32" and "generation" in report:
                 # Half-precision kernels differ between PyTorch and ORT: token agreement is reported, not gated.
                 report["generation"]["gating"] = False

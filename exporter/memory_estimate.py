@@ -221,7 +221,12 @@ TRACE_FIXED = 0.9e9  # torch.onnx.export of any stage, beside its weights
 # reloaded, or one file per tensor); an LLM stage takes its family's (ExportFamily.trace_copies).
 VISUAL_TRACE_COPIES = (2.85, 0.55)
 PROTOBUF_LIMIT = 2**31  # torch switches to external data past it
-ORT = {"fp32": 1.5, "fp16": 2.5}  # ONNX Runtime CPU sessions of all graphs, x their weights (fp16: Cast to fp32)
+# Validation runs after the torch model is freed (exporter/deferred_runs.py): the references
+# pass holds the model and what transformers' generate and the stage references allocate;
+# the graphs pass the runtime's pipeline of every graph, x their weights (fp16: sessions that
+# keep one copy, ThreadSettings.low_memory).
+REFERENCES_FIXED = 1.4e9
+ORT = {"fp32": 1.25, "fp16": 1.2}
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -282,7 +287,8 @@ def export_peak(config, dtype: str, validate: bool = True, params: dict | None =
         copies = VISUAL_TRACE_COPIES if name in family.runtime.visual_stages else family.trace_copies
         phases[f"export {name}"] = held + TRACE_FIXED + copies[size >= PROTOBUF_LIMIT] * size
     if validate:
-        phases["validation"] = held + ORT[dtype] * weights["total"]
+        phases["references"] = held + REFERENCES_FIXED
+        phases["validation"] = BASE + ORT[dtype] * weights["total"]
     phases = {k: int(v) for k, v in phases.items()}
     mapped = int(BASE_MAPPED + on_disk)
     peak = max(phases.values())

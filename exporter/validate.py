@@ -30,11 +30,12 @@ from exporter.comparison import (
     to_numpy,
     validation_images,
 )
+from exporter.deferred_runs import RecordingRunner, run_deferred
 from exporter.families import export_family
 from exporter.hf_model import float_dtype, generated_from
 from exporter.torch_stages import VisionStage
 from runtime.artifact.manifest import Manifest, load_manifest
-from runtime.backends.onnxrt import OrtRunner
+from runtime.backends.onnxrt import OrtRunner, ThreadSettings
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES
 
@@ -46,15 +47,14 @@ def _staged(artifacts):
     return artifacts if isinstance(artifacts, Manifest) else load_manifest(Path(artifacts), verify=False)
 
 
-def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
-    """Runs each stage in ONNX Runtime and in PyTorch on the same real inputs."""
+def reference_stage_checks(hf_model, processor, artifacts, atol: float) -> list:
+    """The references pass: PyTorch's outputs of each stage on real inputs, each paired with the
+    graph run it is to be compared with (recorded, not run: exporter/deferred_runs.py)."""
     import torch
-
 
     family = export_family(hf_model.config)
     manifest = _staged(artifacts)
-    run = {s: OrtRunner(manifest.stage_file(s), list(VALIDATION_PROVIDERS))
-           for s in family.runtime.stage_names(manifest.model)}
+    run = {s: RecordingRunner(s) for s in family.runtime.stage_names(manifest.model)}
     dtype = float_dtype(hf_model)
     reports = []
     with torch.no_grad():
@@ -70,12 +70,31 @@ def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
     return reports
 
 
-def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12) -> dict:
-    """Greedy token ids through the exported graphs vs transformers' generate."""
+def validation_session(manifest: Manifest, stage: str) -> OrtRunner:
+    """The session a recorded run executes on: ONNX Runtime's CPU provider. For a float16 graph it
+    keeps one copy of the weights (ThreadSettings.low_memory: full optimisation folds the casts the
+    CPU provider inserts into float32 copies of every weight, 3x the graph in all)."""
+    low = manifest.stages[stage]["precision"] == "fp16"
+    return OrtRunner(manifest.stage_file(stage), list(VALIDATION_PROVIDERS), low_memory=low)
+
+
+def run_stage_checks(checks: list, artifacts) -> list[dict]:
+    """The graphs pass: one stage's session at a time, on the recorded inputs."""
+    manifest = _staged(artifacts)
+    return run_deferred(checks, list(manifest.stages), lambda s: validation_session(manifest, s))
+
+
+def validate_stages(hf_model, processor, artifacts, atol: float) -> list[dict]:
+    """Each stage in ONNX Runtime and in PyTorch on the same real inputs (both passes at once)."""
+    return run_stage_checks(reference_stage_checks(hf_model, processor, artifacts, atol), artifacts)
+
+
+def reference_generation(hf_model, processor, artifacts, max_new_tokens: int = 12) -> list[dict]:
+    """transformers' greedy `generate` on the validation images and prompts: the token ids the
+    exported graphs must reproduce (check_generation), each row cut after its first eos."""
     import torch
 
-
-    pipe = Blip2Pipeline(_staged(artifacts))
+    eos = tuple(_staged(artifacts).data["generation"]["eos_token_ids"])
     images = validation_images()
     cases = []
     for prompt in VALIDATION_PROMPTS:
@@ -84,11 +103,31 @@ def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12
         with torch.no_grad():
             ref = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         new = ref[:, generated_from(hf_model, inputs):]
-        ref_rows = [_until_eos(r.tolist(), pipe.defaults.eos_token_ids) for r in new]
-        got = pipe.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, stop_strings=())
+        cases.append({"prompt": prompt, "reference": [_until_eos(r.tolist(), eos) for r in new],
+                      "max_new_tokens": max_new_tokens})
+    return cases
+
+
+def check_generation(references: list[dict], artifacts) -> dict:
+    """Greedy token ids through the exported graphs (the runtime's pipeline) vs the reference's."""
+    manifest = _staged(artifacts)
+    low = any(s["precision"] == "fp16" for s in manifest.stages.values())
+    pipe = Blip2Pipeline(manifest, threads=ThreadSettings(low_memory=low))
+    images = validation_images()
+    cases = []
+    for ref in references:
+        got = pipe.generate(images, [ref["prompt"]] * len(images), max_new_tokens=ref["max_new_tokens"],
+                            stop_strings=())
         got_rows = [r.tokens for r in got]
-        cases.append({"prompt": prompt, "reference": ref_rows, "exported": got_rows, "match": ref_rows == got_rows})
+        cases.append({"prompt": ref["prompt"], "reference": ref["reference"], "exported": got_rows,
+                      "match": ref["reference"] == got_rows})
+    pipe.close()
     return {"stage": "generate", "ok": all(c["match"] for c in cases), "cases": cases}
+
+
+def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12) -> dict:
+    """Greedy token ids through the exported graphs vs transformers' generate."""
+    return check_generation(reference_generation(hf_model, processor, artifacts, max_new_tokens), artifacts)
 
 
 def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
@@ -118,19 +157,37 @@ def validated_with(manifest: Manifest) -> dict:
     return path
 
 
-def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
-    """`artifacts`: a directory, or a Manifest held in memory."""
-
+def collect_references(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
+    """Everything validation needs from PyTorch, computed while the model is loaded; after this the
+    export frees it and `check_references` runs the graphs alone. A retrieval artifact is validated
+    here whole (its stages are small; its end-to-end check runs transformers' retrieval model)."""
     family = export_family(hf_model.config)
     path = validated_with(_staged(artifacts))
     if family.runtime.task == "retrieval":  # its own stages and end-to-end scores, no generation
-        return {**family.validate(hf_model, processor, _staged(artifacts), atol), "validated_with": path}
-    stages = validate_stages(hf_model, processor, artifacts, atol)
-    report = {"atol": atol, "validated_with": path, "stages": stages}
+        return {"report": {**family.validate(hf_model, processor, _staged(artifacts), atol), "validated_with": path}}
+    refs = {"atol": atol, "validated_with": path,
+            "stages": reference_stage_checks(hf_model, processor, artifacts, atol)}
     if check_generation:
-        report["generation"] = validate_generation(hf_model, processor, artifacts)
+        refs["generation"] = reference_generation(hf_model, processor, artifacts)
+    return refs
+
+
+def check_references(refs: dict, artifacts) -> dict:
+    """The graphs against the references of `collect_references`, with no torch model loaded."""
+    if "report" in refs:
+        return refs["report"]
+    stages = run_stage_checks(refs["stages"], artifacts)
+    report = {"atol": refs["atol"], "validated_with": refs["validated_with"], "stages": stages}
+    if "generation" in refs:
+        report["generation"] = check_generation(refs["generation"], artifacts)
     report["ok"] = all(s["ok"] for s in stages) and report.get("generation", {"ok": True})["ok"]
     return report
+
+
+def validate_artifacts(hf_model, processor, artifacts, atol: float, check_generation: bool = True) -> dict:
+    """`artifacts`: a directory, or a Manifest held in memory. (export runs the two passes itself,
+    freeing the model between them.)"""
+    return check_references(collect_references(hf_model, processor, artifacts, atol, check_generation), artifacts)
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -239,24 +239,27 @@ def _run_concat(runner, names, model, np_dtype, hf_model, first, second):
 
 def _run_shared(runner, names, model, np_dtype, hf_model, first, second):
     """The shared-cache graph through the runtime's decoder; each cache entry compared as every
-    row's valid positions, in order (the reference's padded layout has them between padding)."""
+    row's valid positions, in order (the reference's padded layout has them between padding).
+    `runner`: a RecordingRunner (the decoder drives the session itself, later)."""
     import numpy as np
-
 
     (embeds, mask, _, prefill), (_, step_mask, _, next_ids, step) = first, second
     table = hf_model.get_input_embeddings().weight.detach().numpy().astype(np_dtype)
-    decoder = SharedKVCacheDecoder(runner, table, model, np_dtype)
+    keeps = (mask.numpy().astype(bool), step_mask.numpy().astype(bool))
+    embeds, mask, next_ids = embeds.numpy(), mask.numpy(), next_ids.numpy()
 
     def valid(entries, keep):  # (B, H, T, hd) per entry -> each row's kept positions, rows concatenated
         return [np.concatenate([e[r][:, keep[r]] for r in range(len(keep))], axis=1) for e in entries]
 
-    def cache():  # the decoder's buffers at each row's valid positions
-        return valid(decoder._arrays(), [np.arange(decoder.capacity) < n for n in decoder.lengths])
+    def run(session):  # [prefill outputs, step outputs], each the logits and the cache's valid positions
+        decoder = SharedKVCacheDecoder(session, table, model, np_dtype)
 
-    refs, gots = [], []
-    for outs, keep, run in ((prefill, mask.numpy().astype(bool), lambda: decoder.prefill(embeds.numpy(), mask.numpy())),
-                            (step, step_mask.numpy().astype(bool), lambda: decoder.step(next_ids.numpy()))):
-        logits = run()
-        refs.append(dict(zip(names, [to_numpy(outs[0]), *valid([to_numpy(t) for t in outs[1:]], keep)])))
-        gots.append(dict(zip(names, [logits, *cache()])))
-    return refs, gots
+        def cache():  # the decoder's buffers at each row's valid positions
+            return valid(decoder._arrays(), [np.arange(decoder.capacity) < n for n in decoder.lengths])
+
+        return [dict(zip(names, [logits(), *cache()])) for logits in
+                (lambda: decoder.prefill(embeds, mask), lambda: decoder.step(next_ids))]
+
+    refs = [dict(zip(names, [to_numpy(outs[0]), *valid([to_numpy(t) for t in outs[1:]], keep)]))
+            for outs, keep in zip((prefill, step), keeps)]
+    return refs, runner.later(run)

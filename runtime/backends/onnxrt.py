@@ -143,6 +143,9 @@ class ThreadSettings:
     intra_op_threads: int = 0
     stage_spin: tuple[tuple[str, bool], ...] = ()
     tf32: bool = True
+    # CPU sessions that hold one copy of the weights (OrtRunner's low_memory): what export's
+    # validation of float16 graphs uses; slower.
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.spin not in SPIN_MODES:
@@ -155,8 +158,9 @@ class ThreadSettings:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], bool)):
                 raise OptionError(f"stage_spin entries are (stage name, bool) pairs, got {item!r}")
-        if not isinstance(self.tf32, bool):
-            raise OptionError(f"tf32 must be True or False, got {self.tf32!r}")
+        for name in ("tf32", "low_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def allow_spinning(self, stage: str) -> bool:
         overrides = dict(self.stage_spin)
@@ -289,13 +293,24 @@ class OrtRunner:
     """Runs one graph. InferenceSession.run is thread-safe, so one runner serves all threads."""
 
     def __init__(self, path: Path, providers: list, intra_op_threads: int = 0,
-                 allow_spinning: bool | None = None, require_provider: str | None = None):
+                 allow_spinning: bool | None = None, require_provider: str | None = None,
+                 low_memory: bool = False):
         """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings.
-        require_provider: the provider the session must really have got (else a one-line error)."""
+        require_provider: the provider the session must really have got (else a one-line error).
+        low_memory: one copy of the weights. The CPU provider runs most float16 ops in float32
+        between casts it inserts; full optimisation folds the casts of the weights into float32
+        copies held beside the float16 ones, the arena keeps every cast's output, and MatMul
+        prepacks its float32 weights into a second copy (bench model, fp16 export: the OPT-125m
+        decoder, 0.25 GB of weights, held 0.54 GB, 0.27 GB this way; its Q-Former, kept in float32,
+        0.40 GB, held 0.56, 0.43 this way; each run 2-3x slower)."""
         ort = import_onnxruntime()
         so = ort.SessionOptions()
         # Full optimisation: constant folding, LayerNorm/GELU/attention fusions on CPU and CUDA.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if low_memory:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.enable_cpu_mem_arena = False
+            so.add_session_config_entry("session.disable_prepacking", "1")
         so.intra_op_num_threads = intra_op_threads
         if allow_spinning is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
@@ -377,4 +392,5 @@ class OrtRunner:
 def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSettings,
                  require_provider: str | None = None) -> OrtRunner:
     """A stage's runner with its thread settings."""
-    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider)
+    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider,
+                     threads.low_memory)

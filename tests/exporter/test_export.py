@@ -219,3 +219,70 @@ def test_tolerance_is_absolute_below_one_and_relative_above():
     small = {"x": np.array([0.5, -0.25], np.float32)}
     report = compare("s", small, {"x": small["x"] + 2e-4}, 1e-4)
     assert not report["ok"] and report["outputs"][0]["tolerance"] == 1e-4
+
+
+@pytest.mark.parametrize("checkpoint, dtype", [("tiny_checkpoint", "fp32"), ("t5_tiny_checkpoint", "fp32"),
+                                               ("llama_tiny_checkpoint", "fp16")])
+def test_validation_runs_the_graphs_after_the_model_is_freed(request, tmp_path, monkeypatch, checkpoint, dtype):
+    """PyTorch's references first, then the graphs, one stage's session at a time, with the torch
+    model gone (issue 21: the two never hold the weights side by side); float16 graphs on sessions
+    that keep one copy of the weights. The report is the one-pass validation's (every stage, the
+    generate parity)."""
+    import weakref
+
+    import onnxruntime as ort
+
+    import exporter.validate as validate_mod
+
+    model_alive, sessions, opened, pipelines = [], [], [], []
+    real_load, real_session, real_pipeline = export_mod.load_model, validate_mod.validation_session, \
+        validate_mod.Blip2Pipeline
+
+    def load(*args, **kwargs):
+        model, processor = real_load(*args, **kwargs)
+        model_alive.append(weakref.ref(model))
+        return model, processor
+
+    def session(manifest, stage):
+        opened.append((stage, model_alive[0]() is not None, sum(s() is not None for s in sessions)))
+        runner = real_session(manifest, stage)
+        sessions.append(weakref.ref(runner))
+        level = runner.session.get_session_options().graph_optimization_level
+        assert (level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) == (dtype == "fp16")
+        return runner
+
+    def pipeline(*args, **kwargs):
+        pipelines.append((model_alive[0]() is not None, kwargs["threads"].low_memory))
+        return real_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "load_model", load)
+    monkeypatch.setattr(validate_mod, "validation_session", session)
+    monkeypatch.setattr(validate_mod, "Blip2Pipeline", pipeline)
+    out = tmp_path / "out"
+    report = export(str(request.getfixturevalue(checkpoint)), out, ExportOptions(load=LoadOptions(dtype=dtype)),
+                    log=lambda s: None)
+    stages = list(load_manifest(out).stages)
+    assert report["ok"] and [s["stage"] for s in report["stages"]] == stages
+    assert len(report["generation"]["cases"]) == 2
+    assert [s for s, _, _ in opened] == stages  # each stage's session once, in order
+    assert all(not alive and others == 0 for _, alive, others in opened), opened
+    assert pipelines == [(False, dtype == "fp16")]
+
+
+def test_a_corrupted_shared_cache_decoder_fails_its_deferred_check(tmp_path, tiny_artifacts, tiny_hf):
+    """The shared KV cache's decoder runs through the runtime's decoder after the references pass:
+    a wrong weight there still fails the decoder stage, by how much."""
+    bad = shutil.copytree(tiny_artifacts, tmp_path / "bad")
+    assert load_manifest(bad).model["kv_cache"] == "shared"
+    graph = onnx.load(str(bad / "decoder.onnx"))
+    inits = {t.name: t for t in graph.graph.initializer}
+    target = next(inits[n.input[1]] for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    w = numpy_helper.to_array(target).copy()
+    w.flat[0] += 0.5
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    onnx.save(graph, str(bad / "decoder.onnx"))
+    model, processor = tiny_hf
+    reports = {r["stage"]: r for r in validate_stages(model, processor, bad, atol=1e-4)}
+    assert reports["vision"]["ok"] and reports["qformer"]["ok"]
+    assert not reports["decoder"]["ok"] and reports["decoder"]["max_abs_diff"] > 1e-4
+    assert any(o["name"].startswith("step.") for o in reports["decoder"]["outputs"])
