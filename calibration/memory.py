@@ -6,8 +6,9 @@ What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, wha
 
     base       the interpreter with onnx and onnxruntime (no torch)                         0.1 GB
     reference  the source's ONNX Runtime sessions, every stage, for the whole run:          R x G
-               R = 1.4 for fp32 graphs, 2.5 for fp16 ones (the CPU provider casts fp16 weights
-               to fp32), G = the source's graph files (runtime.artifact.memory)
+               R = 1.4 for fp32 graphs, 1.2 for fp16 ones (sessions that keep one copy of the
+               weights, ThreadSettings.low_memory: the CPU provider would fold float32 copies
+               beside them, 2.5x), G = the source's graph files (runtime.artifact.memory)
     then the largest of, one after the other:
       calibration of the vision stage: the augmented graph's session     2.25 x S_vision
                and one batch (CALIB_BATCH = 8 images) of every            + 13.5 x S_vision x P / H
@@ -26,10 +27,8 @@ fp32 exports, two runs each (GB; anonymous memory; bench/EXPORT_RESULTS.md):
     bench-t5       1.73   0.34    0.40     0.50           4.27-4.47 / 3.54-3.56 / 3.07-3.45         4.48 / 3.61 / 3.52
     bench-llama    2.03   0.34    0.40     1.16           4.67-4.71 / 3.81-3.83 / 4.63-4.71         4.90 / 4.03 / 5.27
 
-The vision term is measured on ViT-B at 224 only (an fp16 source cannot be quantized today: its
-QDQ graphs carry fp16 scales that opset 17's DequantizeLinear refuses, and an fp32 export of ViT-g
-does not fit this machine beside its validation): for ViT-g/14 (P 257, H 1408, 3.94 GB in fp32)
-it gives 8.9 + 9.7 GB.
+The vision term was fitted on ViT-B at 224 (fp32); bench/EXPORT_RESULTS.md has the fp16 sources
+of the released shapes (ViT-g/14: P 257, H 1408) beside their estimates.
 """
 
 from __future__ import annotations

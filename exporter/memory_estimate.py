@@ -21,23 +21,33 @@ Bytes per parameter:
   int4   as int8 with 4-bit LLM weights (lm_head stays int8, quantize's default)
 The embedding table is the float array the runtime holds (fp32, fp16 for an fp16 export).
 
-## The peak of `export`, as it runs today
+## The peak of `export`
 
 `export` loads the whole model, exports each stage with torch.onnx.export (TorchScript), then
-validates: ONNX Runtime sessions of every graph beside the torch model. What must fit is the
-anonymous memory (RssAnon); torch maps weights stored in the export dtype from the safetensors
-files (file pages the kernel can drop under pressure and read again), which `top` counts too:
+validates in two passes (exporter/deferred_runs.py): PyTorch's references with the model loaded,
+then, the model freed, the graphs on ONNX Runtime. What must fit is the anonymous memory
+(RssAnon); torch maps weights stored in the export dtype from the safetensors files (file pages
+the kernel can drop under pressure and read again), which `top` counts too:
 
-    held      = 0.30 GB (interpreter, torch, transformers, onnx, onnxruntime)
-                + the weights cast on load (stored in another dtype than the export's: a copy)
-    load        held
-    export s    held + 0.9 GB + c x S_s    S_s the stage's weights in the export dtype; c: 2.85 for
-                a graph under 2 GiB (torch serializes it whole, it is reloaded to place its data),
-                0.55 over (one file per tensor); LLaMA's LLM stages 5.35 and at most 1.1
-                (ExportFamily.trace_copies)
-    validation  held + r x G            G every graph's weights; r = 1.5 for fp32, 2.5 for fp16
-                (ONNX Runtime's CPU provider casts fp16 weights to fp32)
+    held        = 0.30 GB (interpreter, torch, transformers, onnx, onnxruntime)
+                  + the weights cast on load (stored in another dtype than the export's: a copy)
+    load          held
+    export s      held + 0.9 GB + c x S_s    S_s the stage's weights in the export dtype; c: 2.85 for
+                  a graph under 2 GiB (torch serializes it whole, it is reloaded to place its data),
+                  0.55 over (one file per tensor); LLaMA's LLM stages 5.35 and at most 1.1
+                  (ExportFamily.trace_copies)
+    references    held + 1.4 GB              generate and the stage outputs (bench-llama: 1.39)
+    validation    0.30 GB + r x G            the model freed; G every graph's weights, the runtime's
+                  pipeline of all of them: r = 1.25 for fp32, 1.2 for fp16 (sessions that keep one
+                  copy of the weights, ThreadSettings.low_memory)
     peak = the largest phase;  mapped = 0.12 GB + the checkpoint's tensors as stored
+
+Validation phases, measured after the two-pass change (bench/export_bench.py --shapes bench
+bench-t5 bench-llama --dtypes fp32 fp16; anonymous GB, G in brackets): bench fp32 2.04 (1.40),
+fp16 1.82 (0.90); bench-t5 fp32 2.43 (1.73), fp16 1.98 (1.14); bench-llama fp32 2.84 (2.03),
+fp16 2.35 (1.22). The fp16 figures are from before the sessions dropped MatMul prepacking
+(the float32 Q-Former held 1.45x its file); the runtime pipeline of the bench fp16 export holds
+1.07 GB for 0.90 GB of files with it.
 
 Measured with bench/export_bench.py (per-phase RssAnon sampled every 20 ms from outside the
 process; bench/EXPORT_RESULTS.md), on this 24 GB, 2-core machine (GB):
@@ -46,23 +56,19 @@ process; bench/EXPORT_RESULTS.md), on this 24 GB, 2-core machine (GB):
     bench fp32 (OPT-125m)           vision 0.34         2.04-2.16                  2.18
                                     qformer 0.43        2.18-2.39                  2.34
                                     decoder 0.50        2.14-2.37                  2.63
-                                    validation G 1.40   2.24-2.33                  2.40
     bench fp16 (fp32 checkpoint)    qformer 0.42        2.60-2.61                  2.76
-                                    validation G 0.90   2.64-2.65                  2.97
-    bench-t5 fp32                   validation G 1.73   2.64-2.71                  2.90
     bench-llama fp32                decoder 1.16        6.88-7.37                  7.40
     bench-llama fp16 (fp32 ckpt)    decoder 0.58        4.43                       5.12
     blip2-opt-2.7b fp16 (fp16       vision 1.97         6.79                       6.82
       shards, as the hub's)         decoder 5.30        3.95                       4.12
-                                    validation G 7.95   20.21 (VmRSS 23.92)        20.19 + 7.8 mapped
 
-The blip2-opt-2.7b run succeeded with 20.2 GB anonymous because the kernel dropped torch's mapped
-weights (VmRSS stopped at 23.9 GB, validation took 4 minutes instead of 1). Each stage's export
-also carries what the earlier ones left behind (allocator fragmentation): that is in the 0.9 GB
-and the factors, which are fitted on the sequence, not on a stage exported alone. The tiny
+(The stage rows are from before validation ran in two passes; then it held the torch model
+beside ONNX Runtime sessions that cast fp16 weights to fp32: 20.21 GB for blip2-opt-2.7b fp16.)
+Each stage's export also carries what the earlier ones left behind (allocator fragmentation):
+that is in the 0.9 GB and the factors, which are fitted on the sequence, not on a stage exported alone. The tiny
 models' peak is 0.28 GB; their estimate says 1.2 (the 0.9 GB term): an overestimate where it
-costs nothing. Change the export's phases (stage-by-stage export, validation without the torch
-model beside the sessions) and this model changes with them: refit it with bench/export_bench.py.
+costs nothing. Change the export's phases (stage-by-stage loading, say) and this model changes
+with them: refit it with bench/export_bench.py.
 """
 
 from __future__ import annotations
