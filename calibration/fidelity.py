@@ -41,19 +41,24 @@ def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
     return stage_pair_fidelity(fp32, quant, images, "qformer", fp32.qformer_feeds, QUERY_EMBEDS)
 
 
-def stage_pair_fidelity(fp32, quant, images, second: str, feeds: Callable[[np.ndarray], dict], output: str) -> dict:
-    """Per-token cosine and worst error of the quantized vision stage and of the stage after it
-    (`second`, fed `feeds(vision output)`, read at `output`), both against FP32. The second stage
-    reads FP32's vision output in both runs, so each stage's own error is what is measured.
-    `fp32` and `quant` are any two loaded artifacts of one model (pipeline or retriever)."""
-    cos = {"vision": [], second: []}
-    worst = {"vision": 0.0, second: 0.0}
+def stage_pair_references(fp32, images, second: str, feeds: Callable[[np.ndarray], dict], output: str) -> list:
+    """FP32's side of stage_pair_fidelity, per batch: (pixels, vision output, the second stage's
+    feeds made from it, the second stage's output)."""
+    batches = []
     for start in range(0, len(images), BATCH):
         pixels = fp32.preprocessing.batch(images[start:start + BATCH]).astype(fp32.float_dtype)
         ref_v = fp32.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         second_feeds = feeds(ref_v)
-        ref_s = fp32.runners[second].infer(second_feeds)[output]
+        batches.append((pixels, ref_v, second_feeds, fp32.runners[second].infer(second_feeds)[output]))
+    return batches
+
+
+def stage_pair_against(batches: list, quant, second: str, output: str) -> dict:
+    """The quantized side: each stage on FP32's inputs, against FP32's outputs."""
+    cos = {"vision": [], second: []}
+    worst = {"vision": 0.0, second: 0.0}
+    for pixels, ref_v, second_feeds, ref_s in batches:
+        got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         got_s = quant.runners[second].infer(second_feeds)[output]
         for stage, ref, got in (("vision", ref_v, got_v), (second, ref_s, got_s)):
             cos[stage].append(token_cosines(ref, got))
@@ -61,41 +66,92 @@ def stage_pair_fidelity(fp32, quant, images, second: str, feeds: Callable[[np.nd
     return {stage: cosine_summary(cos[stage], worst[stage]) for stage in cos}
 
 
-def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions: list[list[int]]) -> dict:
-    """Teacher forcing: both decoders read the FP32 caption; compare their next-token choices."""
+def stage_pair_fidelity(fp32, quant, images, second: str, feeds: Callable[[np.ndarray], dict], output: str) -> dict:
+    """Per-token cosine and worst error of the quantized vision stage and of the stage after it
+    (`second`, fed `feeds(vision output)`, read at `output`), both against FP32. The second stage
+    reads FP32's vision output in both runs, so each stage's own error is what is measured.
+    `fp32` and `quant` are any two loaded artifacts of one model (pipeline or retriever)."""
+    return stage_pair_against(stage_pair_references(fp32, images, second, feeds, output), quant, second, output)
+
+
+def teacher_forced_references(fp32: Blip2Pipeline, images, captions: list[list[int]]) -> list:
+    """FP32's side of the decoder comparison, per image: the LLM's inputs (FP32's query), the
+    caption it is forced along, and FP32's logits at each position, as the decoder gave them
+    (half the bytes of the float64 log-probabilities they become in decoder_against)."""
+    out = []
+    for image, tokens in zip(images, captions):
+        inputs = fp32.layout(fp32.encode([image], {}), [fp32.caption_prompt(None)])
+        decoder = fp32.new_decoder(io_binding=False)
+        logits = decoder.prefill(inputs.embeds, inputs.mask)
+        positions = []
+        for t, token in enumerate(tokens):
+            positions.append(logits[0].copy())
+            if t + 1 < len(tokens):
+                logits = decoder.step(np.array([token], np.int64))
+        out.append((inputs, tokens, positions))
+    return out
+
+
+def decoder_against(references: list, quant: Blip2Pipeline) -> dict:
+    """Teacher forcing: the quantized decoder reads FP32's inputs and caption; next-token top-1
+    agreement and KL(FP32 || quantized) at each position."""
     agree = total = 0
     kls = []
-    for image, tokens in zip(images, captions):
-        timings: dict = {}
-        query = fp32.encode([image], timings)
-        inputs = fp32.layout(query, [fp32.caption_prompt(None)])
-        decoders = [p.new_decoder(io_binding=False) for p in (fp32, quant)]
-        logits = [d.prefill(inputs.embeds, inputs.mask) for d in decoders]
-        for t, token in enumerate(tokens):
-            lp_ref, lp_got = (log_softmax(x.astype(np.float64))[0] for x in logits)
+    for inputs, tokens, positions in references:
+        decoder = quant.new_decoder(io_binding=False)
+        logits = decoder.prefill(inputs.embeds, inputs.mask)
+        for t, (token, ref_logits) in enumerate(zip(tokens, positions)):
+            lp_ref = log_softmax(ref_logits[None].astype(np.float64))[0]
+            lp_got = log_softmax(logits.astype(np.float64))[0]
             agree += int(lp_ref.argmax() == lp_got.argmax())
             total += 1
             kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))
             if t + 1 < len(tokens):
-                logits = [d.step(np.array([token], np.int64)) for d in decoders]
+                logits = decoder.step(np.array([token], np.int64))
     return {"top1_agreement": agree / max(total, 1), "mean_kl": float(np.mean(kls)) if kls else 0.0,
             "positions": total}
 
 
-def fidelity_report(fp32: Blip2Pipeline, quant: Blip2Pipeline, source: ImageSource, llm_quantized: bool) -> dict:
+def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions: list[list[int]]) -> dict:
+    """Teacher forcing: both decoders read the FP32 caption; compare their next-token choices."""
+    return decoder_against(teacher_forced_references(fp32, images, captions), quant)
+
+
+def _captions(pipe: Blip2Pipeline, images) -> list:
+    return [r for start in range(0, len(images), BATCH) for r in pipe.caption(images[start:start + BATCH])]
+
+
+def fidelity_references(fp32: Blip2Pipeline, source: ImageSource, llm_quantized: bool) -> dict:
+    """Everything the report needs from FP32 (the source), so that it can be freed before the
+    quantized artifacts are loaded: the two never hold their weights side by side."""
     images = source.held_out_images()
-    report = {"held_out_images": len(images), "stages": visual_fidelity(fp32, quant, images)}
-    ref = [r for start in range(0, len(images), BATCH) for r in fp32.caption(images[start:start + BATCH])]
-    got = [r for start in range(0, len(images), BATCH) for r in quant.caption(images[start:start + BATCH])]
+    refs = {"images": images, "scenes": source.scenes,
+            "visual": stage_pair_references(fp32, images, "qformer", fp32.qformer_feeds, QUERY_EMBEDS),
+            "captions": _captions(fp32, images)}
     if llm_quantized:
-        report["stages"]["decoder"] = decoder_fidelity(fp32, quant, images, [r.tokens for r in ref])
+        refs["decoder"] = teacher_forced_references(fp32, images, [r.tokens for r in refs["captions"]])
+    return refs
+
+
+def fidelity_against(refs: dict, quant: Blip2Pipeline) -> dict:
+    """The report: the quantized artifacts against fidelity_references' FP32 side."""
+    images, ref = refs["images"], refs["captions"]
+    report = {"held_out_images": len(images), "stages": stage_pair_against(refs["visual"], quant, "qformer",
+                                                                            QUERY_EMBEDS)}
+    got = _captions(quant, images)
+    if "decoder" in refs:
+        report["stages"]["decoder"] = decoder_against(refs["decoder"], quant)
     e2e = {"caption_exact_match_vs_fp32": float(np.mean([a.text == b.text for a, b in zip(ref, got)]))}
-    if source.scenes:
-        truth = [s.caption for s in source.scenes]
+    if refs["scenes"]:
+        truth = [s.caption for s in refs["scenes"]]
         e2e["fp32_accuracy"] = float(np.mean([r.text == t for r, t in zip(ref, truth)]))
         e2e["quantized_accuracy"] = float(np.mean([r.text == t for r, t in zip(got, truth)]))
     report["end_to_end"] = e2e
     return report
+
+
+def fidelity_report(fp32: Blip2Pipeline, quant: Blip2Pipeline, source: ImageSource, llm_quantized: bool) -> dict:
+    return fidelity_against(fidelity_references(fp32, source, llm_quantized), quant)
 
 
 def report_lines(report: dict) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from calibration.nbits_streaming import quantize_matmuls_streaming
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
 from runtime.backends.onnxrt import import_onnxruntime
 from runtime.errors import ArtifactError, OptionError
@@ -67,34 +68,44 @@ def lm_head_node(model, src: Path) -> str:
     return node.name
 
 
-def quantize_decoder(src: Path, dst: Path, opts: LLMOptions, has_lm_head: bool = True) -> dict:
+def quantize_decoder(src: Path, dst: Path, opts: LLMOptions, has_lm_head: bool = True,
+                     streaming: bool | None = None) -> dict:
     """Writes the weight-only quantized LLM graph to `dst`; returns its settings for the
-    manifest. `has_lm_head`: the graph produces the logits (its lm_head follows --lm-head)."""
+    manifest. `has_lm_head`: the graph produces the logits (its lm_head follows --lm-head).
+    `streaming`: one weight at a time (calibration/nbits_streaming.py); None: when the source
+    keeps its weights in an external data file (a graph over 2 GB, which onnx.load would hold
+    whole, twice over with the quantizer's copies)."""
     import onnx
 
     MatMulNBitsQuantizer = import_onnxruntime("quantization.matmul_nbits_quantizer").MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
-    head = lm_head_node(model, src) if has_lm_head else None
-
-    def run(model, bits, include=None, exclude=None):
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,
-                                 accuracy_level=opts.accuracy_level, nodes_to_include=include,
-                                 nodes_to_exclude=exclude)
-        q.process()
-        return q.model.model
-
+    structure = onnx.load(str(src), load_external_data=False)
+    head = lm_head_node(structure, src) if has_lm_head else None
     head_bits = {"float": None, "same": opts.bits, "int8": 8}[opts.lm_head] if has_lm_head else opts.bits
-    if head_bits == opts.bits:
-        model = run(model, opts.bits)
+    settings = dict(block_size=opts.block_size, is_symmetric=True, accuracy_level=opts.accuracy_level)
+    if streaming is None:
+        streaming = any(t.data_location == onnx.TensorProto.EXTERNAL for t in structure.graph.initializer)
+    if streaming:
+        quantize_matmuls_streaming(src, dst, lambda node: head_bits if node.name == head else opts.bits, settings)
+        external = True
     else:
-        model = run(model, opts.bits, exclude=[head])
-        if head_bits is not None:
-            model = run(model, head_bits, include=[head])
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=dst.name + ".data")
+        model = onnx.load(str(src))
+
+        def run(model, bits, include=None, exclude=None):
+            q = MatMulNBitsQuantizer(model, bits=bits, nodes_to_include=include, nodes_to_exclude=exclude, **settings)
+            q.process()
+            return q.model.model
+
+        if head_bits == opts.bits:
+            model = run(model, opts.bits)
+        else:
+            model = run(model, opts.bits, exclude=[head])
+            if head_bits is not None:
+                model = run(model, head_bits, include=[head])
+        size = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = size > EXTERNAL_DATA_THRESHOLD
+        onnx.save_model(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=dst.name + ".data")
     return {"method": "MatMulNBits weight-only", "bits": opts.bits, "block_size": opts.block_size,
             "symmetric": True, "accuracy_level": opts.accuracy_level,
             "lm_head": ("float" if head_bits is None else f"int{head_bits}") if has_lm_head else None,

@@ -5,19 +5,22 @@ available or --max-memory (runtime/host_memory.py).
 What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, what must fit):
 
     base       the interpreter with onnx and onnxruntime (no torch)                         0.1 GB
-    reference  the source's ONNX Runtime sessions, every stage, for the whole run:          R x G
-               R = 1.4 for fp32 graphs, 1.2 for fp16 ones (sessions that keep one copy of the
-               weights, ThreadSettings.low_memory: the CPU provider would fold float32 copies
-               beside them, 2.5x), G = the source's graph files (runtime.artifact.memory)
-    then the largest of, one after the other:
+    reference  the source's ONNX Runtime sessions, every stage, while the FP32 (FP16) side   R x G
+               of the fidelity report is taken: R = 1.4 for fp32 graphs, 1.2 for fp16 ones
+               (sessions that keep one copy of the weights, ThreadSettings.low_memory: the CPU
+               provider would fold float32 copies beside them, 2.5x), G = the source's graph
+               files (runtime.artifact.memory)
+    then only the source's vision stage (R x S_vision; a retrieval source stays whole), and
+    the largest of, one after the other:
       calibration of the vision stage: the augmented graph's session     2.25 x S_vision
                and one batch (CALIB_BATCH = 8 images) of every            + 13.5 x S_vision x P / H
                intermediate output, which grow with the tokens P and
                shrink per weight with the width H (ViT-B: 197 / 768)
       calibration of another visual stage (the Q-Former: 32 queries)      2.7 x S
       weight-only quantization of an LLM stage: onnx.load of the graph    2.0 x S_llm
-               and MatMulNBits' quantized initializers
-      the fidelity report: the quantized pipeline beside the reference    1.5 x G_quantized
+               and MatMulNBits' quantized initializers; a graph with
+               external data one weight at a time                         1.0 GB
+    then, the source freed, the fidelity report: the quantized pipeline   1.5 x G_quantized
 
 Fitted on bench/export_bench.py's per-phase samples of `quantize --llm int4 --synthetic 8` from
 fp32 exports, two runs each (GB; anonymous memory; bench/EXPORT_RESULTS.md):
@@ -43,6 +46,7 @@ CALIBRATION = 2.25  # x the vision stage's files: the augmented graph's session
 ACTIVATIONS = 13.5  # x the vision stage's files x tokens / width: one batch of intermediate outputs
 CALIBRATION_OTHER = 2.7  # x another visual stage's files (the Q-Former's few queries: little activation)
 WEIGHT_ONLY = 2.0  # x the LLM stage's files
+STREAMED = 1.0e9  # an LLM graph with external data, quantized one weight at a time (calibration/nbits_streaming.py)
 QUANTIZED = 1.5  # the quantized pipeline's sessions, x its (estimated) files
 # Bytes per source byte of a quantized graph: INT8 QDQ visual stages, MatMulNBits LLM stages
 # (4 or 8 bits + one fp32 scale per block of 128), per source precision.
@@ -54,12 +58,18 @@ def quantize_peak(manifest: Manifest, llm: str) -> dict:
     family = family_for(manifest.data)
     weights = artifact_weights(manifest)
     stages = {name: s["bytes"] for name, s in weights["stages"].items()}
+    streamed = {name for name, s in manifest.stages.items() if s.get("external_data")}
     precision = {s["precision"] for s in weights["stages"].values()}
     half = precision == {"fp16"}
-    held = BASE + SOURCE["fp16" if half else "fp32"] * weights["total"]
+    source = SOURCE["fp16" if half else "fp32"]
     scale = 2.0 if half else 1.0  # an fp16 graph holds half the bytes per weight of the fp32 it shrinks from
     quantized = weights["embeddings"]
-    phases = {"reference": held}
+    generation = family.task != "retrieval"
+    # Generation artifacts: the source's side of the report first, then its vision stage alone
+    # (calibration), then, the source freed, the quantized pipeline. Retrieval: the source whole
+    # throughout, and both side by side for the report (its models are small).
+    phases = {"reference": BASE + source * weights["total"]}
+    held = BASE + source * (stages["vision"] if generation else weights["total"])
     for name, size in stages.items():
         if name == "vision":
             model = manifest.model
@@ -70,10 +80,10 @@ def quantize_peak(manifest: Manifest, llm: str) -> dict:
             phases[f"calibrate {name}"] = held + CALIBRATION_OTHER * size
             quantized += size * _SHRINK["visual"] * scale
         elif name in family.weight_only_stages and llm != "none":
-            phases[f"quantize {name}"] = held + WEIGHT_ONLY * size
+            phases[f"quantize {name}"] = held + (STREAMED if name in streamed else WEIGHT_ONLY * size)
             quantized += size * _SHRINK[llm] * scale
         else:
             quantized += size
-    phases["fidelity"] = held + QUANTIZED * quantized
+    phases["fidelity"] = (BASE if generation else held) + QUANTIZED * quantized
     phases = {k: int(v) for k, v in phases.items()}
     return {"peak": max(phases.values()), "phases": phases, "source": weights["total"]}

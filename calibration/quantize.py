@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from calibration import gates as gates_mod
-from calibration.fidelity import fidelity_report, report_lines
+from calibration.fidelity import fidelity_against, fidelity_references, report_lines
 from calibration.kept_report import keep_report
 from calibration.llm import LLMOptions, quantize_decoder
 from calibration.memory import quantize_peak
@@ -208,11 +208,18 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         source = _source(opts)
         if source.skipped:
             log(f"skipped {source.skipped} unreadable images")
-        # The source on the CPU, loaded once: its vision stage feeds calibration, then it is the
-        # FP32 (or FP16) reference of the fidelity report. FP16 graphs on sessions that keep one
-        # copy of the weights (the CPU provider would otherwise hold float32 copies beside them).
+        # The source on the CPU, loaded once: the FP32 (or FP16) side of the fidelity report comes
+        # first, then only its vision stage stays (it feeds the Q-Former's calibration), and it is
+        # gone before the quantized artifacts are loaded: source and quantized weights are never
+        # held side by side. FP16 graphs on sessions that keep one copy of the weights (the CPU
+        # provider would otherwise hold float32 copies beside them).
         half = {s["precision"] for s in src.stages.values()} == {"fp16"}
         reference = LoadedArtifact(src, family.task, threads=ThreadSettings(low_memory=half))
+        llm_quantized = opts.llm.precision != "none"
+        refs = None
+        if family.task != "retrieval":
+            refs = fidelity_references(Blip2Pipeline(reference), source, llm_quantized)
+            reference.keep_runners(("vision",))
         # The fidelity report reads the new manifest from memory: on disk it is written last, so a
         # directory left by a killed run, or one below a gate, is never loadable.
         staged = Manifest(tmp, checksummed(tmp, write_quantized(reference, tmp, source, opts, log)))
@@ -221,8 +228,9 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
             report["gates"] = gates_mod.evaluate_retrieval(report, opts.gates)
             lines = retrieval_report_lines(report)
         else:
-            quant = Blip2Pipeline(staged)
-            report = fidelity_report(Blip2Pipeline(reference), quant, source, llm_quantized=opts.llm.precision != "none")
+            reference.close()
+            del reference
+            report = fidelity_against(refs, Blip2Pipeline(staged))
             report["gates"] = gates_mod.evaluate(report, opts.gates, opts.llm.precision)
             lines = report_lines(report)
         for line in lines:

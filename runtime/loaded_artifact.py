@@ -98,6 +98,15 @@ class LoadedArtifact:
         """Loads an artifact directory; checks its schema version and every file's sha256 first."""
         return cls(load_manifest(Path(path), verify=verify), task, **kwargs)
 
+    def keep_runners(self, stages: tuple[str, ...]) -> None:
+        """Frees every other stage's runner (quantize keeps the source's vision stage alone once
+        the fidelity references are taken); the artifact then runs only `stages`."""
+        for stage in [s for s in self.runners if s not in stages]:
+            runner = self.runners.pop(stage)
+            if hasattr(runner, "close"):
+                runner.close()
+            self.placement.pop(stage, None)
+
     def close(self) -> None:
         """Frees what the runners hold on the device (TensorRT contexts, streams, buffers)."""
         for runner in self.runners.values():

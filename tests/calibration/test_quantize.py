@@ -153,16 +153,16 @@ def test_the_manifest_is_written_last(toy_artifacts, tmp_path, monkeypatch):
     from runtime.errors import ArtifactError
 
     seen = {}
-    real = quantize_mod.fidelity_report
+    real = quantize_mod.fidelity_against
 
-    def inspecting(reference, quant, *args, **kwargs):
+    def inspecting(refs, quant):
         root = quant.manifest.root
         seen["root"], seen["on_disk"] = root, (root / "manifest.json").exists()
         with pytest.raises(ArtifactError, match="manifest.json: missing"):
             Blip2Pipeline.from_artifacts(root)
-        return real(reference, quant, *args, **kwargs)
+        return real(refs, quant)
 
-    monkeypatch.setattr(quantize_mod, "fidelity_report", inspecting)
+    monkeypatch.setattr(quantize_mod, "fidelity_against", inspecting)
     quantize(toy_artifacts, tmp_path / "q", opts(num_calib=8, held_out=10, gate=False), **QUIET)
     assert seen["root"].name.startswith(".q.partial-") and seen["on_disk"] is False
     load_manifest(tmp_path / "q")
@@ -469,3 +469,47 @@ def test_a_float16_export_quantizes(toy_fp16_artifacts, tmp_path, target):
     scenes = synthetic.make_scenes(8, seed=404)
     texts = [r.text for r in Blip2Pipeline.from_artifacts(out).caption([im for _, im in scenes])]
     assert sum(t == s.caption for t, (s, _) in zip(texts, scenes)) >= 7, texts
+
+
+def test_the_source_is_freed_before_the_quantized_artifacts_load(toy_artifacts, tmp_path, monkeypatch):
+    """Bounded memory (issue 21): the source's FP32 side of the report is taken first, only its
+    vision stage stays for calibration, and it is gone before the quantized pipeline loads; the
+    report is the one the side-by-side comparison gives."""
+    import gc
+    import weakref
+
+    from calibration import fidelity
+    from calibration import quantize as quantize_mod
+    from runtime.loaded_artifact import LoadedArtifact
+
+    loaded, at_quantized_load = [], []
+    real_loaded, real_against = quantize_mod.LoadedArtifact, quantize_mod.fidelity_against
+
+    def loading(*args, **kwargs):
+        artifact = real_loaded(*args, **kwargs)
+        loaded.append(weakref.ref(artifact))
+        return artifact
+
+    def against(refs, quant):
+        gc.collect()
+        at_quantized_load.append(loaded[0]() is None)
+        return real_against(refs, quant)
+
+    real_visual = quantize_mod._quantize_visual
+
+    def visual(source, *args, **kwargs):
+        at_quantized_load.append(sorted(source.runners))
+        return real_visual(source, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_mod, "LoadedArtifact", loading)
+    monkeypatch.setattr(quantize_mod, "fidelity_against", against)
+    monkeypatch.setattr(quantize_mod, "_quantize_visual", visual)
+    options = opts(num_calib=8, held_out=12, llm=LLMOptions(precision="int4"))
+    report = quantize(toy_artifacts, tmp_path / "q", options, **QUIET)
+    assert at_quantized_load == [["vision"], True]
+    # The same numbers as both pipelines side by side.
+    source = synthetic_source(8, 0, 12)
+    side_by_side = fidelity.fidelity_report(Blip2Pipeline(LoadedArtifact.open(toy_artifacts, "generation")),
+                                            Blip2Pipeline.from_artifacts(tmp_path / "q"), source, True)
+    for key in ("stages", "end_to_end", "held_out_images"):
+        assert report[key] == side_by_side[key], key
