@@ -156,6 +156,11 @@ def main() -> int:
             print(f"\n== export {shape} {dtype}", flush=True)
             row["export"] = run_child(cmd)
             row["artifact_bytes"] = dir_size(art) if art.is_dir() else 0
+            # Each export's figures printed and saved as soon as it ends: a long quantize stopped
+            # by hand keeps them.
+            print(f"   export: {row['export']['wall_s']:.1f} s, peak {row['export']['peak_rss'] / 1e9:.2f} GB, "
+                  f"anonymous {row['export']['peak_anon'] / 1e9:.2f} GB", flush=True)
+            (OUT / "export_bench.json").write_text(json.dumps(rows + [row], indent=1) + "\n")
             if args.quantize and row["export"]["ok"]:
                 q = OUT / "artifacts" / f"{shape}-{dtype}-int4"
                 row["quantize_estimate"] = quantize_estimate(art)
