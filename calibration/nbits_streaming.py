@@ -92,6 +92,12 @@ class _DataFile:
         self.file.close()
 
 
+def _detached(message, kind):
+    copy = kind()
+    copy.CopyFrom(message)
+    return copy
+
+
 def _one_node_model(model, node, weight, values: np.ndarray):
     """A model of `node` alone, its weight an inline initializer holding `values`."""
     from onnx import TensorProto, helper, numpy_helper
@@ -128,11 +134,15 @@ def quantize_matmuls_streaming(src: Path, dst: Path, bits_of, quantizer_options:
             q = MatMulNBitsQuantizer(one, bits=bits, **quantizer_options)
             q.process()
             result = q.model.model
-            nodes.extend(result.graph.node)
+            # Copies, not references: a message taken out of `result` keeps its whole arena alive
+            # (protobuf's upb backend), with the float weight and the quantizer's copies in it.
+            nodes.extend(_detached(n, onnx.NodeProto) for n in result.graph.node)
             for t in result.graph.initializer:
+                t = _detached(t, onnx.TensorProto)
                 out.store(t, None if t.HasField("raw_data") else onnx.numpy_helper.to_array(t))
                 produced.append(t)
             domains.update({o.domain: o.version for o in result.opset_import})
+            del one, q, result
         read = {name for n in nodes for name in n.input}
         kept = [t for t in graph.initializer if t.name in read]
         for t in kept:  # the float tensors still read, copied one at a time
