@@ -34,6 +34,10 @@ class FileSource:
         if self.duration is None and self.container.duration:
             self.duration = self.container.duration / 1e6
         self.rate = float(s.average_rate) if s.average_rate else None
+        # What the header declares: a duration, or a frame count (an AVI cut short keeps its
+        # header's count while its duration is estimated from what is left).
+        counted = s.frames / self.rate if s.frames and self.rate else 0.0
+        self.declared = max(self.duration or 0.0, counted) or None
         self.width, self.height = s.codec_context.width, s.codec_context.height
         self.last_timestamp = 0.0
 
@@ -60,9 +64,9 @@ class FileSource:
         if index < 0:
             raise VideoError(f"{self.spec}: no frame could be decoded (a damaged, truncated or empty video)")
         frame_time = 2.0 / self.rate if self.rate else 0.0
-        if self.duration and self.last_timestamp + frame_time + TRUNCATION_SLACK < self.duration:
+        if self.declared and self.last_timestamp + frame_time + TRUNCATION_SLACK < self.declared:
             raise VideoError(f"{self.spec}: truncated: its frames end at {self.last_timestamp:.1f} s of the "
-                             f"{self.duration:.1f} s its header declares")
+                             f"{self.declared:.1f} s its header declares")
 
     def close(self) -> None:
         self.container.close()

@@ -90,19 +90,17 @@ class LiveSource:
     # ---- the decoder thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        failures, delay = 0, self.backoff
+        tries, delay = 0, self.backoff  # reopenings since the last frame, the next back-off
         try:
             while not self._stop.is_set():
-                got = self._read_once()
-                if self._stop.is_set():
-                    break
-                failures = 0 if got else failures + 1
-                delay = self.backoff if got else delay
-                if self.reconnects is not None and failures > self.reconnects:
+                if self._read_once():
+                    tries, delay = 0, self.backoff
+                if self._stop.is_set() or (self.reconnects is not None and tries >= self.reconnects):
                     break
                 if self._stop.wait(delay):
                     break
                 delay = min(delay * 2, self.max_backoff)
+                tries += 1
                 self.reconnections += 1
         finally:
             with self._cond:

@@ -18,10 +18,13 @@ CODECS = {"h264": ("libx264", "yuv420p"), "mjpeg": ("mjpeg", "yuvj420p"), "mpeg2
 
 @dataclass(frozen=True)
 class Shot:
-    """`seconds` of one scene (a still image with light noise per frame)."""
+    """`seconds` of one scene (a still image with light noise per frame). `seed` draws its
+    background and jitter (default: the shot's place in the video): two shots with one seed
+    differ only in their squares."""
 
     scene: synthetic.Scene
     seconds: float
+    seed: int | None = None
 
 
 def scene_image(scene: synthetic.Scene, seed: int, size: tuple[int, int]) -> np.ndarray:
@@ -34,7 +37,7 @@ def shot_frames(shots: Sequence[Shot], fps: int, size: tuple[int, int], noise: f
     """(shot index, frame RGB) for every frame of the shots, in order."""
     rng = np.random.default_rng(seed)
     for i, shot in enumerate(shots):
-        still = scene_image(shot.scene, seed + i, size).astype(np.int16)
+        still = scene_image(shot.scene, seed + i if shot.seed is None else shot.seed, size).astype(np.int16)
         for _ in range(int(round(shot.seconds * fps))):
             jitter = rng.normal(0, noise, still.shape).astype(np.int16) if noise else 0
             yield i, np.clip(still + jitter, 0, 255).astype(np.uint8)
@@ -46,11 +49,13 @@ def change_times(shots: Sequence[Shot]) -> list[float]:
 
 
 def write_video(path, shots: Sequence[Shot], *, fps: int = 10, size: tuple[int, int] = (256, 256),
-                codec: str = "h264", noise: float = 2.0, seed: int = 0, gop: int | None = None) -> list[float]:
-    """Writes the shots as a video file; returns the scene-change times (seconds)."""
+                codec: str = "h264", noise: float = 2.0, seed: int = 0, gop: int | None = None,
+                faststart: bool = False) -> list[float]:
+    """Writes the shots as a video file; returns the scene-change times (seconds). `faststart`:
+    an MP4's index at the front (a file cut short then still opens, and ends early)."""
     av = import_av("writing a video")
     name, pix_fmt = CODECS[codec]
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else None) as out:
         stream = out.add_stream(name, rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
         if gop is not None:

@@ -71,7 +71,8 @@ class _Tally:
 
 def sampled_frames(source, sampler: Sampler, tally: _Tally,
                    on_frame: Callable[[float], None] | None = None) -> Iterator[tuple[Frame, int]]:
-    """(frame, frames dropped before it) for every frame the sampler keeps."""
+    """(frame, frames not described since the previous one kept) for every frame the sampler
+    keeps (for a file always 0: there every frame is measured)."""
     if not source.live:
         for frame in source.frames():
             tally.decoded, tally.last_timestamp = frame.index + 1, frame.timestamp
@@ -80,21 +81,20 @@ def sampled_frames(source, sampler: Sampler, tally: _Tally,
             if sampler.wants(frame.timestamp, frame.gray):
                 yield frame, 0
         return
-    last = -1
+    last = described = -1
     while True:
         frame = source.latest(last)
         if frame is None:
             return
         wait = sampler.due_at() - frame.timestamp - (time.monotonic() - frame.captured)
-        if wait > 0:  # not due yet: sleep until it is, then take the newest frame
+        if not sampler.options.scene and wait > 0:  # not due yet: sleep until it is, then take the newest frame
             source.wait(wait)
             continue
-        dropped = frame.index - last - 1
         last = frame.index
         tally.decoded, tally.last_timestamp = source.received, frame.timestamp
         if sampler.wants(frame.timestamp, frame.gray):
-            yield frame, dropped
-        # else: a near-duplicate, or no scene change: counted by the sampler or not at all
+            yield frame, frame.index - described - 1  # decoded since the last one described, never queued
+            described = frame.index
 
 
 def _end_event(source, sampler: Sampler, tally: _Tally) -> WatchEvent:
