@@ -11,13 +11,12 @@ flushing what was found (subtitles of the part watched are written whole) and ex
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import signal
 import sys
 from pathlib import Path
 
+from runtime.cli.durations import seconds
 from runtime.cli.generate import _integer, add_generation_options, generation_kwargs, text_argument
 from runtime.cli.outputs import check_output_file
 from runtime.cli.progress import Progress
@@ -25,15 +24,6 @@ from runtime.errors import Blip2EdgeError, OptionError
 from runtime.video.opening import is_live
 
 HELP = "caption, question or watch for alerts in video files, streams and cameras"
-
-
-def seconds(text: str) -> float:
-    """'1s', '500ms', '2m', '1.5' (seconds) -> seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|min)?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 1s, 500ms or 2m, got {text!r}")
-    value = float(match.group(1)) * {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "min": 60.0}[match.group(2)]
-    return value
 
 
 def register(sub) -> None:

@@ -68,6 +68,22 @@ class FileSource:
             raise VideoError(f"{self.spec}: truncated: its frames end at {self.last_timestamp:.1f} s of the "
                              f"{self.declared:.1f} s its header declares")
 
+    def frame_at(self, timestamp: float) -> Frame:
+        """The frame shown at `timestamp` seconds (the last one starting at or before it): a seek
+        to the key frame before it, then decoding forward."""
+        tb = float(self.stream.time_base)
+        self.container.seek(int((timestamp + self.start) / tb), stream=self.stream, backward=True)
+        best = None
+        for frame in self.frames():
+            if frame.timestamp > timestamp + 1e-3 and best is not None:
+                break
+            best = frame
+            if frame.timestamp > timestamp + 1e-3:
+                break
+        if best is None:
+            raise VideoError(f"{self.spec}: no frame at {timestamp:.2f} s")
+        return best
+
     def close(self) -> None:
         self.container.close()
 
