@@ -17,12 +17,18 @@ from runtime.errors import OptionError
 
 @dataclass(frozen=True)
 class AlertRule:
+    """`confirm_itm`: a frame that would count as a match counts only if the ITM head also gives
+    the pair at least this probability (asked only about those frames, not about every one)."""
+
     query: str
     threshold: float
     hysteresis: float = 0.02
     min_duration: float = 0.0
+    confirm_itm: float | None = None
 
     def __post_init__(self):
+        if self.confirm_itm is not None and not (isinstance(self.confirm_itm, (int, float)) and 0 <= self.confirm_itm <= 1):
+            raise OptionError(f"confirm_itm must be a probability in [0, 1], got {self.confirm_itm!r}")
         for name in ("threshold", "hysteresis", "min_duration"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -40,6 +46,7 @@ class AlertChange:
     end: float | None
     peak: float
     at_end_of_video: bool = False
+    itm: float | None = None  # the confirming ITM probability of the frame that started it
 
 
 class AlertTracker:

@@ -54,6 +54,8 @@ def register(sub) -> None:
                    help="an alert ends under threshold - hysteresis (default 0.02)")
     g.add_argument("--min-duration", type=seconds, default=0.0, metavar="S",
                    help="seconds over (under) the threshold before an alert starts (ends); default 0")
+    g.add_argument("--confirm-itm", type=float, default=None, metavar="P",
+                   help="a frame over the threshold counts only if the ITM head also matches it with probability >= P")
     g.add_argument("--scores", action="store_true", help="also print every sampled frame's scores")
     s = p.add_argument_group("streams")
     s.add_argument("--timeout", type=seconds, default=10.0, metavar="S",
@@ -120,7 +122,7 @@ def run(args) -> int:
         from runtime.retriever import Blip2Retriever
 
         model = Blip2Retriever(manifest, device=args.device)
-        rules = [AlertRule(a, args.threshold, args.hysteresis, args.min_duration) for a in args.alert]
+        rules = [AlertRule(a, args.threshold, args.hysteresis, args.min_duration, args.confirm_itm) for a in args.alert]
 
         def start(source, on_frame):
             from runtime.video.watch import watch_retriever

@@ -33,14 +33,20 @@ def scene_image(scene: synthetic.Scene, seed: int, size: tuple[int, int]) -> np.
     return np.asarray(image.resize(size)) if image.size != size else np.asarray(image)
 
 
+NOISE_PATTERNS = 5  # sensor-like noise, drawn once and cycled (drawing it per 1080p frame is slow)
+
+
 def shot_frames(shots: Sequence[Shot], fps: int, size: tuple[int, int], noise: float = 2.0, seed: int = 0):
     """(shot index, frame RGB) for every frame of the shots, in order."""
     rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3)
+    patterns = [rng.normal(0, noise, shape).astype(np.int16) for _ in range(NOISE_PATTERNS)] if noise else [0]
+    n = 0
     for i, shot in enumerate(shots):
         still = scene_image(shot.scene, seed + i if shot.seed is None else shot.seed, size).astype(np.int16)
         for _ in range(int(round(shot.seconds * fps))):
-            jitter = rng.normal(0, noise, still.shape).astype(np.int16) if noise else 0
-            yield i, np.clip(still + jitter, 0, 255).astype(np.uint8)
+            yield i, np.clip(still + patterns[n % len(patterns)], 0, 255).astype(np.uint8)
+            n += 1
 
 
 def change_times(shots: Sequence[Shot]) -> list[float]:
@@ -50,13 +56,13 @@ def change_times(shots: Sequence[Shot]) -> list[float]:
 
 def write_video(path, shots: Sequence[Shot], *, fps: int = 10, size: tuple[int, int] = (256, 256),
                 codec: str = "h264", noise: float = 2.0, seed: int = 0, gop: int | None = None,
-                faststart: bool = False) -> list[float]:
+                faststart: bool = False, preset: str | None = None) -> list[float]:
     """Writes the shots as a video file; returns the scene-change times (seconds). `faststart`:
     an MP4's index at the front (a file cut short then still opens, and ends early)."""
     av = import_av("writing a video")
     name, pix_fmt = CODECS[codec]
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else None) as out:
-        stream = out.add_stream(name, rate=fps)
+        stream = out.add_stream(name, rate=fps, options={"preset": preset} if preset and codec == "h264" else None)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
         if gop is not None:
             stream.codec_context.gop_size = gop
@@ -71,10 +77,11 @@ def write_video(path, shots: Sequence[Shot], *, fps: int = 10, size: tuple[int, 
 
 
 def stream_video(url: str, shots: Sequence[Shot], *, fps: int = 10, size: tuple[int, int] = (256, 256),
-                 noise: float = 2.0, seed: int = 0, stop=None, loop: bool = False) -> int:
+                 noise: float = 2.0, seed: int = 0, stop=None, loop: bool = False, late=None) -> int:
     """Sends the shots to `url` (e.g. udp://127.0.0.1:5600?pkt_size=1316) as MPEG-TS at real-time
     pace, H.264 with a key frame every second (a receiver can join at any time); until `stop` (a
-    threading.Event) is set, once or in a loop. Returns the frames sent."""
+    threading.Event) is set, once or in a loop. `late` (a list) collects how far behind real time
+    each frame was sent, when the sender cannot keep up. Returns the frames sent."""
     av = import_av("streaming a video")
     sent = 0
     with av.open(url, "w", format="mpegts") as out:
@@ -89,6 +96,8 @@ def stream_video(url: str, shots: Sequence[Shot], *, fps: int = 10, size: tuple[
                 delay = start + sent / fps - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+                elif late is not None:
+                    late.append(-delay)  # the sender itself fell behind real time
                 for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                     out.mux(packet)
                 sent += 1

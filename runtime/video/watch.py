@@ -8,6 +8,7 @@ queues: a live source hands over its newest frame when the model is ready for on
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ class WatchEvent:
     start: float | None = None
     end: float | None = None
     peak: float | None = None
+    itm: float | None = None
     latency: float | None = None
     lag: float | None = None
     dropped: int | None = None
@@ -176,8 +178,10 @@ def _watch_retriever(retriever, source, rules, text_embeds, sampling, source_opt
             yield WatchEvent("score", frame.timestamp, frame.index, scores={r.query: float(s) for r, s in zip(rules, scores)},
                              latency=latency, lag=lag, dropped=dropped if src.live else None)
             for tracker, score in zip(trackers, scores):
-                change = tracker.update(frame.timestamp, float(score))
+                score, itm = _confirmed(retriever, tracker, frame, float(score))
+                change = tracker.update(frame.timestamp, score)
                 if change is not None:
+                    change.itm = itm if change.end is None else None
                     yield _alert_event(change, frame, latency, lag)
         for tracker in trackers:
             change = tracker.finish(_end_time(src, tally))
@@ -188,10 +192,22 @@ def _watch_retriever(retriever, source, rules, text_embeds, sampling, source_opt
         src.close()
 
 
+def _confirmed(retriever, tracker: AlertTracker, frame: Frame, score: float) -> tuple[float, float | None]:
+    """(score, ITM probability): with confirm_itm, a frame whose score would count as a match (over
+    the threshold, or over the clearing level while the alert is on) counts only if the ITM head
+    gives the pair at least that probability; unconfirmed, it counts as no match."""
+    rule = tracker.rule
+    level = rule.threshold - rule.hysteresis if tracker.active else rule.threshold
+    if rule.confirm_itm is None or score < level:
+        return score, None
+    itm = float(np.asarray(retriever.itm([frame.image], [rule.query]))[0, 0])
+    return (score if itm >= rule.confirm_itm else -math.inf), itm
+
+
 def _alert_event(change: AlertChange, frame: Frame | None, latency, lag, timestamp: float = 0.0) -> WatchEvent:
     return WatchEvent("alert" if change.end is None else "clear", frame.timestamp if frame else timestamp,
                       frame.index if frame else -1, query=change.query, start=change.start, end=change.end,
-                      peak=change.peak, latency=latency, lag=lag,
+                      peak=change.peak, itm=change.itm, latency=latency, lag=lag,
                       reason="end of video" if change.at_end_of_video else None)
 
 

@@ -123,6 +123,18 @@ def test_an_alert_for_a_scene_on_screen_for_three_seconds_fires_once(retrieval_t
     assert len(scores) == 28 and clear.peak == pytest.approx(max(scores), abs=1e-6)
 
 
+def test_itm_confirmation_keeps_an_alert_to_the_frames_that_really_match(retrieval_toy_artifacts, videos):
+    retriever = Blip2Retriever.from_artifacts(retrieval_toy_artifacts)
+    loose = AlertRule(TARGET.caption, threshold=-0.6)  # under every scene's ITC score for this text (-0.49 and up)
+    events = [e for e in watch_retriever(retriever, videos["alert"], [loose], every=0.5) if e.kind in ("alert", "clear")]
+    assert [(e.kind, e.start, e.end) for e in events] == [("alert", 0.0, None), ("clear", 0.0, 7.0)]
+    confirmed = AlertRule(TARGET.caption, threshold=-0.6, confirm_itm=0.5)
+    events = [e for e in watch_retriever(retriever, videos["alert"], [confirmed], every=0.5)
+              if e.kind in ("alert", "clear")]
+    assert [(e.kind, e.start, e.end) for e in events] == [("alert", 2.0, None), ("clear", 2.0, 5.0)]
+    assert events[0].itm > 0.5
+
+
 def test_cli_writes_json_lines_and_subtitles(toy_artifacts, videos, tmp_path, capsys):
     srt, vtt = tmp_path / "c.srt", tmp_path / "c.vtt"
     status = main(["watch", str(toy_artifacts), str(videos["h264"]), "--scene", "--json", "--srt", str(srt),
