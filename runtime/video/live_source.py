@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
-from runtime.errors import Blip2EdgeError, VideoError
+from runtime.errors import VideoError
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from runtime.video.frames import Frame, thumbnail_size
 from runtime.video.library import import_av
@@ -44,7 +44,7 @@ class LiveSource:
         self._latest: Frame | None = None
         self._first: float | None = None
         self._ended = False
-        self._error: Blip2EdgeError | None = None
+        self._error: VideoError | None = None
         self._end_reason = ""
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -150,6 +150,9 @@ class LiveSource:
         return got
 
     def _fail(self, exc: VideoError) -> None:
+        """The connection failed or ended: the frame held from it is stale now (a consumer must
+        not describe a picture from before the outage as the present), so it is dropped."""
         with self._cond:
             self._error = exc
             self._end_reason = str(exc)
+            self._latest = None

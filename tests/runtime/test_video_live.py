@@ -30,8 +30,8 @@ def _free_udp_port() -> int:
 class Sender:
     """Streams the toy scenes to a UDP port until stopped (or once through, with loop=False)."""
 
-    def __init__(self, loop: bool = True):
-        self.port = _free_udp_port()
+    def __init__(self, loop: bool = True, port: int | None = None):
+        self.port = port or _free_udp_port()
         self.stop = threading.Event()
         self.sent = 0
         self.thread = threading.Thread(target=self._run, args=(loop,), daemon=True)
@@ -110,6 +110,36 @@ def test_a_stream_that_stops_ends_watch_with_a_reason(slow_pipe):
     assert len(captions) >= 8 and end.kind == "end", events
     assert end.counts["reconnections"] == 1 and end.counts["decoded"] >= 60
     assert "stopped sending" in end.reason or "no frame within" in end.reason, end.reason
+    assert not _decoder_threads()
+
+
+def test_a_stream_that_drops_is_reopened_and_watch_goes_on(slow_pipe):
+    first = Sender(loop=False)
+    source = LiveSource(first.url, open_timeout=10, stall_timeout=1, reconnects=3)
+    watch = slow_pipe.watch(source, every=0.5, skip_duplicates=False, max_new_tokens=2)
+    first.thread.start()
+    events = []
+    for event in watch:
+        events.append(event)
+        if len([e for e in events if e.kind == "caption"]) == 4:
+            break
+    first.stop.set()  # the camera goes away for about 3 s, then comes back on the same address
+    first.thread.join(timeout=10)
+    time.sleep(3)
+    with Sender(port=first.port) as second:
+        second.thread.start()
+        for event in watch:
+            events.append(event)
+            if len([e for e in events if e.kind == "caption"]) == 8:
+                break
+        source_received = events[-1].frame
+        watch.close()
+    captions = [e for e in events if e.kind == "caption"]
+    assert len(captions) == 8 and source_received > captions[3].frame
+    later = captions[4:]
+    assert all(e.timestamp > captions[3].timestamp + 2 for e in later)  # after the gap
+    assert max(e.lag for e in later) < 4 * MODEL_SECONDS  # nothing stale was kept across the gap
+    assert source.reconnections >= 1
     assert not _decoder_threads()
 
 
