@@ -102,6 +102,9 @@ def run(args) -> int:
         raise OptionError("--srt and --vtt write the captions of one video file: give exactly one file")
     if args.every is not None and args.every <= 0:
         raise OptionError(f"--every must be a positive duration, got {args.every:g} s")
+    for flag, value in (("--timeout", args.timeout), ("--stall-timeout", args.stall_timeout)):
+        if value <= 0:
+            raise OptionError(f"{flag} must be a positive duration, got {value:g} s")
     if args.reconnects < -1:
         raise OptionError(f"--reconnects must be >= 0 (or -1: never give up), got {args.reconnects}")
     import_av("blip2-edge watch")  # the missing extra is named before the model loads
@@ -131,10 +134,15 @@ def run(args) -> int:
                                    skip_duplicates=False,
                                    scene_threshold=args.scene_threshold, source_options=sources, on_frame=on_frame)
     else:
+        from runtime.generation.options import GenerationOptionError
         from runtime.pipeline import Blip2Pipeline
 
         model = Blip2Pipeline(manifest, device=args.device)
         gen = generation_kwargs(args)
+        try:
+            model.options(**gen)  # a bad option fails before any source opens, named by its flag
+        except GenerationOptionError as exc:
+            raise exc.as_flag() from None
 
         def start(source, on_frame):
             return model.watch(source, every=every, questions=args.questions, prompt=args.prompt, scene=args.scene,
