@@ -21,6 +21,10 @@ class ImageError(Blip2EdgeError):
     """An image cannot be read or decoded."""
 
 
+class VideoError(Blip2EdgeError):
+    """A video file or stream cannot be opened or decoded, or sends no frame in time."""
+
+
 class OptionError(Blip2EdgeError, ValueError):
     """An option or argument has a value outside what it accepts. Also a ValueError, so callers
     that catch ValueError keep working; the CLI reports it as a user error (a raw ValueError

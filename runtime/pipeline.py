@@ -28,6 +28,7 @@ from runtime.images import ImageInput, as_image, image_batch
 from runtime.loaded_artifact import FromArtifact, LoadedArtifact, OnArtifact
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 from runtime.tokenizer import check_text
+from runtime.video.watch import watch_pipeline
 
 __all__ = ["BACKENDS", "VISUAL_STAGES", "Blip2Pipeline", "ImageInput", "Result"]
 
@@ -177,18 +178,38 @@ class Blip2Pipeline(OnArtifact):
         """Images -> query embeddings (B, Q, D), recording image decode (for paths) /
         preprocess / vision / qformer times. `prompts` (one per image; default: the caption
         prompt) condition the queries of an instruction-aware Q-Former (InstructBLIP)."""
+        image_embeds = self._vision(images, timings)
+        t2 = time.perf_counter()
+        query = self.runners["qformer"].infer(self.qformer_feeds(image_embeds, prompts))[QUERY_EMBEDS]
+        timings["qformer"] = time.perf_counter() - t2
+        return query
+
+    def encode_for_prompts(self, image: ImageInput, prompts: Sequence[str], timings: dict) -> np.ndarray:
+        """One image, N prompts -> query embeddings (N, Q, D) with the vision stage run once:
+        BLIP-2's Q-Former reads no text, so it runs once too and its queries serve every prompt;
+        an instruction-aware one (InstructBLIP) runs once on the N prompts as a batch."""
+        image_embeds = self._vision([image], timings)
+        t2 = time.perf_counter()
+        if self.qformer_tokenizer is None:
+            query = self.runners["qformer"].infer(self.qformer_feeds(image_embeds, list(prompts[:1])))[QUERY_EMBEDS]
+            query = np.repeat(query, len(prompts), axis=0)
+        else:
+            repeated = np.repeat(image_embeds, len(prompts), axis=0)
+            query = self.runners["qformer"].infer(self.qformer_feeds(repeated, list(prompts)))[QUERY_EMBEDS]
+        timings["qformer"] = time.perf_counter() - t2
+        return query
+
+    def _vision(self, images: Sequence[ImageInput], timings: dict) -> np.ndarray:
+        """Images -> the vision stage's image embeddings (B, P, Dv), recording image_decode,
+        preprocess and vision times."""
         t_decode = time.perf_counter()
         decoded = [as_image(im, i, self.preprocessing, self.max_image_pixels) for i, im in enumerate(images)]
         t0 = time.perf_counter()
         pixels = self.preprocessing.batch(decoded).astype(self.float_dtype)
         t1 = time.perf_counter()
-        timings["image_decode"] = t0 - t_decode
         image_embeds = self.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
-        t2 = time.perf_counter()
-        query = self.runners["qformer"].infer(self.qformer_feeds(image_embeds, prompts))[QUERY_EMBEDS]
-        t3 = time.perf_counter()
-        timings.update(preprocess=t1 - t0, vision=t2 - t1, qformer=t3 - t2)
-        return query
+        timings.update(image_decode=t0 - t_decode, preprocess=t1 - t0, vision=time.perf_counter() - t1)
+        return image_embeds
 
     def qformer_feeds(self, image_embeds: np.ndarray, prompts: Sequence[str] | None = None) -> dict:
         """The qformer stage's inputs: the image embeddings, and for an instruction-aware Q-Former
@@ -257,6 +278,31 @@ class Blip2Pipeline(OnArtifact):
             check_text(prompt, f"prompt {i}")
         opts = self.options(**generation)
         return run(self._decode_steps(query, prompts, opts, {}, time.perf_counter(), settle=False))
+
+    def generate_for_image(self, image: ImageInput, prompts: Sequence[str], **generation) -> list[Result]:
+        """One image and N prompts (a caption prompt, questions in the VQA template) -> N Results,
+        with the vision stage run once (encode_for_prompts) and the N prompts decoded as a batch."""
+        if not len(prompts):
+            return []
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}")
+        opts = self.options(**generation)
+        self.check_prompts(prompts)
+        t_start = time.perf_counter()
+        timings: dict = {}
+        query = self.encode_for_prompts(image, prompts, timings)
+        return run(self._decode_steps(query, list(prompts), opts, timings, t_start, settle=False))
+
+    def watch(self, source, every: float | None = 1.0, question: str | None = None,
+              questions: Sequence[str] = (), prompt: str | None = None, **options) -> Iterator:
+        """Captions (or answers `question` / each of `questions` about) frames of a video file,
+        a stream URL or a camera as they come: a generator of runtime.video.WatchEvent (timestamp,
+        frame index, text, latency, lag) that stops the decoder when it is closed. `every`: seconds
+        between sampled frames; `options`: runtime.video.watch_pipeline's (scene=True samples at
+        scene changes, skip_duplicates, generation options...). Needs the video extra."""
+        qs = ([question] if question is not None else []) + list(questions)
+        prompts = [self.vqa_prompt(q) for q in qs] or [self.caption_prompt(prompt)]
+        return watch_pipeline(self, source, prompts, questions=qs or None, every=every, **options)
 
     def _generate_each(self, images: Sequence[ImageInput], prompt: str, **generation) -> list[Result]:
         """generate() with the same prompt for every image (caption, ask)."""

@@ -13,6 +13,7 @@ closed or full, Ctrl-C) is at the end, through the real entry point.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -46,6 +47,9 @@ def _truncated(tmp: Path, fx: dict, kind: str) -> Path:
     elif kind == "db":
         out = tmp / "cut.db"
         out.write_bytes(fx["db"].read_bytes()[:3000])
+    elif kind == "video":
+        out = tmp / "cut.mp4"
+        out.write_bytes(fx["video"].read_bytes()[:3000])
     else:  # a folder: one whose only image is cut short
         out = tmp / "cut-folder"
         out.mkdir()
@@ -67,7 +71,7 @@ def _fifo(tmp: Path, fx: dict, kind: str) -> Path:
 
 
 def _text(tmp: Path, fx: dict, kind: str) -> Path:
-    out = tmp / ("notes.png" if kind == "image" else "notes.txt")
+    out = tmp / {"image": "notes.png", "video": "notes.mp4"}.get(kind, "notes.txt")
     out.write_text("just some notes\n")
     return out
 
@@ -80,16 +84,16 @@ def _huge(tmp: Path, fx: dict, kind: str) -> Path:
     return out
 
 
-ALL = ("image", "folder", "artifact", "checkpoint", "db")
+ALL = ("image", "folder", "artifact", "checkpoint", "db", "video")
 BAD_INPUTS = {
     "missing": (ALL, lambda tmp, fx, kind: tmp / "missing"),
     "non-utf8-name": (ALL, lambda tmp, fx, kind: Path(os.fsdecode(os.fsencode(tmp) + b"/caf\xe9"))),
-    "directory": (("image", "artifact", "checkpoint", "db"), lambda tmp, fx, kind: _mkdir(tmp / "a-folder")),
+    "directory": (("image", "artifact", "checkpoint", "db", "video"), lambda tmp, fx, kind: _mkdir(tmp / "a-folder")),
     "regular-file": (("folder", "artifact", "checkpoint"), _text),
-    "wrong-type": (("image", "db"), _text),
+    "wrong-type": (("image", "db", "video"), _text),
     "fifo": (ALL, _fifo),
     "device": (ALL, lambda tmp, fx, kind: Path("/dev/zero")),
-    "empty": (("image", "db"), lambda tmp, fx, kind: _touch(tmp / "empty.png")),
+    "empty": (("image", "db", "video"), lambda tmp, fx, kind: _touch(tmp / "empty.png")),
     "truncated": (ALL, _truncated),
     "tampered": (("artifact",), _tampered),
     "huge": (("image",), _huge),
@@ -129,6 +133,8 @@ SLOTS = {
     "search DB": ("db", lambda bad, fx, out: ["search", bad, "a red square"]),
     "export CHECKPOINT": ("checkpoint", lambda bad, fx, out: ["export", bad, out / "art"]),
     "triton-repo ARTIFACTS": ("artifact", lambda bad, fx, out: ["triton-repo", bad, out / "repo"]),
+    "watch SOURCE": ("video", lambda bad, fx, out: ["watch", fx["toy"], bad, "--srt", out / "v.srt"]),
+    "watch ARTIFACTS": ("artifact", lambda bad, fx, out: ["watch", bad, fx["video"]]),
 }
 # (slot, input) pairs that are not bad for that command, with what it does instead.
 NOT_BAD = {
@@ -157,8 +163,13 @@ def fixtures(toy_artifacts, retrieval_tiny_artifacts, tiny_checkpoint, tmp_path_
     db = IndexDb.open(root / "photos.db", create=True)
     update_index(db, Blip2Retriever.from_artifacts(retrieval_tiny_artifacts), photos, retrieval_tiny_artifacts)
     db.close()
+    video = root / "clip.mp4"
+    if importlib.util.find_spec("av") is not None:  # the video extra
+        from runtime.video.synthetic_video import Shot, write_video
+
+        write_video(video, [Shot(synthetic.make_scenes(1, seed=7)[0][0], 1.0)])
     return {"toy": toy_artifacts, "retrieval": retrieval_tiny_artifacts, "checkpoint": tiny_checkpoint,
-            "image": image, "photos": photos, "db": root / "photos.db"}
+            "image": image, "photos": photos, "db": root / "photos.db", "video": video}
 
 
 def _tree(root: Path) -> set[str]:
@@ -174,6 +185,8 @@ def _culprit(bad: Path) -> str:
 @pytest.mark.parametrize("slot, bad", CASES, ids=[f"{s} <- {b}" for s, b in CASES])
 def test_bad_input_is_one_line_naming_it(fixtures, tmp_path, capsysbinary, slot, bad):
     kind, argv = SLOTS[slot]
+    if slot.startswith("watch") and importlib.util.find_spec("av") is None:
+        pytest.skip("needs the video extra (av)")
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()

@@ -33,6 +33,7 @@ COMMANDS = {
     "quantize": ("calibration.cli", "INT8 visual stages + weight-only LLM, with a fidelity report and gates"),
     "index": ("runtime.index.cli", "embed a photo folder into a searchable index (only new or changed files)"),
     "search": ("runtime.index.cli", "find the indexed photos that best match a text"),
+    "watch": ("runtime.video.cli", "caption, question or watch for alerts in video files, streams and cameras"),
     "make-images": ("runtime.cli.make_images", "write a folder of synthetic test images (PNG, a coloured square each)"),
     "serve": ("runtime.serving.cli", "serve artifact directories on Triton Inference Server"),
     "triton-repo": ("runtime.serving.cli", "write a Triton model repository for artifact directories"),

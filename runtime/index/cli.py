@@ -10,13 +10,17 @@ from pathlib import Path
 
 from PIL import Image
 
+from runtime.cli.durations import seconds
 from runtime.cli.generate import _integer, text_argument
+from runtime.cli.outputs import check_output_file
 from runtime.cli.progress import Progress
 from runtime.errors import ArtifactError, OptionError
 from runtime.index import ann, exact
 from runtime.index.db import IndexDb, IndexDbError
 from runtime.index.indexer import update_index
-from runtime.index.search import MODES, PhotoSearch
+from runtime.index.results_page import clock, write_results_page
+from runtime.index.search import MODES, PhotoSearch, video_frame
+from runtime.index.videos import DEFAULT_VIDEO_EVERY
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
 from runtime.retriever import Blip2Retriever
 
@@ -25,7 +29,9 @@ def register(sub) -> None:
     p = sub.add_parser("index", help="embed a photo folder into a searchable index (only new or changed files)",
                        description="Embed the images under PHOTOS into the SQLite index --db with a retrieval "
                                    "artifact. Incremental: only new or changed files are embedded, moved files are "
-                                   "not embedded again, deleted files are removed. Unreadable files are listed.")
+                                   "not embedded again, deleted files are removed. Unreadable files are listed. "
+                                   "Video files (with the video extra) are sampled at scene changes and each "
+                                   "sampled frame is stored with its timestamp.")
     p.add_argument("artifacts", help="retrieval artifact directory (blip2-edge export of a Blip2ForImageTextRetrieval)")
     p.add_argument("photos", help="folder of images (recursive)")
     p.add_argument("--db", required=True, help="the index file (made if missing), e.g. photos.db")
@@ -39,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="accept a PHOTOS folder with no image left and remove all its records (by default that is "
                         "refused: an unmounted drive looks the same)")
+    p.add_argument("--video-every", type=seconds, default=DEFAULT_VIDEO_EVERY, metavar="S",
+                   help=f"videos: sample a frame at least every S seconds besides scene changes (default "
+                        f"{DEFAULT_VIDEO_EVERY:g}s)")
     p.set_defaults(run=run_index)
 
     p = sub.add_parser("search", help="find the indexed photos that best match a text",
@@ -56,6 +65,8 @@ def register(sub) -> None:
                    help="approximate mode: images re-scored exactly per query")
     p.add_argument("--chunk", type=_integer, default=exact.DEFAULT_CHUNK, help="exact mode: images per chunk")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--html", type=Path, metavar="FILE",
+                   help="also write the results as a self-contained HTML page (thumbnails, timestamps, scores)")
     p.set_defaults(run=run_search)
 
 
@@ -73,11 +84,13 @@ def run_index(args) -> int:
     retriever = _retriever(args.artifacts)
     show = args.progress or sys.stderr.isatty()
     progress = (lambda label, total: Progress(label, total, live=True if args.progress else None)) if show else None
+    if args.video_every <= 0:
+        raise OptionError(f"--video-every must be a positive duration, got {args.video_every:g} s")
     db = IndexDb.open(args.db, create=True)
     try:
         report = update_index(db, retriever, args.photos, args.artifacts, batch_size=args.batch_size,
                               max_pixels=max_pixels, ann_threshold=args.ann_threshold, progress=progress,
-                              allow_empty=args.allow_empty)
+                              allow_empty=args.allow_empty, video_every=args.video_every)
     finally:
         db.close()
     for folder, reason in report.unreadable_folders:
@@ -90,6 +103,9 @@ def run_index(args) -> int:
           f"(not embedded again), {report.unchanged} unchanged, {report.removed} removed; "
           f"{report.images} images in {report.db}" + (f"; approximate index {report.ann}" if report.ann != "none" else "")
           + (f"; {report.kept} kept from folders that could not be read" if report.unreadable_folders else ""))
+    if report.videos or report.videos_removed:
+        print(f"{report.videos} videos: {report.videos_indexed} sampled and embedded ({report.video_frames} frames), "
+              f"{report.videos_unchanged} unchanged, {report.videos_removed} removed")
     if report.unreadable:
         print(f"{len(report.unreadable)} unreadable (skipped):")
         for path, reason in report.unreadable:
@@ -99,6 +115,8 @@ def run_index(args) -> int:
 
 def run_search(args) -> int:
     text_argument(args.text, "TEXT")  # undecodable bytes on the command line, before any work
+    if args.html is not None:
+        check_output_file("--html", args.html)
     db = IndexDb.open(args.db)
     try:
         record = db.model()
@@ -113,11 +131,14 @@ def run_search(args) -> int:
         hits = searcher.search(args.text, top=args.top, rerank=args.rerank)
     finally:
         db.close()
+    if args.html is not None:
+        write_results_page(args.html, args.text, hits, video_frame, DEFAULT_MAX_IMAGE_PIXELS)
     if args.json:
         print(json.dumps({"query": args.text, "mode": searcher.mode, "reranked": bool(args.rerank),
                           "results": [h.to_json() for h in hits]}, indent=2))
         return 0
     for rank, h in enumerate(hits, 1):
         itm = f"  match {h.itm:.3f}" if h.itm is not None else ""
-        print(f"{rank:>3}. {h.score:.4f}{itm}  {h.path}")
+        when = f" at {clock(h.timestamp)}" if h.timestamp is not None else ""
+        print(f"{rank:>3}. {h.score:.4f}{itm}  {h.path}{when}")
     return 0

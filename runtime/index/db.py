@@ -30,7 +30,9 @@ import numpy as np
 
 from runtime.errors import Blip2EdgeError
 
-SCHEMA_VERSION = 1
+# 2: videos and their sampled frames (version 1 files are migrated when opened; a blip2-edge that
+# reads only version 1 refuses a version 2 file rather than deleting its frames' embeddings).
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x42324958  # "B2IX": tells our files from any other SQLite database
 EMBEDDING_DTYPE = np.dtype("<f2")
 BUSY_TIMEOUT_MS = 30_000
@@ -43,6 +45,15 @@ CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER NOT NULL, 
 CREATE INDEX IF NOT EXISTS files_by_image ON files(image_id);
 CREATE TABLE IF NOT EXISTS ann (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL, kind TEXT NOT NULL,
                   data BLOB NOT NULL);
+"""
+# A video is recorded with the frames sampled from it, each pointing at its embedding like a photo.
+_VIDEO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS videos (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                     duration REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS frames (path BLOB NOT NULL REFERENCES videos(path) ON DELETE CASCADE,
+                     timestamp REAL NOT NULL, image_id INTEGER NOT NULL REFERENCES images(id),
+                     PRIMARY KEY (path, timestamp));
+CREATE INDEX IF NOT EXISTS frames_by_image ON frames(image_id);
 """
 
 
@@ -117,7 +128,7 @@ class IndexDb:
             c.execute("PRAGMA journal_mode=WAL")
             # One transaction (a creator killed half-way leaves an empty file, made again next time);
             # IF NOT EXISTS / OR IGNORE let two first runs race without failing.
-            c.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA application_id={APPLICATION_ID};"
+            c.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{_VIDEO_SCHEMA}PRAGMA application_id={APPLICATION_ID};"
                             f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                             "INSERT OR IGNORE INTO meta VALUES ('generation', '0');COMMIT;")
         version = self.meta("schema_version")
@@ -126,7 +137,10 @@ class IndexDb:
         if int(version) > SCHEMA_VERSION:
             raise IndexDbError(f"{self.path}: photo index schema version {version}, this blip2-edge reads up to "
                                f"{SCHEMA_VERSION}: upgrade blip2-edge, or build a new index with this one")
-        if int(version) < SCHEMA_VERSION:  # no older version exists yet; a migration goes here when one does
+        if int(version) == 1:  # photos only: add the video tables
+            c.executescript(f"BEGIN IMMEDIATE;{_VIDEO_SCHEMA}"
+                            "UPDATE meta SET value = '2' WHERE key = 'schema_version' AND value = '1';COMMIT;")
+        elif int(version) < SCHEMA_VERSION:
             raise IndexDbError(f"{self.path}: photo index schema version {version} is not supported; {_fix(self.path)}")
         c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
@@ -267,6 +281,14 @@ class IndexDb:
                 out += self.conn.execute(f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(part))})",
                                          part).fetchall()
         return self.embeddings(record, out)
+
+    def frames_of(self, image_id: int) -> list[tuple[str, float, int, int]]:
+        """(video path, timestamp, size, mtime_ns) of every sampled video frame with this content."""
+        with self.errors():
+            rows = self.conn.execute("SELECT f.path, f.timestamp, v.size, v.mtime_ns FROM frames f JOIN videos v "
+                                     "ON v.path = f.path WHERE f.image_id = ? ORDER BY f.path, f.timestamp",
+                                     (int(image_id),)).fetchall()
+        return [(os.fsdecode(path_bytes(p)), float(t), s, m) for p, t, s, m in rows]
 
     def count_images(self) -> int:
         with self.errors():

@@ -25,6 +25,7 @@ from runtime.errors import Blip2EdgeError, OptionError
 from runtime.images import walk_image_files
 from runtime.index import ann
 from runtime.index.db import EMBEDDING_DTYPE, IndexDb, IndexDbError, ModelRecord, path_bytes
+from runtime.index.videos import DEFAULT_VIDEO_EVERY, update_videos
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 
 DEFAULT_BATCH = 16
@@ -43,7 +44,12 @@ class IndexReport:
     # Folders that could not be listed, and the records under them, kept as they were.
     unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
     kept: int = 0
-    images: int = 0  # distinct embedded images in the whole db after the run
+    videos: int = 0  # video files found under root
+    videos_unchanged: int = 0  # same size and mtime as recorded: not decoded
+    videos_indexed: int = 0  # new or changed videos sampled and embedded in this run
+    video_frames: int = 0  # frames sampled from them
+    videos_removed: int = 0  # videos gone from root (or now unreadable) whose records were deleted
+    images: int = 0  # distinct embedded images (photos and video frames) in the whole db after the run
     ann: str = "none"
 
     def to_json(self) -> dict:
@@ -79,8 +85,11 @@ def _content_hash(path: str) -> str:
 
 def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str | os.PathLike, *,
                  batch_size: int = DEFAULT_BATCH, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 ann_threshold: int = ann.DEFAULT_THRESHOLD, progress=None, allow_empty: bool = False) -> IndexReport:
-    """Indexes the images under `root` with `retriever` (loaded from `location`) into `db`.
+                 ann_threshold: int = ann.DEFAULT_THRESHOLD, progress=None, allow_empty: bool = False,
+                 video_every: float = DEFAULT_VIDEO_EVERY) -> IndexReport:
+    """Indexes the images and videos under `root` with `retriever` (loaded from `location`) into
+    `db`; a video's frames are sampled at scene changes and at least every `video_every` seconds
+    (runtime.index.videos).
 
     Records are removed only for files known to be gone: never under a folder that could not be
     listed (it is reported, its records kept), and never all of a root that now lists no image
@@ -98,6 +107,7 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
     if report.files == 0 and not blind and known and not allow_empty:
         raise OptionError(f"{root}: no images there, but the index holds {len(known)} from it (a drive that is not "
                           "mounted?); nothing was changed. If they were deleted, index again with --allow-empty")
+    progress_factory = progress
     if progress is not None:
         progress = progress("indexing", len(todo))
     pending = _Pending()
@@ -113,6 +123,8 @@ def update_index(db: IndexDb, retriever, root: str | os.PathLike, location: str 
             progress.advance(1)
     _commit(db, retriever, record, pending)
     report.removed = _remove(db, gone)
+    update_videos(db, retriever, record, root, report, every=video_every, max_pixels=max_pixels, blind=blind,
+                  progress=progress_factory, allow_empty=allow_empty)
     report.images = db.count_images()
     report.ann = ann.rebuild_if_needed(db, record, ann_threshold)
     return report
@@ -226,7 +238,8 @@ def _remove(db: IndexDb, paths: list[bytes]) -> int:
         for start in range(0, len(paths), 500):
             part = paths[start:start + 500]
             removed += c.execute(f"DELETE FROM files WHERE path IN ({','.join('?' * len(part))})", part).rowcount
-        orphans = c.execute("DELETE FROM images WHERE id NOT IN (SELECT image_id FROM files)").rowcount
+        orphans = c.execute("DELETE FROM images WHERE id NOT IN (SELECT image_id FROM files) "
+                            "AND id NOT IN (SELECT image_id FROM frames)").rowcount
         if orphans:
             db.bump_generation(c)
     return removed

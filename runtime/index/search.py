@@ -8,11 +8,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from runtime.errors import Blip2EdgeError, OptionError
 from runtime.index import ann, exact
 from runtime.index.db import IndexDb, ModelRecord
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from runtime.video.file_source import FileSource
 
 MODES = ("auto", "exact", "approximate")
 
@@ -24,9 +26,12 @@ class Hit:
     itm: float | None = None  # ITM match probability, when reranked
     paths: tuple[str, ...] = ()  # every indexed file with this content (duplicates)
     image_id: int = 0
+    timestamp: float | None = None  # a video's frame: seconds into `path`
 
     def to_json(self) -> dict:
         out = {"path": self.path, "score": round(self.score, 6), "paths": list(self.paths)}
+        if self.timestamp is not None:
+            out["timestamp"] = round(self.timestamp, 3)
         if self.itm is not None:
             out["itm"] = round(self.itm, 6)
         return out
@@ -93,6 +98,12 @@ class PhotoSearch:
 
     def _hit(self, image_id: int, score: float) -> Hit:
         files = self.db.paths_of(image_id)
+        if not files:  # a frame of a video (the first moment whose video is unchanged)
+            moments = self.db.frames_of(image_id)
+            if moments:
+                current = [(p, t) for p, t, size, mtime in moments if _unchanged(p, size, mtime)]
+                path, timestamp = current[0] if current else moments[0][:2]
+                return Hit(path, score, None, tuple(dict.fromkeys(m[0] for m in moments)), image_id, timestamp)
         current = [p for p, size, mtime in files if _unchanged(p, size, mtime)]
         paths = tuple(p for p, _, _ in files)
         return Hit(current[0] if current else (paths[0] if paths else ""), score, None, paths, image_id)
@@ -106,6 +117,10 @@ class PhotoSearch:
             readable = []
             for hit in hits[start:start + batch]:
                 try:
+                    if hit.timestamp is not None and any(_unchanged(p, size, mtime) for p, _, size, mtime
+                                                         in self.db.frames_of(hit.image_id) if p == hit.path):
+                        readable.append((hit, self.retriever.preprocessing.resize(video_frame(hit.path, hit.timestamp))))
+                        continue
                     if hit.path and any(_unchanged(*f) for f in self.db.paths_of(hit.image_id) if f[0] == hit.path):
                         image = load_image(hit.path, self.max_pixels)
                         readable.append((hit, self.retriever.preprocessing.resize(image)))
@@ -119,6 +134,12 @@ class PhotoSearch:
                 for (hit, _), p in zip(readable, probs):
                     hit.itm = float(p)
         return sorted(hits, key=lambda h: (h.itm is None, -(h.itm or 0.0), -h.score, h.image_id))
+
+
+def video_frame(path: str, timestamp: float):
+    """The frame of a video at `timestamp`, as a PIL image (needs the video extra)."""
+    with FileSource(path) as src:
+        return Image.fromarray(src.frame_at(timestamp).image)
 
 
 def _unchanged(path: str, size: int, mtime_ns: int) -> bool:
