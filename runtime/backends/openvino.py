@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, Blip2EdgeError, MissingExtraError, OptionError
+from runtime.host_cpu import cpu_flags
 
 PRECISIONS = ("f32", "bf16", "f16")
 # --device names under --backend openvino -> OpenVINO's device names (GPU.1 etc. pass through)
@@ -56,18 +57,6 @@ def core():
 
 def openvino_version() -> str:
     return import_openvino().get_version().split("-")[0]
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return frozenset()
 
 
 def native_precisions(flags: frozenset[str] | set[str]) -> tuple[str, ...]:

@@ -48,22 +48,27 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float)
 
 
-BACKEND_HELP = ("onnxruntime (default), onnxruntime-trt (its TensorRT provider), tensorrt (engines from "
-                "build-engines for the visual stages), openvino (every stage OpenVINO runs; the openvino extra)")
+BACKEND_HELP = ("auto (default): on the CPU with the openvino extra, each stage on the engine and precision a short "
+                "measurement (cached) finds fastest at the fidelity gate, else onnxruntime; onnxruntime; "
+                "onnxruntime-trt (its TensorRT provider); tensorrt (engines from build-engines for the visual stages); "
+                "openvino (every stage OpenVINO runs; the openvino extra)")
 
 
 def add_engine_options(p: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
     """--device, --backend and --precision (caption, ask, profile)."""
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or auto (default: cpu); under --backend openvino: cpu, gpu or npu (Intel)")
-    p.add_argument("--backend", default="onnxruntime", choices=backends or BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--backend", default="auto", choices=backends or BACKENDS, help=BACKEND_HELP)
     p.add_argument("--precision", default="f32", choices=PRECISIONS,
                    help="OpenVINO's inference precision (--backend openvino): f32 (default), bf16 (CPUs with "
                         "AVX-512 BF16 or AMX), f16; refused in one line where the device lacks it")
 
 
 def placement_notes(artifact) -> list[str]:
-    """One line per stage that is not on the engine its backend names, and why."""
+    """One line per stage that is not on the engine its backend names, and why. Under auto
+    every stage is where it was chosen to be: its reasons are for doctor and profile."""
+    if artifact.backend == "auto":
+        return []
     return [f"note: {stage} runs on {p['engine']} ({p['device']}): {p['reason']}"
             for stage, p in artifact.placement.items() if "reason" in p]
 
