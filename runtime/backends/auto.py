@@ -148,7 +148,8 @@ def _close(runner) -> None:
 def _build(manifest: Manifest, stage: str, candidate: str, threads: ThreadSettings):
     if candidate == ORT:
         return ort_cpu_runner(manifest, stage, threads)
-    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads)
+    # mixed: under auto some stage (the decoder, a text-fed stage) is always on ONNX Runtime
+    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads, mixed=True)
 
 
 def measurable_stages(manifest: Manifest, stage_names: tuple[str, ...]) -> tuple[str, ...]:

@@ -132,7 +132,16 @@ class ThreadSettings:
       encoder), on for the decoder, whose steps follow each other immediately;
     - "on": ORT's own default for every stage; "off": no stage spins.
     `stage_spin` overrides single stages: (("qformer", True),). `intra_op_threads`: threads per
-    session, 0 = ORT's default (one per physical core).
+    session, 0 = ORT's default (one per physical core); OpenVINO's stages take the same count
+    (INFERENCE_NUM_THREADS), so the two engines share one policy.
+    `linger`: under "auto", a spinning stage's threads keep spinning after its run returns (ORT's
+    own behaviour). False (default): they spin during a run and stop when it returns
+    (session.force_spinning_stop), so the decoder's threads no longer take the cores from the
+    next image's vision stage, whichever engine runs it; a decode step is as fast either way
+    (bench/THREADS_RESULTS.md, "Threads across engines"). "on" keeps ORT's default throughout.
+    `openvino_pinning`: OpenVINO's ENABLE_CPU_PINNING for its CPU stages; None (default): off
+    where the pipeline has ONNX Runtime stages too (pinned OpenVINO threads slowed ONNX Runtime's
+    FP32 decoder by ~8% in the same bench), OpenVINO's own default where it runs every stage.
     `tf32`: FP32 matrix products and convolutions on CUDA may use TF32 tensor cores (Ampere and
     newer: faster, inputs rounded to 10-bit mantissas), ONNX Runtime's default. False: full FP32
     (the CUDA provider's use_tf32=0, ONNX Runtime 1.18+), what a token-for-token comparison with
@@ -143,6 +152,8 @@ class ThreadSettings:
     intra_op_threads: int = 0
     stage_spin: tuple[tuple[str, bool], ...] = ()
     tf32: bool = True
+    linger: bool = False
+    openvino_pinning: bool | None = None
 
     def __post_init__(self) -> None:
         if self.spin not in SPIN_MODES:
@@ -157,6 +168,10 @@ class ThreadSettings:
                 raise OptionError(f"stage_spin entries are (stage name, bool) pairs, got {item!r}")
         if not isinstance(self.tf32, bool):
             raise OptionError(f"tf32 must be True or False, got {self.tf32!r}")
+        if not isinstance(self.linger, bool):
+            raise OptionError(f"linger must be True or False, got {self.linger!r}")
+        if self.openvino_pinning is not None and not isinstance(self.openvino_pinning, bool):
+            raise OptionError(f"openvino_pinning must be True, False or None, got {self.openvino_pinning!r}")
 
     def allow_spinning(self, stage: str) -> bool:
         overrides = dict(self.stage_spin)
@@ -164,10 +179,23 @@ class ThreadSettings:
             return overrides[stage]
         return self.spin == "on" or (self.spin == "auto" and stage in STEP_STAGES)
 
+    def openvino_pinning_for(self, mixed: bool) -> bool | None:
+        """ENABLE_CPU_PINNING for OpenVINO's stages of a pipeline that also has ONNX Runtime
+        stages (`mixed`) or not; None leaves OpenVINO's default."""
+        if self.openvino_pinning is not None:
+            return self.openvino_pinning
+        return False if mixed else None
+
+    def stop_spinning(self, stage: str) -> bool:
+        """Whether a spinning stage's threads stop when its run returns (see `linger`)."""
+        return self.spin != "on" and not self.linger and self.allow_spinning(stage)
+
     def describe(self, stages) -> dict:
         """What the profiler records: the policy and what it gives each stage."""
         return {"spin": self.spin, "intra_op_threads": self.intra_op_threads,
-                "allow_spinning": {s: self.allow_spinning(s) for s in stages}, "tf32": self.tf32}
+                "allow_spinning": {s: self.allow_spinning(s) for s in stages},
+                "stop_spinning_after_run": {s: self.stop_spinning(s) for s in stages}, "tf32": self.tf32,
+                "openvino_pinning": "off where stages are mixed" if self.openvino_pinning is None else self.openvino_pinning}
 
 
 # ONNX Runtime's CUDA arena grows by powers of two by default; on a Jetson it shares the unified
@@ -289,9 +317,11 @@ class OrtRunner:
     """Runs one graph. InferenceSession.run is thread-safe, so one runner serves all threads."""
 
     def __init__(self, path: Path, providers: list, intra_op_threads: int = 0,
-                 allow_spinning: bool | None = None, require_provider: str | None = None):
+                 allow_spinning: bool | None = None, require_provider: str | None = None,
+                 stop_spinning: bool = False):
         """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings.
-        require_provider: the provider the session must really have got (else a one-line error)."""
+        require_provider: the provider the session must really have got (else a one-line error).
+        stop_spinning: the threads stop spinning when a run returns (session.force_spinning_stop)."""
         ort = import_onnxruntime()
         so = ort.SessionOptions()
         # Full optimisation: constant folding, LayerNorm/GELU/attention fusions on CPU and CUDA.
@@ -299,6 +329,8 @@ class OrtRunner:
         so.intra_op_num_threads = intra_op_threads
         if allow_spinning is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if stop_spinning:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
@@ -377,4 +409,5 @@ class OrtRunner:
 def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSettings,
                  require_provider: str | None = None) -> OrtRunner:
     """A stage's runner with its thread settings."""
-    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider)
+    return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider,
+                     threads.stop_spinning(stage))

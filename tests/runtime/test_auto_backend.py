@@ -244,3 +244,21 @@ def test_doctor_prints_the_auto_placement(toy_artifacts):
     assert "placement: vision: " in auto["detail"] and "decoder: onnxruntime" in auto["detail"]
     assert "tokens equal to the CPU's" in auto["detail"]
     assert "PASS  auto: placement: vision: " in format_text(data)
+
+
+# ---- one thread policy across engines -----------------------------------------------------------
+
+@needs_openvino
+def test_openvino_threads_are_not_pinned_where_stages_are_mixed(toy_artifacts, toy_concat_artifacts):
+    mixed = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino")  # shared-KV decoder on ORT
+    assert mixed.placement["decoder"]["engine"] == "onnxruntime"
+    assert mixed.placement["vision"]["pinning"] is False and mixed.placement["qformer"]["pinning"] is False
+    forced = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino",
+                                 threads=ThreadSettings(openvino_pinning=True))
+    assert forced.placement["vision"]["pinning"] is True
+    alone = LoadedArtifact.open(toy_concat_artifacts, task="generation", backend="openvino")  # every stage on OpenVINO
+    from runtime.backends.openvino import core
+
+    assert alone.placement["vision"]["pinning"] is bool(core().get_property("CPU", "ENABLE_CPU_PINNING"))
+    auto = LoadedArtifact.open(toy_artifacts, task="generation", backend="auto")
+    assert all(p["pinning"] is False for p in auto.placement.values() if p["engine"] == "openvino")

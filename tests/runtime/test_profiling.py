@@ -75,7 +75,9 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     assert env["cores"] == os.cpu_count() and "CPUExecutionProvider" in env["providers"]
     assert env["onnxruntime_threads"] == {"spin": "auto", "intra_op_threads": 0,  # the default settings
                                           "allow_spinning": {"vision": False, "qformer": False, "decoder": True},
-                                          "tf32": True}
+                                          "stop_spinning_after_run": {"vision": False, "qformer": False,
+                                                                      "decoder": True},
+                                          "tf32": True, "openvino_pinning": "off where stages are mixed"}
     assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
                                 "device": "cpu", "backend": "onnxruntime", "precision": "f32", "backends": None}
     placement = data["profiles"][0]["placement"]  # which engine ran each stage
