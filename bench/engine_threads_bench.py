@@ -9,9 +9,8 @@ caption loop or a server does; the stages of those images are what the table sho
 each a pipeline of its own (runtime.backends.onnxrt.ThreadSettings for ONNX Runtime's side):
 - policy: only the decoder's ONNX Runtime threads spin, and only during a run
   (session.force_spinning_stop: they stop when a step returns); both engines one thread per
-  core (one count for both: --intra-op-threads); OpenVINO's CPU pinning off, since the stages are
-  mixed (ThreadSettings.openvino_pinning_for);
-- OV pinning on: the policy with OpenVINO's threads pinned to cores (its default on Linux);
+  core (one count for both: --intra-op-threads); OpenVINO's CPU pinning at its default (on);
+- OV pinning off: the policy with OpenVINO's threads not pinned (ENABLE_CPU_PINNING off);
 - lingering: the decoder's threads keep spinning after each step returns, into the next
   image's OpenVINO vision stage (ONNX Runtime's behaviour, this project's before issue 24);
 - ORT spin off: no ONNX Runtime stage spins (the decoder's threads sleep inside a step too);
@@ -37,7 +36,7 @@ from runtime import synthetic  # noqa: E402
 STAGES = ("vision", "qformer", "prefill", "decode_step", "total")
 # label -> (backend, ThreadSettings fields)
 SETTINGS = {"policy": ("openvino", {}),
-            "OV pinning on": ("openvino", {"openvino_pinning": True}),
+            "OV pinning off": ("openvino", {"openvino_pinning": False}),
             "lingering": ("openvino", {"linger": True}),
             "ORT spin off": ("openvino", {"spin": "off"}),
             "all ONNX Runtime, policy": ("onnxruntime", {}),

@@ -40,7 +40,7 @@ from runtime.backends.stage_runners import (
     ort_cpu_runner,
     placement_of,
 )
-from runtime.errors import MissingExtraError
+from runtime.errors import Blip2EdgeError, MissingExtraError
 from runtime.host_cpu import cpu_flags, cpu_model
 
 ORT = "onnxruntime"
@@ -117,14 +117,18 @@ def measure(runners: dict[str, object], feeds: dict[str, np.ndarray], reps: int 
     batch: the fidelity), then interleaved rounds on its first item (the timing): `reps`, by
     default REPS, or more where a round is short (up to MAX_REPS, ROUND_BUDGET_S a round)."""
     reference = runners[ORT].infer(feeds)
-    cosines = {ORT: 1.0}
+    cosines, failed = {ORT: 1.0}, {}
     for c, r in runners.items():
         if c != ORT:
-            got = r.infer(feeds)
+            try:
+                got = r.infer(feeds)
+            except Blip2EdgeError as exc:  # compiled, but refused the stage's inputs: not a candidate
+                failed[c] = {"error": str(exc)}
+                continue
             cosines[c] = min(cosine_mean(got[n], reference[n]) for n in reference)
     one = {n: v[:1] for n, v in feeds.items()}
-    times: dict[str, list[float]] = {c: [] for c in runners}
-    order = list(runners)
+    order = [c for c in runners if c not in failed]
+    times: dict[str, list[float]] = {c: [] for c in order}
     rep, rounds = 0, reps
     while rounds is None or rep <= rounds:  # round 0 warms batch 1 up
         t_round = time.perf_counter()
@@ -136,7 +140,7 @@ def measure(runners: dict[str, object], feeds: dict[str, np.ndarray], reps: int 
         if rounds is None and rep == 1:
             rounds = max(REPS, min(MAX_REPS, int(ROUND_BUDGET_S / (time.perf_counter() - t_round))))
         rep += 1
-    return {c: {"ms": statistics.median(times[c]) * 1e3, "cosine": cosines[c]} for c in runners}, reference
+    return {**{c: {"ms": statistics.median(times[c]) * 1e3, "cosine": cosines[c]} for c in order}, **failed}, reference
 
 
 def _close(runner) -> None:
@@ -148,8 +152,7 @@ def _close(runner) -> None:
 def _build(manifest: Manifest, stage: str, candidate: str, threads: ThreadSettings):
     if candidate == ORT:
         return ort_cpu_runner(manifest, stage, threads)
-    # mixed: under auto some stage (the decoder, a text-fed stage) is always on ONNX Runtime
-    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads, mixed=True)
+    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads)
 
 
 def measurable_stages(manifest: Manifest, stage_names: tuple[str, ...]) -> tuple[str, ...]:

@@ -140,7 +140,7 @@ class OpenVinoRunner:
         """device: OpenVINO's name (CPU, GPU, NPU). threads: INFERENCE_NUM_THREADS on the CPU
         (0: OpenVINO's default, one per physical core). input_names/output_names: the manifest's,
         to name the ports by. pinning: ENABLE_CPU_PINNING on the CPU (None: OpenVINO's default;
-        ThreadSettings.openvino_pinning_for says which the pipeline asks for)."""
+        ThreadSettings.openvino_pinning)."""
         self.path = Path(path)
         self.ov_device = device
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}

@@ -79,14 +79,14 @@ def openvino_unfit(manifest: Manifest, stage: str) -> str | None:
 
 
 def openvino_stage_runner(manifest: Manifest, stage: str, device: str, precision: str,
-                          threads: ThreadSettings, mixed: bool = False) -> OpenVinoRunner:
+                          threads: ThreadSettings) -> OpenVinoRunner:
     """One stage compiled by OpenVINO on `device` (OpenVINO's name) at `precision`, its ports
-    named as the manifest names them; OpenVinoCannotRunError when OpenVINO cannot read it.
-    `mixed`: the pipeline has ONNX Runtime stages too (the thread policy: ThreadSettings)."""
+    named as the manifest names them, with the thread policy's count and pinning
+    (ThreadSettings); OpenVinoCannotRunError when OpenVINO cannot read it."""
     return OpenVinoRunner(manifest.stage_file(stage), device, precision, threads.intra_op_threads,
                           tuple(t["name"] for t in manifest.stages[stage]["inputs"]),
                           tuple(t["name"] for t in manifest.stages[stage]["outputs"]),
-                          threads.openvino_pinning_for(mixed))
+                          threads.openvino_pinning)
 
 
 def ort_cpu_runner(manifest: Manifest, stage: str, threads: ThreadSettings):
@@ -103,12 +103,11 @@ def openvino_runners(manifest: Manifest, device: str, stage_names: tuple[str, ..
     check_precision(precision, name)
     check_device(name)
     runners, placement = {}, {}
-    mixed = any(openvino_unfit(manifest, s) for s in stage_names)
     for s in stage_names:
         reason = openvino_unfit(manifest, s)
         if reason is None:
             try:
-                runners[s] = openvino_stage_runner(manifest, s, name, precision, threads, mixed)
+                runners[s] = openvino_stage_runner(manifest, s, name, precision, threads)
                 placement[s] = placement_of(runners[s])
                 continue
             except OpenVinoCannotRunError as exc:

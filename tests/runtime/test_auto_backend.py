@@ -208,6 +208,23 @@ def test_only_image_fed_stages_are_measured(toy_artifacts, t5_tiny_artifacts):
     assert measurable_stages(t5.manifest, t5.stage_names) == ("vision", "qformer")  # not the text-fed encoder
 
 
+@needs_openvino
+def test_retrieval_under_auto_measures_the_image_stages_only(retrieval_tiny_artifacts):
+    from runtime.retriever import Blip2Retriever
+
+    images, texts = [im for _, im in synthetic.make_scenes(3, seed=3)], ["a red circle", "a blue square"]
+    ort = Blip2Retriever.from_artifacts(retrieval_tiny_artifacts)
+    auto = Blip2Retriever.from_artifacts(retrieval_tiny_artifacts, backend="auto")
+    placement = auto.artifact.placement
+    measured = {s for s, p in placement.items() if "measured" in p}
+    assert measured == set(measurable_stages(auto.artifact.manifest, auto.stage_names)) and "vision" in measured
+    for stage in set(placement) - measured:  # fed by text
+        assert placement[stage]["engine"] == "onnxruntime" and "fed by text" in placement[stage]["reason"]
+    # two stages in a row, each within the gate: their angles add (1 - cos <= 4 x (1 - 0.9999))
+    assert cosine_mean(auto.embed_images(images), ort.embed_images(images)) >= 1 - 4 * (1 - GATE_COSINE) - 1e-5
+    np.testing.assert_allclose(auto.embed_texts(texts), ort.embed_texts(texts), rtol=1e-5, atol=1e-6)
+
+
 # ---- profile and doctor print it ---------------------------------------------------------------
 
 @needs_openvino
@@ -249,16 +266,14 @@ def test_doctor_prints_the_auto_placement(toy_artifacts):
 # ---- one thread policy across engines -----------------------------------------------------------
 
 @needs_openvino
-def test_openvino_threads_are_not_pinned_where_stages_are_mixed(toy_artifacts, toy_concat_artifacts):
-    mixed = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino")  # shared-KV decoder on ORT
-    assert mixed.placement["decoder"]["engine"] == "onnxruntime"
-    assert mixed.placement["vision"]["pinning"] is False and mixed.placement["qformer"]["pinning"] is False
-    forced = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino",
-                                 threads=ThreadSettings(openvino_pinning=True))
-    assert forced.placement["vision"]["pinning"] is True
-    alone = LoadedArtifact.open(toy_concat_artifacts, task="generation", backend="openvino")  # every stage on OpenVINO
+def test_openvino_pinning_is_its_default_unless_set(toy_artifacts):
     from runtime.backends.openvino import core
 
-    assert alone.placement["vision"]["pinning"] is bool(core().get_property("CPU", "ENABLE_CPU_PINNING"))
-    auto = LoadedArtifact.open(toy_artifacts, task="generation", backend="auto")
-    assert all(p["pinning"] is False for p in auto.placement.values() if p["engine"] == "openvino")
+    default = bool(core().get_property("CPU", "ENABLE_CPU_PINNING"))
+    art = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino")
+    assert art.placement["vision"]["pinning"] is default and art.placement["qformer"]["pinning"] is default
+    for value in (True, False):
+        art = LoadedArtifact.open(toy_artifacts, task="generation", backend="openvino",
+                                  threads=ThreadSettings(openvino_pinning=value))
+        assert art.placement["vision"]["pinning"] is value
+        assert "onnxruntime" == art.placement["decoder"]["engine"]  # one policy, both engines in one pipeline

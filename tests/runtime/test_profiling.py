@@ -77,7 +77,7 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
                                           "allow_spinning": {"vision": False, "qformer": False, "decoder": True},
                                           "stop_spinning_after_run": {"vision": False, "qformer": False,
                                                                       "decoder": True},
-                                          "tf32": True, "openvino_pinning": "off where stages are mixed"}
+                                          "tf32": True, "openvino_pinning": None}
     assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
                                 "device": "cpu", "backend": "onnxruntime", "precision": "f32", "backends": None}
     placement = data["profiles"][0]["placement"]  # which engine ran each stage
