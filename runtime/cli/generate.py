@@ -74,13 +74,15 @@ def placement_notes(artifact) -> list[str]:
 
 
 def add_thread_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ONNX Runtime threads")
+    g = p.add_argument_group("threads (ONNX Runtime; --intra-op-threads is OpenVINO's too)")
     g.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
-                   help="intra-op threads spinning after a run. auto (default): only the decoder's, whose steps "
-                        "follow each other, so the once-per-image stages (vision, qformer) leave the cores to the "
-                        "next stage; on: every stage (ONNX Runtime's default); off: none")
+                   help="intra-op threads spinning. auto (default): only the decoder's, whose steps follow each "
+                        "other, and only until a step returns, so no stage's threads take the cores from the next "
+                        "stage (on either engine); on: every stage, lingering after a run (ONNX Runtime's "
+                        "default); off: none")
     g.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
-                   help="threads per stage session (default 0: ONNX Runtime's, one per physical core)")
+                   help="threads per stage, on ONNX Runtime and OpenVINO alike (default 0: each engine's own, one "
+                        "per physical core)")
     g.add_argument("--no-tf32", action="store_true",
                    help="on CUDA, full FP32 in FP32 graphs: ONNX Runtime otherwise lets matrix products use TF32 on "
                         "Ampere and newer (faster, inputs rounded to 10-bit mantissas)")
