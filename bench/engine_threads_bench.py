@@ -6,7 +6,7 @@
 Each run captions IMAGES images one after another (batch 1, forced new tokens), so every image
 after the first starts its OpenVINO vision stage right after ONNX Runtime's decode steps, as a
 caption loop or a server does; the stages of those images are what the table shows. Settings,
-each a pipeline of its own (runtime.backends.onnxrt.ThreadSettings for ONNX Runtime's side):
+each a pipeline of its own (runtime.backends.threads.ThreadSettings for ONNX Runtime's side):
 - policy: only the decoder's ONNX Runtime threads spin, and only during a run
   (session.force_spinning_stop: they stop when a step returns); both engines one thread per
   core (one count for both: --intra-op-threads); OpenVINO's CPU pinning at its default (on);
@@ -44,7 +44,7 @@ SETTINGS = {"policy": ("openvino", {}),
 
 
 def load(path: Path, backend: str, settings: dict, precision: str, threads: int):
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
     from runtime.pipeline import Blip2Pipeline
 
     return Blip2Pipeline.from_artifacts(path, backend=backend, precision=precision if backend == "openvino" else "f32",

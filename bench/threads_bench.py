@@ -74,7 +74,7 @@ def table_rows(med: dict, dirs, settings, base_setting: str) -> list[str]:
 
 
 def main() -> int:
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
     from runtime.pipeline import Blip2Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,8 +25,9 @@ from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.artifact.manifest import Manifest, load_manifest
 from runtime.backends.auto import auto_runners
 from runtime.backends.kernel_support import check_installed_kernels
-from runtime.backends.onnxrt import ThreadSettings, available_providers
+from runtime.backends.onnxrt import available_providers
 from runtime.backends.stage_runners import build_runners, check_backend
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import Family, family_for
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing

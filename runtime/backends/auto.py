@@ -27,7 +27,7 @@ import numpy as np
 
 from runtime.artifact.manifest import Manifest
 from runtime.backends import auto_cache
-from runtime.backends.onnxrt import STEP_STAGES, ThreadSettings, import_onnxruntime
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.backends.openvino import (
     OpenVinoCannotRunError,
     import_openvino,
@@ -40,6 +40,7 @@ from runtime.backends.stage_runners import (
     ort_cpu_runner,
     placement_of,
 )
+from runtime.backends.threads import STEP_STAGES, ThreadSettings
 from runtime.errors import Blip2EdgeError, MissingExtraError
 from runtime.host_cpu import cpu_flags, cpu_model
 

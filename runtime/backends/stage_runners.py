@@ -9,7 +9,7 @@ backend would put it) is returned beside the runners: mixing engines is normal, 
 from __future__ import annotations
 
 from runtime.artifact.manifest import Manifest
-from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
+from runtime.backends.onnxrt import gpu_providers, providers_for, required_provider, stage_runner
 from runtime.backends.openvino import (
     OpenVinoCannotRunError,
     OpenVinoRunner,
@@ -21,6 +21,7 @@ from runtime.backends.openvino import (
 from runtime.backends.tensorrt.engines import find_engine, require_tensorrt_readable
 from runtime.backends.tensorrt.profiles import pipeline_ranges
 from runtime.backends.tensorrt.runner import TrtRunner, device_info
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import OptionError
 from runtime.stages import kv_cache_form
 

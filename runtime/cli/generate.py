@@ -89,7 +89,7 @@ def add_thread_options(p: argparse.ArgumentParser) -> None:
 
 
 def thread_settings(args):
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
 
     if args.intra_op_threads < 0:
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.onnxrt import ThreadSettings
 from runtime.backends.stage_runners import VISUAL_STAGES, placement_line
+from runtime.backends.threads import ThreadSettings
 from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment, provider_problem
 from runtime.errors import Blip2EdgeError, install_command
 

@@ -7,8 +7,9 @@ import platform
 import shutil
 import subprocess
 
-from runtime.backends.onnxrt import ThreadSettings, import_onnxruntime
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.backends.tensorrt.engines import nvidia_smi, tensorrt_version
+from runtime.backends.threads import ThreadSettings
 from runtime.host_cpu import cpu_model
 
 

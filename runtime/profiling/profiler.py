@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.artifact.memory import artifact_weights
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import OptionError
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats

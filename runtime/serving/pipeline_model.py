@@ -34,7 +34,7 @@ def parameters(model_config: dict) -> dict:
 def load_pipeline(params: dict, model_dir: str):
     """The pipeline named by the config's parameters: `artifacts` is absolute, or relative to
     the model's directory in the repository (where `triton-repo` puts them)."""
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
     from runtime.pipeline import Blip2Pipeline
 
     artifacts = Path(model_dir) / params["artifacts"]
