@@ -1,5 +1,5 @@
 """Helpers shared by the bench/ scripts: cached random-weight models and artifacts, timing of
-child processes, memory bandwidth, weight bytes."""
+child processes, the machine line and memory bandwidth (runtime.profiling.machine), weight bytes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(REPO))
+# the machine line's parts live in the runtime (profile prints it too); bench scripts import them from here
+from runtime.profiling.machine import machine, machine_line, read_bandwidth, simd_flags  # noqa: E402,F401
 
 
 def ensure_fp32_artifacts(size: str, llm: str = "opt", kv_cache: str = "auto") -> tuple[Path, Path]:
@@ -49,22 +49,6 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
-    """Bytes/s for a streaming read on every core at once (as ORT's threads read weights), of
-    an array larger than the last-level cache; best of N. numpy's sum releases the GIL."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
-    parts = np.array_split(a, os.cpu_count() or 1)
-    best = float("inf")
-    with ThreadPoolExecutor(len(parts)) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
-
-
 def graph_weight_bytes(path: Path) -> int:
     """Bytes of a graph's initializers: what one decode step reads at batch 1."""
     import onnx
@@ -77,16 +61,6 @@ def graph_weight_bytes(path: Path) -> int:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def machine() -> str:
-    import platform
-
-    from runtime.profiling.environment import cpu_model
-
-    cpu = cpu_model()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def hf_generate_fn(model, processor, image, **generation):

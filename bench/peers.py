@@ -7,9 +7,12 @@ forced new tokens: our runtime against transformers and two other inference engi
 1. End to end: transformers eager `generate`, the same with torch.compile on each sub-model's
    forward, ours FP32, ours uint8 visual + INT8 LLM, ours uint8 visual + INT4 LLM; FP32's (and
    torch.compile's) tokens are checked against eager's on every round.
+   The same two artifacts under --backend auto (its measurement made in the worker, at load, or
+   read from the cache), with the placement it chose.
 2. Per stage on the same ONNX files (vision, Q-Former, one decoder step at past length 42): ONNX
-   Runtime as the pipeline builds it, OpenVINO at f32 and at its default precision (bf16 where
-   the CPU has it), with each OpenVINO output's cosine to ONNX Runtime's.
+   Runtime as the pipeline builds it, OpenVINO f32 and OpenVINO bf16 (the precision hint set
+   explicitly and read back; skipped where the CPU has no native bf16), with each OpenVINO
+   output's cosine to ONNX Runtime's.
 3. Decode per token: ours against CTranslate2 on the same OPT weights (float32, int8), and each
    against its floor: weight bytes read per step / read bandwidth measured in this run.
 
@@ -34,14 +37,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import OUT, REPO, ensure_fp32_artifacts, graph_weight_bytes, machine, read_bandwidth, timed  # noqa: E402
+from bench.common import (  # noqa: E402
+    OUT,
+    REPO,
+    ensure_fp32_artifacts,
+    graph_weight_bytes,
+    machine_line,
+    read_bandwidth,
+    timed,
+)
 from bench.peers_workers import VARIANT_DIRS, artifact, serve  # noqa: E402
 from bench.quant_bench import VARIANTS  # noqa: E402
+from runtime.host_cpu import cpu_model  # noqa: E402
 
 OURS = {"ours FP32": "fp32", "ours uint8 visual + INT8 LLM": "uint8+int8", "ours uint8 visual + INT4 LLM": "uint8+int4"}
+OURS_AUTO = {"ours FP32, --backend auto": "fp32/auto", "ours uint8 visual + INT4 LLM, --backend auto": "uint8+int4/auto"}
 E2E = {"transformers eager": "hf:eager", "transformers torch.compile": "hf:compile",
-       **{k: f"ours:{v}" for k, v in OURS.items()}}
-STAGE_ENGINES = {"ONNX Runtime": "stages:ort", "OpenVINO f32": "stages:ov-f32", "OpenVINO default": "stages:ov-default"}
+       **{k: f"ours:{v}" for k, v in {**OURS, **OURS_AUTO}.items()}}
+STAGE_ENGINES = {"ONNX Runtime": "stages:ort", "OpenVINO f32": "stages:ov-f32", "OpenVINO bf16": "stages:ov-bf16"}
 CT2 = {"CTranslate2 float32": "ct2:float32", "CTranslate2 int8": "ct2:int8"}
 
 
@@ -169,12 +182,13 @@ def report_e2e(lines: list, runs: dict, skipped: dict, floors: dict, n: int) -> 
             same = f"{hits}/{len(r)}"
         elif eager:
             same = f"{sum(a['tokens'] == b['tokens'] for a, b in zip(r, eager))}/{len(r)} (not required)"
-        floor = floors.get(OURS.get(label, "fp32" if label.startswith("transformers") else ""))
+        variant = OURS.get(label) or OURS_AUTO.get(label, "").split("/")[0]
+        floor = floors.get(variant or ("fp32" if label.startswith("transformers") else ""))
         xf = f"{step / floor:.2f}" if floor else "-"
         lines.append(f"| {label} | {total * 1e3:.0f} | {speed} | {same} | {step * 1e3:.1f} | "
                      f"{floor * 1e3:.2f} | {xf} |" if floor else
                      f"| {label} | {total * 1e3:.0f} | {speed} | {same} | {step * 1e3:.1f} | - | - |")
-    for label in OURS:
+    for label in {**OURS, **OURS_AUTO}:
         if label in runs:
             r = runs[label]
             lines.append(f"- {label} inside the pipeline: vision {med(r, 'vision') * 1e3:.1f} ms, Q-Former "
@@ -222,10 +236,15 @@ def main() -> int:
         return 0
 
     ensure_artifacts(args.num_calib)
+    # --backend auto measures the engines once per artifact and machine: here, on a quiet machine,
+    # rather than in the workers while the others load (they then read the cache)
+    measure = "from runtime.pipeline import Blip2Pipeline\nfor v in %r: Blip2Pipeline.from_artifacts(v, backend='auto')" % (
+        [str(artifact(v.split("/")[0])) for v in OURS_AUTO.values()],)
+    subprocess.run([sys.executable, "-c", measure], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     bw_before = read_bandwidth()
     floors = {v: graph_weight_bytes(artifact(v) / "decoder.onnx") / bw_before for v in VARIANT_DIRS}
     print("phase 1: end to end", flush=True)
-    _, e2e, e2e_skip = phase(E2E, args, args.compile_timeout)
+    e2e_info, e2e, e2e_skip = phase(E2E, args, args.compile_timeout)
     print("phase 2: stages alone", flush=True)
     st_info, st_runs, st_skip = phase(STAGE_ENGINES, args, 300)
     print("phase 3: CTranslate2", flush=True)
@@ -243,14 +262,15 @@ def main() -> int:
     bw_after = read_bandwidth()
 
     n = args.new_tokens
-    flags = set(open("/proc/cpuinfo").read().split())
-    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
-    lines = [f"machine: {machine()}; {simd}; torch threads, ORT, OpenVINO, CTranslate2 on every core; "
-             f"other processes share this machine",
+    lines = [f"{machine_line(bw_before)} (before; {bw_after / 1e9:.1f} GB/s after); torch threads, ORT, OpenVINO, "
+             f"CTranslate2 on every core; other processes share this machine",
              f"bench model, CPU, batch 1, {n} forced new tokens, {args.rounds} interleaved rounds (rotating order, "
              f"{args.pause:g} s pause after each run), medians; read bandwidth {bw_before / 1e9:.1f} GB/s before, "
              f"{bw_after / 1e9:.1f} GB/s after (floor = decoder weight bytes / the first)", ""]
     identical = report_e2e(lines, e2e, e2e_skip, floors, n)
+    for label in OURS_AUTO:
+        if label in e2e_info:
+            lines.append(f"- {label} placement: " + "; ".join(f"{s}: {p}" for s, p in e2e_info[label]["placement"].items()))
     report_stages(lines, st_info, st_runs, st_skip)
     lines += ["", "| decode per token | ms | floor ms | x floor |", "| --- | --- | --- | --- |"]
     for label, variant in OURS.items():
@@ -274,10 +294,10 @@ def main() -> int:
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
-        cmd = "flock /tmp/blip2-heavy.lock python bench/peers.py " + " ".join(sys.argv[1:])
+        cmd = "flock /tmp/heavy.lock python bench/peers.py " + " ".join(sys.argv[1:])
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.out, "a") as f:
-            f.write(f"\n## Peers: transformers, OpenVINO, CTranslate2 ({stamp})\n\n`{cmd}`\n\n{text}\n")
+            f.write(f"\n## Peers on {cpu_model()}: transformers, OpenVINO, CTranslate2 ({stamp})\n\n`{cmd}`\n\n{text}\n")
     return 0 if identical else 1
 
 

@@ -82,10 +82,13 @@ def hf(args, compiled: bool):
 
 
 def ours(args, variant: str):
+    """Our pipeline on `variant` ("fp32", "uint8+int4", ...; "fp32/auto": under --backend auto,
+    whose measurement runs here, at load, or is read from the cache)."""
     from runtime import synthetic
     from runtime.pipeline import Blip2Pipeline
 
-    pipe = Blip2Pipeline.from_artifacts(artifact(variant))
+    variant, _, backend = variant.partition("/")
+    pipe = Blip2Pipeline.from_artifacts(artifact(variant), backend=backend or "onnxruntime")
     image = synthetic.make_scenes(1, seed=99)[0][1]
 
     def run():
@@ -98,7 +101,8 @@ def ours(args, variant: str):
 
     for _ in range(2):
         run()
-    return {}, run
+    return {"placement": {s: " ".join(str(p[k]) for k in ("engine", "precision") if k in p)
+                          for s, p in pipe.artifact.placement.items()}}, run
 
 
 def stage_feeds(variant: str) -> dict:
@@ -121,7 +125,8 @@ def stage_feeds(variant: str) -> dict:
 
 
 def stage_runner(engine: str, path: Path):
-    """A callable feeds -> first output, for ONNX Runtime as the pipeline runs it or OpenVINO."""
+    """A callable feeds -> first output, for ONNX Runtime as the pipeline runs it or OpenVINO
+    (ov-f32, ov-bf16: the precision hint set explicitly and read back)."""
     if engine == "ort":
         from runtime.backends.onnxrt import OrtRunner
 
@@ -129,9 +134,11 @@ def stage_runner(engine: str, path: Path):
         return lambda feeds: r.infer(feeds)[r.output_names[0]]
     import openvino as ov
 
-    # ov-f32: the precision our graphs are; ov-default: OpenVINO's own choice (bf16 on CPUs with it)
-    config = {"INFERENCE_PRECISION_HINT": "f32"} if engine == "ov-f32" else {}
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    precision = engine.removeprefix("ov-")
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if got != precision:
+        raise RuntimeError(f"asked OpenVINO for {precision}, it compiled {got}")
     req = compiled.create_infer_request()
 
     def infer(feeds):
@@ -144,6 +151,10 @@ def stage_runner(engine: str, path: Path):
 def stages(args, engine: str):
     import numpy as np
 
+    from runtime.backends.openvino import cpu_flags, native_precisions
+
+    if engine == "ov-bf16" and "bf16" not in native_precisions(cpu_flags() or frozenset()):
+        raise RuntimeError("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
     runners, feeds, skipped, samples = {}, {}, {}, {}
     for variant in VARIANT_DIRS:
         vfeeds = stage_feeds(variant)

@@ -60,8 +60,21 @@ def stage_times(result) -> dict:
             "decode_step": statistics.median(t["decode_steps"]), "total": t["total"]}
 
 
+def table_rows(med: dict, dirs, settings, base_setting: str) -> list[str]:
+    """One Markdown row per (directory, setting) of medians in ms (med[(d, s)][stage]), with
+    end to end as a ratio to `base_setting`'s (engine_threads_bench.py uses it too)."""
+    rows = []
+    for d in dirs:
+        base = med[(d, base_setting)]["total"]
+        for s in settings:
+            m = med[(d, s)]
+            rows.append(f"| {d} | {s} | {m['vision']:.1f} | {m['qformer']:.1f} | {m['prefill']:.1f} | "
+                        f"{m['decode_step']:.2f} | {m['total']:.1f} | x{m['total'] / base:.2f} |")
+    return rows
+
+
 def main() -> int:
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
     from runtime.pipeline import Blip2Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,12 +127,7 @@ def main() -> int:
              f"{os.cpu_count()} cores meanwhile (they bias spinning threads)", "",
              "| artifacts | spinning | vision | qformer | prefill | decode/token | end to end | vs on |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for d in dirs:
-        base = med[(d, "on")]["total"]
-        for s in settings:
-            m = med[(d, s)]
-            lines.append(f"| {d} | {s} | {m['vision']:.1f} | {m['qformer']:.1f} | {m['prefill']:.1f} | "
-                         f"{m['decode_step']:.2f} | {m['total']:.1f} | x{m['total'] / base:.2f} |")
+    lines += table_rows(med, dirs, settings, "on")
     text = "\n".join(lines)
     print(text)
     if args.out:  # appended: several runs (thread counts) go in one file

@@ -30,7 +30,7 @@ from runtime import synthetic
 from runtime.artifact.confinement import confined_path
 from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.artifact.writer import atomic_directory, check_target
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import Blip2EdgeError
 from runtime.families import family_for
 from runtime.generation.shared_kv_cache import check_artifact_placement

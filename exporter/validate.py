@@ -35,7 +35,8 @@ from exporter.families import export_family
 from exporter.hf_model import float_dtype, generated_from
 from exporter.torch_stages import VisionStage
 from runtime.artifact.manifest import Manifest, load_manifest
-from runtime.backends.onnxrt import OrtRunner, ThreadSettings
+from runtime.backends.onnxrt import OrtRunner
+from runtime.backends.threads import ThreadSettings
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES
 

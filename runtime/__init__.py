@@ -15,7 +15,7 @@ _WHERE = {
     "Blip2Retriever": "runtime.retriever",
     "LoadedArtifact": "runtime.loaded_artifact",
     "GenerationOptions": "runtime.generation.options",
-    "ThreadSettings": "runtime.backends.onnxrt",
+    "ThreadSettings": "runtime.backends.threads",
     "Blip2EdgeError": "runtime.errors",
     "ArtifactError": "runtime.errors",
     "ImageError": "runtime.errors",

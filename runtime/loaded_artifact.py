@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import synthetic
 from runtime.artifact.checks import check_runner_io, load_embeddings
 from runtime.artifact.manifest import Manifest, load_manifest
+from runtime.backends.auto import auto_runners
 from runtime.backends.kernel_support import check_installed_kernels
-from runtime.backends.onnxrt import ThreadSettings, available_providers
+from runtime.backends.onnxrt import available_providers
 from runtime.backends.stage_runners import build_runners, check_backend
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import ArtifactError, OptionError
 from runtime.families import Family, family_for
 from runtime.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
@@ -45,7 +48,10 @@ class LoadedArtifact:
     def __init__(self, manifest: Manifest, task: str, device: str = "cpu", backend: str = "onnxruntime",
                  threads: ThreadSettings | None = None, precision: str = "f32"):
         """precision: OpenVINO's inference precision (f32, bf16, f16) under backend "openvino";
-        another backend runs each graph in its own precision and takes f32 only."""
+        another backend runs each graph in its own precision and takes f32 only. backend "auto":
+        on the CPU with the openvino extra, each stage where a short measurement (cached per
+        artifact and machine) finds it fastest at the fidelity gate (runtime.backends.auto);
+        elsewhere the same as "onnxruntime"."""
         if task not in WRONG_TASK:
             raise OptionError(f"unknown task '{task}'; valid: {', '.join(WRONG_TASK)}")
         check_backend(backend, precision)
@@ -56,7 +62,8 @@ class LoadedArtifact:
         self.family: Family = family_for(m)
         self.require(task)
         self.device, self.backend, self.precision = device, backend, precision
-        # Under OpenVINO (CPU, Intel GPU or NPU) the stages it cannot run stay on ONNX Runtime's CPU.
+        # Under OpenVINO (CPU, Intel GPU or NPU) the stages it cannot run stay on ONNX Runtime's CPU;
+        # auto's stages not on OpenVINO are on ONNX Runtime on `device`.
         ort_device = "cpu" if backend == "openvino" else device
         self.stage_names: tuple[str, ...] = self.family.stage_names(self.model)
         self.threads = threads or ThreadSettings()
@@ -65,7 +72,7 @@ class LoadedArtifact:
             raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
                               f"stages: {', '.join(self.stage_names)}")
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
-        ort_backend = "onnxruntime" if backend == "openvino" else backend
+        ort_backend = "onnxruntime" if backend in ("openvino", "auto") else backend
         self.family.check_placement(manifest.where, self.model, self.float_dtype, ort_device, ort_backend,
                                     available_providers())
         # 8-bit weight-only stages need an ONNX Runtime with 8-bit MatMulNBits kernels where they run.
@@ -73,18 +80,28 @@ class LoadedArtifact:
                                 ort_backend)
         # placement: stage -> engine, device, precision, threads, and why a stage is not on the
         # backend's engine (stage_runners.placement_line prints it)
-        self.runners, self.placement = build_runners(manifest, device, backend, self.stage_names, self.threads,
-                                                     self.family.position_limit(self.model), precision)
+        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
+        chosen = None
+        if backend == "auto":
+            chosen = auto_runners(manifest, device, self.stage_names, self.threads, self._sample_pixels)
+        if chosen is None:
+            chosen = build_runners(manifest, device, ort_backend if backend == "auto" else backend, self.stage_names,
+                                   self.threads, self.family.position_limit(self.model), precision)
+        self.runners, self.placement = chosen
         for stage, runner in self.runners.items():
             check_runner_io(manifest, stage, runner)
         # The LLM's token embedding table (dtype and shape checked against the manifest); retrieval has none.
         self.embed_table: np.ndarray | None = load_embeddings(manifest) if m.get("embeddings") else None
-        self.preprocessing = Preprocessing.from_manifest(m["preprocessing"])
         self.tokenizer = TextTokenizer(manifest.path(m["tokenizer"]["file"], "tokenizer.file"), m["tokenizer"])
         # InstructBLIP's Q-Former reads the prompt too, in its own (BERT) vocabulary.
         q = m.get("qformer_tokenizer")
         self.qformer_tokenizer = TextTokenizer(manifest.path(q["file"], "qformer_tokenizer.file"), q) if q else None
         manifest.recheck()  # files loaded by path (graphs, tokenizers) are still the ones hashed
+
+    def _sample_pixels(self, n: int) -> np.ndarray:
+        """n synthetic scenes preprocessed as the artifact says: what auto measures the stages on."""
+        images = [im for _, im in synthetic.make_scenes(n, seed=0)]
+        return self.preprocessing.batch(images).astype(self.float_dtype)
 
     def require(self, task: str) -> None:
         """An ArtifactError, naming the way out, unless this artifact serves `task`."""

@@ -17,8 +17,8 @@ from typing import Generator, Iterator, Sequence
 import numpy as np
 
 from runtime.artifact.manifest import Manifest, load_manifest
-from runtime.backends.onnxrt import ThreadSettings
 from runtime.backends.stage_runners import BACKENDS, VISUAL_STAGES
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import OptionError
 from runtime.families import LLMInputs
 from runtime.generation.options import GenerationOptionError, GenerationOptions, PromptTooLongError

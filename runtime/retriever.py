@@ -30,7 +30,7 @@ import numpy as np
 
 from runtime.artifact.manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
 from runtime.artifact.verified_files import read_bounded
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import ArtifactError, OptionError
 from runtime.families.base import pad_prompts  # BERT pads right; masked ids are never read
 from runtime.images import ImageInput, as_image, image_batch

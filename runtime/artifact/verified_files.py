@@ -108,10 +108,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         os.close(fd)
 
 
-def cache_file() -> Path:
-    """Read on each use, so that XDG_CACHE_HOME set after import (the tests do) is honoured."""
+def cache_dir() -> Path:
+    """The runtime's per-user cache directory ($XDG_CACHE_HOME/blip2-edge, else
+    ~/.cache/blip2-edge). Read on each use, so that XDG_CACHE_HOME set after import (the tests
+    do) is honoured."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "blip2-edge" / "sha256.json"
+    return Path(base) / "blip2-edge"
+
+
+def cache_file() -> Path:
+    return cache_dir() / "sha256.json"
 
 
 class HashCache:

@@ -16,12 +16,13 @@ import logging
 import re
 import warnings
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+# ThreadSettings moved to runtime.backends.threads (it serves OpenVINO too); kept importable from here
+from runtime.backends.threads import SPIN_MODES, STEP_STAGES, ThreadSettings  # noqa: F401
 from runtime.errors import ArtifactError, Blip2EdgeError, OptionError, install_command
 
 log = logging.getLogger(__name__)
@@ -114,65 +115,6 @@ def provider_loads(provider: str) -> bool:
 
 
 DEVICES = ("cpu", "cuda", "auto")
-SPIN_MODES = ("auto", "on", "off")
-# The stages that run once per token, back to back: their intra-op threads spinning between runs
-# saves the wake-up of every step. Every other stage (vision, qformer, T5's encoder and cross_kv)
-# runs once per request and hands the cores on to the next stage.
-STEP_STAGES = ("decoder",)
-
-
-@dataclass(frozen=True)
-class ThreadSettings:
-    """ONNX Runtime's session settings, per stage: intra-op threads, and TF32 on CUDA.
-
-    ORT's worker threads keep spinning for a while after a run; the next stage's session then
-    competes with them for the cores (bench/THREADS_RESULTS.md: on 2 cores the uint8 Q-Former ran
-    ~1.5x slower inside the pipeline than alone). `spin`:
-    - "auto" (default): spinning off for the stages that run once per request (vision, qformer,
-      encoder), on for the decoder, whose steps follow each other immediately;
-    - "on": ORT's own default for every stage; "off": no stage spins.
-    `stage_spin` overrides single stages: (("qformer", True),). `intra_op_threads`: threads per
-    session, 0 = ORT's default (one per physical core).
-    `tf32`: FP32 matrix products and convolutions on CUDA may use TF32 tensor cores (Ampere and
-    newer: faster, inputs rounded to 10-bit mantissas), ONNX Runtime's default. False: full FP32
-    (the CUDA provider's use_tf32=0, ONNX Runtime 1.18+), what a token-for-token comparison with
-    the CPU needs (doctor, the GPU tests). The CPU, and FP16 graphs' FP16 math, are unaffected.
-    """
-
-    spin: str = "auto"
-    intra_op_threads: int = 0
-    stage_spin: tuple[tuple[str, bool], ...] = ()
-    tf32: bool = True
-    # CPU sessions that hold one copy of the weights (OrtRunner's low_memory): what export's
-    # validation of float16 graphs uses; slower.
-    low_memory: bool = False
-
-    def __post_init__(self) -> None:
-        if self.spin not in SPIN_MODES:
-            raise OptionError(f"unknown spin mode '{self.spin}'; valid: {', '.join(SPIN_MODES)}")
-        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) \
-                or self.intra_op_threads < 0:
-            raise OptionError(f"intra_op_threads must be an integer >= 0 (0: ONNX Runtime's default), "
-                              f"got {self.intra_op_threads!r}")
-        for item in self.stage_spin:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], bool)):
-                raise OptionError(f"stage_spin entries are (stage name, bool) pairs, got {item!r}")
-        for name in ("tf32", "low_memory"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-    def allow_spinning(self, stage: str) -> bool:
-        overrides = dict(self.stage_spin)
-        if stage in overrides:
-            return overrides[stage]
-        return self.spin == "on" or (self.spin == "auto" and stage in STEP_STAGES)
-
-    def describe(self, stages) -> dict:
-        """What the profiler records: the policy and what it gives each stage."""
-        return {"spin": self.spin, "intra_op_threads": self.intra_op_threads,
-                "allow_spinning": {s: self.allow_spinning(s) for s in stages}, "tf32": self.tf32}
-
 
 # ONNX Runtime's CUDA arena grows by powers of two by default; on a Jetson it shares the unified
 # memory with TensorRT's contexts, so it grows only by what is asked for.
@@ -294,9 +236,10 @@ class OrtRunner:
 
     def __init__(self, path: Path, providers: list, intra_op_threads: int = 0,
                  allow_spinning: bool | None = None, require_provider: str | None = None,
-                 low_memory: bool = False):
+                 stop_spinning: bool = False, low_memory: bool = False):
         """allow_spinning: None keeps ONNX Runtime's default (spinning); see ThreadSettings.
         require_provider: the provider the session must really have got (else a one-line error).
+        stop_spinning: the threads stop spinning when a run returns (session.force_spinning_stop).
         low_memory: one copy of the weights. The CPU provider runs most float16 ops in float32
         between casts it inserts; full optimisation folds the casts of the weights into float32
         copies held beside the float16 ones, the arena keeps every cast's output, and MatMul
@@ -314,6 +257,8 @@ class OrtRunner:
         so.intra_op_num_threads = intra_op_threads
         if allow_spinning is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if stop_spinning:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
@@ -393,4 +338,4 @@ def stage_runner(path: Path, providers: list, stage: str, threads: ThreadSetting
                  require_provider: str | None = None) -> OrtRunner:
     """A stage's runner with its thread settings."""
     return OrtRunner(path, providers, threads.intra_op_threads, threads.allow_spinning(stage), require_provider,
-                     threads.low_memory)
+                     stop_spinning=threads.stop_spinning(stage), low_memory=threads.low_memory)

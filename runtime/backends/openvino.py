@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, Blip2EdgeError, MissingExtraError, OptionError
+from runtime.host_cpu import cpu_flags
 
 PRECISIONS = ("f32", "bf16", "f16")
 # --device names under --backend openvino -> OpenVINO's device names (GPU.1 etc. pass through)
@@ -56,18 +57,6 @@ def core():
 
 def openvino_version() -> str:
     return import_openvino().get_version().split("-")[0]
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return frozenset()
 
 
 def native_precisions(flags: frozenset[str] | set[str]) -> tuple[str, ...]:
@@ -147,15 +136,18 @@ class OpenVinoRunner:
     own infer request (a request runs one inference at a time)."""
 
     def __init__(self, path: Path, device: str = "CPU", precision: str = "f32", threads: int = 0,
-                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = ()):
+                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = (), pinning: bool | None = None):
         """device: OpenVINO's name (CPU, GPU, NPU). threads: INFERENCE_NUM_THREADS on the CPU
         (0: OpenVINO's default, one per physical core). input_names/output_names: the manifest's,
-        to name the ports by."""
+        to name the ports by. pinning: ENABLE_CPU_PINNING on the CPU (None: OpenVINO's default;
+        ThreadSettings.openvino_pinning)."""
         self.path = Path(path)
         self.ov_device = device
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if device == "CPU" and threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if device == "CPU" and pinning is not None:
+            config["ENABLE_CPU_PINNING"] = pinning
         try:
             model = core().read_model(str(self.path))
             self.compiled = core().compile_model(model, device, config)
@@ -167,6 +159,7 @@ class OpenVinoRunner:
                                  "use --precision f32")
         self.precision = got
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS")) if device == "CPU" else 0
+        self.pinning = bool(self.compiled.get_property("ENABLE_CPU_PINNING")) if device == "CPU" else None
         self.device = device.split(".")[0].lower()  # never "cuda": the pipeline keeps its cache on the host
         self.input_names = [_port_name(p, tuple(input_names)) for p in self.compiled.inputs]
         self.output_names = [_port_name(p, tuple(output_names)) for p in self.compiled.outputs]
@@ -182,7 +175,8 @@ class OpenVinoRunner:
                 "outputs": listed(self.compiled.outputs, self.output_names)}
 
     def describe(self) -> dict:
-        return {"engine": "openvino", "device": self.ov_device, "precision": self.precision, "threads": self.threads}
+        return {"engine": "openvino", "device": self.ov_device, "precision": self.precision, "threads": self.threads,
+                **({"pinning": self.pinning} if self.pinning is not None else {})}
 
     def _request(self):
         request = getattr(self._local, "request", None)

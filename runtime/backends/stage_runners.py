@@ -9,7 +9,7 @@ backend would put it) is returned beside the runners: mixing engines is normal, 
 from __future__ import annotations
 
 from runtime.artifact.manifest import Manifest
-from runtime.backends.onnxrt import ThreadSettings, gpu_providers, providers_for, required_provider, stage_runner
+from runtime.backends.onnxrt import gpu_providers, providers_for, required_provider, stage_runner
 from runtime.backends.openvino import (
     OpenVinoCannotRunError,
     OpenVinoRunner,
@@ -21,6 +21,7 @@ from runtime.backends.openvino import (
 from runtime.backends.tensorrt.engines import find_engine, require_tensorrt_readable
 from runtime.backends.tensorrt.profiles import pipeline_ranges
 from runtime.backends.tensorrt.runner import TrtRunner, device_info
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import OptionError
 from runtime.stages import kv_cache_form
 
@@ -28,7 +29,9 @@ from runtime.stages import kv_cache_form
 # execution provider; tensorrt: native engines from `blip2-edge build-engines` for the visual
 # stages, the LLM stages on ORT CUDA; openvino: OpenVINO (CPU, or an Intel GPU / NPU by `device`)
 # for every stage it runs, the others on ORT's CPU.
-BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino")
+# auto: on the CPU with the openvino extra, each stage on the engine and precision measured
+# fastest at the artifact's fidelity (runtime.backends.auto); elsewhere the same as onnxruntime.
+BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino", "auto")
 VISUAL_STAGES = ("vision", "qformer")
 PRECISIONS = ("f32", "bf16", "f16")  # OpenVINO's inference precision; ONNX Runtime runs the graph's own
 SHARED_KV_REASON = ("its shared KV cache (GroupQueryAttention) is updated in place in buffers bound by ONNX "
@@ -40,6 +43,10 @@ def check_backend(backend: str, precision: str = "f32") -> None:
         raise OptionError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+    if precision != "f32" and backend == "auto":
+        raise OptionError(f"--precision {precision}: --backend auto chooses each stage's precision itself (bf16 only "
+                          f"where it is native and within the fidelity gate); ask for it by name with --backend "
+                          f"openvino --precision {precision}")
     if precision != "f32" and backend != "openvino":
         raise OptionError(f"--precision {precision} is OpenVINO's inference precision: it needs --backend openvino "
                           f"(--backend {backend} runs each graph in the precision it was exported in)")
@@ -72,6 +79,22 @@ def openvino_unfit(manifest: Manifest, stage: str) -> str | None:
     return None
 
 
+def openvino_stage_runner(manifest: Manifest, stage: str, device: str, precision: str,
+                          threads: ThreadSettings) -> OpenVinoRunner:
+    """One stage compiled by OpenVINO on `device` (OpenVINO's name) at `precision`, its ports
+    named as the manifest names them, with the thread policy's count and pinning
+    (ThreadSettings); OpenVinoCannotRunError when OpenVINO cannot read it."""
+    return OpenVinoRunner(manifest.stage_file(stage), device, precision, threads.intra_op_threads,
+                          tuple(t["name"] for t in manifest.stages[stage]["inputs"]),
+                          tuple(t["name"] for t in manifest.stages[stage]["outputs"]),
+                          threads.openvino_pinning)
+
+
+def ort_cpu_runner(manifest: Manifest, stage: str, threads: ThreadSettings):
+    """One stage on ONNX Runtime's CPU provider, with its thread settings."""
+    return stage_runner(manifest.stage_file(stage), providers_for("cpu"), stage, threads)
+
+
 def openvino_runners(manifest: Manifest, device: str, stage_names: tuple[str, ...], threads: ThreadSettings,
                      precision: str) -> tuple[dict, dict]:
     """OpenVINO runners for the stages it can run, ONNX Runtime CPU sessions for the others;
@@ -85,14 +108,12 @@ def openvino_runners(manifest: Manifest, device: str, stage_names: tuple[str, ..
         reason = openvino_unfit(manifest, s)
         if reason is None:
             try:
-                runners[s] = OpenVinoRunner(manifest.stage_file(s), name, precision, threads.intra_op_threads,
-                                            tuple(t["name"] for t in manifest.stages[s]["inputs"]),
-                                            tuple(t["name"] for t in manifest.stages[s]["outputs"]))
+                runners[s] = openvino_stage_runner(manifest, s, name, precision, threads)
                 placement[s] = placement_of(runners[s])
                 continue
             except OpenVinoCannotRunError as exc:
                 reason = str(exc)
-        runners[s] = stage_runner(manifest.stage_file(s), providers_for("cpu"), s, threads)
+        runners[s] = ort_cpu_runner(manifest, s, threads)
         placement[s] = placement_of(runners[s], reason)
     return runners, placement
 

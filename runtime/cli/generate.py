@@ -48,41 +48,48 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float)
 
 
-BACKEND_HELP = ("onnxruntime (default), onnxruntime-trt (its TensorRT provider), tensorrt (engines from "
-                "build-engines for the visual stages), openvino (every stage OpenVINO runs; the openvino extra)")
+BACKEND_HELP = ("auto (default): on the CPU with the openvino extra, each stage on the engine and precision a short "
+                "measurement (cached) finds fastest at the fidelity gate, else onnxruntime; onnxruntime; "
+                "onnxruntime-trt (its TensorRT provider); tensorrt (engines from build-engines for the visual stages); "
+                "openvino (every stage OpenVINO runs; the openvino extra)")
 
 
 def add_engine_options(p: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
     """--device, --backend and --precision (caption, ask, profile)."""
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or auto (default: cpu); under --backend openvino: cpu, gpu or npu (Intel)")
-    p.add_argument("--backend", default="onnxruntime", choices=backends or BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--backend", default="auto", choices=backends or BACKENDS, help=BACKEND_HELP)
     p.add_argument("--precision", default="f32", choices=PRECISIONS,
                    help="OpenVINO's inference precision (--backend openvino): f32 (default), bf16 (CPUs with "
                         "AVX-512 BF16 or AMX), f16; refused in one line where the device lacks it")
 
 
 def placement_notes(artifact) -> list[str]:
-    """One line per stage that is not on the engine its backend names, and why."""
+    """One line per stage that is not on the engine its backend names, and why. Under auto
+    every stage is where it was chosen to be: its reasons are for doctor and profile."""
+    if artifact.backend == "auto":
+        return []
     return [f"note: {stage} runs on {p['engine']} ({p['device']}): {p['reason']}"
             for stage, p in artifact.placement.items() if "reason" in p]
 
 
 def add_thread_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ONNX Runtime threads")
+    g = p.add_argument_group("threads (ONNX Runtime; --intra-op-threads is OpenVINO's too)")
     g.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
-                   help="intra-op threads spinning after a run. auto (default): only the decoder's, whose steps "
-                        "follow each other, so the once-per-image stages (vision, qformer) leave the cores to the "
-                        "next stage; on: every stage (ONNX Runtime's default); off: none")
+                   help="intra-op threads spinning. auto (default): only the decoder's, whose steps follow each "
+                        "other, and only until a step returns, so no stage's threads take the cores from the next "
+                        "stage (on either engine); on: every stage, lingering after a run (ONNX Runtime's "
+                        "default); off: none")
     g.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
-                   help="threads per stage session (default 0: ONNX Runtime's, one per physical core)")
+                   help="threads per stage, on ONNX Runtime and OpenVINO alike (default 0: each engine's own, one "
+                        "per physical core)")
     g.add_argument("--no-tf32", action="store_true",
                    help="on CUDA, full FP32 in FP32 graphs: ONNX Runtime otherwise lets matrix products use TF32 on "
                         "Ampere and newer (faster, inputs rounded to 10-bit mantissas)")
 
 
 def thread_settings(args):
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
 
     if args.intra_op_threads < 0:
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.onnxrt import ThreadSettings
-from runtime.backends.stage_runners import VISUAL_STAGES
+from runtime.backends.stage_runners import VISUAL_STAGES, placement_line
+from runtime.backends.threads import ThreadSettings
 from runtime.doctor.environment import FAIL, PASS, SKIP, Check, Environment, provider_problem
 from runtime.errors import Blip2EdgeError, install_command
 
-BACKENDS = ("cpu", "cuda", "tensorrt", "onnxruntime-trt")
+BACKENDS = ("cpu", "auto", "cuda", "tensorrt", "onnxruntime-trt")
 MAX_NEW_TOKENS = 12
 MIN_COSINE = 0.99
 
@@ -204,6 +204,11 @@ class ArtifactRun:
                           Check("cpu", PASS, f"caption {text!r}; two threads at once equal one after the other"))
         except Exception as exc:  # noqa: BLE001  (a doctor reports; --debug shows the traceback)
             return checks + [Check("cpu", FAIL, _one_line(exc))]
+        if not self.requested or "auto" in self.requested:
+            try:
+                checks.append(self.auto())
+            except Exception as exc:  # noqa: BLE001
+                checks.append(Check("auto", FAIL, _one_line(exc)))
         for backend, method in (("cuda", self.cuda), ("tensorrt", self.tensorrt),
                                 ("onnxruntime-trt", self.onnxruntime_trt)):
             if self.requested and backend not in self.requested:
@@ -240,6 +245,19 @@ class ArtifactRun:
             return Check(backend, FAIL, problem)
         detail = "tokens equal to the CPU's; two threads at once equal one after the other"
         return Check(backend, PASS, detail + (f"; cosine {cosines}" if cosines else ""))
+
+    def auto(self) -> Check:
+        """--backend auto (caption's default): which engine and precision each stage runs on here
+        and why, and its captions against the CPU pipeline's (ONNX Runtime)."""
+        from runtime.backends.auto import openvino_installed
+        from runtime.pipeline import Blip2Pipeline
+
+        if not openvino_installed():
+            return self.unavailable("auto", f"without the openvino extra --backend auto is ONNX Runtime, as above "
+                                            f"({install_command('openvino')} to let it measure OpenVINO here)")
+        pipe = Blip2Pipeline.from_artifacts(self.artifacts, backend="auto", verify=False)
+        check = self.compare("auto", pipe, stage_cosines(self.cpu, pipe, self.images))
+        return Check("auto", check.status, f"placement: {placement_line(pipe.artifact.placement)}; {check.detail}")
 
     def cuda(self) -> Check:
         from runtime.pipeline import Blip2Pipeline

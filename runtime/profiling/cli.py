@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from runtime import synthetic
 from runtime.artifact.memory import weights_line
 from runtime.backends.onnxrt import providers_for
-from runtime.backends.stage_runners import placement_line
+from runtime.backends.stage_runners import BACKENDS, PRECISIONS, placement_line
 from runtime.cli.generate import (
     add_engine_options,
     add_thread_options,
@@ -19,8 +20,9 @@ from runtime.cli.outputs import check_output_file
 from runtime.errors import Blip2EdgeError, ImageError, require, require_installed
 from runtime.preprocess import load_image
 from runtime.profiling import environment, report
+from runtime.profiling.machine import machine_line
 from runtime.profiling.plot import plot
-from runtime.profiling.profiler import ProfileOptions, profile_artifacts
+from runtime.profiling.profiler import ProfileOptions, profile_artifacts, profile_interleaved
 from runtime.profiling.reference import time_reference
 from runtime.profiling.stats import duration_stats
 from runtime.profiling.tegrastats import Sampler
@@ -39,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     add_engine_options(p)
+    p.add_argument("--backends", type=engines_argument, metavar="B[:P],...",
+                   help="side by side on each directory, e.g. onnxruntime,openvino,openvino:bf16,auto (backend, "
+                        "optionally :precision for openvino): one pipeline each, interleaved rounds, medians")
     p.add_argument("--reference", metavar="MODEL", help="also time transformers' generate on this checkpoint")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference's LLM")
     add_thread_options(p)
@@ -47,6 +52,23 @@ def register(sub) -> None:
     p.add_argument("--trace", type=Path, metavar="F", help="Chrome trace / Perfetto JSON of one run")
     p.add_argument("--plot", type=Path, metavar="F.png")
     p.set_defaults(run=run)
+
+
+def engines_argument(text: str) -> list[tuple[str, str]]:
+    """'onnxruntime,openvino:bf16' -> [("onnxruntime", "f32"), ("openvino", "bf16")]."""
+    engines = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        backend, _, precision = item.partition(":")
+        if backend not in BACKENDS:
+            raise argparse.ArgumentTypeError(f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
+        if (precision or "f32") not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"unknown precision '{precision}' in '{item}'; valid: {', '.join(PRECISIONS)}")
+        engines.append((backend, precision or "f32"))
+    if not engines:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of backends")
+    if len(set(engines)) != len(engines):
+        raise argparse.ArgumentTypeError(f"a backend is named twice in '{text}'")
+    return engines
 
 
 def load_images(args) -> list:
@@ -81,28 +103,34 @@ def run(args) -> int:
         for module in ("torch", "transformers"):  # run by a child process: checked, not imported
             require_installed(module, "export", "--reference")
     text_argument(args.prompt, "--prompt")
-    if args.backend != "openvino":  # an unknown or unavailable device fails before any work
-        providers_for(args.device)
+    if "openvino" not in [args.backend, *(b for b, _ in args.backends or ())]:
+        providers_for(args.device)  # an unknown or unavailable device fails before any work
     images = load_images(args)
+    machine = machine_line()
+    print(machine, flush=True)
     with Sampler() as sampler:
-        profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
+        if args.backends:
+            profiles = profile_interleaved(args.artifacts, args.backends, images, opts)
+        else:
+            profiles = [profile_artifacts(path, images, opts) for path in args.artifacts]
     reference = None
     if args.reference:
         reference = time_reference(args.reference, images, opts.batch_size, opts.warmup + opts.runs,
                                    prompt=opts.prompt or "", new_tokens=opts.new_tokens, warmup=opts.warmup,
                                    compile=args.reference_compile)
         reference["end_to_end"] = duration_stats(reference.pop("times"))
-    print(report.table(profiles, reference))
-    for p in profiles:  # what each directory's weights take, stage by stage (runtime.artifact.memory)
-        print(f"{Path(p['artifacts']).name}: {weights_line(p['weights'])}")
-    for p in profiles:  # which engine, device and precision ran each stage
-        print(f"{Path(p['artifacts']).name} placement: {placement_line(p['placement'])}")
-    env = environment.describe(opts.threads, [s for p in profiles for s in p["precision"]])
+    print(report.table(profiles, reference, stat="p50" if args.backends else "mean"))
+    for path in dict.fromkeys(p["artifacts"] for p in profiles):  # what each directory's weights take, by stage
+        print(f"{Path(path).name}: {weights_line(next(p for p in profiles if p['artifacts'] == path)['weights'])}")
+    for p in profiles:  # which engine, device and precision ran each stage (and why there)
+        print(f"{p.get('label') or Path(p['artifacts']).name} placement: {placement_line(p['placement'])}")
+    env = {**environment.describe(opts.threads, [s for p in profiles for s in p["precision"]]), "machine": machine}
     tegra = sampler.summary()
     if tegra:
         print(f"tegrastats: {tegra}")
     settings = {k: getattr(opts, k)
                 for k in ("batch_size", "new_tokens", "runs", "warmup", "prompt", "device", "backend", "precision")}
+    settings["backends"] = [list(e) for e in args.backends] if args.backends else None
     if args.json:
         report.to_json(args.json, profiles, env, settings, reference, tegra)
     if args.csv:

@@ -7,20 +7,10 @@ import platform
 import shutil
 import subprocess
 
-from runtime.backends.onnxrt import ThreadSettings, import_onnxruntime
+from runtime.backends.onnxrt import import_onnxruntime
 from runtime.backends.tensorrt.engines import nvidia_smi, tensorrt_version
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, including Jetson's 'Model' line)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from runtime.backends.threads import ThreadSettings
+from runtime.host_cpu import cpu_model
 
 
 def _gpu() -> dict | None:

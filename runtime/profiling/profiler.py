@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.artifact.memory import artifact_weights
-from runtime.backends.onnxrt import ThreadSettings
+from runtime.backends.threads import ThreadSettings
 from runtime.errors import OptionError
 from runtime.pipeline import Blip2Pipeline, Result
 from runtime.profiling.stats import duration_stats
@@ -49,17 +49,57 @@ def batches(images: Sequence, batch_size: int, count: int):
         yield [images[(i * batch_size + j) % len(images)] for j in range(batch_size)]
 
 
+def load(path: Path, opts: ProfileOptions, engine: tuple[str, str] | None = None) -> Blip2Pipeline:
+    """The pipeline of `path` on opts' backend and precision, or on `engine` (backend, precision)."""
+    backend, precision = engine or (opts.backend, opts.precision)
+    return Blip2Pipeline.from_artifacts(path, device=opts.device, backend=backend, threads=opts.threads,
+                                        precision=precision)
+
+
+def run_once(pipe: Blip2Pipeline, batch: list, opts: ProfileOptions) -> dict:
+    """One forced-length generation of `batch`; its stage timings."""
+    gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
+    return pipe.generate(batch, [pipe.caption_prompt(opts.prompt)] * len(batch), **gen)[0].timings
+
+
 def profile_artifacts(path: Path, images: Sequence, opts: ProfileOptions) -> dict:
     """Returns per-stage statistics, throughput and the raw per-run timings."""
-    pipe = Blip2Pipeline.from_artifacts(path, device=opts.device, backend=opts.backend, threads=opts.threads,
-                                        precision=opts.precision)
-    prompt = pipe.caption_prompt(opts.prompt)
-    gen = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, stop_strings=())
+    pipe = load(path, opts)
     runs = []
     for i, batch in enumerate(batches(images, opts.batch_size, opts.warmup + opts.runs)):
-        result = pipe.generate(batch, [prompt] * len(batch), **gen)[0]
+        timings = run_once(pipe, batch, opts)
         if i >= opts.warmup:
-            runs.append(result.timings)
+            runs.append(timings)
+    return summarize(path, pipe, runs, opts)
+
+
+def engine_label(backend: str, precision: str) -> str:
+    return backend if precision == "f32" else f"{backend}:{precision}"
+
+
+def profile_interleaved(paths: Sequence[Path], engines: Sequence[tuple[str, str]], images: Sequence,
+                        opts: ProfileOptions) -> list[dict]:
+    """Every (directory, engine) pair loaded at once (engine: backend and precision), warmed up,
+    then timed in interleaved rounds (each round runs every pipeline once, the order rotating),
+    so that a change of load on the machine reaches them all alike; one profile per pair,
+    labelled 'dir [backend:precision]'."""
+    pairs = [(path, engine) for path in paths for engine in engines]
+    pipes = [load(path, opts, engine) for path, engine in pairs]
+    runs: list[list[dict]] = [[] for _ in pipes]
+    count = opts.warmup + opts.runs
+    all_batches = list(batches(images, opts.batch_size, count))
+    for r, batch in enumerate(all_batches):
+        order = list(range(len(pipes)))
+        for i in order[r % len(order):] + order[:r % len(order)]:
+            timings = run_once(pipes[i], batch, opts)
+            if r >= opts.warmup:
+                runs[i].append(timings)
+    return [{**summarize(path, pipe, pipe_runs, opts), "backend": engine[0], "engine_precision": engine[1],
+             "label": f"{Path(path).name} [{engine_label(*engine)}]"}
+            for (path, engine), pipe, pipe_runs in zip(pairs, pipes, runs)]
+
+
+def summarize(path: Path, pipe: Blip2Pipeline, runs: list[dict], opts: ProfileOptions) -> dict:
     order = pipe.timed_stages
     stages = {s: duration_stats(r[s] for r in runs) for s in order}
     stages["end_to_end"] = duration_stats(r["total"] for r in runs)

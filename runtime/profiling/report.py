@@ -26,29 +26,31 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v * 1e3:.2f}"
 
 
-def table(profiles: list[dict], reference: dict | None = None) -> str:
-    """Mean milliseconds per stage, one column per artifact directory, then ratios to the first."""
-    names = [Path(p["artifacts"]).name for p in profiles]
+def table(profiles: list[dict], reference: dict | None = None, stat: str = "mean") -> str:
+    """Milliseconds per stage (`stat`: "mean", or "p50" for medians), one column per profile
+    (artifact directory, or 'directory [backend]'), then ratios to the first."""
+    names = [p.get("label") or Path(p["artifacts"]).name for p in profiles]
     width = max(22, *(len(n) + 2 for n in names))
-    lines = [f"{'stage (mean ms)':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    title = f"stage ({'mean' if stat == 'mean' else 'median'} ms)"
+    lines = [f"{title:<18}" + "".join(f"{n:>{width}}" for n in names)]
     instruct = [n for n, p in zip(names, profiles) if p.get("architecture") == "instructblip"]
     for stage in (*stage_order(profiles), "decode_step", "end_to_end"):
-        lines.append(f"{stage:<16}" + "".join(
-            f"{_ms(p['stages'][stage]['mean'] if stage in p['stages'] else None):>{width}}" for p in profiles))
+        lines.append(f"{stage:<18}" + "".join(
+            f"{_ms(p['stages'][stage][stat] if stage in p['stages'] else None):>{width}}" for p in profiles))
         if stage == "qformer" and instruct:  # it reads the instruction too: not the same work as BLIP-2's
             lines[-1] += f"  (instruction-aware: {', '.join(instruct)})"
-    base = profiles[0]["stages"]["end_to_end"]["mean"]
-    lines.append(f"{'p50 / p90 / p99':<16}" + "".join(
+    base = profiles[0]["stages"]["end_to_end"][stat]
+    lines.append(f"{'p50 / p90 / p99':<18}" + "".join(
         f"{'/'.join(_ms(p['stages']['end_to_end'][k]) for k in ('p50', 'p90', 'p99')):>{width}}" for p in profiles))
-    lines.append(f"{'tokens/s':<16}" + "".join(f"{p['tokens_per_s']:>{width}.1f}" for p in profiles))
-    lines.append(f"{'images/s':<16}" + "".join(f"{p['images_per_s']:>{width}.2f}" for p in profiles))
-    lines.append(f"{'speedup vs 1st':<16}" + "".join(
-        f"{base / p['stages']['end_to_end']['mean']:>{width - 1}.2f}x" for p in profiles))
+    lines.append(f"{'tokens/s':<18}" + "".join(f"{p['tokens_per_s']:>{width}.1f}" for p in profiles))
+    lines.append(f"{'images/s':<18}" + "".join(f"{p['images_per_s']:>{width}.2f}" for p in profiles))
+    lines.append(f"{'speedup vs 1st':<18}" + "".join(
+        f"{base / p['stages']['end_to_end'][stat]:>{width - 1}.2f}x" for p in profiles))
     # ru_maxrss is per process: with several directories in one run it is the peak so far.
-    lines.append(f"{'process peak MB':<16}" + "".join(f"{p['peak_rss_mb']:>{width}.0f}" for p in profiles))
-    lines.append(f"{'weights MB':<16}" + "".join(f"{p['weights']['total'] / 1e6:>{width}.1f}" for p in profiles
+    lines.append(f"{'process peak MB':<18}" + "".join(f"{p['peak_rss_mb']:>{width}.0f}" for p in profiles))
+    lines.append(f"{'weights MB':<18}" + "".join(f"{p['weights']['total'] / 1e6:>{width}.1f}" for p in profiles
                                                   if "weights" in p))
-    lines.append(f"{'KV cache':<16}" + "".join(f"{p.get('kv_cache', 'concat'):>{width}}" for p in profiles))
+    lines.append(f"{'KV cache':<18}" + "".join(f"{p.get('kv_cache', 'concat'):>{width}}" for p in profiles))
     if reference:
         ref = reference["end_to_end"]["mean"]
         lines.append(f"\nreference: transformers {reference['mode']} generate, end to end {_ms(ref)} ms "

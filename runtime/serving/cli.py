@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from runtime.backends.stage_runners import BACKENDS, PRECISIONS, check_backend
 from runtime.cli.generate import _integer
 from runtime.errors import Blip2EdgeError, OptionError, install_command
 
@@ -32,6 +33,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "(gRPC streaming)")
     p.add_argument("--instances", type=_integer, default=1, help="model instances per model (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="the pipeline's engines, as caption takes them (default auto: on the CPU with the openvino "
+                        "extra in Triton's Python, each stage where it measures fastest; else ONNX Runtime)")
+    p.add_argument("--precision", default="f32", choices=PRECISIONS,
+                   help="OpenVINO's inference precision under --backend openvino (f32, bf16, f16)")
     p.add_argument("--intra-op-threads", type=_integer, default=0, metavar="N",
                    help="ONNX Runtime threads per stage session (default 0: one per physical core)")
     p.add_argument("--max-image-pixels", type=_integer, metavar="N", default=None,
@@ -103,6 +109,10 @@ def _check_model_options(args) -> list[str]:
         check_max_pixels(args.max_image_pixels, "--max-image-pixels")
     if args.intra_op_threads < 0:
         raise OptionError(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
+    check_backend(args.backend, args.precision)
+    if getattr(args, "ensemble", False) and args.backend not in ("auto", "onnxruntime"):
+        raise OptionError(f"--backend {args.backend} applies to the Python-backend repository only: --ensemble runs "
+                          "the visual stages on Triton's ONNX Runtime backend")
     return model_names(args.artifacts, args.name)
 
 
@@ -189,7 +199,7 @@ def run_triton_repo(args) -> int:
         extra = {"trt_cache": args.trt_cache_dir and str(args.trt_cache_dir.absolute()), "out": out}
     else:
         writer = write_fleet_repo
-        extra = {"stream": args.stream}
+        extra = {"stream": args.stream, "backend": args.backend, "precision": args.precision}
     with atomic_directory(out, overwrite=False) as tmp:
         writer(tmp, manifests, names, batching, device=args.device, max_image_pixels=args.max_image_pixels,
                intra_op_threads=args.intra_op_threads, root=root, **extra)
@@ -241,7 +251,7 @@ def run_serve(args) -> int:
         repo.mkdir()
         write_serving_repo(repo, manifests, names, batching, device=args.device,
                            max_image_pixels=args.max_image_pixels, intra_op_threads=args.intra_op_threads,
-                           stream=args.stream)
+                           stream=args.stream, backend=args.backend, precision=args.precision)
         cmd = server.server_command(model_env, repo, server.backend_home(model_env, Path(work) / "home"), args.http_port,
                                     args.grpc_port, args.metrics_port, args.address, args.exit_timeout,
                                     log_verbose=debug)

@@ -34,13 +34,15 @@ def parameters(model_config: dict) -> dict:
 def load_pipeline(params: dict, model_dir: str):
     """The pipeline named by the config's parameters: `artifacts` is absolute, or relative to
     the model's directory in the repository (where `triton-repo` puts them)."""
-    from runtime.backends.onnxrt import ThreadSettings
+    from runtime.backends.threads import ThreadSettings
     from runtime.pipeline import Blip2Pipeline
 
     artifacts = Path(model_dir) / params["artifacts"]
     threads = ThreadSettings(intra_op_threads=int(params.get("intra_op_threads") or 0))
+    # backend and precision as serve / triton-repo recorded them (a repository without them: ONNX Runtime)
     pipe = Blip2Pipeline.from_artifacts(artifacts, device=params.get("device") or "cpu",
-                                        backend=params.get("backend") or "onnxruntime", threads=threads)
+                                        backend=params.get("backend") or "onnxruntime", threads=threads,
+                                        precision=params.get("precision") or "f32")
     if params.get("max_image_pixels"):
         pipe.max_image_pixels = int(params["max_image_pixels"])
     return pipe

@@ -125,10 +125,14 @@ def write_model(out: Path, name: str, batching: BatchingSettings, params: dict[s
 
 
 def serving_params(artifacts: str, device: str, max_image_pixels: int | None, intra_op_threads: int,
-                   root: str | None) -> dict[str, str]:
+                   root: str | None, backend: str | None = None, precision: str = "f32") -> dict[str, str]:
     """The config's parameters that pipeline_model.load_pipeline reads; `root`: a directory put
-    first on the model's Python path (a blip2-edge checkout), None for the installed package."""
+    first on the model's Python path (a blip2-edge checkout), None for the installed package;
+    `backend` and `precision`: the pipeline's, as caption takes them (None: ONNX Runtime, what a
+    repository written before they were recorded runs)."""
     params = {"artifacts": artifacts, "device": device, "intra_op_threads": str(intra_op_threads)}
+    if backend is not None:
+        params.update(backend=backend, precision=precision)
     if max_image_pixels:
         params["max_image_pixels"] = str(max_image_pixels)
     if root:
@@ -138,12 +142,13 @@ def serving_params(artifacts: str, device: str, max_image_pixels: int | None, in
 
 def write_serving_repo(out: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
                        device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0,
-                       stream: bool = False) -> None:
+                       stream: bool = False, backend: str | None = None, precision: str = "f32") -> None:
     """serve's private repository: models point at the artifact directories in place, and at
     this process's copy of the runtime (the stub then runs the same code as the command).
     `stream`: a `<name>_stream` decoupled model beside each."""
     for m, name in zip(manifests, names):
-        params = serving_params(str(Path(m.root).resolve()), device, max_image_pixels, intra_op_threads, code_root())
+        params = serving_params(str(Path(m.root).resolve()), device, max_image_pixels, intra_op_threads, code_root(),
+                                backend, precision)
         write_model(out, name, batching, params)
         if stream:
             write_model(out, f"{name}_stream", batching, params, stream=True)
@@ -151,12 +156,13 @@ def write_serving_repo(out: Path, manifests: Sequence[Manifest], names: Sequence
 
 def write_fleet_repo(tmp: Path, manifests: Sequence[Manifest], names: Sequence[str], batching: BatchingSettings,
                      device: str = "cpu", max_image_pixels: int | None = None, intra_op_threads: int = 0,
-                     root: str | None = None, stream: bool = False) -> None:
+                     root: str | None = None, stream: bool = False, backend: str | None = None,
+                     precision: str = "f32") -> None:
     """triton-repo's self-contained repository (written into the atomic temporary `tmp`): the
     artifacts beside each model; Triton's Python must have blip2-edge installed (or `root`).
     `stream`: a `<name>_stream` decoupled model beside each, reading the same artifacts."""
     for m, name in zip(manifests, names):
-        params = serving_params(ARTIFACTS, device, max_image_pixels, intra_op_threads, root)
+        params = serving_params(ARTIFACTS, device, max_image_pixels, intra_op_threads, root, backend, precision)
         model = write_model(tmp, name, batching, params)
         copy_artifacts(m, model / ARTIFACTS)
         if stream:

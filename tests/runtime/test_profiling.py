@@ -63,7 +63,8 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     files = {k: tmp_path / f"p.{k}" for k in ("json", "csv")}
     trace, png = tmp_path / "trace.json", tmp_path / "p.png"
     proc = run_cli("profile", toy_artifacts, toy_artifacts, "--synthetic", "3", "--runs", "3", "--warmup", "1",
-                   "--new-tokens", "5", "--json", files["json"], "--csv", files["csv"], "--trace", trace, "--plot", png)
+                   "--new-tokens", "5", "--json", files["json"], "--csv", files["csv"], "--trace", trace, "--plot", png,
+                   "--backend", "onnxruntime")  # (the default is auto: tests/runtime/test_auto_backend.py)
     assert proc.returncode == 0, proc.stderr
     for stage in (*STAGES, "decode_step", "end_to_end", "tokens/s", "speedup vs 1st"):
         assert stage in proc.stdout
@@ -74,9 +75,11 @@ def test_outputs_match_the_json(toy_artifacts, tmp_path):
     assert env["cores"] == os.cpu_count() and "CPUExecutionProvider" in env["providers"]
     assert env["onnxruntime_threads"] == {"spin": "auto", "intra_op_threads": 0,  # the default settings
                                           "allow_spinning": {"vision": False, "qformer": False, "decoder": True},
-                                          "tf32": True}
+                                          "stop_spinning_after_run": {"vision": False, "qformer": False,
+                                                                      "decoder": True},
+                                          "tf32": True, "openvino_pinning": None}
     assert data["settings"] == {"batch_size": 1, "new_tokens": 5, "runs": 3, "warmup": 1, "prompt": None,
-                                "device": "cpu", "backend": "onnxruntime", "precision": "f32"}
+                                "device": "cpu", "backend": "onnxruntime", "precision": "f32", "backends": None}
     placement = data["profiles"][0]["placement"]  # which engine ran each stage
     assert {stage: p["engine"] for stage, p in placement.items()} == dict.fromkeys(
         ("vision", "qformer", "decoder"), "onnxruntime")

@@ -31,7 +31,7 @@ def test_which_stages_spin(settings, spinning):
 
 @pytest.mark.parametrize("kw", [{"spin": "sometimes"}, {"intra_op_threads": -1}, {"intra_op_threads": 1.5},
                                 {"intra_op_threads": True}, {"stage_spin": (("decoder", "yes"),)},
-                                {"stage_spin": ("decoder",)}, {"tf32": "no"}, {"tf32": 0}])
+                                {"stage_spin": ("decoder",)}, {"tf32": "no"}, {"tf32": 0}, {"linger": "yes"}])
 def test_bad_settings_are_option_errors(kw):
     with pytest.raises(OptionError):
         ThreadSettings(**kw)
@@ -81,4 +81,27 @@ def test_profile_records_the_thread_settings(toy_artifacts, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["environment"]["onnxruntime_threads"] == {
         "spin": "on", "intra_op_threads": 2, "allow_spinning": {"vision": True, "qformer": True, "decoder": True},
-        "tf32": False}
+        "stop_spinning_after_run": {"vision": False, "qformer": False, "decoder": False}, "tf32": False,
+        "openvino_pinning": None}
+
+
+STOP_KEY = "session.force_spinning_stop"
+
+
+def _config_entry(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except Exception:  # noqa: BLE001  (ONNX Runtime raises for a key never set)
+        return None
+
+
+@pytest.mark.parametrize("settings, stops", [
+    (ThreadSettings(), {"decoder": "1"}),  # the policy: the decoder spins during a step, not after it
+    (ThreadSettings(linger=True), {}),  # ONNX Runtime's own: its threads keep spinning after the step
+    (ThreadSettings(spin="on"), {}),
+    (ThreadSettings(spin="off"), {}),  # nothing spins, nothing to stop
+])
+def test_spinning_threads_stop_when_their_run_returns(toy_artifacts, settings, stops):
+    pipe = Blip2Pipeline.from_artifacts(toy_artifacts, threads=settings)
+    assert {s: v for s, r in pipe.runners.items() if (v := _config_entry(r.session, STOP_KEY))} == stops
+    assert settings.describe(pipe.stage_names)["stop_spinning_after_run"] == {s: s in stops for s in pipe.stage_names}

@@ -1,0 +1,104 @@
+"""--backend auto's measurement cache: what the engines measured for one artifact on one
+machine, kept in the user's cache directory ($XDG_CACHE_HOME/blip2-edge/placement/), never in
+the artifact directory (which may be read-only, and is shared between machines).
+
+One small JSON file per key: the artifact (sha256 of its manifest, which holds every file's
+sha256), the CPU (model name and /proc/cpuinfo flags), the engines' versions and the thread
+settings. The file is untrusted input: only a regular file of bounded size, whose key is the
+one expected and whose measurements have the expected shape for every stage and candidate, is
+used; anything else is measured again and the file rewritten. A cached measurement decides
+nothing by itself: the choice is made again from it (auto.choose), with this CPU's flags and
+the fidelity gate, so a tampered file cannot put a stage on a precision this CPU lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from runtime.artifact.atomic_file import replace_file
+from runtime.artifact.verified_files import cache_dir, read_bounded
+from runtime.errors import ArtifactError
+
+SCHEMA = 1
+MAX_FILE_BYTES = 256 << 10
+log = logging.getLogger(__name__)
+
+
+def artifact_digest(manifest_data: dict) -> str:
+    """The artifact's identity: its manifest (every stage file's sha256 is in it), canonically."""
+    return hashlib.sha256(json.dumps(manifest_data, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(manifest_data: dict, cpu: str, flags: frozenset[str], versions: dict[str, str],
+              threads: dict) -> dict:
+    return {"schema": SCHEMA, "artifact": artifact_digest(manifest_data), "cpu": cpu,
+            "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
+            "versions": dict(sorted(versions.items())), "threads": threads}
+
+
+def cache_path(key: dict) -> Path:
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir() / "placement" / f"{name}.json"
+
+
+def _measurement_ok(m) -> bool:
+    if not isinstance(m, dict):
+        return False
+    if set(m) == {"error"}:
+        return isinstance(m["error"], str)
+    if set(m) != {"ms", "cosine"}:
+        return False
+    ms, cos = m["ms"], m["cosine"]
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (ms, cos))
+            and ms > 0 and -1.0 <= cos <= 1.0 + 1e-6)
+
+
+def valid_measurements(data, key: dict, stages: tuple[str, ...], candidates: tuple[str, ...]) -> dict | None:
+    """data["stages"] when `data` (a parsed cache file) is for `key` and holds a well-formed
+    measurement of every candidate for every stage (and nothing else), else None."""
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    measured = data.get("stages")
+    if not isinstance(measured, dict) or set(measured) != set(stages):
+        return None
+    for stage in stages:
+        entry = measured[stage]
+        if not isinstance(entry, dict) or set(entry) != set(candidates):
+            return None
+        if not all(_measurement_ok(entry[c]) for c in candidates):
+            return None
+    return measured
+
+
+def read(key: dict, stages: tuple[str, ...], candidates: tuple[str, ...]) -> dict | None:
+    """The cached measurements for `key`, or None (no file, or one not to be trusted)."""
+    path = cache_path(key)
+    try:
+        raw = read_bounded(path, MAX_FILE_BYTES)
+    except ArtifactError:
+        return None  # missing, not a regular file, unreadable
+    try:
+        data = json.loads(raw) if len(raw) <= MAX_FILE_BYTES else None
+    except (ValueError, RecursionError):
+        data = None
+    measured = valid_measurements(data, key, stages, candidates)
+    if measured is None:
+        log.debug("%s: not a usable --backend auto measurement; measuring again", path)
+    return measured
+
+
+def write(key: dict, measured: dict) -> Path | None:
+    """Stores the measurements; None when the cache directory is not writable (the next load
+    measures again)."""
+    path = cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(path, (json.dumps({"key": key, "stages": measured}, indent=1) + "\n").encode(), mode=0o600)
+    except OSError as exc:
+        log.debug("cannot write %s (%s): --backend auto will measure again next time", path, exc)
+        return None
+    return path
