@@ -16,9 +16,10 @@ Toy scenes (runtime/synthetic.py) rendered at 1920x1080 with sensor-like noise, 
   seconds over the run;
 - index: the 1080p file indexed (scene changes + every 10 s) with the toy retrieval model:
   minutes of video per minute.
-The captioning model is the toy; the bench-sized model (ViT-B/16 + OPT-125m) is not run here
-(building and exporting it is minutes of this machine's two shared cores); its per-frame cost is
-its still-image latency in bench/RESULTS.md, plus the decode cost measured here.
+The captioning model is the toy; `--bench-model` adds the bench-sized model (ViT-B/16 +
+OPT-125m, random weights) in FP32 and quantized (uint8 visual + INT4 LLM), built once under
+bench/out/ as bench/peers.py builds them: per-frame caption cost, watch on the file, and a live
+run of `--bench-live-seconds` each.
 """
 
 from __future__ import annotations
@@ -168,6 +169,42 @@ def memory_line(rss: list[tuple[float, float]]) -> str:
             + f"; after the first minute: min {min(after):.0f}, max {max(after):.0f}, last {rss[-1][1]:.0f} MiB")
 
 
+def bench_model_rows(clip: Path, shots, args, decode: dict) -> list[str]:
+    """The bench-sized model, FP32 and uint8 visual + INT4 LLM: caption cost per 1080p frame,
+    watch on the file, and a live run."""
+    from bench.common import OUT, ensure_fp32_artifacts, timed
+
+    _, fp32 = ensure_fp32_artifacts("bench")
+    quantized = OUT / "artifacts" / "bench-uint8-int4"
+    if not (quantized / "manifest.json").is_file():
+        timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(quantized), "--synthetic", "64",
+               "--activations", "uint8", "--llm", "int4", "--held-out", "16", "--no-gate", "--overwrite"])
+    rows = []
+    for label, art in (("bench FP32", fp32), ("bench uint8 + INT4", quantized)):
+        pipe = Blip2Pipeline.from_artifacts(art)
+        with FileSource(clip) as src:
+            images = [f.image.copy() for f in src.frames() if f.index % 30 == 0][:6]
+        prompt = [pipe.caption_prompt(None)]
+        pipe.generate_for_image(images[0], prompt)  # warm-up
+        times = []
+        for im in images:
+            t0 = time.perf_counter()
+            pipe.generate_for_image(im, prompt)
+            times.append(time.perf_counter() - t0)
+        caption_ms = 1000 * statistics.median(times)
+        w = watch_file(pipe, clip)
+        live = watch_live(pipe, shots, args.bench_live_seconds, args.fps, args.noise)
+        rows += [f"| {label}: caption of one 1080p frame | {caption_ms:.1f} ms "
+                 f"(decode of a second of video / caption: {args.fps * decode['decode_ms'] / caption_ms:.2f}) |",
+                 f"| {label}: watch file, --every 1s, {w['described']} captions | {w['wall']:.1f} s wall, "
+                 f"{w['speed']:.1f}x real time |",
+                 f"| {label}: watch live 1080p{args.fps}, {args.bench_live_seconds:g} s: captions/s; lag median / p95 "
+                 f"/ max | {live['fps']:.2f}; {live['lag_median'] * 1000:.0f} / {live['lag_p95'] * 1000:.0f} / "
+                 f"{live['lag_max'] * 1000:.0f} ms |"]
+        pipe.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the 1080p file (default 30 s)")
@@ -176,6 +213,9 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=8.0,
                     help="sensor-like noise (std of 0-255 levels); near-still scenes at 2 compress to almost nothing")
     ap.add_argument("--live-only", action="store_true", help="only the live run (the long memory run)")
+    ap.add_argument("--bench-model", action="store_true",
+                    help="also the bench-sized model, FP32 and uint8 visual + INT4 LLM (built once under bench/out/)")
+    ap.add_argument("--bench-live-seconds", type=float, default=60.0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     lines = [f"machine: {machine()}; read bandwidth {read_bandwidth(0.5) / 1e9:.1f} GB/s"]
@@ -201,6 +241,7 @@ def main() -> None:
         w = watch_file(pipe, clip)
         ix = index_throughput(retriever, rtoy, clip, args.seconds, work)
         live = watch_live(pipe, shots, args.live_seconds, args.fps, args.noise)
+        bench_rows = bench_model_rows(clip, shots, args, d) if args.bench_model else []
     rows = [
         "| measurement | value |",
         "| --- | --- |",
@@ -217,6 +258,7 @@ def main() -> None:
         f"| index {args.seconds:g} s of 1080p video (scene changes + every 10 s): frames, wall | {ix['frames']}, "
         f"{ix['wall']:.1f} s |",
         f"| index throughput | {ix['minutes_per_minute']:.1f} minutes of video per minute |",
+        *bench_rows,
     ]
     mem = memory_line(live["rss"])
     text = "\n".join([*lines, "", *rows, "", mem]) + "\n"

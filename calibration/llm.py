@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.nbits_streaming import quantize_matmuls_streaming
+from calibration.nbits_streaming import has_subgraphs, quantize_matmuls_streaming
 from runtime.artifact.writer import EXTERNAL_DATA_THRESHOLD
 from runtime.backends.onnxrt import import_onnxruntime
 from runtime.errors import ArtifactError, OptionError
@@ -83,8 +83,9 @@ def quantize_decoder(src: Path, dst: Path, opts: LLMOptions, has_lm_head: bool =
     head = lm_head_node(structure, src) if has_lm_head else None
     head_bits = {"float": None, "same": opts.bits, "int8": 8}[opts.lm_head] if has_lm_head else opts.bits
     settings = dict(block_size=opts.block_size, is_symmetric=True, accuracy_level=opts.accuracy_level)
-    if streaming is None:
-        streaming = any(t.data_location == onnx.TensorProto.EXTERNAL for t in structure.graph.initializer)
+    if streaming is None:  # graphs with If/Loop/Scan go through the whole-graph pass, which looks inside them
+        streaming = not has_subgraphs(structure) and any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in structure.graph.initializer)
     if streaming:
         quantize_matmuls_streaming(src, dst, lambda node: head_bits if node.name == head else opts.bits, settings)
         external = True

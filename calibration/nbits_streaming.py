@@ -45,6 +45,8 @@ def _tensor_array(tensor, base: Path) -> np.ndarray:
     if "length" in info and int(info["length"]) != count * dtype.itemsize:
         raise ArtifactError(f"{base}: tensor {tensor.name} has {info['length']} bytes, its shape needs "
                             f"{count * dtype.itemsize}")
+    if not path.is_file() or path.stat().st_size < offset + count * dtype.itemsize:
+        raise ArtifactError(f"{base}: tensor {tensor.name} lies past the end of {info['location']} (truncated?)")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims) or (1,))
 
 
@@ -56,40 +58,47 @@ class _DataFile:
         self.file = open(path, "wb")
         self.offset = 0
 
-    def store(self, tensor, values: np.ndarray | None = None) -> None:
-        """Makes `tensor` external (its bytes from `values`, else its own raw_data), or leaves a
-        small one inline."""
-        from onnx import TensorProto
+    def store(self, tensor, values: np.ndarray | None = None):
+        """The TensorProto to keep for `tensor`: a new one pointing at its bytes (from `values`,
+        else its own raw_data), appended to the data file, or for a small tensor an inline one.
+        A new message, not `tensor` changed: clearing a field gives no memory back to the
+        protobuf arena `tensor` lives in."""
+        from onnx import TensorProto, numpy_helper
 
         if values is None:
             if tensor.data_location == TensorProto.EXTERNAL:
                 raise ArtifactError(f"{tensor.name}: external tensor stored without its values")
             if not tensor.HasField("raw_data"):
-                return  # values in typed fields (float_data, ...): small, left as they are
-            data = tensor.raw_data
-        else:
-            if values.dtype.byteorder == ">":
-                raise ArtifactError(f"{tensor.name}: big-endian tensor data")
-            data = np.ascontiguousarray(values).tobytes()
-        del tensor.external_data[:]
+                values = numpy_helper.to_array(tensor)  # typed fields (float_data, ...)
+        if values is not None and values.dtype.byteorder == ">":
+            raise ArtifactError(f"{tensor.name}: big-endian tensor data")
+        data = tensor.raw_data if values is None else np.ascontiguousarray(values).tobytes()
+        kept = TensorProto(name=tensor.name, dims=list(tensor.dims), data_type=tensor.data_type)
         if len(data) < INLINE_LIMIT:
-            tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = data
-            return
+            kept.raw_data = data
+            return kept
         if len(data) >= 1 << 20 and self.offset % ALIGN:
             pad = ALIGN - self.offset % ALIGN
             self.file.write(b"\0" * pad)
             self.offset += pad
         self.file.write(data)
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
+        kept.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
-            entry = tensor.external_data.add()
+            entry = kept.external_data.add()
             entry.key, entry.value = key, value
         self.offset += len(data)
+        return kept
 
     def close(self) -> None:
         self.file.close()
+
+
+def has_subgraphs(model) -> bool:
+    """Whether a node carries a graph (If, Loop, Scan): the streaming pass neither quantizes nor
+    looks inside them, where the whole-graph pass does."""
+    from onnx import AttributeProto
+
+    return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
 
 
 def _detached(message, kind):
@@ -120,6 +129,8 @@ def quantize_matmuls_streaming(src: Path, dst: Path, bits_of, quantizer_options:
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     base = src.parent
+    if has_subgraphs(model):
+        raise ArtifactError(f"{src}: a graph with subgraphs (If/Loop/Scan) cannot be quantized one weight at a time")
     inits = {t.name: t for t in graph.initializer}
     out = _DataFile(dst.with_name(dst.name + ".data"))
     nodes, produced, domains = [], [], {}
@@ -137,16 +148,13 @@ def quantize_matmuls_streaming(src: Path, dst: Path, bits_of, quantizer_options:
             # Copies, not references: a message taken out of `result` keeps its whole arena alive
             # (protobuf's upb backend), with the float weight and the quantizer's copies in it.
             nodes.extend(_detached(n, onnx.NodeProto) for n in result.graph.node)
-            for t in result.graph.initializer:
-                t = _detached(t, onnx.TensorProto)
-                out.store(t, None if t.HasField("raw_data") else onnx.numpy_helper.to_array(t))
-                produced.append(t)
+            produced += [out.store(t) for t in result.graph.initializer]
             domains.update({o.domain: o.version for o in result.opset_import})
             del one, q, result
-        read = {name for n in nodes for name in n.input}
-        kept = [t for t in graph.initializer if t.name in read]
-        for t in kept:  # the float tensors still read, copied one at a time
-            out.store(t, _tensor_array(t, base) if t.data_location == onnx.TensorProto.EXTERNAL else None)
+        read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
+        # The float tensors still read, copied one at a time.
+        kept = [out.store(t, _tensor_array(t, base) if t.data_location == onnx.TensorProto.EXTERNAL else None)
+                for t in graph.initializer if t.name in read]
     finally:
         out.close()
     del graph.node[:]

@@ -37,6 +37,10 @@ class PendingRun:
         """A part of this run's outputs (a run that returns several output dicts, in order)."""
         return _PendingPart(self, index)
 
+    def __iter__(self):
+        # __getitem__ alone would make `for x in run` index forever: its length is not known yet.
+        raise TypeError(f"stage {self.stage}: a recorded run cannot be iterated; index its parts")
+
 
 class _PendingPart(PendingRun):
     def __init__(self, whole: PendingRun, index):

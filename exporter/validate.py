@@ -155,6 +155,8 @@ def validated_with(manifest: Manifest) -> dict:
                          f"in the export's dtype"}
     if "fp16" in precisions:
         path["fp16"] = FP16_ON_CPU
+        path["sessions"] = ("float16 graphs on sessions that keep one copy of the weights: basic graph "
+                            "optimisation, no memory arena, no prepacking (the runtime's CPU path also fuses)")
     return path
 
 

@@ -89,3 +89,46 @@ def test_an_external_tensor_pointing_outside_its_directory_is_refused(tmp_path, 
     onnx.save_model(structure, str(tmp_path / "g.onnx"))
     with pytest.raises(ArtifactError, match="outside its directory"):
         quantize_decoder(tmp_path / "g.onnx", tmp_path / "q.onnx", LLMOptions(precision="int4"), streaming=True)
+
+
+def _one_matmul(tmp_path, extra_outputs=(), nodes=()):
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]), *extra_outputs]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), *nodes], "g", [x], outputs,
+                              [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "src.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src),
+                    save_as_external_data=True, location="src.onnx.data", size_threshold=0)
+    return src, w
+
+
+def test_an_initializer_that_is_also_a_graph_output_stays(tmp_path):
+    """Quantizing a weight away must not drop it where the graph outputs it too."""
+    from onnx import TensorProto, helper
+
+    src, w = _one_matmul(tmp_path, [helper.make_tensor_value_info("w", TensorProto.FLOAT, [256, 64])])
+    info = quantize_decoder(src, tmp_path / "q.onnx", LLMOptions(precision="int4"), has_lm_head=False)
+    assert info["external_data"]  # the source keeps its weights outside: the streamed pass
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    y, w_out = session.run(["y", "w"], {"x": np.ones((2, 256), np.float32)})
+    assert np.array_equal(w_out, w) and y.shape == (2, 64)
+
+
+def test_a_graph_with_subgraphs_is_not_streamed(tmp_path):
+    """If/Loop/Scan bodies are looked into by the whole-graph pass only: streaming refuses them,
+    and the automatic choice takes the whole-graph pass."""
+    from onnx import TensorProto, helper
+
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z_branch"])], "b", [],
+                               [helper.make_tensor_value_info("z_branch", TensorProto.FLOAT, [2, 64])])
+    cond = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True)))
+    branchy = helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)
+    src, _ = _one_matmul(tmp_path, [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64])], [cond, branchy])
+    with pytest.raises(ArtifactError, match="subgraphs"):
+        quantize_decoder(src, tmp_path / "s.onnx", LLMOptions(precision="int4"), has_lm_head=False, streaming=True)
+    quantize_decoder(src, tmp_path / "q.onnx", LLMOptions(precision="int4"), has_lm_head=False)
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
