@@ -79,23 +79,31 @@ def decode_cost(path: Path) -> dict:
             "rgb_ms": 1000 * statistics.median(convert)}
 
 
-def model_cost(pipe, retriever, path: Path, n: int = 10) -> dict:
+def sampled_frames(path: Path, n: int) -> list:
+    """One frame per second of the file (at 30 frames/s), the first `n`."""
     with FileSource(path) as src:
-        images = [f.image.copy() for f in src.frames() if f.index % 30 == 0][:n]
+        return [f.image.copy() for f in src.frames() if f.index % 30 == 0][:n]
+
+
+def median_ms(run, images) -> float:
+    """Median wall time of `run(image)` over `images`, after one warm-up run."""
+    run(images[0])
+    times = []
+    for im in images:
+        t0 = time.perf_counter()
+        run(im)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def caption_ms(pipe, images) -> float:
     prompt = [pipe.caption_prompt(None)]
-    pipe.generate_for_image(images[0], prompt)  # warm-up
-    caption = []
-    for im in images:
-        t0 = time.perf_counter()
-        pipe.generate_for_image(im, prompt)
-        caption.append(time.perf_counter() - t0)
-    retriever.embed_images([images[0]])
-    itc = []
-    for im in images:
-        t0 = time.perf_counter()
-        retriever.embed_images([im])
-        itc.append(time.perf_counter() - t0)
-    return {"caption_ms": 1000 * statistics.median(caption), "itc_ms": 1000 * statistics.median(itc)}
+    return median_ms(lambda im: pipe.generate_for_image(im, prompt), images)
+
+
+def model_cost(pipe, retriever, path: Path, n: int = 10) -> dict:
+    images = sampled_frames(path, n)
+    return {"caption_ms": caption_ms(pipe, images), "itc_ms": median_ms(lambda im: retriever.embed_images([im]), images)}
 
 
 def watch_file(pipe, path: Path) -> dict:
@@ -182,20 +190,11 @@ def bench_model_rows(clip: Path, shots, args, decode: dict) -> list[str]:
     rows = []
     for label, art in (("bench FP32", fp32), ("bench uint8 + INT4", quantized)):
         pipe = Blip2Pipeline.from_artifacts(art)
-        with FileSource(clip) as src:
-            images = [f.image.copy() for f in src.frames() if f.index % 30 == 0][:6]
-        prompt = [pipe.caption_prompt(None)]
-        pipe.generate_for_image(images[0], prompt)  # warm-up
-        times = []
-        for im in images:
-            t0 = time.perf_counter()
-            pipe.generate_for_image(im, prompt)
-            times.append(time.perf_counter() - t0)
-        caption_ms = 1000 * statistics.median(times)
+        per_caption = caption_ms(pipe, sampled_frames(clip, 6))
         w = watch_file(pipe, clip)
         live = watch_live(pipe, shots, args.bench_live_seconds, args.fps, args.noise)
-        rows += [f"| {label}: caption of one 1080p frame | {caption_ms:.1f} ms "
-                 f"(decode of a second of video / caption: {args.fps * decode['decode_ms'] / caption_ms:.2f}) |",
+        rows += [f"| {label}: caption of one 1080p frame | {per_caption:.1f} ms "
+                 f"(decode of a second of video / caption: {args.fps * decode['decode_ms'] / per_caption:.2f}) |",
                  f"| {label}: watch file, --every 1s, {w['described']} captions | {w['wall']:.1f} s wall, "
                  f"{w['speed']:.1f}x real time |",
                  f"| {label}: watch live 1080p{args.fps}, {args.bench_live_seconds:g} s: captions/s; lag median / p95 "

@@ -119,14 +119,19 @@ def test_external_data_path(tmp_path, tiny_checkpoint, tiny_artifacts):
     assert a[0].tokens == b[0].tokens
 
 
-def test_validator_catches_a_corrupted_weight(tmp_path, tiny_artifacts, tiny_hf):
-    bad = shutil.copytree(tiny_artifacts, tmp_path / "bad")
-    graph = onnx.load(str(bad / "qformer.onnx"))
-    target = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+def corrupt_one_weight(path, pick) -> None:
+    """Adds 0.5 to the first value of the initializer `pick(graph)` returns, in place."""
+    graph = onnx.load(str(path))
+    target = pick(graph.graph)
     w = numpy_helper.to_array(target).copy()
     w.flat[0] += 0.5
     target.CopyFrom(numpy_helper.from_array(w, target.name))
-    onnx.save(graph, str(bad / "qformer.onnx"))
+    onnx.save(graph, str(path))
+
+
+def test_validator_catches_a_corrupted_weight(tmp_path, tiny_artifacts, tiny_hf):
+    bad = shutil.copytree(tiny_artifacts, tmp_path / "bad")
+    corrupt_one_weight(bad / "qformer.onnx", lambda g: max(g.initializer, key=lambda t: int(np.prod(t.dims))))
     model, processor = tiny_hf
     reports = {r["stage"]: r for r in validate_stages(model, processor, bad, atol=1e-4)}
     assert reports["vision"]["ok"]
@@ -274,13 +279,12 @@ def test_a_corrupted_shared_cache_decoder_fails_its_deferred_check(tmp_path, tin
     a wrong weight there still fails the decoder stage, by how much."""
     bad = shutil.copytree(tiny_artifacts, tmp_path / "bad")
     assert load_manifest(bad).model["kv_cache"] == "shared"
-    graph = onnx.load(str(bad / "decoder.onnx"))
-    inits = {t.name: t for t in graph.graph.initializer}
-    target = next(inits[n.input[1]] for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
-    w = numpy_helper.to_array(target).copy()
-    w.flat[0] += 0.5
-    target.CopyFrom(numpy_helper.from_array(w, target.name))
-    onnx.save(graph, str(bad / "decoder.onnx"))
+
+    def first_matmul_weight(graph):
+        inits = {t.name: t for t in graph.initializer}
+        return next(inits[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+    corrupt_one_weight(bad / "decoder.onnx", first_matmul_weight)
     model, processor = tiny_hf
     reports = {r["stage"]: r for r in validate_stages(model, processor, bad, atol=1e-4)}
     assert reports["vision"]["ok"] and reports["qformer"]["ok"]
