@@ -6,12 +6,13 @@ import gc
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from exporter.families import export_family
-from exporter.loading import LoadOptions, check_local_weights, load_config, load_model
+from exporter.loading import LoadOptions, check_local_weights, load_config, load_model, load_model_staged
 from exporter.memory_estimate import export_peak, stage_parameters, stored_sizes
 from exporter.onnx_export import MIN_OPSET, check_opset, export_stage
 from exporter.processor_spec import preprocessing_of, tokenizer_spec
@@ -36,6 +37,9 @@ class ExportOptions:
     kv_cache: str = "auto"
     # Bytes the run may use at its peak (--max-memory); the machine's available memory in any case.
     max_memory: int | None = None
+    # Read each stage's weights from the checkpoint as it is exported (exporter/staged_weights.py)
+    # rather than loading the whole model first; the graphs are the same either way.
+    staged: bool = True
 
     def __post_init__(self) -> None:
         check_opset(self.opset)  # torch's and onnxruntime's range, before anything is loaded
@@ -64,9 +68,13 @@ def tool_versions(opset: int) -> dict:
     return out
 
 
-def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable) -> dict:
+def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOptions, log: Callable,
+                    weights=None) -> dict:
     """Writes graphs, embedding table and tokenizer/processor files into `tmp`; returns the manifest
-    (with its `files` list), which the caller writes last, once the directory has passed validation."""
+    (with its `files` list), which the caller writes last, once the directory has passed validation.
+    `weights`: the StagedWeights of a model built on the meta device, each stage's read for its
+    export alone; None for a model loaded whole."""
+    holding = weights.loaded if weights is not None else nullcontext
 
     family = export_family(hf_model.config)
     dims = family.model_dims(hf_model.config)
@@ -80,14 +88,17 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
     files, stages = [], {}
     for name, spec in specs.items():
         t0 = time.perf_counter()
-        written = export_stage(modules[name], spec, examples[name], tmp / spec.file, opts.opset,
-                               opts.external_data_threshold)
+        with holding(modules[name]):
+            written = export_stage(modules[name], spec, examples[name], tmp / spec.file, opts.opset,
+                                   opts.external_data_threshold)
+        gc.collect()  # the trace's references to the stage's weights, before the next stage's are read
         files += written
         stages[name] = {**spec.to_manifest(float_dtype, dims), "precision": opts.load.dtype,
                         "external_data": written[1:]}
         log(f"  exported {name:<8} -> {', '.join(written)}  ({time.perf_counter() - t0:.1f}s)")
 
-    sections, written = family.manifest_sections(hf_model, processor, float_dtype, tmp)
+    with holding(hf_model.get_input_embeddings()):  # the embedding table (embed_tokens.npy)
+        sections, written = family.manifest_sections(hf_model, processor, float_dtype, tmp)
     files += written
     processor.save_pretrained(tmp)
     if hf_model.generation_config is not None:  # retrieval models have none
@@ -144,12 +155,12 @@ def check_memory(model: str, opts: ExportOptions, log: Callable[[str], None]) ->
     params = stage_parameters(config)
     stored = stored_sizes(model)
     dtype = opts.load.dtype
-    peak = export_peak(config, dtype, opts.validate, params, stored)
+    peak = export_peak(config, dtype, opts.validate, params, stored, opts.staged)
     others = {}
     if opts.validate:
-        others["--no-validate"] = export_peak(config, dtype, False, params, stored)["peak"]
+        others["--no-validate"] = export_peak(config, dtype, False, params, stored, opts.staged)["peak"]
     if dtype == "fp32" and _exports_in(config, model, "fp16"):
-        others["--dtype fp16"] = export_peak(config, "fp16", opts.validate, params, stored)["peak"]
+        others["--dtype fp16"] = export_peak(config, "fp16", opts.validate, params, stored, opts.staged)["peak"]
     log(check_fits("export", peak["peak"], opts.max_memory, alternatives=others,
                    note=f" (+ {format_size(peak['mapped'])} of checkpoint mapped from disk, which can be dropped)"))
 
@@ -168,22 +179,28 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
     # OUT_DIR is checked and locked before the (slow) model load, and checked again at the rename.
     with atomic_directory(out, opts.overwrite) as tmp:
         t0 = time.perf_counter()
-        hf_model, processor = load_model(model, opts.load)
-        log(f"loaded {model} ({opts.load.dtype}) in {time.perf_counter() - t0:.1f}s")
+        if opts.staged:
+            hf_model, processor, weights = load_model_staged(model, opts.load, log)
+        else:
+            (hf_model, processor), weights = load_model(model, opts.load), None
+        how = "the whole model" if weights is None else "its structure; each stage's weights read as it is exported"
+        log(f"loaded {model} ({opts.load.dtype}): {how} ({time.perf_counter() - t0:.1f}s)")
         local = Path(model).is_dir()
         source = {"model": str(Path(model).resolve()) if local else model, "revision": opts.load.revision,
                   "commit_hash": getattr(hf_model.config, "_commit_hash", None)}
         # Validation reads the manifest from memory: on disk it is written last, so a directory
         # left by a killed or failed run is never loadable.
-        staged = Manifest(tmp, checksummed(tmp, write_artifacts(hf_model, processor, source, tmp, opts, log)))
+        pending = Manifest(tmp, checksummed(tmp, write_artifacts(hf_model, processor, source, tmp, opts, log, weights)))
         if opts.validate:
+            if weights is not None:  # transformers' generate and every stage's reference need all of it
+                weights.load(hf_model)
             # PyTorch's references first, then the graphs with the model freed: the two never
             # hold the weights side by side (exporter/deferred_runs.py).
-            references = collect_references(hf_model, processor, staged, opts.tolerance, check_generation=True)
-            del hf_model
+            references = collect_references(hf_model, processor, pending, opts.tolerance, check_generation=True)
+            del hf_model, weights
             gc.collect()
             log(f"  computed PyTorch's references, freed the model ({time.perf_counter() - t0:.1f}s)")
-            report = check_references(references, staged)
+            report = check_references(references, pending)
             if opts.load.dtype != "fp32" and "generation" in report:
                 # Half-precision kernels differ between PyTorch and ORT: token agreement is reported, not gated.
                 report["generation"]["gating"] = False
@@ -194,6 +211,6 @@ def export(model: str, out_dir: str | os.PathLike, opts: ExportOptions | None = 
                 log(line)
             if not report["ok"]:
                 raise ValidationError(failure_message(report))
-        write_manifest(tmp, staged.data)
+        write_manifest(tmp, pending.data)
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return report

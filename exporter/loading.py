@@ -155,6 +155,15 @@ def kept_in_fp32(parameter: str, modules) -> bool:
     return any(re.search(rf"(^|\.){re.escape(m)}($|\.)", parameter) for m in modules)
 
 
+def keep_in_fp32_rule(hf_model):
+    """name -> whether from_pretrained keeps that parameter in float32 in a float16 load: the
+    model's `_keep_in_fp32_modules` (and `_strict`, transformers >= 4.56), as built (keeps_fp32's
+    class and InstructBLIP's merged LLM list)."""
+    modules = [*(getattr(hf_model, "_keep_in_fp32_modules", None) or ()),
+               *(getattr(hf_model, "_keep_in_fp32_modules_strict", None) or ())]
+    return lambda name: kept_in_fp32(name, modules)
+
+
 class _DropSlowProcessorNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Using a slow image processor")
@@ -175,12 +184,10 @@ def _slow_image_processor_chosen():
         logger.removeFilter(notice)
 
 
-def load_model(model: str, opts: LoadOptions):
-    """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
-    import torch
+def _checked(model: str, opts: LoadOptions):
+    """(config, family, model class, processor class, hub arguments) of `model`, after every
+    check a load makes before reading weights."""
     import transformers
-    from safetensors import SafetensorError
-
 
     path = Path(model).expanduser()
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))):
@@ -192,26 +199,19 @@ def load_model(model: str, opts: LoadOptions):
     config = load_config(model, opts)
     if path.is_dir():
         check_safetensors(sorted(path.glob("*.safetensors")))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
     common = dict(revision=opts.revision, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code)
     family = export_family(config, model)
-    retrieval = family.runtime.task == "retrieval"
-    names = RETRIEVAL_CLASSES if retrieval else SUPPORTED_ARCHITECTURES[config.model_type]
+    names = RETRIEVAL_CLASSES if family.runtime.task == "retrieval" else SUPPORTED_ARCHITECTURES[config.model_type]
     model_class, processor_class = (getattr(transformers, name) for name in names)
     if opts.dtype == "fp16":
         model_class = keeps_fp32(model_class, family)
-    try:
-        hf_model = model_class.from_pretrained(
-            model, config=config, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
-            low_cpu_mem_usage=True, attn_implementation="eager", **common,
-        )
-        with _slow_image_processor_chosen():
-            processor = processor_class.from_pretrained(model, **common)
-    except (OSError, ValueError) as exc:
-        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
-    except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
-        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
+    return config, family, model_class, processor_class, common
+
+
+def _finish(hf_model, processor, config, family):
+    """The processor set up as the family lays prompts out; the model in eval mode."""
     # Retrieval without image_token_index takes text ids alone (the model adds the queries' mask).
+    retrieval = family.runtime.task == "retrieval"
     if processor.num_query_tokens is None and not (retrieval and config.image_token_index is None):
         processor.num_query_tokens = config.num_query_tokens
     # Batched prompts are padded as the family lays them out (OPT: left, after the query tokens;
@@ -219,3 +219,70 @@ def load_model(model: str, opts: LoadOptions):
     processor.tokenizer.padding_side = family.runtime.padding_side
     hf_model.eval()
     return hf_model, processor
+
+
+def _load_processor(processor_class, model: str, common: dict):
+    with _slow_image_processor_chosen():
+        return processor_class.from_pretrained(model, **common)
+
+
+def _torch_dtype(opts: LoadOptions):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
+
+
+def load_model(model: str, opts: LoadOptions):
+    """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
+    from safetensors import SafetensorError
+
+    config, family, model_class, processor_class, common = _checked(model, opts)
+    try:
+        hf_model = model_class.from_pretrained(
+            model, config=config, dtype=_torch_dtype(opts), use_safetensors=None if opts.allow_pickle else True,
+            low_cpu_mem_usage=True, attn_implementation="eager", **common,
+        )
+        processor = _load_processor(processor_class, model, common)
+    except (OSError, ValueError) as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
+        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
+    return _finish(hf_model, processor, config, family)
+
+
+def load_model_staged(model: str, opts: LoadOptions, log=print):
+    """(model, processor, weights): the model built with its parameters on the meta device, and
+    the StagedWeights that read each stage's from the checkpoint when asked
+    (exporter/staged_weights.py). A checkpoint that cannot be read that way (pickle weights, or
+    names from_pretrained would rename) is loaded whole, saying why; weights is then None."""
+    from safetensors import SafetensorError
+    from transformers import GenerationConfig
+
+    from exporter.staged_weights import NotStageable, StagedWeights, checkpoint_weight_files, parameters_on_meta
+
+    config, family, model_class, processor_class, common = _checked(model, opts)
+    try:
+        files = checkpoint_weight_files(model, opts.revision, opts.local_files_only)
+        with parameters_on_meta():
+            hf_model = model_class._from_config(config, dtype=_torch_dtype(opts), attn_implementation="eager")
+        fp32 = keep_in_fp32_rule(hf_model) if opts.dtype == "fp16" else (lambda name: False)
+        weights = StagedWeights(hf_model, files, _torch_dtype(opts), fp32)
+    except NotStageable as exc:
+        log(f"  loading the whole model: cannot read it stage by stage ({exc})")
+        hf_model, processor = load_model(model, opts)
+        return hf_model, processor, None
+    except (OSError, ValueError) as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    except SafetensorError as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
+    if hf_model.can_generate():  # from_pretrained reads the checkpoint's generation_config.json
+        try:
+            hf_model.generation_config = GenerationConfig.from_pretrained(model, **common)
+        except OSError:
+            pass  # none: the config's own, as _from_config made it
+    try:
+        processor = _load_processor(processor_class, model, common)
+    except (OSError, ValueError) as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    hf_model, processor = _finish(hf_model, processor, config, family)
+    return hf_model, processor, weights

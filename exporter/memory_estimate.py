@@ -229,8 +229,8 @@ VISUAL_TRACE_COPIES = (2.85, 0.55)
 PROTOBUF_LIMIT = 2**31  # torch switches to external data past it
 # Validation runs after the torch model is freed (exporter/deferred_runs.py): the references
 # pass holds the model and what transformers' generate and the stage references allocate;
-# the graphs pass the runtime's pipeline of every graph, x their weights (fp16: sessions that
-# keep one copy, ThreadSettings.low_memory).
+# the graphs pass the runtime's pipeline, x the weights of its larger half, visual or LLM (fp16:
+# sessions that keep one copy, ThreadSettings.low_memory).
 REFERENCES_FIXED = 1.4e9
 ORT = {"fp32": 1.25, "fp16": 1.2}
 # Retrieval artifacts still validate in one pass (their models are small): the torch model beside
@@ -272,34 +272,42 @@ def model_bytes(params: dict, dtype: str) -> int:
 
 
 def export_peak(config, dtype: str, validate: bool = True, params: dict | None = None,
-                stored: dict | None = None) -> dict:
+                stored: dict | None = None, staged: bool = True) -> dict:
     """The expected peak of `export` in bytes: "peak" the anonymous memory (what must fit),
     "mapped" the checkpoint's weights torch maps from its files (resident when touched, dropped
     under pressure), "rss" their sum (what `top` shows with memory to spare), and each phase's
     anonymous peak. `stored`: the checkpoint's bytes per element per tensor (stored_sizes); the
-    config's dtype for every tensor without it (a hub id before download)."""
+    config's dtype for every tensor without it (a hub id before download). `staged`: each stage's
+    weights read for its own export (exporter/staged_weights.py), the whole model only for the
+    references; else the whole model loaded first."""
     params = params if params is not None else stage_parameters(config)
     default = _config_size(config)
-    loaded = converted = on_disk = 0
-    for name, n, kept in params["model"]:
+
+    def cast_copy(name: str, n: int, kept: bool) -> int:
+        """Bytes of anonymous memory the tensor takes once read: a cast makes a copy; a tensor
+        stored in the export dtype stays mapped from its file."""
         size = 4 if dtype == "fp32" or kept else 2
-        disk = (stored or {}).get(name, default)
-        loaded += n * size
-        on_disk += n * disk  # every tensor is read through the mapping, cast or not
-        if disk != size:
-            converted += n * size  # cast on load: a copy in anonymous memory; the rest stays mapped
+        return n * size if (stored or {}).get(name, default) != size else 0
+
+    loaded = sum(n * (4 if dtype == "fp32" or kept else 2) for _, n, kept in params["model"])
+    on_disk = sum(n * (stored or {}).get(name, default) for name, n, _ in params["model"])
+    converted = sum(cast_copy(name, n, kept) for name, n, kept in params["model"])
     weights = estimate(params, dtype)
     family = export_family(config)
-    held = BASE + converted
+    held = BASE + (0 if staged else converted)
     phases = {"load": held}
     for name, size in weights["stages"].items():
         copies = VISUAL_TRACE_COPIES if name in family.runtime.visual_stages else family.trace_copies
-        phases[f"export {name}"] = held + TRACE_FIXED + copies[size >= PROTOBUF_LIMIT] * size
+        own = sum(cast_copy(full, n, kept) for full, n, _, kept, _ in params[name]) if staged else 0
+        phases[f"export {name}"] = held + own + TRACE_FIXED + copies[size >= PROTOBUF_LIMIT] * size
+    whole = BASE + converted  # the model as the references pass holds it
     if validate and family.runtime.task == "retrieval":  # one pass: torch and the sessions side by side
-        phases["validation"] = held + ORT_ONE_PASS[dtype] * weights["total"]
+        phases["validation"] = whole + ORT_ONE_PASS[dtype] * weights["total"]
     elif validate:
-        phases["references"] = held + REFERENCES_FIXED
-        phases["validation"] = BASE + ORT[dtype] * weights["total"]
+        phases["references"] = whole + REFERENCES_FIXED
+        # The generate parity loads the visual stages, frees them, then the LLM's (with the table).
+        visual = sum(v for k, v in weights["stages"].items() if k in family.runtime.visual_stages)
+        phases["validation"] = BASE + ORT[dtype] * max(visual, weights["total"] - visual)
     phases = {k: int(v) for k, v in phases.items()}
     mapped = int(BASE_MAPPED + on_disk)
     peak = max(phases.values())

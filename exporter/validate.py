@@ -37,6 +37,8 @@ from exporter.torch_stages import VisionStage
 from runtime.artifact.manifest import Manifest, load_manifest
 from runtime.backends.onnxrt import OrtRunner
 from runtime.backends.threads import ThreadSettings
+from runtime.families import family_for
+from runtime.loaded_artifact import LoadedArtifact
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES
 
@@ -110,15 +112,24 @@ def reference_generation(hf_model, processor, artifacts, max_new_tokens: int = 1
 
 
 def check_generation(references: list[dict], artifacts) -> dict:
-    """Greedy token ids through the exported graphs (the runtime's pipeline) vs the reference's."""
+    """Greedy token ids through the exported graphs (the runtime's pipeline) vs the reference's.
+    The visual stages run first and are freed before the LLM's load: the two never hold their
+    weights side by side (the LLM's half is the runtime's generate_from_queries)."""
     manifest = _staged(artifacts)
     low = any(s["precision"] == "fp16" for s in manifest.stages.values())
-    pipe = Blip2Pipeline(manifest, threads=ThreadSettings(low_memory=low))
+    family = family_for(manifest.data)
+    visual = tuple(s for s in family.stage_names(manifest.model) if s in family.visual_stages)
+    llm = tuple(s for s in family.stage_names(manifest.model) if s not in visual)
     images = validation_images()
+    pipe = Blip2Pipeline(LoadedArtifact(manifest, "generation", threads=ThreadSettings(low_memory=low), stages=visual))
+    queries = [pipe.encode(images, {}, [ref["prompt"]] * len(images)) for ref in references]
+    pipe.close()
+    del pipe
+    pipe = Blip2Pipeline(LoadedArtifact(manifest, "generation", threads=ThreadSettings(low_memory=low), stages=llm))
     cases = []
-    for ref in references:
-        got = pipe.generate(images, [ref["prompt"]] * len(images), max_new_tokens=ref["max_new_tokens"],
-                            stop_strings=())
+    for ref, query in zip(references, queries):
+        got = pipe.generate_from_queries(query, [ref["prompt"]] * len(images), max_new_tokens=ref["max_new_tokens"],
+                                         stop_strings=())
         got_rows = [r.tokens for r in got]
         cases.append({"prompt": ref["prompt"], "reference": ref["reference"], "exported": got_rows,
                       "match": ref["reference"] == got_rows})

@@ -46,12 +46,13 @@ class LoadedArtifact:
     thread-safe)."""
 
     def __init__(self, manifest: Manifest, task: str, device: str = "cpu", backend: str = "onnxruntime",
-                 threads: ThreadSettings | None = None, precision: str = "f32"):
+                 threads: ThreadSettings | None = None, precision: str = "f32", stages: tuple[str, ...] | None = None):
         """precision: OpenVINO's inference precision (f32, bf16, f16) under backend "openvino";
         another backend runs each graph in its own precision and takes f32 only. backend "auto":
         on the CPU with the openvino extra, each stage where a short measurement (cached per
         artifact and machine) finds it fastest at the fidelity gate (runtime.backends.auto);
-        elsewhere the same as "onnxruntime"."""
+        elsewhere the same as "onnxruntime". stages: load these of the artifact's stages alone
+        (export's validation runs the visual stages, frees them, then the LLM's); default all."""
         if task not in WRONG_TASK:
             raise OptionError(f"unknown task '{task}'; valid: {', '.join(WRONG_TASK)}")
         check_backend(backend, precision)
@@ -65,12 +66,14 @@ class LoadedArtifact:
         # Under OpenVINO (CPU, Intel GPU or NPU) the stages it cannot run stay on ONNX Runtime's CPU;
         # auto's stages not on OpenVINO are on ONNX Runtime on `device`.
         ort_device = "cpu" if backend == "openvino" else device
-        self.stage_names: tuple[str, ...] = self.family.stage_names(self.model)
+        every = self.family.stage_names(self.model)
         self.threads = threads or ThreadSettings()
-        unknown = sorted({stage for stage, _ in self.threads.stage_spin} - set(self.stage_names))
-        if unknown:  # a misspelt stage would otherwise be ignored silently
-            raise OptionError(f"stage_spin names no stage of this model: {', '.join(unknown)}; "
-                              f"stages: {', '.join(self.stage_names)}")
+        for what, names in (("stage_spin", {stage for stage, _ in self.threads.stage_spin}), ("stages", stages or ())):
+            unknown = sorted(set(names) - set(every))
+            if unknown:  # a misspelt stage would otherwise be ignored silently
+                raise OptionError(f"{what} names no stage of this model: {', '.join(unknown)}; "
+                                  f"stages: {', '.join(every)}")
+        self.stage_names: tuple[str, ...] = tuple(s for s in every if stages is None or s in stages)
         self.float_dtype: np.dtype = manifest.input_dtype(self.family.float_stage)
         ort_backend = "onnxruntime" if backend in ("openvino", "auto") else backend
         self.family.check_placement(manifest.where, self.model, self.float_dtype, ort_device, ort_backend,

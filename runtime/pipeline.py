@@ -63,7 +63,8 @@ class Blip2Pipeline(OnArtifact):
         self._load(manifest, "generation", device=device, backend=backend, threads=threads, precision=precision)
         self.timed_stages = (*Result.STAGES[:5], *self.family.prefill_stages, *Result.STAGES[5:])
         # On a GPU the KV cache stays on the device between steps (I/O binding).
-        self.io_binding = self.runners["decoder"].device == "cuda" if io_binding is None else io_binding
+        decoder = self.runners.get("decoder")  # none on an artifact loaded with its visual stages alone
+        self.io_binding = (decoder is not None and decoder.device == "cuda") if io_binding is None else io_binding
         m = self.manifest.data
         self.prompts = m["prompts"]
         gen = self.generation = m["generation"]

@@ -239,14 +239,14 @@ def test_validation_runs_the_graphs_after_the_model_is_freed(request, tmp_path, 
 
     import exporter.validate as validate_mod
 
-    model_alive, sessions, opened, pipelines = [], [], [], []
-    real_load, real_session, real_pipeline = export_mod.load_model, validate_mod.validation_session, \
-        validate_mod.Blip2Pipeline
+    model_alive, sessions, opened, pipelines, loaded = [], [], [], [], []
+    real_load, real_session, real_artifact = export_mod.load_model_staged, validate_mod.validation_session, \
+        validate_mod.LoadedArtifact
 
     def load(*args, **kwargs):
-        model, processor = real_load(*args, **kwargs)
+        model, processor, weights = real_load(*args, **kwargs)
         model_alive.append(weakref.ref(model))
-        return model, processor
+        return model, processor, weights
 
     def session(manifest, stage):
         opened.append((stage, model_alive[0]() is not None, sum(s() is not None for s in sessions)))
@@ -256,13 +256,17 @@ def test_validation_runs_the_graphs_after_the_model_is_freed(request, tmp_path, 
         assert (level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) == (dtype == "fp16")
         return runner
 
-    def pipeline(*args, **kwargs):
-        pipelines.append((model_alive[0]() is not None, kwargs["threads"].low_memory))
-        return real_pipeline(*args, **kwargs)
+    def artifact(*args, **kwargs):
+        # (model alive, one-copy sessions, the stages loaded, an earlier pipeline's artifact alive)
+        pipelines.append((model_alive[0]() is not None, kwargs["threads"].low_memory, kwargs["stages"],
+                          any(a() is not None for a in loaded)))
+        out = real_artifact(*args, **kwargs)
+        loaded.append(weakref.ref(out))
+        return out
 
-    monkeypatch.setattr(export_mod, "load_model", load)
+    monkeypatch.setattr(export_mod, "load_model_staged", load)
     monkeypatch.setattr(validate_mod, "validation_session", session)
-    monkeypatch.setattr(validate_mod, "Blip2Pipeline", pipeline)
+    monkeypatch.setattr(validate_mod, "LoadedArtifact", artifact)
     out = tmp_path / "out"
     report = export(str(request.getfixturevalue(checkpoint)), out, ExportOptions(load=LoadOptions(dtype=dtype)),
                     log=lambda s: None)
@@ -271,7 +275,10 @@ def test_validation_runs_the_graphs_after_the_model_is_freed(request, tmp_path, 
     assert len(report["generation"]["cases"]) == 2
     assert [s for s, _, _ in opened] == stages  # each stage's session once, in order
     assert all(not alive and others == 0 for _, alive, others in opened), opened
-    assert pipelines == [(False, dtype == "fp16")]
+    # The generate parity: the visual stages, freed, then the LLM's.
+    visual = tuple(s for s in stages if s in ("vision", "qformer"))
+    llm = tuple(s for s in stages if s not in visual)
+    assert pipelines == [(False, dtype == "fp16", visual, False), (False, dtype == "fp16", llm, False)]
 
 
 def test_a_corrupted_shared_cache_decoder_fails_its_deferred_check(tmp_path, tiny_artifacts, tiny_hf):

@@ -1,0 +1,162 @@
+"""A transformers model whose weights are read from the checkpoint one stage at a time.
+
+The model is built with every parameter on the meta device (shapes, no memory; buffers are real,
+computed by the modules' constructors as usual). `StagedWeights.loaded(module)` reads the
+parameters `module` reaches from the checkpoint's safetensors files, for as long as the block
+lasts, then puts them back on the meta device. safetensors maps its files, so a stage's weights
+stored in the export dtype are file-backed pages rather than copies; a cast (an fp16 checkpoint
+exported in fp32) copies that stage's tensors alone. The export's peak is then one stage's
+weights and its trace, not the whole model beside it (docs/export.md, "Memory").
+
+Each tensor is cast exactly as `from_pretrained` casts it (the export dtype, or float32 for the
+modules the class keeps in float32), so the graphs are byte-identical to a whole-model export
+(tests/exporter/test_staged_export.py).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class NotStageable(Exception):
+    """This checkpoint cannot be read stage by stage (the reason, one line); the caller loads it whole."""
+
+
+def checkpoint_weight_files(model: str, revision: str | None = None, local_files_only: bool = False,
+                            token=None) -> list[Path]:
+    """The safetensors files of a local checkpoint directory or a hub id (downloaded into the
+    Hugging Face cache as from_pretrained would): the index's shards, or the one file."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / INDEX).is_file():
+            return _indexed_shards(path / INDEX, lambda name: path / name)
+        if (path / SINGLE).is_file():
+            return [path / SINGLE]
+        raise NotStageable(f"{path}: no {SINGLE} or {INDEX}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    get = lambda name: Path(hf_hub_download(model, name, revision=revision,  # noqa: E731
+                                            local_files_only=local_files_only, token=token))
+    try:
+        return _indexed_shards(get(INDEX), get)
+    except EntryNotFoundError:
+        pass
+    try:
+        return [get(SINGLE)]
+    except EntryNotFoundError:
+        raise NotStageable(f"'{model}' has no {SINGLE} or {INDEX}") from None
+
+
+def _indexed_shards(index: Path, locate) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise NotStageable(f"{index}: unreadable index ({exc})") from None
+    return [locate(name) for name in names]
+
+
+@contextmanager
+def parameters_on_meta():
+    """Every nn.Parameter registered inside the block lands on the meta device (buffers do not):
+    a constructor's `torch.empty` of a weight is dropped before anything writes it, and the
+    initialisers that follow run on meta tensors, which costs nothing."""
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one is a tie (tie_weights): keep it the same object
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class StagedWeights:
+    """The checkpoint's tensors, placed into `hf_model` (built under parameters_on_meta) on demand.
+
+    A parameter's contents are swapped in place (torch.utils.swap_tensors), never the Parameter
+    object: tied weights, and stage wrappers that hold one of the model's parameters as their own
+    (QFormerStage.query_tokens), see the weights wherever they hold them. `keep_fp32(name)`:
+    whether from_pretrained keeps that parameter in float32 in `dtype`."""
+
+    def __init__(self, hf_model, files: list[Path], dtype, keep_fp32):
+        from safetensors import safe_open
+
+        self.model = hf_model
+        self.dtype = dtype
+        self.keep_fp32 = keep_fp32
+        self._where: dict[str, Path] = {}  # tensor name -> its file
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                self._where.update(dict.fromkeys(h.keys(), Path(f)))
+        self._open: dict[Path, object] = {}
+        self._names: dict[int, list[str]] = {}  # id(parameter) -> its names (a tied one has several)
+        for name, p in hf_model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), []).append(name)
+        missing = [names[0] for names in self._names.values() if not any(n in self._where for n in names)]
+        if missing:
+            raise NotStageable(f"{len(missing)} parameter(s) under names the model does not use "
+                               f"(first: {missing[0]}); from_pretrained renames them")
+
+    def _read(self, names: list[str]):
+        import torch
+
+        key = next(n for n in names if n in self._where)
+        tensor = self._file(key).get_tensor(key)
+        target = torch.float32 if self.keep_fp32(names[0]) else self.dtype
+        return tensor if tensor.dtype == target else tensor.to(target)
+
+    def _file(self, key: str):
+        from safetensors import safe_open
+
+        path = self._where[key]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def close(self) -> None:
+        """Drops the open files: a file's mapping (and the pages read through it, which count in
+        the RSS) goes once no tensor read from it is left."""
+        self._open.clear()
+
+    @staticmethod
+    def _swap(p, tensor) -> None:
+        from torch import nn
+        from torch.utils import swap_tensors
+
+        swap_tensors(p, nn.Parameter(tensor, requires_grad=p.requires_grad))
+
+    def load(self, module) -> None:
+        """Reads every parameter of `module` still on the meta device (all of them: the model)."""
+        for p in module.parameters():
+            if p.is_meta:
+                self._swap(p, self._read(self._names[id(p)]))
+        buffers = {id(b): n for n, b in self.model.named_buffers(remove_duplicate=False)}
+        for b in module.buffers():  # persistent ones the checkpoint stores, as from_pretrained loads them
+            name = buffers.get(id(b))
+            if name in self._where:
+                b.copy_(self._file(name).get_tensor(name).to(b.dtype))
+
+    @contextmanager
+    def loaded(self, module):
+        """`module`'s parameters read for the block, back on the meta device after it; those it
+        found loaded (an outer block's) stay."""
+        read = [p for p in module.parameters() if p.is_meta]
+        self.load(module)
+        try:
+            yield module
+        finally:
+            for p in read:
+                self._swap(p, p.detach().to("meta"))
+            self.close()
