@@ -74,40 +74,50 @@ def stage_pair_fidelity(fp32, quant, images, second: str, feeds: Callable[[np.nd
     return stage_pair_against(stage_pair_references(fp32, images, second, feeds, output), quant, second, output)
 
 
+def _forced_logits(pipe: Blip2Pipeline, inputs, captions: list[list[int]]) -> list[list[np.ndarray]]:
+    """Each row's next-token logits along its own caption (teacher forcing), the rows of one
+    batch decoded together: on a large decoder a step's cost is reading the weights, whatever
+    the batch. A row past the end of its caption is fed padding, and its logits are dropped."""
+    decoder = pipe.new_decoder(io_binding=False)
+    logits = decoder.prefill(inputs.embeds, inputs.mask)
+    longest = max((len(c) for c in captions), default=0)
+    rows: list[list[np.ndarray]] = [[] for _ in captions]
+    for t in range(longest):
+        for i, caption in enumerate(captions):
+            if t < len(caption):
+                rows[i].append(logits[i].copy())
+        if t + 1 < longest:
+            ids = [caption[t] if t < len(caption) else pipe.pad_id for caption in captions]
+            logits = decoder.step(np.array(ids, np.int64))
+    return rows
+
+
 def teacher_forced_references(fp32: Blip2Pipeline, images, captions: list[list[int]]) -> list:
-    """FP32's side of the decoder comparison, per image: the LLM's inputs (FP32's query), the
-    caption it is forced along, and FP32's logits at each position, as the decoder gave them
-    (half the bytes of the float64 log-probabilities they become in decoder_against)."""
+    """FP32's side of the decoder comparison, per batch of images: the LLM's inputs (FP32's
+    query), the captions they are forced along, and FP32's logits at each position of each, as
+    the decoder gave them (half the bytes of the float64 log-probabilities they become in
+    decoder_against)."""
     out = []
-    for image, tokens in zip(images, captions):
-        inputs = fp32.layout(fp32.encode([image], {}), [fp32.caption_prompt(None)])
-        decoder = fp32.new_decoder(io_binding=False)
-        logits = decoder.prefill(inputs.embeds, inputs.mask)
-        positions = []
-        for t, token in enumerate(tokens):
-            positions.append(logits[0].copy())
-            if t + 1 < len(tokens):
-                logits = decoder.step(np.array([token], np.int64))
-        out.append((inputs, tokens, positions))
+    for start in range(0, len(images), BATCH):
+        batch, forced = images[start:start + BATCH], captions[start:start + BATCH]
+        inputs = fp32.layout(fp32.encode(batch, {}), [fp32.caption_prompt(None)] * len(batch))
+        out.append((inputs, forced, _forced_logits(fp32, inputs, forced)))
     return out
 
 
 def decoder_against(references: list, quant: Blip2Pipeline) -> dict:
-    """Teacher forcing: the quantized decoder reads FP32's inputs and caption; next-token top-1
+    """Teacher forcing: the quantized decoder reads FP32's inputs and captions; next-token top-1
     agreement and KL(FP32 || quantized) at each position."""
     agree = total = 0
     kls = []
-    for inputs, tokens, positions in references:
-        decoder = quant.new_decoder(io_binding=False)
-        logits = decoder.prefill(inputs.embeds, inputs.mask)
-        for t, (token, ref_logits) in enumerate(zip(tokens, positions)):
-            lp_ref = log_softmax(ref_logits[None].astype(np.float64))[0]
-            lp_got = log_softmax(logits.astype(np.float64))[0]
-            agree += int(lp_ref.argmax() == lp_got.argmax())
-            total += 1
-            kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))
-            if t + 1 < len(tokens):
-                logits = decoder.step(np.array([token], np.int64))
+    for inputs, captions, ref_rows in references:
+        for ref_row, got_row in zip(ref_rows, _forced_logits(quant, inputs, captions)):
+            for ref_logits, logits in zip(ref_row, got_row):
+                lp_ref = log_softmax(ref_logits[None].astype(np.float64))[0]
+                lp_got = log_softmax(logits[None].astype(np.float64))[0]
+                agree += int(lp_ref.argmax() == lp_got.argmax())
+                total += 1
+                kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))
     return {"top1_agreement": agree / max(total, 1), "mean_kl": float(np.mean(kls)) if kls else 0.0,
             "positions": total}
 
