@@ -91,7 +91,6 @@ def write_artifacts(hf_model, processor, source: dict, tmp: Path, opts: ExportOp
         with holding(modules[name]):
             written = export_stage(modules[name], spec, examples[name], tmp / spec.file, opts.opset,
                                    opts.external_data_threshold)
-        gc.collect()  # the trace's references to the stage's weights, before the next stage's are read
         files += written
         stages[name] = {**spec.to_manifest(float_dtype, dims), "precision": opts.load.dtype,
                         "external_data": written[1:]}
@@ -154,13 +153,15 @@ def check_memory(model: str, opts: ExportOptions, log: Callable[[str], None]) ->
         return
     params = stage_parameters(config)
     stored = stored_sizes(model)
+    # A local checkpoint with no safetensors header read (pickle weights) is loaded whole.
+    staged = opts.staged and (stored is not None or not Path(model).expanduser().is_dir())
     dtype = opts.load.dtype
-    peak = export_peak(config, dtype, opts.validate, params, stored, opts.staged)
+    peak = export_peak(config, dtype, opts.validate, params, stored, staged)
     others = {}
     if opts.validate:
-        others["--no-validate"] = export_peak(config, dtype, False, params, stored, opts.staged)["peak"]
+        others["--no-validate"] = export_peak(config, dtype, False, params, stored, staged)["peak"]
     if dtype == "fp32" and _exports_in(config, model, "fp16"):
-        others["--dtype fp16"] = export_peak(config, "fp16", opts.validate, params, stored, opts.staged)["peak"]
+        others["--dtype fp16"] = export_peak(config, "fp16", opts.validate, params, stored, staged)["peak"]
     log(check_fits("export", peak["peak"], opts.max_memory, alternatives=others,
                    note=f" (+ {format_size(peak['mapped'])} of checkpoint mapped from disk, which can be dropped)"))
 

@@ -250,6 +250,19 @@ def load_model(model: str, opts: LoadOptions):
     return _finish(hf_model, processor, config, family)
 
 
+def in_dtype(config, dtype):
+    """A copy of `config` whose sub-configs all say `dtype`, as from_pretrained sets them: a
+    checkpoint can record another dtype for its LLM (blip2-opt-2.7b's text_config says float16
+    under a float32 top level), and the model class builds each part in its sub-config's."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for sub in (config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))):
+        if sub is not None:
+            sub.dtype = dtype
+    return config
+
+
 def load_model_staged(model: str, opts: LoadOptions, log=print):
     """(model, processor, weights): the model built with its parameters on the meta device, and
     the StagedWeights that read each stage's from the checkpoint when asked
@@ -262,9 +275,12 @@ def load_model_staged(model: str, opts: LoadOptions, log=print):
 
     config, family, model_class, processor_class, common = _checked(model, opts)
     try:
+        if getattr(config, "quantization_config", None) is not None:
+            raise NotStageable("a quantized checkpoint")
         files = checkpoint_weight_files(model, opts.revision, opts.local_files_only)
         with parameters_on_meta():
-            hf_model = model_class._from_config(config, dtype=_torch_dtype(opts), attn_implementation="eager")
+            hf_model = model_class._from_config(in_dtype(config, _torch_dtype(opts)), dtype=_torch_dtype(opts),
+                                                attn_implementation="eager")
         fp32 = keep_in_fp32_rule(hf_model) if opts.dtype == "fp16" else (lambda name: False)
         weights = StagedWeights(hf_model, files, _torch_dtype(opts), fp32)
     except NotStageable as exc:
@@ -277,9 +293,12 @@ def load_model_staged(model: str, opts: LoadOptions, log=print):
         raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
     if hf_model.can_generate():  # from_pretrained reads the checkpoint's generation_config.json
         try:
-            hf_model.generation_config = GenerationConfig.from_pretrained(model, **common)
+            hf_model.generation_config = GenerationConfig.from_pretrained(
+                model, revision=opts.revision, local_files_only=opts.local_files_only)
         except OSError:
             pass  # none: the config's own, as _from_config made it
+        except ValueError as exc:
+            raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     try:
         processor = _load_processor(processor_class, model, common)
     except (OSError, ValueError) as exc:

@@ -15,11 +15,16 @@ modules the class keeps in float32), so the graphs are byte-identical to a whole
 
 from __future__ import annotations
 
+import gc
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from runtime.errors import Blip2EdgeError
+from runtime.host_memory import release_freed_memory
+
 INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SINGLE = "model.safetensors"
 
 
@@ -32,25 +37,26 @@ def checkpoint_weight_files(model: str, revision: str | None = None, local_files
     """The safetensors files of a local checkpoint directory or a hub id (downloaded into the
     Hugging Face cache as from_pretrained would): the index's shards, or the one file."""
     path = Path(model).expanduser()
-    if path.is_dir():
-        if (path / INDEX).is_file():
-            return _indexed_shards(path / INDEX, lambda name: path / name)
+    if path.is_dir():  # the one file first, as from_pretrained looks
         if (path / SINGLE).is_file():
             return [path / SINGLE]
+        if (path / INDEX).is_file():
+            return _indexed_shards(path / INDEX, lambda name: path / name)
         raise NotStageable(f"{path}: no {SINGLE} or {INDEX}")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     get = lambda name: Path(hf_hub_download(model, name, revision=revision,  # noqa: E731
                                             local_files_only=local_files_only, token=token))
-    try:
-        return _indexed_shards(get(INDEX), get)
-    except EntryNotFoundError:
-        pass
-    try:
-        return [get(SINGLE)]
-    except EntryNotFoundError:
-        raise NotStageable(f"'{model}' has no {SINGLE} or {INDEX}") from None
+    for name in (SINGLE, INDEX):
+        try:
+            return [get(SINGLE)] if name == SINGLE else _indexed_shards(get(INDEX), get)
+        except EntryNotFoundError as exc:
+            # Not in the cache, offline: the file may still be on the hub. Online, the hub could
+            # not be reached (an OSError the caller reports); only a file the hub lacks is absent.
+            if isinstance(exc, LocalEntryNotFoundError) and not local_files_only:
+                raise
+    raise NotStageable(f"'{model}' has no {SINGLE} or {INDEX}")
 
 
 def _indexed_shards(index: Path, locate) -> list[Path]:
@@ -97,17 +103,31 @@ class StagedWeights:
         self.dtype = dtype
         self.keep_fp32 = keep_fp32
         self._where: dict[str, Path] = {}  # tensor name -> its file
+        stored: dict[str, tuple[list[int], str]] = {}  # tensor name -> (shape, dtype) from the header
         for f in files:
             with safe_open(str(f), framework="pt") as h:
                 self._where.update(dict.fromkeys(h.keys(), Path(f)))
+                for key in h.keys():
+                    piece = h.get_slice(key)
+                    stored[key] = (list(piece.get_shape()), piece.get_dtype())
         self._open: dict[Path, object] = {}
         self._names: dict[int, list[str]] = {}  # id(parameter) -> its names (a tied one has several)
+        params = {}
         for name, p in hf_model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
         missing = [names[0] for names in self._names.values() if not any(n in self._where for n in names)]
         if missing:
-            raise NotStageable(f"{len(missing)} parameter(s) under names the model does not use "
-                               f"(first: {missing[0]}); from_pretrained renames them")
+            raise NotStageable(f"{len(missing)} parameter(s) the checkpoint stores under other names or not at all "
+                               f"(first: {missing[0]})")
+        for key, names in self._names.items():  # what from_pretrained refuses, or would convert
+            name = next(n for n in names if n in self._where)
+            shape, kind = stored[name]
+            if kind not in FLOAT_DTYPES:
+                raise NotStageable(f"{name} is stored as {kind}")
+            if shape != list(params[key].shape):
+                raise Blip2EdgeError(f"{self._where[name]}: {name} has shape {shape}, the config's model "
+                                     f"needs {list(params[key].shape)}")
 
     def _read(self, names: list[str]):
         import torch
@@ -157,6 +177,8 @@ class StagedWeights:
         try:
             yield module
         finally:
+            gc.collect()  # what the block's trace still held of them: swap_tensors refuses a shared tensor
             for p in read:
                 self._swap(p, p.detach().to("meta"))
             self.close()
+            release_freed_memory()

@@ -65,8 +65,53 @@ def test_a_sharded_fp16_checkpoint_exported_in_fp32_is_the_same_staged(tmp_path)
 
     ckpt = make_model("tiny", tmp_path / "ckpt", dtype="fp16", max_shard_size=200_000)
     assert len(list(ckpt.glob("model-*-of-*.safetensors"))) > 1
-    staged, whole, _ = export_both(ckpt, tmp_path, "fp32")
+    staged, whole, log = export_both(ckpt, tmp_path, "fp32")
+    assert any("each stage's weights read as it is exported" in line for line in log), log
     assert_same_files(staged, whole)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_a_language_model_config_in_another_dtype_is_built_in_the_export_dtype(tmp_path, tiny_checkpoint, dtype):
+    """blip2-opt-2.7b's config.json says float16 for its text_config under a float32 top level:
+    from_pretrained builds every part in the dtype asked for, and so must the staged model."""
+    ckpt = tmp_path / "mixed"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["torch_dtype"] = "float16" if dtype == "fp32" else "float32"
+    config["vision_config"]["torch_dtype"] = "float16" if dtype == "fp32" else "float32"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    staged, whole, log = export_both(ckpt, tmp_path, dtype)
+    assert any("each stage's weights read as it is exported" in line for line in log), log
+    assert_same_files(staged, whole)
+
+
+def test_the_staged_weights_are_those_from_pretrained_gives(t5_tiny_checkpoint):
+    """Every parameter and buffer, with its dtype (T5's `wo` and the Q-Former kept in float32 in
+    an fp16 load), and the generation config, as from_pretrained gives them."""
+    for dtype in ("fp32", "fp16"):
+        whole, _ = load_model(str(t5_tiny_checkpoint), LoadOptions(dtype=dtype))
+        model, _, weights = load_model_staged(str(t5_tiny_checkpoint), LoadOptions(dtype=dtype), log=lambda s: None)
+        weights.load(model)
+        a, b = whole.state_dict(), model.state_dict()
+        assert sorted(a) == sorted(b)
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        assert any(v.dtype == torch.float32 for v in b.values()) and \
+            any(v.dtype == (torch.float16 if dtype == "fp16" else torch.float32) for v in b.values())
+        assert model.generation_config.to_dict() == whole.generation_config.to_dict()
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    """from_pretrained refuses a size mismatch; the staged load must not take the stored shape."""
+    from runtime.errors import Blip2EdgeError
+
+    ckpt = tmp_path / "wrong-shape"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    key = next(k for k in tensors if k.startswith("vision_model.") and k.endswith("fc1.weight"))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Blip2EdgeError, match=f"{key} has shape"):
+        load_model_staged(str(ckpt), LoadOptions(), log=lambda s: None)
 
 
 def test_the_staged_model_holds_only_the_stage_being_exported(tiny_checkpoint):
@@ -99,19 +144,26 @@ def test_a_validated_staged_export_validates(tmp_path, t5_tiny_checkpoint):
     assert load_manifest(tmp_path / "art").stages
 
 
-def test_names_from_pretrained_would_rename_load_the_whole_model(tmp_path, tiny_checkpoint):
-    """A checkpoint whose tensor names the model does not use as they are (an older layout that
-    from_pretrained renames on load) is exported from the whole model, and the log says why."""
+def test_names_from_pretrained_renames_load_the_whole_model(tmp_path, tiny_checkpoint):
+    """A checkpoint in an older layout, whose names from_pretrained renames on load (BERT-style
+    `LayerNorm.gamma` / `.beta` in the Q-Former), is exported from the whole model, the log says
+    why, and the artifact is the same as from the current names."""
     ckpt = tmp_path / "renamed"
     shutil.copytree(tiny_checkpoint, ckpt)
     tensors = load_file(ckpt / "model.safetensors")
-    key = next(k for k in tensors if k.startswith("vision_model.") and k.endswith(".weight"))
-    tensors[key.replace(".weight", ".gamma")] = tensors.pop(key)
+    key = next(k for k in tensors if k.startswith("qformer.") and k.endswith("LayerNorm.weight"))
+    tensors[key.replace("LayerNorm.weight", "LayerNorm.gamma")] = tensors.pop(key)
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     log: list[str] = []
     model, _, weights = load_model_staged(str(ckpt), LoadOptions(), log=log.append)
     assert weights is None and not any(p.is_meta for p in model.parameters())
     assert len(log) == 1 and "cannot read it stage by stage" in log[0] and key in log[0]
+    renamed = tmp_path / "from-renamed"
+    export(str(ckpt), renamed, ExportOptions(validate=False), log=lambda s: None)
+    original = tmp_path / "from-original"
+    export(str(tiny_checkpoint), original, ExportOptions(validate=False), log=lambda s: None)
+    a, b = files_of(renamed), files_of(original)
+    assert {k: v for k, v in a.items() if k.endswith(".onnx")} == {k: v for k, v in b.items() if k.endswith(".onnx")}
 
 
 def test_pickle_weights_load_the_whole_model(tmp_path, tiny_checkpoint):

@@ -72,6 +72,12 @@ def test_check_fits_against_available_memory():
                               "+ 1.0 GB held; --no-validate needs about 6.0 GB")
     with pytest.raises(MemoryBudgetError, match="; free memory, or run it on a machine with more$"):
         check_fits("export", peak=10 * 10**9, free=8 * 10**9, held=10**9, alternatives={"--no-validate": 9.5e9})
+    # Within 5% of all the memory there is: the estimate's error could take it over.
+    with pytest.raises(MemoryBudgetError, match="8.8 GB of memory at its peak, more than 8.0 GB available now"):
+        check_fits("export", peak=8_800_000_000, free=8 * 10**9, held=10**9)
+    assert check_fits("export", peak=8_500_000_000, free=8 * 10**9, held=10**9).endswith("within 9.0 GB (available memory)")
+    # A budget the user states is theirs to set: no margin.
+    assert check_fits("export", peak=3_990_000_000, max_memory=4 * 10**9, free=20 * 10**9, held=0)
 
 
 def test_check_fits_against_max_memory():
