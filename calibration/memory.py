@@ -13,9 +13,10 @@ What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, wha
     then only the source's vision stage (R x S_vision; a retrieval source stays whole), and
     the largest of, one after the other:
       calibration of the vision stage: the augmented graph's session     2.25 x S_vision
-               and one batch (CALIB_BATCH = 8 images) of every            + 13.5 x S_vision x P / H
-               intermediate output, which grow with the tokens P and
-               shrink per weight with the width H (ViT-B: 197 / 768)
+               and one batch (8 images, fewer where they would pass       + 13.5 x S_vision x P / H
+               ACTIVATION_BUDGET) of every intermediate output, which        x batch / 8
+               grow with the tokens P and shrink per weight with the
+               width H (ViT-B: 197 / 768)
       calibration of another visual stage (the Q-Former: 32 queries)      2.7 x S
       weight-only quantization of an LLM stage: onnx.load of the graph    2.0 x S_llm
                and MatMulNBits' quantized initializers; a graph with
@@ -44,6 +45,10 @@ BASE = 0.1e9
 SOURCE = {"fp32": 1.4, "fp16": 1.2}  # ONNX Runtime CPU sessions of the source, x their files (fp16: low_memory)
 CALIBRATION = 2.25  # x the vision stage's files: the augmented graph's session
 ACTIVATIONS = 13.5  # x the vision stage's files x tokens / width: one batch of intermediate outputs
+CALIB_BATCH = 8  # images per calibration batch, at most
+# The vision stage's calibration batch holds every intermediate output of its images: at most
+# this many bytes of them (ViT-B at 224: 8 images, 1.2 GB; ViT-g/14 at 224 from fp16: 1 image, 1.2 GB).
+ACTIVATION_BUDGET = 2e9
 CALIBRATION_OTHER = 2.7  # x another visual stage's files (the Q-Former's few queries: little activation)
 WEIGHT_ONLY = 2.0  # x the LLM stage's files
 # An LLM graph with external data, one weight at a time (nbits_streaming.py): 4.31 GB measured
@@ -53,6 +58,20 @@ QUANTIZED = 1.5  # the quantized pipeline's sessions, x its (estimated) files
 # Bytes per source byte of a quantized graph: INT8 QDQ visual stages, MatMulNBits LLM stages
 # (4 or 8 bits + one fp32 scale per block of 128), per source precision.
 _SHRINK = {"visual": 1.0 / 4, "int4": (0.5 + 4 / 128) / 4, "int8": (1 + 4 / 128) / 4, "none": 1.0}
+
+
+def _activations_per_image(size: float, model: dict, half: bool) -> float:
+    return ACTIVATIONS * size * (2.0 if half else 1.0) * model["num_patches"] / model["vision_hidden"] / CALIB_BATCH
+
+
+def vision_calibration_batch(manifest: Manifest) -> int:
+    """Images per batch in the vision stage's calibration: as many as keep its intermediate
+    outputs within ACTIVATION_BUDGET, 1 to CALIB_BATCH. MinMax ranges do not depend on it; the
+    histogram methods merge the batches' histograms."""
+    weights = artifact_weights(manifest)
+    half = manifest.stages["vision"]["precision"] == "fp16"
+    per_image = _activations_per_image(weights["stages"]["vision"]["bytes"], manifest.model, half)
+    return max(1, min(CALIB_BATCH, int(ACTIVATION_BUDGET // per_image)))
 
 
 def quantize_peak(manifest: Manifest, llm: str) -> dict:
@@ -74,9 +93,9 @@ def quantize_peak(manifest: Manifest, llm: str) -> dict:
     held = BASE + source * (stages["vision"] if generation else weights["total"])
     for name, size in stages.items():
         if name == "vision":
-            model = manifest.model
-            ratio = model["num_patches"] / model["vision_hidden"]
-            phases[f"calibrate {name}"] = held + CALIBRATION * size + ACTIVATIONS * size * scale * ratio
+            batch = vision_calibration_batch(manifest)
+            activations = batch * _activations_per_image(size, manifest.model, half)
+            phases[f"calibrate {name}"] = held + CALIBRATION * size + activations
             quantized += size * _SHRINK["visual"] * scale
         elif name in family.visual_stages:
             phases[f"calibrate {name}"] = held + CALIBRATION_OTHER * size

@@ -22,7 +22,7 @@ from calibration import gates as gates_mod
 from calibration.fidelity import fidelity_against, fidelity_references, report_lines
 from calibration.kept_report import keep_report
 from calibration.llm import LLMOptions, quantize_decoder
-from calibration.memory import quantize_peak
+from calibration.memory import CALIB_BATCH, quantize_peak, vision_calibration_batch
 from calibration.retrieval_fidelity import retrieval_fidelity_report, retrieval_report_lines
 from calibration.sources import ImageSource, folder_source, synthetic_source
 from calibration.visual import RangeCache, VisualOptions, quantize_stage
@@ -109,9 +109,10 @@ def _quantize_visual(source: LoadedArtifact, stages: dict, tmp: Path, images: Im
     for stage in source.family.visual_stages:
         t0 = time.perf_counter()
         name = stages[stage]["file"]
+        batch = vision_calibration_batch(src) if stage == "vision" else CALIB_BATCH
         settings = quantize_stage(stage, src.stage_file(stage), tmp / name, images, source.preprocessing,
                                   source.runners["vision"], src.input_dtype("vision"), opts.visual, cache,
-                                  qformer_feeds)
+                                  qformer_feeds, batch)
         files = _stage_files(tmp, name)
         stages[stage].update(precision="int8", external_data=files[1:],
                              quantization={"format": "QDQ", **opts.visual.describe(), **settings})

@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from calibration.memory import CALIB_BATCH
 from calibration.sources import ImageSource
 from runtime.artifact.atomic_file import replace_file
 from runtime.artifact.manifest import graph_digest
@@ -51,7 +52,6 @@ ACTIVATIONS = ("int8", "uint8")
 TARGETS = {"cpu": "uint8", "gpu": "int8", "portable": "int8"}  # target -> activations
 DEFAULT_TARGET = "cpu"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
-CALIB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,13 @@ class _OneBatch:
 
 
 def stage_inputs(stage: str, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
-                 float_dtype, qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> Iterator[dict]:
+                 float_dtype, qformer_feeds: Callable[[np.ndarray], dict] | None = None,
+                 batch: int = CALIB_BATCH) -> Iterator[dict]:
     """Calibration inputs for a stage: pixel batches for vision; for the Q-Former, the source
     artifacts' vision stage's outputs on the same images (FP32/FP16, or already quantized with
     --allow-requantize), computed batch by batch, made into the Q-Former's feeds by
     `qformer_feeds` (InstructBLIP's adds instructions; default: the image embeddings alone)."""
-    for images in source.calibration_batches(CALIB_BATCH):
+    for images in source.calibration_batches(batch):
         pixels = preprocessing.batch(images).astype(float_dtype)
         if stage == "vision":
             yield {"pixel_values": pixels}
@@ -159,7 +160,7 @@ def _ort_method(name: str):
 
 def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preprocessing, source_vision: OrtRunner,
               float_dtype, opts: VisualOptions, cache_file: Path, workdir: Path,
-              qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> None:
+              qformer_feeds: Callable[[np.ndarray], dict] | None = None, batch: int = CALIB_BATCH) -> None:
     """Collects activation ranges one batch at a time and saves them in ONNX Runtime's cache format.
 
     Memory stays bounded: each collect_data call folds its batch into the running ranges (MinMax)
@@ -174,9 +175,9 @@ def calibrate(stage: str, src: Path, source: ImageSource, preprocessing: Preproc
         providers=["CPUExecutionProvider"], extra_options={"symmetric": opts.symmetric, "percentile": opts.percentile},
     )
     progress = Progress(f"calibrating {stage}", len(source.calibration))
-    for batch in stage_inputs(stage, source, preprocessing, source_vision, float_dtype, qformer_feeds):
-        calibrator.collect_data(_OneBatch(batch))
-        progress.advance(next(iter(batch.values())).shape[0])
+    for feeds in stage_inputs(stage, source, preprocessing, source_vision, float_dtype, qformer_feeds, batch):
+        calibrator.collect_data(_OneBatch(feeds))
+        progress.advance(next(iter(feeds.values())).shape[0])
     save_tensors_data(calibrator.compute_data(), cache_file)
 
 
@@ -241,8 +242,9 @@ def write_qdq(src, dst: Path, nodes: list[str], opts: VisualOptions, cache_file:
 
 def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, preprocessing: Preprocessing,
                    source_vision: OrtRunner, float_dtype, opts: VisualOptions, cache: "RangeCache",
-                   qformer_feeds: Callable[[np.ndarray], dict] | None = None) -> dict:
-    """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings."""
+                   qformer_feeds: Callable[[np.ndarray], dict] | None = None, batch: int = CALIB_BATCH) -> dict:
+    """Calibrates (or reuses cached ranges) and writes `dst`; returns the stage's settings.
+    `batch`: images per calibration batch (calibration.memory.vision_calibration_batch)."""
     nodes = weight_nodes(src, opts.exclude)
     if not nodes:
         raise Blip2EdgeError(f"{stage}: nothing left to quantize after --exclude {' '.join(opts.exclude)}")
@@ -251,7 +253,7 @@ def quantize_stage(stage: str, src: Path, dst: Path, source: ImageSource, prepro
         cache_file = cache.extract(stage, graph_sha, opts, Path(tmp) / f"{stage}.json")
         if not cache_file.exists():
             calibrate(stage, src, source, preprocessing, source_vision, float_dtype, opts, cache_file, Path(tmp),
-                      qformer_feeds)
+                      qformer_feeds, batch)
         write_qdq(qdq_input(src, float_dtype), dst, nodes, opts, cache_file, _has_external_data(src))
         cache.store(stage, graph_sha, opts, cache_file)
     return {"quantized_nodes": len(nodes), "op_types": list(WEIGHT_OPS)}
