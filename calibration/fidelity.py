@@ -36,11 +36,6 @@ def cosine_summary(cos: list[np.ndarray], max_abs: float) -> dict:
             "max_abs_error": float(max_abs), "tokens": int(c.size)}
 
 
-def visual_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images) -> dict:
-    # InstructBLIP's Q-Former also reads the caption instruction (qformer_feeds adds it).
-    return stage_pair_fidelity(fp32, quant, images, "qformer", fp32.qformer_feeds, QUERY_EMBEDS)
-
-
 def stage_pair_references(fp32, images, second: str, feeds: Callable[[np.ndarray], dict], output: str) -> list:
     """FP32's side of stage_pair_fidelity, per batch: (pixels, vision output, the second stage's
     feeds made from it, the second stage's output)."""
@@ -120,11 +115,6 @@ def decoder_against(references: list, quant: Blip2Pipeline) -> dict:
                 kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_got))))
     return {"top1_agreement": agree / max(total, 1), "mean_kl": float(np.mean(kls)) if kls else 0.0,
             "positions": total}
-
-
-def decoder_fidelity(fp32: Blip2Pipeline, quant: Blip2Pipeline, images, captions: list[list[int]]) -> dict:
-    """Teacher forcing: both decoders read the FP32 caption; compare their next-token choices."""
-    return decoder_against(teacher_forced_references(fp32, images, captions), quant)
 
 
 def _captions(pipe: Blip2Pipeline, images) -> list:

@@ -60,18 +60,20 @@ QUANTIZED = 1.5  # the quantized pipeline's sessions, x its (estimated) files
 _SHRINK = {"visual": 1.0 / 4, "int4": (0.5 + 4 / 128) / 4, "int8": (1 + 4 / 128) / 4, "none": 1.0}
 
 
-def _activations_per_image(size: float, model: dict, half: bool) -> float:
-    return ACTIVATIONS * size * (2.0 if half else 1.0) * model["num_patches"] / model["vision_hidden"] / CALIB_BATCH
+def _vision_calibration(manifest: Manifest, size: float) -> tuple[int, float]:
+    """(images per batch, bytes of intermediate outputs per image) of the vision stage's
+    calibration, `size` its graph's weights."""
+    model = manifest.model
+    half = manifest.stages["vision"]["precision"] == "fp16"
+    per_image = ACTIVATIONS * size * (2.0 if half else 1.0) * model["num_patches"] / model["vision_hidden"] / CALIB_BATCH
+    return max(1, min(CALIB_BATCH, int(ACTIVATION_BUDGET // per_image))), per_image
 
 
 def vision_calibration_batch(manifest: Manifest) -> int:
     """Images per batch in the vision stage's calibration: as many as keep its intermediate
     outputs within ACTIVATION_BUDGET, 1 to CALIB_BATCH. MinMax ranges do not depend on it; the
     histogram methods merge the batches' histograms."""
-    weights = artifact_weights(manifest)
-    half = manifest.stages["vision"]["precision"] == "fp16"
-    per_image = _activations_per_image(weights["stages"]["vision"]["bytes"], manifest.model, half)
-    return max(1, min(CALIB_BATCH, int(ACTIVATION_BUDGET // per_image)))
+    return _vision_calibration(manifest, artifact_weights(manifest)["stages"]["vision"]["bytes"])[0]
 
 
 def quantize_peak(manifest: Manifest, llm: str) -> dict:
@@ -93,9 +95,8 @@ def quantize_peak(manifest: Manifest, llm: str) -> dict:
     held = BASE + source * (stages["vision"] if generation else weights["total"])
     for name, size in stages.items():
         if name == "vision":
-            batch = vision_calibration_batch(manifest)
-            activations = batch * _activations_per_image(size, manifest.model, half)
-            phases[f"calibrate {name}"] = held + CALIBRATION * size + activations
+            batch, per_image = _vision_calibration(manifest, size)
+            phases[f"calibrate {name}"] = held + CALIBRATION * size + batch * per_image
             quantized += size * _SHRINK["visual"] * scale
         elif name in family.visual_stages:
             phases[f"calibrate {name}"] = held + CALIBRATION_OTHER * size

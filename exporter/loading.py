@@ -232,21 +232,28 @@ def _torch_dtype(opts: LoadOptions):
     return {"fp32": torch.float32, "fp16": torch.float16}[opts.dtype]
 
 
-def load_model(model: str, opts: LoadOptions):
-    """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
+@contextmanager
+def _load_errors(model: str):
+    """What transformers and safetensors raise for a checkpoint the user gave, as one line."""
     from safetensors import SafetensorError
 
-    config, family, model_class, processor_class, common = _checked(model, opts)
     try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
+    except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked before)
+        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
+
+
+def load_model(model: str, opts: LoadOptions):
+    """Returns (model in eval mode, processor). Raises Blip2EdgeError for every user-side problem."""
+    config, family, model_class, processor_class, common = _checked(model, opts)
+    with _load_errors(model):
         hf_model = model_class.from_pretrained(
             model, config=config, dtype=_torch_dtype(opts), use_safetensors=None if opts.allow_pickle else True,
             low_cpu_mem_usage=True, attn_implementation="eager", **common,
         )
         processor = _load_processor(processor_class, model, common)
-    except (OSError, ValueError) as exc:
-        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
-    except SafetensorError as exc:  # a corrupt file in the hub cache (local directories are checked above)
-        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
     return _finish(hf_model, processor, config, family)
 
 
@@ -268,40 +275,32 @@ def load_model_staged(model: str, opts: LoadOptions, log=print):
     the StagedWeights that read each stage's from the checkpoint when asked
     (exporter/staged_weights.py). A checkpoint that cannot be read that way (pickle weights, or
     names from_pretrained would rename) is loaded whole, saying why; weights is then None."""
-    from safetensors import SafetensorError
     from transformers import GenerationConfig
 
     from exporter.staged_weights import NotStageable, StagedWeights, checkpoint_weight_files, parameters_on_meta
 
     config, family, model_class, processor_class, common = _checked(model, opts)
     try:
-        if getattr(config, "quantization_config", None) is not None:
-            raise NotStageable("a quantized checkpoint")
-        files = checkpoint_weight_files(model, opts.revision, opts.local_files_only)
-        with parameters_on_meta():
-            hf_model = model_class._from_config(in_dtype(config, _torch_dtype(opts)), dtype=_torch_dtype(opts),
-                                                attn_implementation="eager")
-        fp32 = keep_in_fp32_rule(hf_model) if opts.dtype == "fp16" else (lambda name: False)
-        weights = StagedWeights(hf_model, files, _torch_dtype(opts), fp32)
+        with _load_errors(model):
+            if getattr(config, "quantization_config", None) is not None:
+                raise NotStageable("a quantized checkpoint")
+            files = checkpoint_weight_files(model, opts.revision, opts.local_files_only)
+            with parameters_on_meta():
+                hf_model = model_class._from_config(in_dtype(config, _torch_dtype(opts)), dtype=_torch_dtype(opts),
+                                                    attn_implementation="eager")
+            fp32 = keep_in_fp32_rule(hf_model) if opts.dtype == "fp16" else (lambda name: False)
+            weights = StagedWeights(hf_model, files, _torch_dtype(opts), fp32)
     except NotStageable as exc:
         log(f"  loading the whole model: cannot read it stage by stage ({exc})")
         hf_model, processor = load_model(model, opts)
         return hf_model, processor, None
-    except (OSError, ValueError) as exc:
-        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
-    except SafetensorError as exc:
-        raise Blip2EdgeError(f"cannot load '{model}': corrupt safetensors weights ({_one_line(exc)})") from None
-    if hf_model.can_generate():  # from_pretrained reads the checkpoint's generation_config.json
-        try:
-            hf_model.generation_config = GenerationConfig.from_pretrained(
-                model, revision=opts.revision, local_files_only=opts.local_files_only)
-        except OSError:
-            pass  # none: the config's own, as _from_config made it
-        except ValueError as exc:
-            raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
-    try:
+    with _load_errors(model):
+        if hf_model.can_generate():  # from_pretrained reads the checkpoint's generation_config.json
+            try:
+                hf_model.generation_config = GenerationConfig.from_pretrained(
+                    model, revision=opts.revision, local_files_only=opts.local_files_only)
+            except OSError:
+                pass  # none: the config's own, as _from_config made it
         processor = _load_processor(processor_class, model, common)
-    except (OSError, ValueError) as exc:
-        raise Blip2EdgeError(f"cannot load '{model}': {_one_line(exc)}") from None
     hf_model, processor = _finish(hf_model, processor, config, family)
     return hf_model, processor, weights

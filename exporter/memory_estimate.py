@@ -23,23 +23,25 @@ The embedding table is the float array the runtime holds (fp32, fp16 for an fp16
 
 ## The peak of `export`
 
-`export` loads the whole model, exports each stage with torch.onnx.export (TorchScript), then
-validates in two passes (exporter/deferred_runs.py): PyTorch's references with the model loaded,
-then, the model freed, the graphs on ONNX Runtime. What must fit is the anonymous memory
-(RssAnon); torch maps weights stored in the export dtype from the safetensors files (file pages
+`export` builds the model without its weights, exports each stage with torch.onnx.export
+(TorchScript) with that stage's weights read from the checkpoint (exporter/staged_weights.py),
+then validates in two passes (exporter/deferred_runs.py): PyTorch's references with every weight
+read, then, the model freed, the graphs on ONNX Runtime. What must fit is the anonymous memory
+(RssAnon); weights stored in the export dtype are mapped from the safetensors files (file pages
 the kernel can drop under pressure and read again), which `top` counts too:
 
-    held        = 0.30 GB (interpreter, torch, transformers, onnx, onnxruntime)
-                  + the weights cast on load (stored in another dtype than the export's: a copy)
-    load          held
-    export s      held + 0.9 GB + c x S_s    S_s the stage's weights in the export dtype; c: 2.85 for
-                  a graph under 2 GiB (torch serializes it whole, it is reloaded to place its data),
-                  0.55 over (one file per tensor); LLaMA's LLM stages 5.35 and at most 1.1
+    cast(x)     = the weights of x stored in another dtype than the export's (read as a copy)
+    load          0.30 GB (interpreter, torch, transformers, onnx, onnxruntime)
+    export s      0.30 GB + cast(s) + 0.9 GB + c x S_s    S_s the stage's weights in the export
+                  dtype; c: 2.85 for a graph under 2 GiB (torch serializes it whole, it is reloaded
+                  to place its data), 0.55 over (one file per tensor); LLaMA's decoder 5.35 under
                   (ExportFamily.trace_copies)
-    references    held + 1.4 GB              generate and the stage outputs (bench-llama: 1.39)
-    validation    0.30 GB + r x G            the model freed; G every graph's weights, the runtime's
-                  pipeline of all of them: r = 1.25 for fp32, 1.2 for fp16 (sessions that keep one
-                  copy of the weights, ThreadSettings.low_memory)
+    references    0.30 GB + cast(model) + 1.4 GB   generate and the stage outputs (bench-llama: 1.39)
+    validation    0.30 GB + r x G      the model freed; G the weights of the larger half of the
+                  runtime's pipeline (visual stages, then the LLM's): r = 1.25 for fp32, 0.3 for
+                  fp16 (sessions that keep one copy of the weights, mapped, each cast to float32
+                  just before its use: ThreadSettings.low_memory)
+    (a whole-model load, staged=False: cast(model) held from the start, in every phase)
     peak = the largest phase;  mapped = 0.12 GB + the checkpoint's tensors as stored
 
 Validation phases, measured after the two-pass change (bench/export_bench.py --shapes bench
@@ -67,8 +69,9 @@ beside ONNX Runtime sessions that cast fp16 weights to fp32: 20.21 GB for blip2-
 Each stage's export also carries what the earlier ones left behind (allocator fragmentation):
 that is in the 0.9 GB and the factors, which are fitted on the sequence, not on a stage exported alone. The tiny
 models' peak is 0.28 GB; their estimate says 1.2 (the 0.9 GB term): an overestimate where it
-costs nothing. Change the export's phases (stage-by-stage loading, say) and this model changes
-with them: refit it with bench/export_bench.py.
+costs nothing. The released shapes, stage by stage with the validation halves: bench/EXPORT_RESULTS.md
+("Stage-by-stage export"). Change the export's phases and this model changes with them: refit it
+with bench/export_bench.py.
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def export_peak(config, dtype: str, validate: bool = True, params: dict | None =
         size = 4 if dtype == "fp32" or kept else 2
         return n * size if (stored or {}).get(name, default) != size else 0
 
-    loaded = sum(n * (4 if dtype == "fp32" or kept else 2) for _, n, kept in params["model"])
+    loaded = model_bytes(params, dtype)
     on_disk = sum(n * (stored or {}).get(name, default) for name, n, _ in params["model"])
     converted = sum(cast_copy(name, n, kept) for name, n, kept in params["model"])
     weights = estimate(params, dtype)

@@ -23,9 +23,9 @@ from pathlib import Path
 from runtime.errors import Blip2EdgeError
 from runtime.host_memory import release_freed_memory
 
+SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-SINGLE = "model.safetensors"
 
 
 class NotStageable(Exception):
@@ -48,9 +48,9 @@ def checkpoint_weight_files(model: str, revision: str | None = None, local_files
 
     get = lambda name: Path(hf_hub_download(model, name, revision=revision,  # noqa: E731
                                             local_files_only=local_files_only, token=token))
-    for name in (SINGLE, INDEX):
+    for files in (lambda: [get(SINGLE)], lambda: _indexed_shards(get(INDEX), get)):  # from_pretrained's order
         try:
-            return [get(SINGLE)] if name == SINGLE else _indexed_shards(get(INDEX), get)
+            return files()
         except EntryNotFoundError as exc:
             # Not in the cache, offline: the file may still be on the hub. Online, the hub could
             # not be reached (an OSError the caller reports); only a file the hub lacks is absent.
@@ -111,17 +111,19 @@ class StagedWeights:
                     piece = h.get_slice(key)
                     stored[key] = (list(piece.get_shape()), piece.get_dtype())
         self._open: dict[Path, object] = {}
-        self._names: dict[int, list[str]] = {}  # id(parameter) -> its names (a tied one has several)
+        names: dict[int, list[str]] = {}  # id(parameter) -> its names (a tied one has several)
         params = {}
         for name, p in hf_model.named_parameters(remove_duplicate=False):
-            self._names.setdefault(id(p), []).append(name)
+            names.setdefault(id(p), []).append(name)
             params[id(p)] = p
-        missing = [names[0] for names in self._names.values() if not any(n in self._where for n in names)]
+        # id(parameter) -> (the name the checkpoint stores it under, its first name in the model)
+        self._source = {key: (next((n for n in aliases if n in self._where), None), aliases[0])
+                        for key, aliases in names.items()}
+        missing = [first for stored_as, first in self._source.values() if stored_as is None]
         if missing:
             raise NotStageable(f"{len(missing)} parameter(s) the checkpoint stores under other names or not at all "
                                f"(first: {missing[0]})")
-        for key, names in self._names.items():  # what from_pretrained refuses, or would convert
-            name = next(n for n in names if n in self._where)
+        for key, (name, _) in self._source.items():  # what from_pretrained refuses, or would convert
             shape, kind = stored[name]
             if kind not in FLOAT_DTYPES:
                 raise NotStageable(f"{name} is stored as {kind}")
@@ -129,12 +131,12 @@ class StagedWeights:
                 raise Blip2EdgeError(f"{self._where[name]}: {name} has shape {shape}, the config's model "
                                      f"needs {list(params[key].shape)}")
 
-    def _read(self, names: list[str]):
+    def _read(self, p):
         import torch
 
-        key = next(n for n in names if n in self._where)
-        tensor = self._file(key).get_tensor(key)
-        target = torch.float32 if self.keep_fp32(names[0]) else self.dtype
+        stored_as, name = self._source[id(p)]
+        tensor = self._file(stored_as).get_tensor(stored_as)
+        target = torch.float32 if self.keep_fp32(name) else self.dtype
         return tensor if tensor.dtype == target else tensor.to(target)
 
     def _file(self, key: str):
@@ -161,7 +163,7 @@ class StagedWeights:
         """Reads every parameter of `module` still on the meta device (all of them: the model)."""
         for p in module.parameters():
             if p.is_meta:
-                self._swap(p, self._read(self._names[id(p)]))
+                self._swap(p, self._read(p))
         buffers = {id(b): n for n, b in self.model.named_buffers(remove_duplicate=False)}
         for b in module.buffers():  # persistent ones the checkpoint stores, as from_pretrained loads them
             name = buffers.get(id(b))

@@ -118,14 +118,18 @@ def check_generation(references: list[dict], artifacts) -> dict:
     manifest = _staged(artifacts)
     low = any(s["precision"] == "fp16" for s in manifest.stages.values())
     family = family_for(manifest.data)
-    visual = tuple(s for s in family.stage_names(manifest.model) if s in family.visual_stages)
-    llm = tuple(s for s in family.stage_names(manifest.model) if s not in visual)
+    every = family.stage_names(manifest.model)
+    visual = tuple(s for s in every if s in family.visual_stages)
+
+    def half(stages: tuple[str, ...]) -> Blip2Pipeline:
+        return Blip2Pipeline(LoadedArtifact(manifest, "generation", threads=ThreadSettings(low_memory=low), stages=stages))
+
     images = validation_images()
-    pipe = Blip2Pipeline(LoadedArtifact(manifest, "generation", threads=ThreadSettings(low_memory=low), stages=visual))
+    pipe = half(visual)
     queries = [pipe.encode(images, {}, [ref["prompt"]] * len(images)) for ref in references]
     pipe.close()
     del pipe
-    pipe = Blip2Pipeline(LoadedArtifact(manifest, "generation", threads=ThreadSettings(low_memory=low), stages=llm))
+    pipe = half(tuple(s for s in every if s not in visual))
     cases = []
     for ref, query in zip(references, queries):
         got = pipe.generate_from_queries(query, [ref["prompt"]] * len(images), max_new_tokens=ref["max_new_tokens"],
@@ -135,11 +139,6 @@ def check_generation(references: list[dict], artifacts) -> dict:
                       "match": ref["reference"] == got_rows})
     pipe.close()
     return {"stage": "generate", "ok": all(c["match"] for c in cases), "cases": cases}
-
-
-def validate_generation(hf_model, processor, artifacts, max_new_tokens: int = 12) -> dict:
-    """Greedy token ids through the exported graphs vs transformers' generate."""
-    return check_generation(reference_generation(hf_model, processor, artifacts, max_new_tokens), artifacts)
 
 
 def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
