@@ -8,7 +8,7 @@ from pathlib import Path
 
 from runtime.backends.onnxrt import import_onnxruntime
 from runtime.cli.outputs import check_output_file
-from runtime.errors import Blip2EdgeError, require
+from runtime.errors import Blip2EdgeError, OptionError, require
 from runtime.host_memory import parse_size
 
 
@@ -26,12 +26,18 @@ def register(sub) -> None:
     src.add_argument("--images", type=Path, help="folder of calibration images (jpg, png, webp, bmp; recursive)")
     src.add_argument("--synthetic", type=int, metavar="N",
                      help="N synthetic scenes from the toy generator (sets --num-calib to N)")
+    p.add_argument("--visual", choices=("int8", "none"), default="int8",
+                   help="int8 (default): static INT8 for the visual stages, calibrated on the images; none: leave "
+                        "them as exported (FP32/FP16) and quantize the LLM alone, for an engine that runs float "
+                        "visual graphs faster than INT8 ones (OpenVINO bf16 on CPUs with AMX, which --backend auto "
+                        "measures; TensorRT FP16). With none, only the held-out images are read")
     p.add_argument("--num-calib", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--held-out", type=int, default=100, help="held-out images for the fidelity report (default 100)")
     p.add_argument("--seed", type=int, default=0, help="image sampling seed")
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
-    p.add_argument("--percentile", type=float, default=99.999)
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default=None,
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--percentile", type=float, default=None, help="for --method percentile (default 99.999)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel weight scales (default: on)")
     p.add_argument("--target", choices=tuple(TARGETS), default=None,
                    help="where the artifacts will run. cpu (default): uint8 activations for the visual stages, "
@@ -75,6 +81,26 @@ def check_onnxruntime_quantizer() -> None:
                              f"{import_onnxruntime().__version__}): pip install -U 'onnxruntime>=1.32'")
 
 
+# The options that shape the visual stages' INT8 graphs: refused with --visual none, which makes none.
+VISUAL_ONLY = ("method", "percentile", "per_channel", "target", "activations", "exclude", "calibration_cache")
+
+
+def visual_options(args):
+    """The VisualOptions of the arguments (defaults where not given), or None for --visual none,
+    where an option that only shapes the visual stages' INT8 graphs is one line."""
+    from calibration.visual import VisualOptions
+
+    given = {name: getattr(args, name) for name in VISUAL_ONLY if getattr(args, name) not in (None, [])}
+    if args.visual == "none":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise OptionError(f"{flags}: {'applies' if len(given) == 1 else 'apply'} to the visual stages' INT8 "
+                              "calibration, which --visual none skips")
+        return None
+    return VisualOptions(**{k: (tuple(v) if k == "exclude" else v) for k, v in given.items()
+                            if k != "calibration_cache"})
+
+
 def run(args) -> int:
     require("onnx", "export", "blip2-edge quantize")
     check_onnxruntime_quantizer()
@@ -82,15 +108,12 @@ def run(args) -> int:
         check_output_file("--calibration-cache", args.calibration_cache)
     from calibration.llm import LLMOptions
     from calibration.quantize import QuantizeOptions, quantize
-    from calibration.visual import VisualOptions
 
     opts = QuantizeOptions(
         images=args.images,
         num_calib=args.synthetic if args.synthetic is not None else args.num_calib,
         held_out=args.held_out, seed=args.seed,
-        visual=VisualOptions(method=args.method, percentile=args.percentile, per_channel=args.per_channel,
-                             exclude=tuple(args.exclude), activations=args.activations,
-                             target=args.target),
+        visual=visual_options(args),
         llm=LLMOptions(precision=args.llm, block_size=args.block_size, accuracy_level=args.accuracy_level,
                        lm_head=args.lm_head, embed_fp16=args.embed_fp16),
         calibration_cache=args.calibration_cache, gate=args.gate, overwrite=args.overwrite,

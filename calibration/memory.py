@@ -76,8 +76,9 @@ def vision_calibration_batch(manifest: Manifest) -> int:
     return _vision_calibration(manifest, artifact_weights(manifest)["stages"]["vision"]["bytes"])[0]
 
 
-def quantize_peak(manifest: Manifest, llm: str) -> dict:
-    """The expected anonymous peak of `quantize` (bytes) with --llm `llm`, and of each phase."""
+def quantize_peak(manifest: Manifest, llm: str, visual: bool = True) -> dict:
+    """The expected anonymous peak of `quantize` (bytes) with --llm `llm`, and of each phase;
+    visual=False (--visual none): the visual stages are not calibrated, only linked."""
     family = family_for(manifest.data)
     weights = artifact_weights(manifest)
     stages = {name: s["bytes"] for name, s in weights["stages"].items()}
@@ -92,9 +93,11 @@ def quantize_peak(manifest: Manifest, llm: str) -> dict:
     # (calibration), then, the source freed, the quantized pipeline. Retrieval: the source whole
     # throughout, and both side by side for the report (its models are small).
     phases = {"reference": BASE + source * weights["total"]}
-    held = BASE + source * (stages["vision"] if generation else weights["total"])
+    held = BASE + source * ((stages["vision"] if visual else 0) if generation else weights["total"])
     for name, size in stages.items():
-        if name == "vision":
+        if name in family.visual_stages and not visual:
+            quantized += size
+        elif name == "vision":
             batch, per_image = _vision_calibration(manifest, size)
             phases[f"calibrate {name}"] = held + CALIBRATION * size + batch * per_image
             quantized += size * _SHRINK["visual"] * scale

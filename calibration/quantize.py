@@ -31,7 +31,7 @@ from runtime.artifact.confinement import confined_path
 from runtime.artifact.manifest import MANIFEST, Manifest, checksummed, load_manifest, sha256_file, write_manifest
 from runtime.artifact.writer import atomic_directory, check_target
 from runtime.backends.threads import ThreadSettings
-from runtime.errors import Blip2EdgeError
+from runtime.errors import Blip2EdgeError, OptionError
 from runtime.families import family_for
 from runtime.generation.shared_kv_cache import check_artifact_placement
 from runtime.host_memory import check_fits
@@ -46,7 +46,10 @@ class QuantizeOptions:
     num_calib: int = 512
     held_out: int = 100
     seed: int = 0
-    visual: VisualOptions = field(default_factory=VisualOptions)
+    # None (--visual none): the visual stages stay as exported (float): where another engine runs
+    # float graphs faster than ONNX Runtime runs INT8 ones (OpenVINO bf16 on AMX, TensorRT FP16),
+    # or to quantize the LLM alone. No calibration images are read then.
+    visual: VisualOptions | None = field(default_factory=VisualOptions)
     llm: LLMOptions = field(default_factory=LLMOptions)
     calibration_cache: Path | None = None
     gate: bool = True
@@ -61,6 +64,14 @@ class QuantizeOptions:
             raise Blip2EdgeError(f"--num-calib must be >= 1, got {self.num_calib}")
         if self.held_out < 1:
             raise Blip2EdgeError(f"--held-out must be >= 1, got {self.held_out}")
+        if self.visual is None and self.llm.precision == "none" and not self.llm.embed_fp16:
+            raise OptionError("nothing to quantize: --visual none leaves the visual stages in float and --llm is "
+                              "none; give --llm int8 or int4 (or leave --visual at int8)")
+
+    @property
+    def calibration_images(self) -> int:
+        """Images read for calibration: none where the visual stages stay in float."""
+        return self.num_calib if self.visual is not None else 0
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -73,8 +84,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _source(opts: QuantizeOptions) -> ImageSource:
     if opts.images is None:
-        return synthetic_source(opts.num_calib, opts.seed, opts.held_out)
-    return folder_source(opts.images, opts.num_calib, opts.seed, opts.held_out)
+        return synthetic_source(opts.calibration_images, opts.seed, opts.held_out)
+    return folder_source(opts.images, opts.calibration_images, opts.seed, opts.held_out)
 
 
 def _stage_files(root: Path, name: str) -> list[str]:
@@ -101,8 +112,11 @@ def _quantize_visual(source: LoadedArtifact, stages: dict, tmp: Path, images: Im
                      log: Callable) -> set[str]:
     """INT8 QDQ graphs of the visual stages, calibrated on `images`; the source's own vision
     stage (FP32/FP16, or quantized already with --allow-requantize) feeds the Q-Former's
-    calibration. Updates `stages` (the new manifest's); returns the files written."""
+    calibration. Updates `stages` (the new manifest's); returns the files written (none with
+    --visual none)."""
     produced: set[str] = set()
+    if opts.visual is None:
+        return produced
     src = source.manifest
     cache = RangeCache(opts.calibration_cache, images.calibration_identity())
     qformer_feeds = instruction_feeds(source)
@@ -170,8 +184,9 @@ def write_quantized(source: LoadedArtifact, tmp: Path, images: ImageSource, opts
                 | _embeddings_fp16(src, data, tmp, opts))
     _link_unchanged(src, tmp, produced)
     data["quantization"] = {
-        "target": opts.visual.target,  # where these artifacts run fastest: cpu, gpu or portable
-        "visual": asdict(opts.visual),
+        # where these artifacts run fastest: cpu, gpu or portable; None where the visual stages stay float
+        "target": opts.visual.target if opts.visual else None,
+        "visual": asdict(opts.visual) if opts.visual else None,
         "llm": asdict(opts.llm),
         "calibration_images": images.describe(),
         "source_manifest_sha256": sha256_file(src.path(MANIFEST)),
@@ -190,7 +205,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     family = family_for(src.data)
     if family.task == "retrieval" and (opts.llm.precision != "none" or opts.llm.embed_fp16):
         raise Blip2EdgeError(f"{artifacts}: a retrieval artifact has no LLM; --llm and --embed-fp16 do not apply")
-    if opts.visual.target == "gpu":  # its LLM runs on ONNX Runtime CUDA
+    if opts.visual is not None and opts.visual.target == "gpu":  # its LLM runs on ONNX Runtime CUDA
         try:
             check_artifact_placement(src, "cuda")
         except Blip2EdgeError as exc:
@@ -202,7 +217,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     check_target(out, opts.overwrite)  # before the memory check; again under the lock
     # The expected peak (calibration/memory.py) against the memory available and --max-memory,
     # before anything is loaded or written.
-    log(check_fits("quantize", quantize_peak(src, opts.llm.precision)["peak"], opts.max_memory))
+    log(check_fits("quantize", quantize_peak(src, opts.llm.precision, opts.visual is not None)["peak"], opts.max_memory))
     # OUT_DIR is checked and locked before calibration images are gathered, and checked again at
     # the rename.
     with atomic_directory(out, opts.overwrite) as tmp:
@@ -220,7 +235,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         refs = None
         if family.task != "retrieval":
             refs = fidelity_references(Blip2Pipeline(reference), source, llm_quantized)
-            reference.keep_runners(("vision",))
+            reference.keep_runners(("vision",) if opts.visual is not None else ())
         # The fidelity report reads the new manifest from memory: on disk it is written last, so a
         # directory left by a killed run, or one below a gate, is never loadable.
         staged = Manifest(tmp, checksummed(tmp, write_quantized(reference, tmp, source, opts, log)))
