@@ -16,6 +16,7 @@ import numpy as np
 
 from calibration.gates import gate_line
 from calibration.sources import ImageSource
+from runtime.cosines import token_cosines, worst_1pct
 from runtime.generation.logits import log_softmax
 from runtime.pipeline import Blip2Pipeline
 from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
@@ -23,16 +24,9 @@ from runtime.stages import IMAGE_EMBEDS, PIXEL_VALUES, QUERY_EMBEDS
 BATCH = 16
 
 
-def token_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """Cosine similarity per output token (last axis is the feature axis)."""
-    a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    b = got.reshape(-1, got.shape[-1]).astype(np.float64)
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-
-
 def cosine_summary(cos: list[np.ndarray], max_abs: float) -> dict:
     c = np.concatenate(cos)
-    return {"cosine_mean": float(c.mean()), "cosine_worst_1pct": float(np.percentile(c, 1)),
+    return {"cosine_mean": float(c.mean()), "cosine_worst_1pct": worst_1pct(c),
             "max_abs_error": float(max_abs), "tokens": int(c.size)}
 
 
@@ -56,7 +50,7 @@ def stage_pair_against(batches: list, quant, second: str, output: str) -> dict:
         got_v = quant.runners["vision"].infer({PIXEL_VALUES: pixels})[IMAGE_EMBEDS]
         got_s = quant.runners[second].infer(second_feeds)[output]
         for stage, ref, got in (("vision", ref_v, got_v), (second, ref_s, got_s)):
-            cos[stage].append(token_cosines(ref, got))
+            cos[stage].append(token_cosines(got, ref))
             worst[stage] = max(worst[stage], float(np.abs(ref.astype(np.float64) - got).max()))
     return {stage: cosine_summary(cos[stage], worst[stage]) for stage in cos}
 

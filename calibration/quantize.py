@@ -173,6 +173,19 @@ def _link_unchanged(src: Manifest, tmp: Path, produced: set[str]) -> None:
             _link_or_copy(src.path(rel, f"files[{rel!r}]"), dst)
 
 
+def record_stage_fidelity(stages: dict, quantized: tuple[str, ...], report: dict, gates: gates_mod.Gates) -> None:
+    """Each visual stage this run quantized: its cosine to FP32 (as the report measured it on ONNX
+    Runtime) and the gates it was judged by, in its manifest entry: --backend auto judges another
+    engine's outputs of the same graph against them (runtime/backends/auto.py: stage_gate)."""
+    for stage in quantized:
+        q, measured = stages[stage].get("quantization") or {}, report["stages"].get(stage) or {}
+        if q.get("format") == "QDQ" and "cosine_mean" in measured:
+            q["fidelity"] = {"cosine_mean": measured["cosine_mean"],
+                             "cosine_worst_1pct": measured["cosine_worst_1pct"],
+                             "gate_cosine_mean": gates.visual_cosine_mean,
+                             "gate_cosine_worst_1pct": gates.visual_cosine_worst_1pct}
+
+
 def write_quantized(source: LoadedArtifact, tmp: Path, images: ImageSource, opts: QuantizeOptions,
                     log: Callable) -> dict:
     """Writes the quantized graphs and the other files into `tmp`; returns the manifest (with its
@@ -225,10 +238,10 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
         if source.skipped:
             log(f"skipped {source.skipped} unreadable images")
         # The source on the CPU, loaded once: the FP32 (or FP16) side of the fidelity report comes
-        # first, then only its vision stage stays (it feeds the Q-Former's calibration), and it is
-        # gone before the quantized artifacts are loaded: source and quantized weights are never
-        # held side by side. FP16 graphs on sessions that keep one copy of the weights (the CPU
-        # provider would otherwise hold float32 copies beside them).
+        # first, then only its vision stage stays (it feeds the Q-Former's calibration; nothing
+        # stays with --visual none), and it is gone before the quantized artifacts are loaded:
+        # source and quantized weights are never held side by side. FP16 graphs on sessions that
+        # keep one copy of the weights (the CPU provider would otherwise hold float32 copies).
         half = {s["precision"] for s in src.stages.values()} == {"fp16"}
         reference = LoadedArtifact(src, family.task, threads=ThreadSettings(low_memory=half))
         llm_quantized = opts.llm.precision != "none"
@@ -257,6 +270,8 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
             _, note = keep_report(out, report)  # beside OUT_DIR, never over a file of the user's
             raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} ({note}; "
                                       "--no-gate keeps the artifacts anyway)")
+        if opts.visual is not None:  # the stages it quantized were float (a QDQ graph is refused as input)
+            record_stage_fidelity(staged.data["stages"], family.visual_stages, report, opts.gates)
         write_manifest(tmp, staged.data)
     log(f"wrote {out}")
     return report

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.fidelity import cosine_summary, stage_pair_fidelity, token_cosines
+from calibration.fidelity import cosine_summary, stage_pair_fidelity
 from calibration.gates import gate_line
 from calibration.sources import ImageSource
 from runtime import synthetic
+from runtime.cosines import token_cosines
 from runtime.retriever import Blip2Retriever, similarity
 from runtime.stages import IMAGE_EMBEDS, ITC_IMAGE_EMBEDS
 

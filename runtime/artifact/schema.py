@@ -48,10 +48,16 @@ def _vocab(ctx: Context) -> int:
 TOKEN_ID = Int(0, _vocab)
 TENSOR = Obj({"name": Str(pattern=re.compile(r"[A-Za-z0-9_.:/-]{1,256}")), "dtype": Str(choices=TENSOR_DTYPES),
               "shape": ListOf(Dim(), max_len=8)})
+COSINE = Num(bound=1.0 + 1e-6)
+# A quantized visual stage's cosine to FP32 as quantize measured it, and the gates it passed:
+# what --backend auto judges other engines against (runtime/backends/auto.py: stage_gate).
+STAGE_FIDELITY = Obj({"cosine_mean": COSINE, "cosine_worst_1pct": COSINE, "gate_cosine_mean": COSINE,
+                      "gate_cosine_worst_1pct": COSINE})
 STAGE = Obj(required={"file": RelPath(), "inputs": ListOf(TENSOR, 1), "outputs": ListOf(TENSOR, 1),
                       "precision": Str(nonempty=True, max_len=64)},
             optional={"external_data": ListOf(RelPath(), max_len=1024),
-                      "quantization": Nullable(Obj(optional={"trt_calibration_table": RelPath()}))})
+                      "quantization": Nullable(Obj(optional={"trt_calibration_table": RelPath(),
+                                                             "fidelity": STAGE_FIDELITY}))})
 
 # Keys every family has; family tables add theirs (LLM_SECTIONS for the families with an LLM).
 COMMON = {

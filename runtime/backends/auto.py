@@ -7,20 +7,27 @@ artifact's fidelity, chosen by a short measurement (cached: auto_cache).
   f32, and OpenVINO bf16 where the CPU computes bf16 natively (AVX-512 BF16 or AMX).
 - Measured: the stages fed by the image (vision, Q-Former, retrieval's image stages), on
   synthetic images preprocessed as the artifact says; each candidate's outputs are compared with
-  ONNX Runtime's (mean per-token cosine, the calibration report's measure), and a candidate below
-  GATE_COSINE is not eligible. Timing: batch 1, REPS interleaved runs after a warm-up, medians.
+  ONNX Runtime's (per-token cosine: mean and worst 1%, the calibration report's measures).
+  Timing: batch 1, REPS interleaved runs after a warm-up, medians.
+- Eligible (StageGate): on a float graph, a candidate at mean cosine >= GATE_COSINE to ONNX
+  Runtime, i.e. to FP32. On a quantized (QDQ) graph ONNX Runtime's outputs are themselves some
+  way from FP32, as quantize measured and recorded in the stage's manifest entry with the gates
+  it passed; a candidate is eligible where the bound on its own distance from FP32 (that
+  distance and its measured one to ONNX Runtime, chained: runtime/cosines.py) still passes those
+  gates. A quantized stage with no recorded fidelity (an older quantize) keeps the float rule.
 - Not measured, on ONNX Runtime: the decoder (its MatMulNBits INT4/INT8 and GroupQueryAttention
   kernels are the fastest decoders measured, bench/RESULTS.md, and its greedy tokens stay the
   reference's), and stages fed by text (T5 encoder, retrieval text stages), whose inputs the
   measurement does not make.
-- choose() is a pure function of the measurements and the CPU's flags; it is applied to cached
-  measurements too, so the flags and the gate are checked on every load.
+- choose() is a pure function of the measurements, the stage's gate and the CPU's flags; it is
+  applied to cached measurements too, so the flags and the gate are checked on every load.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -41,11 +48,12 @@ from runtime.backends.stage_runners import (
     placement_of,
 )
 from runtime.backends.threads import STEP_STAGES, ThreadSettings
+from runtime.cosines import chained_cosine, token_cosines, worst_1pct
 from runtime.errors import Blip2EdgeError, MissingExtraError
 from runtime.host_cpu import cpu_flags, cpu_model
 
 ORT = "onnxruntime"
-GATE_COSINE = 0.9999  # visual stages vs FP32 (ONNX Runtime on the same graph)
+GATE_COSINE = 0.9999  # float visual stages vs FP32 (ONNX Runtime on the same graph)
 MARGIN = 0.05  # a candidate later in PREFERENCE must be this much faster to be chosen
 PREFERENCE = (ORT, "openvino f32", "openvino bf16")  # the fewer changes first
 REPS = 3  # timed rounds at least; more for short stages, up to MAX_REPS or ROUND_BUDGET_S per round
@@ -62,15 +70,54 @@ def candidates(flags: frozenset[str] | set[str]) -> tuple[str, ...]:
     return (ORT, "openvino f32", *(("openvino bf16",) if "bf16" in native_precisions(flags) else ()))
 
 
+@dataclass(frozen=True)
+class StageGate:
+    """What a candidate's outputs must keep. reference_*: ONNX Runtime's cosine to FP32 on this
+    graph (1.0: the graph is FP32); bar_*: the least cosine to FP32 the stage may have."""
+    bar_mean: float = GATE_COSINE
+    bar_worst: float = -1.0  # a float graph is judged on its mean alone
+    reference_mean: float = 1.0
+    reference_worst: float = 1.0
+    note: str = ""
+
+    def eligible(self, cosine: float, worst: float) -> bool:
+        return (chained_cosine(self.reference_mean, cosine) >= self.bar_mean
+                and chained_cosine(self.reference_worst, worst) >= self.bar_worst)
+
+    def describe(self) -> str:
+        if self.reference_mean == 1.0:
+            return f"at cosine >= {self.bar_mean} to ONNX Runtime{self.note}"
+        return (f"within the stage's quantize gates vs FP32 (cosine mean >= {self.bar_mean}, worst 1% >= "
+                f"{self.bar_worst}; ONNX Runtime's own {self.reference_mean:.5f} / {self.reference_worst:.5f}, "
+                "chained with each engine's cosine to it)")
+
+
+FLOAT_GATE = StageGate()
+
+
+def stage_gate(manifest: Manifest, stage: str) -> StageGate:
+    """The gate of `stage`: the float one, or that of its recorded quantize fidelity."""
+    q = manifest.stages[stage].get("quantization") or {}
+    if q.get("format") != "QDQ":
+        return FLOAT_GATE
+    f = q.get("fidelity")
+    if f is None:  # written before quantize recorded it: engines must reproduce ONNX Runtime
+        return StageGate(note=" (a quantized stage with no recorded fidelity: quantize it again to judge engines "
+                              "against its gates)")
+    return StageGate(bar_mean=f["gate_cosine_mean"], bar_worst=f["gate_cosine_worst_1pct"],
+                     reference_mean=f["cosine_mean"], reference_worst=f["cosine_worst_1pct"])
+
+
 def _ms(m: dict) -> str:
     return f"{m['ms']:.1f} ms" if "ms" in m else f"failed: {m['error'][:120]}"
 
 
-def choose(measured: dict[str, dict], flags: frozenset[str] | set[str]) -> tuple[str, str]:
-    """(candidate, reason) for one stage from its measurements {candidate: {"ms", "cosine"} or
-    {"error"}}: the fastest of the eligible ones (ONNX Runtime always; OpenVINO where it ran, its
-    cosine to ONNX Runtime is >= GATE_COSINE and, for bf16, the CPU has native bf16), unless one
-    earlier in PREFERENCE is within MARGIN of it."""
+def choose(measured: dict[str, dict], flags: frozenset[str] | set[str],
+           gate: StageGate = FLOAT_GATE) -> tuple[str, str]:
+    """(candidate, reason) for one stage from its measurements {candidate: {"ms", "cosine",
+    "worst"} or {"error"}}: the fastest of the eligible ones (ONNX Runtime always; OpenVINO where
+    it ran, its outputs pass `gate` and, for bf16, the CPU has native bf16), unless one earlier
+    in PREFERENCE is within MARGIN of it."""
     allowed = candidates(flags)
     eligible, refused = [], []
     for c in PREFERENCE:
@@ -85,8 +132,8 @@ def choose(measured: dict[str, dict], flags: frozenset[str] | set[str]) -> tuple
             eligible.append(c)
         elif "error" in m:
             refused.append(f"{c}: {_ms(m)}")
-        elif m["cosine"] < GATE_COSINE:
-            refused.append(f"{c}: cosine {m['cosine']:.5f} to ONNX Runtime < {GATE_COSINE}")
+        elif not gate.eligible(m["cosine"], m["worst"]):
+            refused.append(f"{c}: cosine {m['cosine']:.5f} (worst 1% {m['worst']:.5f}) to ONNX Runtime")
         else:
             eligible.append(c)
     best = eligible[0]  # ONNX Runtime is always measured and always eligible
@@ -97,28 +144,18 @@ def choose(measured: dict[str, dict], flags: frozenset[str] | set[str]) -> tuple
     timings = ", ".join(f"{c} {_ms(measured[c])}" + (f" (cosine {measured[c]['cosine']:.5f})"
                                                         if c != ORT and "cosine" in measured[c] else "")
                         for c in eligible)
-    reason = f"auto: fastest here at cosine >= {GATE_COSINE} to ONNX Runtime ({timings})"
+    reason = f"auto: fastest here {gate.describe()} ({timings})"
     if refused:
         reason += f"; not eligible: {'; '.join(refused)}"
     return best, reason
 
 
-def cosine_mean(got: np.ndarray, want: np.ndarray) -> float:
-    """Mean cosine of the vectors along the last axis (per token), as the fidelity report's."""
-    a = got.astype(np.float64).reshape(-1, got.shape[-1]) if got.ndim else got.astype(np.float64).reshape(1, 1)
-    b = want.astype(np.float64).reshape(a.shape)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    same = (den == 0) & (num == 0)
-    return float(np.where(same, 1.0, num / np.maximum(den, 1e-30)).mean())
-
-
 def measure(runners: dict[str, object], feeds: dict[str, np.ndarray], reps: int | None = None) -> tuple[dict, dict]:
-    """({candidate: {"ms", "cosine"}}, ONNX Runtime's outputs): every runner on `feeds` (a
+    """({candidate: {"ms", "cosine", "worst"}}, ONNX Runtime's outputs): every runner on `feeds` (a
     batch: the fidelity), then interleaved rounds on its first item (the timing): `reps`, by
     default REPS, or more where a round is short (up to MAX_REPS, ROUND_BUDGET_S a round)."""
     reference = runners[ORT].infer(feeds)
-    cosines, failed = {ORT: 1.0}, {}
+    cosines, failed = {ORT: {"cosine": 1.0, "worst": 1.0}}, {}
     for c, r in runners.items():
         if c != ORT:
             try:
@@ -126,7 +163,9 @@ def measure(runners: dict[str, object], feeds: dict[str, np.ndarray], reps: int 
             except Blip2EdgeError as exc:  # compiled, but refused the stage's inputs: not a candidate
                 failed[c] = {"error": str(exc)}
                 continue
-            cosines[c] = min(cosine_mean(got[n], reference[n]) for n in reference)
+            per_output = [token_cosines(got[n], reference[n]) for n in reference]
+            cosines[c] = {"cosine": min(float(t.mean()) for t in per_output),
+                          "worst": min(worst_1pct(t) for t in per_output)}
     one = {n: v[:1] for n, v in feeds.items()}
     order = [c for c in runners if c not in failed]
     times: dict[str, list[float]] = {c: [] for c in order}
@@ -141,7 +180,7 @@ def measure(runners: dict[str, object], feeds: dict[str, np.ndarray], reps: int 
         if rounds is None and rep == 1:
             rounds = max(REPS, min(MAX_REPS, int(ROUND_BUDGET_S / (time.perf_counter() - t_round))))
         rep += 1
-    return {**{c: {"ms": statistics.median(times[c]) * 1e3, "cosine": cosines[c]} for c in order}, **failed}, reference
+    return {**{c: {"ms": statistics.median(times[c]) * 1e3, **cosines[c]} for c in order}, **failed}, reference
 
 
 def _close(runner) -> None:
@@ -210,13 +249,13 @@ def auto_runners(manifest: Manifest, device: str, stage_names: tuple[str, ...], 
                 times, outputs = measure(built, stage_feeds)
                 measured.setdefault(s, {}).update(times)
                 feeds.update(outputs)
-                choice, reason = choose(measured[s], flags)
+                choice, reason = choose(measured[s], flags, stage_gate(manifest, s))
                 for c, r in built.items():
                     if c != choice:
                         _close(r)
                 runners[s] = built[choice]
             else:
-                choice, reason = choose(measured[s], flags)
+                choice, reason = choose(measured[s], flags, stage_gate(manifest, s))
                 runners[s] = _build(manifest, s, choice, threads)
             source = "measured now" if cached is None else "cached measurement"
             placement[s] = {**placement_of(runners[s], f"{reason}; {source}"), "measured": measured[s]}

@@ -50,11 +50,11 @@ def _measurement_ok(m) -> bool:
         return False
     if set(m) == {"error"}:
         return isinstance(m["error"], str)
-    if set(m) != {"ms", "cosine"}:
+    if set(m) != {"ms", "cosine", "worst"}:  # a file from before "worst" was measured: measured again
         return False
-    ms, cos = m["ms"], m["cosine"]
-    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (ms, cos))
-            and ms > 0 and -1.0 <= cos <= 1.0 + 1e-6)
+    ms, cos, worst = m["ms"], m["cosine"], m["worst"]
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (ms, cos, worst))
+            and ms > 0 and all(-1.0 <= v <= 1.0 + 1e-6 for v in (cos, worst)))
 
 
 def valid_measurements(data, key: dict, stages: tuple[str, ...], candidates: tuple[str, ...]) -> dict | None:
