@@ -5,10 +5,11 @@ forced new tokens: our runtime against transformers and two other inference engi
     flock /tmp/blip2-heavy.lock python bench/peers.py --out bench/RESULTS.md
 
 1. End to end: transformers eager `generate`, the same with torch.compile on each sub-model's
-   forward, ours FP32, ours uint8 visual + INT8 LLM, ours uint8 visual + INT4 LLM; FP32's (and
-   torch.compile's) tokens are checked against eager's on every round.
-   The same two artifacts under --backend auto (its measurement made in the worker, at load, or
-   read from the cache), with the placement it chose.
+   forward, ours FP32, ours uint8 visual + INT8 LLM, ours uint8 visual + INT4 LLM, ours FP32
+   visual + INT4 LLM (`quantize --visual none`); FP32's (and torch.compile's) tokens are checked
+   against eager's on every round. The FP32, uint8 + INT4 and FP32 visual + INT4 artifacts again
+   under --backend auto (its measurement made once before the rounds, the workers read it from
+   the cache), with the placement it chose.
 2. Per stage on the same ONNX files (vision, Q-Former, one decoder step at past length 42): ONNX
    Runtime as the pipeline builds it, OpenVINO f32 and OpenVINO bf16 (the precision hint set
    explicitly and read back; skipped where the CPU has no native bf16), with each OpenVINO
@@ -46,12 +47,14 @@ from bench.common import (  # noqa: E402
     read_bandwidth,
     timed,
 )
-from bench.peers_workers import VARIANT_DIRS, artifact, serve  # noqa: E402
+from bench.peers_workers import E2E_ONLY_DIRS, VARIANT_DIRS, artifact, serve  # noqa: E402
 from bench.quant_bench import VARIANTS  # noqa: E402
 from runtime.host_cpu import cpu_model  # noqa: E402
 
-OURS = {"ours FP32": "fp32", "ours uint8 visual + INT8 LLM": "uint8+int8", "ours uint8 visual + INT4 LLM": "uint8+int4"}
-OURS_AUTO = {"ours FP32, --backend auto": "fp32/auto", "ours uint8 visual + INT4 LLM, --backend auto": "uint8+int4/auto"}
+OURS = {"ours FP32": "fp32", "ours uint8 visual + INT8 LLM": "uint8+int8", "ours uint8 visual + INT4 LLM": "uint8+int4",
+        "ours FP32 visual + INT4 LLM": "fp32+int4"}
+OURS_AUTO = {"ours FP32, --backend auto": "fp32/auto", "ours uint8 visual + INT4 LLM, --backend auto": "uint8+int4/auto",
+             "ours FP32 visual + INT4 LLM, --backend auto": "fp32+int4/auto"}
 E2E = {"transformers eager": "hf:eager", "transformers torch.compile": "hf:compile",
        **{k: f"ours:{v}" for k, v in {**OURS, **OURS_AUTO}.items()}}
 STAGE_ENGINES = {"ONNX Runtime": "stages:ort", "OpenVINO f32": "stages:ov-f32", "OpenVINO bf16": "stages:ov-bf16"}
@@ -143,7 +146,8 @@ def cosine(a: list, b: list) -> float:
 
 
 def ensure_artifacts(num_calib: int) -> None:
-    """FP32 export and the two uint8-visual variants, made as bench/quant_bench.py makes them;
+    """FP32 export and the two uint8-visual variants, made as bench/quant_bench.py makes them, and
+    the FP32-visual + INT4 one (`quantize --visual none`);
     the per-stage comparison's concat-form decoders (peers_workers.stage_file)."""
     from bench.peers_workers import CONCAT_DECODERS, stage_file
     from calibration.llm import LLMOptions, quantize_decoder
@@ -161,6 +165,10 @@ def ensure_artifacts(num_calib: int) -> None:
             timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(art), "--synthetic", str(num_calib),
                    "--activations", activations, "--llm", llm, "--held-out", "16", "--no-gate", "--overwrite",
                    "--calibration-cache", str(OUT / f"bench-ranges-{activations}.json")])
+    llm_only = artifact("fp32+int4")
+    if not (llm_only / "manifest.json").is_file():
+        timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(llm_only), "--synthetic", str(num_calib),
+               "--visual", "none", "--llm", "int4", "--held-out", "16", "--no-gate", "--overwrite"])
 
 
 def report_e2e(lines: list, runs: dict, skipped: dict, floors: dict, n: int) -> bool:
@@ -198,20 +206,26 @@ def report_e2e(lines: list, runs: dict, skipped: dict, floors: dict, n: int) -> 
 
 def report_stages(lines: list, info: dict, runs: dict, skipped: dict) -> None:
     engines = [e for e in STAGE_ENGINES if e in runs]
-    lines += ["", "| stage alone, ms (cosine to ORT) | " + " | ".join(engines) + " |",
+    lines += ["", "| stage alone, ms (cosine to ORT on the same graph; to ORT FP32) | " + " | ".join(engines) + " |",
               "| --- |" + " --- |" * len(engines)]
     ort_samples = info.get("ONNX Runtime", {}).get("samples", {})
     for variant in VARIANT_DIRS:
         for stage in ("vision", "qformer", "decoder"):
             key = f"{variant} {stage}"
+            # Every variant's stage reads the same seeded inputs (peers_workers.stage_feeds): the
+            # cosine to the FP32 graph's output on ONNX Runtime compares engines at equal inputs.
+            fp32 = ort_samples.get(f"fp32 {stage}") if variant != "fp32" else None
             cells = []
             for e in engines:
                 if key not in runs[e][0]:
                     cells.append("failed: " + info[e]["skipped"].get(key, "?")[:80])
                     continue
                 cell = f"{med(runs[e], key) * 1e3:.2f}"
-                if e != "ONNX Runtime" and key in ort_samples:
-                    cell += f" ({cosine(info[e]['samples'][key], ort_samples[key]):.5f})"
+                same = (f"{cosine(info[e]['samples'][key], ort_samples[key]):.5f}"
+                        if e != "ONNX Runtime" and key in ort_samples else "")
+                to_fp32 = f"FP32 {cosine(info[e]['samples'][key], fp32):.5f}" if fp32 is not None else ""
+                if same or to_fp32:
+                    cell += f" ({'; '.join(c for c in (same, to_fp32) if c)})"
                 cells.append(cell)
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     for e in STAGE_ENGINES:
@@ -242,7 +256,7 @@ def main() -> int:
         [str(artifact(v.split("/")[0])) for v in OURS_AUTO.values()],)
     subprocess.run([sys.executable, "-c", measure], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     bw_before = read_bandwidth()
-    floors = {v: graph_weight_bytes(artifact(v) / "decoder.onnx") / bw_before for v in VARIANT_DIRS}
+    floors = {v: graph_weight_bytes(artifact(v) / "decoder.onnx") / bw_before for v in {**VARIANT_DIRS, **E2E_ONLY_DIRS}}
     print("phase 1: end to end", flush=True)
     e2e_info, e2e, e2e_skip = phase(E2E, args, args.compile_timeout)
     print("phase 2: stages alone", flush=True)
@@ -278,7 +292,7 @@ def main() -> int:
             s = med(e2e[label], "step")
             floor = floors[variant]
             lines.append(f"| {label} (in the pipeline) | {s * 1e3:.2f} | {floor * 1e3:.2f} | {s / floor:.2f} |")
-        if "ONNX Runtime" in st_runs:
+        if "ONNX Runtime" in st_runs and variant in VARIANT_DIRS:  # E2E_ONLY_DIRS reuse another's decoder
             s = med(st_runs["ONNX Runtime"], f"{variant} decoder")
             lines.append(f"| ORT {variant} decoder step alone (past {42}) | {s * 1e3:.2f} | {floors[variant] * 1e3:.2f} | "
                          f"{s / floors[variant]:.2f} |")

@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import OUT  # noqa: E402
 
 VARIANT_DIRS = {"fp32": "bench-fp32", "uint8+int8": "bench-uint8-int8", "uint8+int4": "bench-uint8-int4"}
+# End to end only (its stages are the FP32 visual graphs and the uint8+int4 decoder, compared alone
+# already): `quantize --visual none --llm int4`.
+E2E_ONLY_DIRS = {"fp32+int4": "bench-fp32-int4"}
 STAGES = ("vision", "qformer", "decoder")
 PAST = 42  # decoder step measured alone: past length mid-way through 20 tokens after a 33-token prefill
 SAMPLE_STRIDE = 37  # outputs sent back for the cosine against ONNX Runtime: every 37th value
@@ -28,7 +31,7 @@ CONCAT_DECODERS = {"fp32": None, "uint8+int8": "int8", "uint8+int4": "int4"}
 
 
 def artifact(variant: str) -> Path:
-    return OUT / "artifacts" / VARIANT_DIRS[variant]
+    return OUT / "artifacts" / {**VARIANT_DIRS, **E2E_ONLY_DIRS}[variant]
 
 
 def stage_file(variant: str, stage: str) -> Path:
