@@ -189,10 +189,11 @@ def _close(runner) -> None:
         close()
 
 
-def _build(manifest: Manifest, stage: str, candidate: str, threads: ThreadSettings):
+def _build(manifest: Manifest, stage: str, candidate: str, threads: ThreadSettings, cache: bool = True):
+    """cache=False while measuring: the candidates not chosen leave no compiled blobs behind."""
     if candidate == ORT:
         return ort_cpu_runner(manifest, stage, threads)
-    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads)
+    return openvino_stage_runner(manifest, stage, "CPU", candidate.split()[1], threads, cache)
 
 
 def measurable_stages(manifest: Manifest, stage_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -242,7 +243,7 @@ def auto_runners(manifest: Manifest, device: str, stage_names: tuple[str, ...], 
                 built = {}
                 for c in cands:
                     try:
-                        built[c] = _build(manifest, s, c, threads)
+                        built[c] = _build(manifest, s, c, threads, cache=False)
                     except OpenVinoCannotRunError as exc:
                         measured.setdefault(s, {})[c] = {"error": str(exc)}
                 stage_feeds = {t["name"]: feeds[t["name"]] for t in manifest.stages[s]["inputs"]}

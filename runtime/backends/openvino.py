@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from runtime.backends import openvino_cache
 from runtime.errors import ArtifactError, Blip2EdgeError, MissingExtraError, OptionError
 from runtime.host_cpu import cpu_flags
 
@@ -136,11 +138,13 @@ class OpenVinoRunner:
     own infer request (a request runs one inference at a time)."""
 
     def __init__(self, path: Path, device: str = "CPU", precision: str = "f32", threads: int = 0,
-                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = (), pinning: bool | None = None):
+                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = (), pinning: bool | None = None,
+                 cache: Callable[[dict], Path] | None = None):
         """device: OpenVINO's name (CPU, GPU, NPU). threads: INFERENCE_NUM_THREADS on the CPU
         (0: OpenVINO's default, one per physical core). input_names/output_names: the manifest's,
         to name the ports by. pinning: ENABLE_CPU_PINNING on the CPU (None: OpenVINO's default;
-        ThreadSettings.openvino_pinning)."""
+        ThreadSettings.openvino_pinning). cache: the compile settings -> the directory of this
+        stage's compiled blobs (openvino_cache), or None to compile from the ONNX file each time."""
         self.path = Path(path)
         self.ov_device = device
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
@@ -148,11 +152,22 @@ class OpenVinoRunner:
             config["INFERENCE_NUM_THREADS"] = threads
         if device == "CPU" and pinning is not None:
             config["ENABLE_CPU_PINNING"] = pinning
+        directory = cache(config) if cache is not None else None
+        state = openvino_cache.prepare(directory) if directory is not None else None
         try:
-            model = core().read_model(str(self.path))
-            self.compiled = core().compile_model(model, device, config)
+            if state is None:
+                self.compiled = core().compile_model(core().read_model(str(self.path)), device, config)
+            else:  # from the file's path: on a cache hit OpenVINO does not read the ONNX graph at all
+                self.compiled = core().compile_model(str(self.path), device, {**config, "CACHE_DIR": str(directory)})
         except RuntimeError as exc:  # OpenVINO's errors are RuntimeErrors
             raise OpenVinoCannotRunError(f"{self.path}: OpenVINO cannot run this graph ({_reason(exc)})") from None
+        self.cache = None  # "read": imported from verified blobs; "written": compiled, its blobs kept
+        if state is not None:
+            if state == "verified" and openvino_cache.sealed(directory):
+                self.cache = "read"
+            else:
+                openvino_cache.seal(directory)
+                self.cache = "written"
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if got != precision:
             raise Blip2EdgeError(f"{self.path}: asked OpenVINO's {device} for {precision} but it compiled {got}; "
@@ -176,7 +191,8 @@ class OpenVinoRunner:
 
     def describe(self) -> dict:
         return {"engine": "openvino", "device": self.ov_device, "precision": self.precision, "threads": self.threads,
-                **({"pinning": self.pinning} if self.pinning is not None else {})}
+                **({"pinning": self.pinning} if self.pinning is not None else {}),
+                **({"compiled_cache": self.cache} if self.cache is not None else {})}
 
     def _request(self):
         request = getattr(self._local, "request", None)

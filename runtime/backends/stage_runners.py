@@ -9,6 +9,8 @@ backend would put it) is returned beside the runners: mixing engines is normal, 
 from __future__ import annotations
 
 from runtime.artifact.manifest import Manifest
+from runtime.backends import openvino_cache
+from runtime.backends.auto_cache import artifact_digest
 from runtime.backends.onnxrt import gpu_providers, providers_for, required_provider, stage_runner
 from runtime.backends.openvino import (
     OpenVinoCannotRunError,
@@ -16,6 +18,7 @@ from runtime.backends.openvino import (
     check_device,
     check_precision,
     import_openvino,
+    openvino_version,
     ov_device,
 )
 from runtime.backends.tensorrt.engines import find_engine, require_tensorrt_readable
@@ -80,14 +83,19 @@ def openvino_unfit(manifest: Manifest, stage: str) -> str | None:
 
 
 def openvino_stage_runner(manifest: Manifest, stage: str, device: str, precision: str,
-                          threads: ThreadSettings) -> OpenVinoRunner:
+                          threads: ThreadSettings, cache: bool = True) -> OpenVinoRunner:
     """One stage compiled by OpenVINO on `device` (OpenVINO's name) at `precision`, its ports
     named as the manifest names them, with the thread policy's count and pinning
-    (ThreadSettings); OpenVinoCannotRunError when OpenVINO cannot read it."""
+    (ThreadSettings); OpenVinoCannotRunError when OpenVINO cannot read it. cache: keep and reuse
+    the compiled blobs (openvino_cache) in the user's cache directory."""
+    def directory(config: dict):
+        return openvino_cache.stage_cache_dir(artifact_digest(manifest.data), stage, device, precision,
+                                              openvino_version(), config)
+
     return OpenVinoRunner(manifest.stage_file(stage), device, precision, threads.intra_op_threads,
                           tuple(t["name"] for t in manifest.stages[stage]["inputs"]),
                           tuple(t["name"] for t in manifest.stages[stage]["outputs"]),
-                          threads.openvino_pinning)
+                          threads.openvino_pinning, directory if cache and openvino_cache.enabled() else None)
 
 
 def ort_cpu_runner(manifest: Manifest, stage: str, threads: ThreadSettings):
