@@ -98,7 +98,7 @@ def visual_options(args):
                               "calibration, which --visual none skips")
         return None
     return VisualOptions(**{k: (tuple(v) if k == "exclude" else v) for k, v in given.items()
-                            if k != "calibration_cache"})
+                            if k != "calibration_cache"})  # the cache is an option of QuantizeOptions
 
 
 def run(args) -> int:

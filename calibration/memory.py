@@ -10,7 +10,8 @@ What quantize holds (calibration/quantize.py), in anonymous memory (RssAnon, wha
                (sessions that keep one copy of the weights, ThreadSettings.low_memory: the CPU
                provider would fold float32 copies beside them, 2.5x), G = the source's graph
                files (runtime.artifact.memory)
-    then only the source's vision stage (R x S_vision; a retrieval source stays whole), and
+    then only the source's vision stage (R x S_vision, none with --visual none; a retrieval
+    source stays whole), and
     the largest of, one after the other:
       calibration of the vision stage: the augmented graph's session     2.25 x S_vision
                and one batch (8 images, fewer where they would pass       + 13.5 x S_vision x P / H

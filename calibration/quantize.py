@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -60,13 +61,16 @@ class QuantizeOptions:
     max_memory: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_calib < 1:
+        if self.num_calib < 1 and self.visual is not None:
             raise Blip2EdgeError(f"--num-calib must be >= 1, got {self.num_calib}")
         if self.held_out < 1:
             raise Blip2EdgeError(f"--held-out must be >= 1, got {self.held_out}")
         if self.visual is None and self.llm.precision == "none" and not self.llm.embed_fp16:
             raise OptionError("nothing to quantize: --visual none leaves the visual stages in float and --llm is "
-                              "none; give --llm int8 or int4 (or leave --visual at int8)")
+                              "none (an artifact with an LLM: give --llm int8 or int4)")
+        if self.visual is None and self.calibration_cache is not None:
+            raise OptionError("--calibration-cache: applies to the visual stages' INT8 calibration, which "
+                              "--visual none skips")
 
     @property
     def calibration_images(self) -> int:
@@ -110,9 +114,8 @@ def instruction_feeds(source: LoadedArtifact):
 
 def _quantize_visual(source: LoadedArtifact, stages: dict, tmp: Path, images: ImageSource, opts: QuantizeOptions,
                      log: Callable) -> set[str]:
-    """INT8 QDQ graphs of the visual stages, calibrated on `images`; the source's own vision
-    stage (FP32/FP16, or quantized already with --allow-requantize) feeds the Q-Former's
-    calibration. Updates `stages` (the new manifest's); returns the files written (none with
+    """INT8 QDQ graphs of the visual stages, calibrated on `images`; the source's own (float)
+    vision stage feeds the Q-Former's calibration. Updates `stages` (the new manifest's); returns the files written (none with
     --visual none)."""
     produced: set[str] = set()
     if opts.visual is None:
@@ -179,7 +182,9 @@ def record_stage_fidelity(stages: dict, quantized: tuple[str, ...], report: dict
     engine's outputs of the same graph against them (runtime/backends/auto.py: stage_gate)."""
     for stage in quantized:
         q, measured = stages[stage].get("quantization") or {}, report["stages"].get(stage) or {}
-        if q.get("format") == "QDQ" and "cosine_mean" in measured:
+        values = (measured.get("cosine_mean"), measured.get("cosine_worst_1pct"))
+        # A NaN (a broken calibration kept with --no-gate) would make the manifest unloadable.
+        if q.get("format") == "QDQ" and all(isinstance(v, float) and math.isfinite(v) for v in values):
             q["fidelity"] = {"cosine_mean": measured["cosine_mean"],
                              "cosine_worst_1pct": measured["cosine_worst_1pct"],
                              "gate_cosine_mean": gates.visual_cosine_mean,
@@ -226,6 +231,10 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
     if src.data.get("quantization") and not opts.allow_requantize:
         raise Blip2EdgeError(f"{artifacts}: already quantized; quantize the FP32/FP16 export instead "
                              "(or pass --allow-requantize)")
+    for stage in family.visual_stages if opts.visual is not None else ():
+        if (src.stages[stage].get("quantization") or {}).get("format") == "QDQ":
+            raise Blip2EdgeError(f"{artifacts}: stage '{stage}' is INT8 already; quantize the FP32/FP16 export, "
+                                 "or keep its visual stages as they are with --visual none")
     out = Path(out_dir)
     check_target(out, opts.overwrite)  # before the memory check; again under the lock
     # The expected peak (calibration/memory.py) against the memory available and --max-memory,
@@ -270,7 +279,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
             _, note = keep_report(out, report)  # beside OUT_DIR, never over a file of the user's
             raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} ({note}; "
                                       "--no-gate keeps the artifacts anyway)")
-        if opts.visual is not None:  # the stages it quantized were float (a QDQ graph is refused as input)
+        if opts.visual is not None:  # the stages it quantized were float (_quantize_visual refuses INT8 ones)
             record_stage_fidelity(staged.data["stages"], family.visual_stages, report, opts.gates)
         write_manifest(tmp, staged.data)
     log(f"wrote {out}")

@@ -59,7 +59,7 @@ def retrieval_fidelity_report(fp32: Blip2Retriever, quant: Blip2Retriever, sourc
     report = {"held_out_images": len(images), "texts": len(texts), "stages": stage_pair_fidelity(
         fp32, quant, images, "image_embed", lambda v: {IMAGE_EMBEDS: v}, ITC_IMAGE_EMBEDS)}
     ref_e, got_e = fp32.embed_images(images), quant.embed_images(images)
-    report["embeddings"] = cosine_summary([token_cosines(ref_e, got_e)],
+    report["embeddings"] = cosine_summary([token_cosines(got_e, ref_e)],
                                           float(np.abs(ref_e.astype(np.float64) - got_e).max()))
     ref_s = similarity(ref_e, fp32.embed_texts(texts))
     got_s = similarity(got_e, quant.embed_texts(texts))

@@ -87,3 +87,32 @@ def test_the_estimate_without_visual_calibration(tiny_artifacts):
     # the float visual stages (larger than INT8 ones).
     assert llm_only["phases"]["quantize decoder"] < both["phases"]["quantize decoder"]
     assert llm_only["phases"]["fidelity"] > both["phases"]["fidelity"]
+
+
+def test_int8_visual_stages_are_never_quantized_again(toy_artifacts, tmp_path):
+    quantize(toy_artifacts, tmp_path / "q", QuantizeOptions(num_calib=8, held_out=8, gate=False), log=lambda s: None)
+    out = tmp_path / "qq"
+    assert_one_line_error(run_cli("quantize", tmp_path / "q", out, "--synthetic", "8", "--allow-requantize"),
+                          "stage 'vision' is INT8 already", "--visual none")
+    assert not out.exists()
+
+
+def test_the_python_api_refuses_what_the_cli_refuses(tmp_path):
+    with pytest.raises(OptionError, match="--calibration-cache: .*--visual none skips"):
+        QuantizeOptions(visual=None, llm=LLMOptions(precision="int4"), calibration_cache=tmp_path / "r.json")
+    # no calibration image is read with --visual none: a count of none is no error
+    assert QuantizeOptions(visual=None, llm=LLMOptions(precision="int4"), num_calib=0).calibration_images == 0
+
+
+def test_a_non_finite_fidelity_is_not_recorded():
+    """A broken calibration kept with --no-gate can measure NaN: the manifest's schema refuses a
+    non-finite number, so recording it would make the kept directory unloadable."""
+    from calibration.gates import Gates
+    from calibration.quantize import record_stage_fidelity
+
+    stages = {s: {"quantization": {"format": "QDQ"}} for s in ("vision", "qformer")}
+    report = {"stages": {"vision": {"cosine_mean": float("nan"), "cosine_worst_1pct": 0.5},
+                         "qformer": {"cosine_mean": 0.999, "cosine_worst_1pct": 0.99}}}
+    record_stage_fidelity(stages, ("vision", "qformer"), report, Gates())
+    assert "fidelity" not in stages["vision"]["quantization"]
+    assert stages["qformer"]["quantization"]["fidelity"]["cosine_mean"] == 0.999
