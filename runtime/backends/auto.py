@@ -12,9 +12,10 @@ artifact's fidelity, chosen by a short measurement (cached: auto_cache).
 - Eligible (StageGate): on a float graph, a candidate at mean cosine >= GATE_COSINE to ONNX
   Runtime, i.e. to FP32. On a quantized (QDQ) graph ONNX Runtime's outputs are themselves some
   way from FP32, as quantize measured and recorded in the stage's manifest entry with the gates
-  it passed; a candidate is eligible where the bound on its own distance from FP32 (that
-  distance and its measured one to ONNX Runtime, chained: runtime/cosines.py) still passes those
-  gates. A quantized stage with no recorded fidelity (an older quantize) keeps the float rule.
+  it passed; a candidate is eligible where the estimate of its own distance from FP32 (that
+  distance and its measured one to ONNX Runtime, chained: runtime/cosines.py, StageGate.bounds)
+  still passes those gates. A quantized stage with no recorded fidelity (an older quantize)
+  keeps the float rule.
 - Not measured, on ONNX Runtime: the decoder (its MatMulNBits INT4/INT8 and GroupQueryAttention
   kernels are the fastest decoders measured, bench/RESULTS.md, and its greedy tokens stay the
   reference's), and stages fed by text (T5 encoder, retrieval text stages), whose inputs the
@@ -72,40 +73,58 @@ def candidates(flags: frozenset[str] | set[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class StageGate:
-    """What a candidate's outputs must keep. reference_*: ONNX Runtime's cosine to FP32 on this
-    graph (1.0: the graph is FP32); bar_*: the least cosine to FP32 the stage may have."""
+    """What a candidate's outputs must keep. recorded: the stage is INT8 and quantize recorded
+    its fidelity; then reference_*: ONNX Runtime's cosine to FP32 on this graph as quantize
+    measured it, bar_*: the gates it passed (the least cosine to FP32 the stage may have)."""
     bar_mean: float = GATE_COSINE
     bar_worst: float = -1.0  # a float graph is judged on its mean alone
     reference_mean: float = 1.0
     reference_worst: float = 1.0
+    recorded: bool = False
     note: str = ""
 
+    def bounds(self, cosine: float, worst: float) -> tuple[float, float]:
+        """The estimate of a candidate's cosine to FP32, mean and worst 1%: its measured cosine
+        to ONNX Runtime chained with ONNX Runtime's own to FP32 (the angles add). Per token this
+        is a bound; for the means to second order; for the worst 1% an estimate (two tails of
+        1% chain into one of up to 2%), on other images than quantize's held-out ones."""
+        return chained_cosine(self.reference_mean, cosine), chained_cosine(self.reference_worst, worst)
+
     def eligible(self, cosine: float, worst: float) -> bool:
-        return (chained_cosine(self.reference_mean, cosine) >= self.bar_mean
-                and chained_cosine(self.reference_worst, worst) >= self.bar_worst)
+        mean, low = self.bounds(cosine, worst)
+        return mean >= self.bar_mean and low >= self.bar_worst
 
     def describe(self) -> str:
-        if self.reference_mean == 1.0:
+        if not self.recorded:
             return f"at cosine >= {self.bar_mean} to ONNX Runtime{self.note}"
         return (f"within the stage's quantize gates vs FP32 (cosine mean >= {self.bar_mean}, worst 1% >= "
                 f"{self.bar_worst}; ONNX Runtime's own {self.reference_mean:.5f} / {self.reference_worst:.5f}, "
                 "chained with each engine's cosine to it)")
+
+    def refusal(self, cosine: float, worst: float) -> str:
+        said = f"cosine {cosine:.5f} (worst 1% {worst:.5f}) to ONNX Runtime"
+        if not self.recorded:
+            return said
+        mean, low = self.bounds(cosine, worst)
+        return f"{said}, so about {mean:.5f} / {low:.5f} to FP32"
 
 
 FLOAT_GATE = StageGate()
 
 
 def stage_gate(manifest: Manifest, stage: str) -> StageGate:
-    """The gate of `stage`: the float one, or that of its recorded quantize fidelity."""
-    q = manifest.stages[stage].get("quantization") or {}
-    if q.get("format") != "QDQ":
+    """The gate of `stage`: the float one, or that of its recorded quantize fidelity (an INT8
+    QDQ stage's)."""
+    spec = manifest.stages[stage]
+    q = spec.get("quantization") or {}
+    if q.get("format") != "QDQ" or spec.get("precision") != "int8":
         return FLOAT_GATE
     f = q.get("fidelity")
     if f is None:  # written before quantize recorded it: engines must reproduce ONNX Runtime
         return StageGate(note=" (a quantized stage with no recorded fidelity: quantize it again to judge engines "
                               "against its gates)")
     return StageGate(bar_mean=f["gate_cosine_mean"], bar_worst=f["gate_cosine_worst_1pct"],
-                     reference_mean=f["cosine_mean"], reference_worst=f["cosine_worst_1pct"])
+                     reference_mean=f["cosine_mean"], reference_worst=f["cosine_worst_1pct"], recorded=True)
 
 
 def _ms(m: dict) -> str:
@@ -133,7 +152,7 @@ def choose(measured: dict[str, dict], flags: frozenset[str] | set[str],
         elif "error" in m:
             refused.append(f"{c}: {_ms(m)}")
         elif not gate.eligible(m["cosine"], m["worst"]):
-            refused.append(f"{c}: cosine {m['cosine']:.5f} (worst 1% {m['worst']:.5f}) to ONNX Runtime")
+            refused.append(f"{c}: {gate.refusal(m['cosine'], m['worst'])}")
         else:
             eligible.append(c)
     best = eligible[0]  # ONNX Runtime is always measured and always eligible
