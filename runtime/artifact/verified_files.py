@@ -116,6 +116,21 @@ def cache_dir() -> Path:
     return Path(base) / "blip2-edge"
 
 
+def keyed_name(key: dict) -> str:
+    """A file or directory name for a cache entry: the sha256 of its key (canonical JSON), cut to 32."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_json_bounded(path: str | os.PathLike, limit: int):
+    """The parsed JSON of the regular file `path` if it is at most `limit` bytes, else None (a
+    cache file: missing, not a regular file, too large or not JSON counts as no entry)."""
+    try:
+        raw = read_bounded(path, limit)
+        return json.loads(raw) if len(raw) <= limit else None
+    except (ArtifactError, ValueError, RecursionError):
+        return None
+
+
 def cache_file() -> Path:
     return cache_dir() / "sha256.json"
 

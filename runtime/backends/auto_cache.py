@@ -20,17 +20,12 @@ import math
 from pathlib import Path
 
 from runtime.artifact.atomic_file import replace_file
-from runtime.artifact.verified_files import cache_dir, read_bounded
-from runtime.errors import ArtifactError
+from runtime.artifact.manifest import artifact_digest
+from runtime.artifact.verified_files import cache_dir, keyed_name, read_json_bounded
 
 SCHEMA = 1
 MAX_FILE_BYTES = 256 << 10
 log = logging.getLogger(__name__)
-
-
-def artifact_digest(manifest_data: dict) -> str:
-    """The artifact's identity: its manifest (every stage file's sha256 is in it), canonically."""
-    return hashlib.sha256(json.dumps(manifest_data, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(manifest_data: dict, cpu: str, flags: frozenset[str], versions: dict[str, str],
@@ -41,8 +36,7 @@ def cache_key(manifest_data: dict, cpu: str, flags: frozenset[str], versions: di
 
 
 def cache_path(key: dict) -> Path:
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir() / "placement" / f"{name}.json"
+    return cache_dir() / "placement" / f"{keyed_name(key)}.json"
 
 
 def _measurement_ok(m) -> bool:
@@ -77,15 +71,7 @@ def valid_measurements(data, key: dict, stages: tuple[str, ...], candidates: tup
 def read(key: dict, stages: tuple[str, ...], candidates: tuple[str, ...]) -> dict | None:
     """The cached measurements for `key`, or None (no file, or one not to be trusted)."""
     path = cache_path(key)
-    try:
-        raw = read_bounded(path, MAX_FILE_BYTES)
-    except ArtifactError:
-        return None  # missing, not a regular file, unreadable
-    try:
-        data = json.loads(raw) if len(raw) <= MAX_FILE_BYTES else None
-    except (ValueError, RecursionError):
-        data = None
-    measured = valid_measurements(data, key, stages, candidates)
+    measured = valid_measurements(read_json_bounded(path, MAX_FILE_BYTES), key, stages, candidates)
     if measured is None:
         log.debug("%s: not a usable --backend auto measurement; measuring again", path)
     return measured

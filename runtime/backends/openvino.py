@@ -1,5 +1,6 @@
-"""OpenVINO backend: one compiled model per stage graph, read straight from the artifact's ONNX
-files (the manifest's verified paths; external data beside the graph is read from there).
+"""OpenVINO backend: one compiled model per stage graph, compiled from the artifact's ONNX files
+(the manifest's verified paths; external data beside the graph is read from there), or imported
+from the blobs of an earlier compile kept in the user's cache directory (openvino_cache, CPU).
 
 OpenVINO is an optional extra (`openvino`): it is imported on first use through import_openvino,
 which names the extra when it is missing. The precision is always explicit: the stage is compiled
@@ -11,6 +12,7 @@ checked against it and recorded, so a precision asked for by name is never silen
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from pathlib import Path
 from typing import Callable
@@ -35,6 +37,7 @@ OV_TYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64"
 
 _core = None
 _core_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def import_openvino():
@@ -144,7 +147,8 @@ class OpenVinoRunner:
         (0: OpenVINO's default, one per physical core). input_names/output_names: the manifest's,
         to name the ports by. pinning: ENABLE_CPU_PINNING on the CPU (None: OpenVINO's default;
         ThreadSettings.openvino_pinning). cache: the compile settings -> the directory of this
-        stage's compiled blobs (openvino_cache), or None to compile from the ONNX file each time."""
+        stage's compiled blobs (openvino_cache; the CPU only), or None to compile from the ONNX
+        file each time."""
         self.path = Path(path)
         self.ov_device = device
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
@@ -152,22 +156,22 @@ class OpenVinoRunner:
             config["INFERENCE_NUM_THREADS"] = threads
         if device == "CPU" and pinning is not None:
             config["ENABLE_CPU_PINNING"] = pinning
-        directory = cache(config) if cache is not None else None
-        state = openvino_cache.prepare(directory) if directory is not None else None
+        directory = cache(config) if cache is not None and device == "CPU" else None
+        before = openvino_cache.prepare(directory) if directory is not None else None
         try:
-            if state is None:
+            self.compiled = None
+            if before is not None:  # from the file's path: on a hit OpenVINO does not read the ONNX graph
+                try:
+                    self.compiled = core().compile_model(str(self.path), device, {**config, "CACHE_DIR": str(directory)})
+                except RuntimeError as exc:  # the cache (a full disk?) or the graph: the graph says which, below
+                    log.debug("%s: compiling with the cache failed (%s); compiling without it", self.path, _reason(exc))
+                    before = None
+            if self.compiled is None:
                 self.compiled = core().compile_model(core().read_model(str(self.path)), device, config)
-            else:  # from the file's path: on a cache hit OpenVINO does not read the ONNX graph at all
-                self.compiled = core().compile_model(str(self.path), device, {**config, "CACHE_DIR": str(directory)})
         except RuntimeError as exc:  # OpenVINO's errors are RuntimeErrors
             raise OpenVinoCannotRunError(f"{self.path}: OpenVINO cannot run this graph ({_reason(exc)})") from None
-        self.cache = None  # "read": imported from verified blobs; "written": compiled, its blobs kept
-        if state is not None:
-            if state == "verified" and openvino_cache.sealed(directory):
-                self.cache = "read"
-            else:
-                openvino_cache.seal(directory)
-                self.cache = "written"
+        # "read": imported from verified blobs; "written": compiled, its blobs kept; None: not cached
+        self.cache = openvino_cache.settle(directory, before) if before is not None else None
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if got != precision:
             raise Blip2EdgeError(f"{self.path}: asked OpenVINO's {device} for {precision} but it compiled {got}; "

@@ -8,9 +8,8 @@ backend would put it) is returned beside the runners: mixing engines is normal, 
 
 from __future__ import annotations
 
-from runtime.artifact.manifest import Manifest
+from runtime.artifact.manifest import Manifest, artifact_digest
 from runtime.backends import openvino_cache
-from runtime.backends.auto_cache import artifact_digest
 from runtime.backends.onnxrt import gpu_providers, providers_for, required_provider, stage_runner
 from runtime.backends.openvino import (
     OpenVinoCannotRunError,
@@ -95,7 +94,7 @@ def openvino_stage_runner(manifest: Manifest, stage: str, device: str, precision
     return OpenVinoRunner(manifest.stage_file(stage), device, precision, threads.intra_op_threads,
                           tuple(t["name"] for t in manifest.stages[stage]["inputs"]),
                           tuple(t["name"] for t in manifest.stages[stage]["outputs"]),
-                          threads.openvino_pinning, directory if cache and openvino_cache.enabled() else None)
+                          threads.openvino_pinning, directory if cache and openvino_cache.limit() else None)
 
 
 def ort_cpu_runner(manifest: Manifest, stage: str, threads: ThreadSettings):
