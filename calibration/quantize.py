@@ -115,8 +115,8 @@ def instruction_feeds(source: LoadedArtifact):
 def _quantize_visual(source: LoadedArtifact, stages: dict, tmp: Path, images: ImageSource, opts: QuantizeOptions,
                      log: Callable) -> set[str]:
     """INT8 QDQ graphs of the visual stages, calibrated on `images`; the source's own (float)
-    vision stage feeds the Q-Former's calibration. Updates `stages` (the new manifest's); returns the files written (none with
-    --visual none)."""
+    vision stage feeds the Q-Former's calibration. Updates `stages` (the new manifest's);
+    returns the files written (none with --visual none)."""
     produced: set[str] = set()
     if opts.visual is None:
         return produced
@@ -279,7 +279,7 @@ def quantize(artifacts: str | os.PathLike, out_dir: str | os.PathLike, opts: Qua
             _, note = keep_report(out, report)  # beside OUT_DIR, never over a file of the user's
             raise gates_mod.GateError(f"fidelity gate failed: {'; '.join(failed)} ({note}; "
                                       "--no-gate keeps the artifacts anyway)")
-        if opts.visual is not None:  # the stages it quantized were float (_quantize_visual refuses INT8 ones)
+        if opts.visual is not None:  # the stages it quantized were float (INT8 ones are refused up front)
             record_stage_fidelity(staged.data["stages"], family.visual_stages, report, opts.gates)
         write_manifest(tmp, staged.data)
     log(f"wrote {out}")

@@ -49,11 +49,11 @@ def graph_digest(graph: Path) -> str:
         return hashlib.sha256(f"{HASHES.digest(graph)}:{HASHES.digest(data)}".encode()).hexdigest()
 
 
-
 def artifact_digest(manifest_data: dict) -> str:
     """An artifact's identity for caches kept outside it: its manifest (every file's sha256 is in
     it), canonically."""
     return hashlib.sha256(json.dumps(manifest_data, sort_keys=True).encode()).hexdigest()
+
 
 @dataclass
 class Manifest:
