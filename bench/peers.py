@@ -159,17 +159,19 @@ def ensure_artifacts(num_calib: int) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             quantize_decoder(concat / "decoder.onnx", target, LLMOptions(precision=precision))
     _, fp32 = ensure_fp32_artifacts("bench")
+
+    def quantize(art: Path, *flags: str) -> None:
+        timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(art), "--synthetic", str(num_calib),
+               "--held-out", "16", "--no-gate", "--overwrite", *flags])
+
     for label, (activations, llm) in VARIANTS.items():
         art = OUT / "artifacts" / f"bench-{activations}-{llm}"
         # quantized again when written before quantize recorded each INT8 stage's fidelity (auto reads it)
         if activations == "uint8" and not recorded_fidelity(art):
-            timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(art), "--synthetic", str(num_calib),
-                   "--activations", activations, "--llm", llm, "--held-out", "16", "--no-gate", "--overwrite",
-                   "--calibration-cache", str(OUT / f"bench-ranges-{activations}.json")])
-    llm_only = artifact("fp32+int4")
-    if not (llm_only / "manifest.json").is_file():
-        timed([sys.executable, "-m", "runtime.cli", "quantize", str(fp32), str(llm_only), "--synthetic", str(num_calib),
-               "--visual", "none", "--llm", "int4", "--held-out", "16", "--no-gate", "--overwrite"])
+            quantize(art, "--activations", activations, "--llm", llm,
+                     "--calibration-cache", str(OUT / f"bench-ranges-{activations}.json"))
+    if not (artifact("fp32+int4") / "manifest.json").is_file():
+        quantize(artifact("fp32+int4"), "--visual", "none", "--llm", "int4")
 
 
 def recorded_fidelity(art: Path) -> bool:

@@ -158,18 +158,18 @@ class OpenVinoRunner:
             config["ENABLE_CPU_PINNING"] = pinning
         directory = cache(config) if cache is not None and device == "CPU" else None
         before = openvino_cache.prepare(directory) if directory is not None else None
-        try:
-            self.compiled = None
-            if before is not None:  # from the file's path: on a hit OpenVINO does not read the ONNX graph
-                try:
-                    self.compiled = core().compile_model(str(self.path), device, {**config, "CACHE_DIR": str(directory)})
-                except RuntimeError as exc:  # the cache (a full disk?) or the graph: the graph says which, below
-                    log.debug("%s: compiling with the cache failed (%s); compiling without it", self.path, _reason(exc))
-                    before = None
-            if self.compiled is None:
+        self.compiled = None
+        if before is not None:  # from the file's path: on a hit OpenVINO does not read the ONNX graph
+            try:
+                self.compiled = core().compile_model(str(self.path), device, {**config, "CACHE_DIR": str(directory)})
+            except RuntimeError as exc:  # the cache (a full disk?) or the graph: the graph says which, below
+                log.debug("%s: compiling with the cache failed (%s); compiling without it", self.path, _reason(exc))
+                before = None
+        if self.compiled is None:
+            try:
                 self.compiled = core().compile_model(core().read_model(str(self.path)), device, config)
-        except RuntimeError as exc:  # OpenVINO's errors are RuntimeErrors
-            raise OpenVinoCannotRunError(f"{self.path}: OpenVINO cannot run this graph ({_reason(exc)})") from None
+            except RuntimeError as exc:  # OpenVINO's errors are RuntimeErrors
+                raise OpenVinoCannotRunError(f"{self.path}: OpenVINO cannot run this graph ({_reason(exc)})") from None
         # "read": imported from verified blobs; "written": compiled, its blobs kept; None: not cached
         self.cache = openvino_cache.settle(directory, before) if before is not None else None
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

@@ -103,10 +103,11 @@ def _index(directory: Path) -> dict | None:
     return data
 
 
-def _remove(paths) -> bool:
-    """Removes each path it can; False when one could not be removed."""
+def _remove(directory: Path, names, index: bool = True) -> bool:
+    """Removes the blobs `names` of `directory` (and its index) as far as it can; False when one
+    could not be removed."""
     ok = True
-    for path in paths:
+    for path in [*(directory / n for n in names), *((directory / INDEX,) if index else ())]:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
@@ -131,7 +132,7 @@ def prepare(directory: Path) -> dict[str, tuple] | None:
         if index is not None and set(index) == set(blobs) and all(_digest(directory / n) == index[n] for n in blobs):
             return blobs
         log.info("%s: compiled blobs do not match their index; compiling again", directory)
-        if not _remove([*(directory / n for n in blobs), directory / INDEX]):
+        if not _remove(directory, blobs):
             return None
         return _snapshot(directory)  # {} unless something came back
     except (OSError, ArtifactError) as exc:
@@ -149,12 +150,12 @@ def settle(directory: Path, before: dict[str, tuple]) -> str | None:
         if after and after == before:
             os.utime(directory / INDEX)  # least recently used: the first removed when over the limit
             return "read"
-        stale = [directory / n for n, ident in before.items() if after.get(n) == ident]
+        stale = {n for n, ident in before.items() if after.get(n) == ident}
         if not after or len(stale) == len(after):  # nothing new: the plugin keeps no blobs
-            _remove([directory / INDEX])
+            _remove(directory, ())
             return None
-        _remove(stale)
-        index = {n: _digest(directory / n) for n in after if n not in {p.name for p in stale}}
+        _remove(directory, stale, index=False)
+        index = {n: _digest(directory / n) for n in after if n not in stale}
         replace_file(directory / INDEX, (json.dumps(index, indent=1) + "\n").encode(), mode=0o600)
     except (OSError, ArtifactError) as exc:
         log.debug("cannot index %s (%s): its blobs will be compiled again next time", directory, exc)
@@ -170,18 +171,18 @@ def evict(budget: int, keep: Path | None = None) -> None:
         dirs = [d for d in root().iterdir() if d.is_dir() and not d.is_symlink()]
     except OSError:
         return
-    sized = []
+    sized = []  # (is `keep`, last used, directory, its blobs, their bytes)
     for d in dirs:
         try:
             blobs = _snapshot(d) or {}
             used = (d / INDEX).stat().st_mtime_ns if (d / INDEX).exists() else 0
         except OSError:
             continue
-        sized.append((d == keep, used, d, sum(size for size, _, _ in blobs.values())))
-    total = sum(s[3] for s in sized)
-    for _, _, d, size in sorted(sized, key=lambda s: (s[0], s[1])):
+        sized.append((d == keep, used, d, blobs, sum(size for size, _, _ in blobs.values())))
+    total = sum(s[4] for s in sized)
+    for _, _, d, blobs, size in sorted(sized, key=lambda s: s[:2]):
         if total <= budget:
             break
-        if _remove([*(d / n for n in (_snapshot(d) or {})), d / INDEX]):
+        if _remove(d, blobs):
             total -= size
             log.info("removed %s (%.0f MB) to keep the OpenVINO cache within %s", d, size / 1e6, budget)
