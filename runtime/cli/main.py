@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 
+from runtime.cli.start_up import INTERRUPTED_EXIT, hand_ctrl_c_to_the_command
 from runtime.errors import Blip2EdgeError
 
 # name -> (module whose register(sub) adds it, help line for the listing). A module's commands
@@ -154,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         safe_text_streams()
         # Building the parser imports the chosen command's module (numpy, onnxruntime...): Ctrl-C
-        # at start-up lands here too.
+        # at start-up lands here when main runs in-process (the process entry point ends at once).
         args = build_parser(argv).parse_args(argv)
     except BaseException as exc:
         if _interrupted(exc):
             print("interrupted", file=sys.stderr)
-            return 130
+            return INTERRUPTED_EXIT
         raise
     debug = args.debug = bool(getattr(args, "debug", False))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     sys.stdout = _GuardedStdout(stdout)
     try:
+        hand_ctrl_c_to_the_command()
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe or a full disk shows here, not at interpreter exit
         return status
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if _interrupted(exc):
             print("interrupted", file=sys.stderr)
-            return 130
+            return INTERRUPTED_EXIT
         if debug:
             raise
         # Only our own error classes are user errors (OptionError for bad values): a plain
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     finally:
         sys.stdout = stdout
 
