@@ -22,7 +22,10 @@ def _end_interrupted(signum, frame) -> None:
 
 
 def end_at_once_on_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, _end_interrupted)
+    # Only over Python's own handler: a process started with SIGINT ignored (a background job of a
+    # script, nohup) keeps ignoring it.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _end_interrupted)
 
 
 def hand_ctrl_c_to_the_command() -> None:

@@ -298,6 +298,19 @@ def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
         assert err.startswith("error: ") and "not a directory" in err, (proc.returncode, err)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds the moment of start-up in /proc/<pid>/maps")
+def test_a_process_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A background job of a script (SIGINT ignored from its start) is not ended by the start-up handler."""
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "index", str(tmp_path / "model"),
+                             str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert _wait_until_mapped(proc, "_multiarray_umath")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: ") and "not a directory" in err, (proc.returncode, err)
+
+
 def test_the_entry_point_sets_its_ctrl_c_handler_before_importing_anything_else():
     """Whatever the process entry imports before its handler is set is a window where Ctrl-C prints a
     traceback: only our two (empty) package __init__ files, the handler's module and `signal`."""
