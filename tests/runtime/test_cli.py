@@ -259,6 +259,21 @@ def test_ctrl_c_while_the_command_module_is_imported_exits_130(monkeypatch, caps
     assert capsys.readouterr().err == "interrupted\n"
 
 
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"),
+                                     reason="finds the moment of start-up in /proc/<pid>/maps")
+
+
+def _index_on_missing_folders(tmp_path) -> list[str]:
+    """`index` on a model and photo folder that do not exist: it imports numpy and onnxruntime,
+    then fails with "not a directory" (exit 2)."""
+    return ["index", str(tmp_path / "model"), str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")]
+
+
+def _start_index_on_missing_folders(tmp_path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *_index_on_missing_folders(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **popen)
+
+
 def _wait_until_mapped(proc, library: str, timeout: float = 120) -> bool:
     """True once the child process has `library` mapped (it is importing it), False if it ended first."""
     deadline = time.monotonic() + timeout
@@ -272,7 +287,7 @@ def _wait_until_mapped(proc, library: str, timeout: float = 120) -> bool:
     return False
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds the moment of start-up in /proc/<pid>/maps")
+@needs_proc_maps
 @pytest.mark.parametrize("delay", [0, 0.03, 0.1, 0.3, 0.6])
 def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
     """The real signal, sent while `index` imports numpy, then onnxruntime and its modules (or, at the
@@ -280,9 +295,7 @@ def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
     numpy's extension is mapped, not from the process's start: before the entry point's first line the
     interpreter's own start-up (site, .pth files) prints its own traceback, which no program can catch;
     under load that phase alone took longer than any fixed delay."""
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "index", str(tmp_path / "model"),
-                             str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = _start_index_on_missing_folders(tmp_path)
     reached = _wait_until_mapped(proc, "_multiarray_umath")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
@@ -298,13 +311,10 @@ def test_ctrl_c_at_any_moment_of_start_up_has_no_traceback(tmp_path, delay):
         assert err.startswith("error: ") and "not a directory" in err, (proc.returncode, err)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds the moment of start-up in /proc/<pid>/maps")
+@needs_proc_maps
 def test_a_process_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
     """A background job of a script (SIGINT ignored from its start) is not ended by the start-up handler."""
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "index", str(tmp_path / "model"),
-                             str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = _start_index_on_missing_folders(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert _wait_until_mapped(proc, "_multiarray_umath")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -326,7 +336,7 @@ def test_the_entry_point_sets_its_ctrl_c_handler_before_importing_anything_else(
 def test_main_in_process_leaves_the_callers_ctrl_c_handler_alone(tmp_path, capsys):
     """Only the process entry point ends the process on Ctrl-C; a caller of main() keeps KeyboardInterrupt."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert cli.main(["index", str(tmp_path / "model"), str(tmp_path / "photos"), "--db", str(tmp_path / "p.db")]) == 2
+    assert cli.main(_index_on_missing_folders(tmp_path)) == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert "not a directory" in capsys.readouterr().err
 
